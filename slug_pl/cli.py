@@ -1,0 +1,78 @@
+"""The ``slug-pl`` command: LightningCLI with ``fit`` (gradient pass + ranking + step search),
+``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), and ``mine`` (forget-set
+mining from caption shards).
+
+    slug-pl fit --config configs/demo.yaml
+    slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
+    slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from slug_pl.data.datamodule import SlugDataModule
+from slug_pl.module import SlugModule
+from slug_pl.search import SlugSearch
+
+#: Exit status of ``fit`` when the search finished without meeting the forget target.
+EXIT_TARGET_NOT_MET = 3
+
+
+class SlugCLI(LightningCLI):
+    """LightningCLI with the search callback as a top-level ``search:`` section."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "test": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(SlugSearch, "search")
+
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # one gradient-only pass
+    "num_sanity_val_steps": 0,
+    "enable_checkpointing": False,  # artifacts are written by the module and the search
+    "log_every_n_steps": 1,
+    "use_distributed_sampler": False,  # the data streams split themselves exactly by rank
+}
+
+
+def run_cli(args: list[str] | None = None) -> SlugCLI:
+    return SlugCLI(
+        SlugModule,
+        SlugDataModule,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": False},
+        args=args,
+        parser_kwargs={"description": "SLUG: single layer unlearning gradient, as a Lightning suite"},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "mine":
+        from slug_pl.data.mining import main as mine_main
+
+        return mine_main(argv[1:])
+    cli = run_cli(argv)
+    search = getattr(cli.trainer, "callbacks", None)
+    summary = next((cb.summary for cb in search or [] if isinstance(cb, SlugSearch)), None)
+    if cli.subcommand == "fit" and summary is not None and not summary["search"]["target_met"]:
+        return EXIT_TARGET_NOT_MET
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

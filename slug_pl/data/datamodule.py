@@ -1,0 +1,194 @@
+"""The SLUG DataModule: forget and retain pair shards for the gradient pass, labelled concept and
+utility sets for validation (step search, ``validate``) and held-out test (final report, ``test``).
+
+Evaluation sets follow DESIGN.md §1: a *concept set* holds labelled images of the forgotten
+concept(s) and of other concepts over one class list (forget accuracy on the former, retain
+accuracy on the latter); a *utility set* is a general zero-shot benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from slug_pl.data.labelled import LabelledSet, LoadedSet, load_labelled_set
+from slug_pl.data.pairs import PairBatches, PairSet, count_samples
+from slug_pl.data.shards import ShardError, expand_urls
+
+STAGES = ("validation", "test")
+
+
+@dataclass
+class EvalSuite:
+    """The labelled sets of one stage (validation or test).
+
+    Attributes:
+        concepts: images of the forgotten and of other concepts, labelled over the full concept list.
+        utility: an optional general zero-shot benchmark (e.g. ImageNet-style classes).
+    """
+
+    concepts: LabelledSet
+    utility: LabelledSet | None = None
+
+
+def quick_fingerprint(path: str) -> dict[str, object]:
+    """Size and a SHA-256 of the first and last MiB of a local file (cheap on large shards)."""
+    p = Path(path)
+    if not p.is_file():
+        return {"path": path}
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+        h.update(f.read(1 << 20))
+    return {"path": path, "bytes": size, "sha256_head_tail": h.hexdigest()}
+
+
+class _LabelledBatches(IterableDataset):
+    """Batches of a loaded labelled set, split by rank without padding (each image scored once)."""
+
+    def __init__(self, data: LoadedSet, name: str, batch_size: int, rank: int, world_size: int):
+        self.data, self.name, self.batch_size = data, name, batch_size
+        self.indices = torch.arange(rank, len(data.labels), world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.indices), self.batch_size):
+            idx = self.indices[start : start + self.batch_size]
+            yield {"set": self.name, "images": self.data.images[idx], "labels": self.data.labels[idx]}
+
+
+class SlugDataModule(LightningDataModule):
+    """Forget / retain pairs and labelled evaluation sets for one SLUG run."""
+
+    def __init__(
+        self,
+        forget: str | list[str] | None = None,
+        retain: str | list[str] | None = None,
+        concepts: list[str] | None = None,
+        batch_size: int = 32,
+        retain_batch_size: int | None = None,
+        num_workers: int = 0,
+        validation: EvalSuite | None = None,
+        test: EvalSuite | None = None,
+        eval_batch_size: int = 256,
+    ):
+        """
+        Args:
+            forget: forget-set shards (path, list or brace pattern), e.g. from ``slug-pl mine``.
+            retain: retain-set shards (e.g. one LAION shard).
+            concepts: the concept name(s) to forget, as spelled in the concept set's class list.
+            batch_size: global batch size of the forget pass (does not change the result).
+            retain_batch_size: global batch size of the contrastive retain loss (defaults to
+                ``batch_size``; it *does* define the loss).
+            num_workers: data-loader worker processes per device.
+            validation: labelled sets for the step search and ``validate``.
+            test: held-out labelled sets for the final before/after report and ``test``.
+            eval_batch_size: images per batch in evaluation.
+        """
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
+                            ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value}")
+        self.forget = forget
+        self.retain = retain
+        self.concepts = list(concepts or [])
+        self.batch_size = batch_size
+        self.retain_batch_size = retain_batch_size or batch_size
+        self.num_workers = num_workers
+        self.suites = {"validation": validation, "test": test}
+        self.eval_batch_size = eval_batch_size
+        self._pair_sets: dict[str, PairSet] = {}
+        self._loaded: dict[str, dict[str, LoadedSet]] = {}
+
+    # -- model-family hooks --------------------------------------------------------------------
+    @property
+    def family(self):
+        return self.trainer.lightning_module.family
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    # -- pairs ---------------------------------------------------------------------------------
+    def pair_set(self, name: str) -> PairSet:
+        if name not in self._pair_sets:
+            spec = self.forget if name == "forget" else self.retain
+            if spec is None:
+                raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
+            urls = tuple(expand_urls(spec))
+            n = count_samples(urls)
+            if n == 0:
+                raise ShardError(f"the {name} set is empty: no samples in {', '.join(urls)}")
+            bs = self.batch_size if name == "forget" else self.retain_batch_size
+            self._pair_sets[name] = PairSet(name, urls, bs, n)
+        return self._pair_sets[name]
+
+    def global_batch_size(self, name: str) -> int:
+        return self.pair_set(name).global_batch_size
+
+    def fingerprint(self, name: str) -> dict[str, object]:
+        pair_set = self.pair_set(name)
+        return {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer else None
+        sets = [] if getattr(module, "gradients_from", None) else [self.pair_set("forget"), self.pair_set("retain")]
+        rank, world = self._rank_world()
+        dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False)
+
+    # -- labelled sets -------------------------------------------------------------------------
+    def has_stage(self, stage: str) -> bool:
+        return self.suites.get(stage) is not None
+
+    def loaded_sets(self, stage: str) -> dict[str, LoadedSet]:
+        """The decoded sets of ``stage`` ("validation" or "test"): ``concepts`` and ``utility``."""
+        if stage not in self._loaded:
+            suite = self.suites.get(stage)
+            if suite is None:
+                raise ValueError(f"data.{stage} is not set: give its concept (and utility) sets")
+            transform = self.family.image_transform()
+            sets = {"concepts": load_labelled_set(suite.concepts, transform, f"{stage}.concepts")}
+            if suite.utility is not None:
+                sets["utility"] = load_labelled_set(suite.utility, transform, f"{stage}.utility")
+            self._loaded[stage] = sets
+        return self._loaded[stage]
+
+    def forget_ids(self, stage: str) -> list[int]:
+        classnames = self.loaded_sets(stage)["concepts"].classnames
+        missing = [c for c in self.concepts if c not in classnames]
+        if missing:
+            raise ValueError(
+                f"data.concepts {missing} not found in the {stage} concept class list "
+                f"({len(classnames)} names, e.g. {classnames[:3]}); spell them exactly as there"
+            )
+        return [classnames.index(c) for c in self.concepts]
+
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        rank, world = self._rank_world()
+        return [
+            DataLoader(_LabelledBatches(data, name, self.eval_batch_size, rank, world), batch_size=None)
+            for name, data in self.loaded_sets(stage).items()
+        ]
+
+    def val_dataloader(self):
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []  # during fit the search callback evaluates; no validation loop
+        return self._eval_loaders("validation")
+
+    def test_dataloader(self):
+        return self._eval_loaders("test")

@@ -1,0 +1,96 @@
+"""Labelled image sets for zero-shot evaluation (validation and held-out test).
+
+A labelled set is webdataset shards whose samples carry an image and a ``cls`` integer label, a
+class-name list (label i ↔ ``classnames[i]``) and prompt templates. Validation sets are small, so
+they are decoded and preprocessed once into memory and re-used by every evaluation of the search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from slug_pl.data.shards import ShardError, decode_image, expand_urls, iter_raw_samples
+
+DEFAULT_TEMPLATES = ("a photo of {}.",)
+
+
+def read_name_list(value: str | Sequence[str], what: str) -> list[str]:
+    """A list given inline, or a path to a ``.json`` list or a text file (one entry per line)."""
+    if not isinstance(value, str):
+        return [str(v) for v in value]
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} file not found: {path}. Give a JSON list file, a text file with one entry "
+            f"per line, or an inline YAML list"
+        )
+    if path.suffix == ".json":
+        try:
+            items = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} file {path} is not valid JSON: {err}") from err
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{what} file {path} must hold a JSON list of strings")
+        return items
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class LabelledSet:
+    """Where a labelled evaluation set lives (a YAML-friendly spec).
+
+    Attributes:
+        shards: shard path(s) or brace pattern with ``cls`` labels.
+        classnames: class names in label order: inline list or a ``.json``/``.txt`` file.
+        templates: prompt templates with ``{}`` for the class name: inline or a file.
+        max_samples: keep at most this many samples (the first ones, in shard order).
+    """
+
+    shards: str | list[str]
+    classnames: str | list[str]
+    templates: str | list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    max_samples: int | None = None
+
+
+@dataclass
+class LoadedSet:
+    """A labelled set decoded into memory: ``images (N, 3, H, W)``, ``labels (N,)`` long."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+    templates: list[str]
+
+    def subset(self, mask: torch.Tensor, name: str) -> LoadedSet:
+        return LoadedSet(name, self.images[mask], self.labels[mask], self.classnames, self.templates)
+
+
+def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> LoadedSet:
+    """Decode and preprocess every sample of ``spec``; labels are checked against the class list."""
+    classnames = read_name_list(spec.classnames, f"{name} class-name")
+    templates = read_name_list(spec.templates, f"{name} template")
+    images, labels = [], []
+    for sample in iter_raw_samples(expand_urls(spec.shards)):
+        if spec.max_samples is not None and len(images) >= spec.max_samples:
+            break
+        if sample.label is None:
+            raise ShardError(
+                f"sample {sample.key!r} in {sample.shard} has no class label ('cls'), needed by "
+                f"the labelled set {name!r}"
+            )
+        if not 0 <= sample.label < len(classnames):
+            raise ShardError(
+                f"sample {sample.key!r} in {sample.shard} has label {sample.label}, outside the "
+                f"{len(classnames)} class names of set {name!r}"
+            )
+        images.append(transform(decode_image(sample)))
+        labels.append(sample.label)
+    if not images:
+        raise ShardError(f"labelled set {name!r} has no samples ({spec.shards})")
+    return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates)

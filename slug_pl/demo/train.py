@@ -1,0 +1,243 @@
+"""Train the demo's tiny CLIP on the demo world, from random initialization, on a CPU in minutes.
+
+A plain, deterministic torch loop (no Lightning): every corpus image is decoded and preprocessed
+once into memory (they are 32x32), captions are tokenized once, then AdamW with linear warmup and
+cosine decay minimizes open_clip's ``ClipLoss``. The weights are saved as a ``.safetensors``
+state dict that ``open_clip.create_model(model_name, pretrained=path)`` loads, and the held-out
+test sets are scored by zero-shot classification through the real loader
+(:class:`slug_pl.families.open_clip.OpenClip`) and :mod:`slug_pl.evaluation.zeroshot`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
+from slug_pl.demo.world import WorldSpec, build_world
+from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings, topk_hits
+
+logger = logging.getLogger(__name__)
+
+
+def _say(msg: str) -> None:
+    logger.info(msg)
+    print(msg, flush=True)
+
+
+def _load_images(urls, transform) -> tuple[torch.Tensor, list[str], list[int | None]]:
+    images, captions, labels = [], [], []
+    for sample in iter_raw_samples(expand_urls(urls)):
+        images.append(transform(decode_image(sample)))
+        captions.append(sample.caption or "")
+        labels.append(sample.label)
+    return torch.stack(images), captions, labels
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """open_clip's convention: no weight decay on gains, biases, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
+                or "embedding" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0},
+            {"params": decay, "weight_decay": weight_decay}]
+
+
+def evaluate_demo_clip(world_root: str | os.PathLike, checkpoint: str | os.PathLike,
+                       model_name: str = "slug-demo-vit", split: str = "test") -> dict:
+    """Zero-shot top-1 / top-5 on the world's held-out identities and objects of ``split``,
+    loading ``checkpoint`` through :class:`~slug_pl.families.open_clip.OpenClip`."""
+    from slug_pl.families.open_clip import OpenClip
+
+    root = Path(world_root)
+    family = OpenClip(model_name=model_name, pretrained=str(Path(checkpoint).resolve()))
+    model = family.load()
+    transform = family.image_transform()
+    templates = json.loads((root / "templates.json").read_text())
+    out = {}
+    for what in ("identities", "objects"):
+        classnames = json.loads((root / f"{what}.json").read_text())
+        urls = sorted(str(p) for p in (root / split).glob(f"{what}-*.tar"))
+        images, _, labels = _load_images(urls, transform)
+        labels_t = torch.tensor(labels)
+        classes = class_embeddings(family, model, classnames, templates[what])
+        logits = image_embeddings(family, model, images) @ classes.T
+        for k in (1, 5):
+            out[f"{what}_top{k}"] = topk_hits(logits, labels_t, k).float().mean().item()
+    return out
+
+
+def train_demo_clip(
+    world_root: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model_name: str = "slug-demo-vit",
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.1,
+    warmup_fraction: float = 0.05,
+    seed: int = 0,
+) -> dict:
+    """Train ``model_name`` (an open_clip config, random init) on the world's corpus.
+
+    Saves the state dict to ``out_path`` (``.safetensors``, written atomically) and the metrics
+    (held-out zero-shot top-1 / top-5 on test identities and objects, training time, settings)
+    to ``out_path`` with suffix ``.json``; returns the metrics.
+    """
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+
+    from slug_pl.families.open_clip import register_model_configs
+
+    world_root, out_path = Path(world_root), Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"out_path must end in .safetensors, got {out_path}")
+    register_model_configs()
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(model_name)
+
+    t0 = time.perf_counter()
+    corpus = sorted(str(p) for p in (world_root / "corpus").glob("corpus-*.tar"))
+    images, captions, _ = _load_images(corpus, preprocess)
+    tokens = tokenizer(captions)
+    n = images.shape[0]
+    load_seconds = time.perf_counter() - t0
+    _say(f"demo CLIP: {n} training pairs loaded in {load_seconds:.1f}s; training {model_name} "
+         f"for {epochs} epochs (batch {batch_size})")
+
+    steps_per_epoch = n // batch_size  # drop the last partial batch: fixed batch size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
+    total = steps_per_epoch * epochs
+    warmup = max(1, int(round(warmup_fraction * total)))
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98),
+                                  eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+    )
+    loss_fn = ClipLoss()
+    gen = torch.Generator().manual_seed(seed)
+
+    model.train()
+    t1 = time.perf_counter()
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch_size : (step + 1) * batch_size]
+            img_f = model.encode_image(images[idx], normalize=True)
+            txt_f = model.encode_text(tokens[idx], normalize=True)
+            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            running += loss.item()
+        _say(f"demo CLIP: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
+             f"({time.perf_counter() - t1:.0f}s)")
+    train_seconds = time.perf_counter() - t1
+    model.eval()
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}.safetensors")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"model_name": model_name, "seed": str(seed)})
+    os.replace(tmp, out_path)
+
+    metrics = evaluate_demo_clip(world_root, out_path, model_name=model_name, split="test")
+    metrics.update({
+        "train_seconds": round(train_seconds, 2),
+        "load_seconds": round(load_seconds, 2),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_fraction": warmup_fraction,
+        "seed": seed,
+        "model_name": model_name,
+        "n_pairs": n,
+        "final_loss": running / steps_per_epoch,
+        "checkpoint": str(out_path),
+    })
+    _say("demo CLIP: held-out zero-shot top-1 identities {identities_top1:.3f} objects "
+         "{objects_top1:.3f} (top-5 {identities_top5:.3f} / {objects_top5:.3f})".format(**metrics))
+    _write_json(out_path.with_suffix(".json"), metrics)
+    return metrics
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _resolved_train_kwargs(train_kwargs: dict | None) -> dict:
+    sig = inspect.signature(train_demo_clip)
+    resolved = {k: p.default for k, p in sig.parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    unknown = set(train_kwargs or {}) - set(resolved)
+    if unknown:
+        raise TypeError(f"unknown train_kwargs {sorted(unknown)}; allowed: {sorted(resolved)}")
+    resolved.update(train_kwargs or {})
+    return resolved
+
+
+def ensure_demo(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),
+                train_kwargs: dict | None = None) -> dict:
+    """Build the demo world under ``root/world`` and train the demo CLIP into
+    ``root/model/<model_name>.safetensors``, both cached.
+
+    Training is skipped when the checkpoint and its metrics JSON exist and were made from the
+    same world (fingerprint) with the same training settings. Returns the world's paths (see
+    :func:`~slug_pl.demo.world.build_world`) plus ``checkpoint``, ``metrics_json``, ``metrics``
+    and ``model_name``.
+    """
+    root = Path(root).expanduser().resolve()
+    kwargs = _resolved_train_kwargs(train_kwargs)
+    t0 = time.perf_counter()
+    world = build_world(root / "world", spec)
+    if world.get("built"):
+        _say(f"demo world: built {world['counts']['corpus']} corpus pairs at {world['root']} "
+             f"in {time.perf_counter() - t0:.1f}s")
+    else:
+        _say(f"demo world: reusing {world['root']}")
+    ckpt = root / "model" / f"{kwargs['model_name']}.safetensors"
+    metrics_json = ckpt.with_suffix(".json")
+    cache_key = {"world_fingerprint": world["fingerprint"],
+                 "spec": dataclasses.asdict(spec), "train_kwargs": kwargs}
+    metrics = None
+    if ckpt.is_file() and metrics_json.is_file():
+        try:
+            saved = json.loads(metrics_json.read_text())
+        except ValueError:
+            saved = {}
+        if saved.get("cache_key") == cache_key:
+            metrics = saved
+            _say(f"demo CLIP: reusing {ckpt}")
+    if metrics is None:
+        metrics = train_demo_clip(world["root"], ckpt, **kwargs)
+        metrics["cache_key"] = cache_key
+        _write_json(metrics_json, metrics)
+    return {**world, "checkpoint": str(ckpt), "metrics_json": str(metrics_json),
+            "metrics": metrics, "model_name": kwargs["model_name"]}

@@ -1,0 +1,107 @@
+"""Single-layer edits: θ_l ← θ_l − λ · g_f,l, as reversible patches.
+
+An edit file (``edit.safetensors``) holds, for each edited parameter ``name``, the edited tensor
+under ``name`` and the original under ``original/<name>``. Applying checks that the model still
+holds the original (bit for bit) before replacing it; reverting checks the edited value. So a
+patch can never be applied to the wrong weights, and reverting restores them exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slug_pl.gradients import load_tensors, save_tensors
+
+ORIGINAL_PREFIX = "original/"
+
+
+class EditMismatchError(ValueError):
+    """An edit does not fit the model it is applied to."""
+
+
+@dataclass
+class LayerEdit:
+    """One edited parameter: ``edited = original − step · forget_grad``; ``step`` λ > 0 unlearns."""
+
+    name: str
+    original: torch.Tensor
+    edited: torch.Tensor
+    step: float
+    info: dict = field(default_factory=dict)
+
+
+def make_edit(model: nn.Module, name: str, forget_grad: torch.Tensor, step: float, **info) -> LayerEdit:
+    param = dict(model.named_parameters())[name]
+    original = param.detach().clone().cpu()
+    edited = (original.double() - step * forget_grad.detach().cpu().double()).to(original.dtype)
+    return LayerEdit(name, original, edited, float(step), dict(info))
+
+
+def _param(model: nn.Module, name: str) -> nn.Parameter:
+    params = dict(model.named_parameters())
+    if name not in params:
+        raise EditMismatchError(f"the model has no parameter {name!r}: the edit belongs to another model")
+    return params[name]
+
+
+@torch.no_grad()
+def _swap(model: nn.Module, name: str, expected: torch.Tensor, new: torch.Tensor, what: str) -> None:
+    param = _param(model, name)
+    if param.shape != new.shape:
+        raise EditMismatchError(f"{name}: edit has shape {tuple(new.shape)}, model {tuple(param.shape)}")
+    if not torch.equal(param.detach().cpu(), expected.to(param.dtype)):
+        raise EditMismatchError(
+            f"{name}: the model does not hold the {what} weights this edit expects (was it already "
+            f"applied, or computed for other weights?)"
+        )
+    param.copy_(new.to(param.device, param.dtype))
+
+
+def apply_edit(model: nn.Module, edit: LayerEdit) -> None:
+    _swap(model, edit.name, edit.original, edit.edited, "original")
+
+
+def revert_edit(model: nn.Module, edit: LayerEdit) -> None:
+    _swap(model, edit.name, edit.edited, edit.original, "edited")
+
+
+@contextmanager
+def stepped(model: nn.Module, name: str, forget_grad: torch.Tensor, step: float) -> Iterator[LayerEdit]:
+    """Temporarily apply θ_l − step·g_f,l (for the search); restores θ_l exactly on exit."""
+    edit = make_edit(model, name, forget_grad, step)
+    apply_edit(model, edit)
+    try:
+        yield edit
+    finally:
+        revert_edit(model, edit)
+
+
+def save_edits(path: str | os.PathLike, edits: list[LayerEdit], metadata: Mapping[str, object]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    layers = {}
+    for e in edits:
+        tensors[e.name] = e.edited
+        tensors[ORIGINAL_PREFIX + e.name] = e.original
+        layers[e.name] = {"step": e.step, **e.info}
+    save_tensors(path, tensors, {**metadata, "layers": layers})
+
+
+def load_edits(path: str | os.PathLike) -> tuple[list[LayerEdit], dict]:
+    tensors, meta = load_tensors(path)
+    layers = meta.get("layers", {})
+    edits = []
+    for name, info in layers.items():
+        if name not in tensors or ORIGINAL_PREFIX + name not in tensors:
+            raise EditMismatchError(f"{path}: tensors for {name!r} are missing; the file is not an edit")
+        info = dict(info)
+        step = info.pop("step")
+        edits.append(LayerEdit(name, tensors[ORIGINAL_PREFIX + name], tensors[name], step, info))
+    if not edits:
+        raise EditMismatchError(f"{path} holds no edits (no 'layers' metadata)")
+    return edits, meta

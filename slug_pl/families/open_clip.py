@@ -1,0 +1,141 @@
+"""open_clip family: any open_clip model name with a pretrained tag, a local checkpoint or a saved
+model directory.
+
+Weights sources (``pretrained``), all through open_clip's own loaders:
+
+- a pretrained tag, e.g. ``model_name="ViT-B-32-quickgelu", pretrained="laion400m_e32"``
+  (downloads through open_clip on a machine with network access);
+- a local checkpoint file, ``pretrained="path/to/model.safetensors"`` (or ``.pt`` / ``.bin``);
+- ``None``: random initialization (tests, benchmarks).
+
+A saved model directory (``config.json`` / ``open_clip_config.json`` plus weights, as written by
+``open_clip.push_to_hf_hub`` / ``save_pretrained`` style tools) is loaded with
+``model_name="local-dir:path/to/dir"``. Model configs shipped with slug_pl
+(``slug_pl/model_configs/*.json``) and any ``model_config`` JSON a user names are registered with
+open_clip before loading, exactly like open_clip's own ``model_configs``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
+
+# Text-tower parameter names of open_clip's CLIP class (CustomTextCLIP prefixes them with "text.").
+_TEXT_ROOTS = ("transformer.", "token_embedding", "positional_embedding", "ln_final.",
+               "text_projection", "text.")
+
+#: open_clip's default ranking filter: the shared defaults plus the ViT patch embedding (a
+#: convolution that plays the role of the text tower's token embedding).
+OPEN_CLIP_EXCLUDE = DEFAULT_EXCLUDE + (r"^visual\.conv1\.",)
+
+
+def register_model_configs(path: str | os.PathLike | None = None) -> None:
+    """Register slug_pl's shipped model configs, and ``path`` (a JSON file or a folder of them)."""
+    open_clip.add_model_config(SHIPPED_CONFIGS)
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model config not found: {path}. Give an open_clip model config JSON file or a "
+                f"folder of them (see slug_pl/model_configs/ for the format)"
+            )
+        open_clip.add_model_config(path)
+
+
+class OpenClip(ModelFamily):
+    """open_clip CLIP / CustomTextCLIP models."""
+
+    family_name = "open_clip"
+
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32-quickgelu",
+        pretrained: str | None = None,
+        model_config: str | None = None,
+        cache_dir: str | None = None,
+        exclude: Sequence[str] = OPEN_CLIP_EXCLUDE,
+        include: Sequence[str] = (),
+    ):
+        """
+        Args:
+            model_name: an open_clip model name (``open_clip.list_models()``), a name from a
+                registered ``model_config``, or ``local-dir:<folder>``.
+            pretrained: a pretrained tag of that model, a local checkpoint path, or None
+                (random init).
+            model_config: optional JSON file or folder of open_clip model configs to register.
+            cache_dir: where open_clip caches downloaded weights.
+            exclude / include: rankable-tensor filter (see :class:`ModelFamily`).
+        """
+        super().__init__(exclude=exclude, include=include)
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model_config = model_config
+        self.cache_dir = cache_dir
+        register_model_configs(model_config)
+        self._tokenizer = None
+        self._transform = None
+
+    def _is_local_file(self) -> bool:
+        suffixes = {".pt", ".bin", ".safetensors", ".pth"}
+        return self.pretrained is not None and (os.sep in self.pretrained or Path(self.pretrained).suffix in suffixes)
+
+    def load(self) -> nn.Module:
+        if self._is_local_file() and not Path(self.pretrained).expanduser().is_file():
+            raise FileNotFoundError(
+                f"checkpoint not found: {self.pretrained}. Give an existing .pt/.safetensors file, "
+                f"an open_clip pretrained tag (open_clip.list_pretrained()), or null for random init"
+            )
+        pretrained = str(Path(self.pretrained).expanduser()) if self._is_local_file() else self.pretrained
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            self.model_name, pretrained=pretrained, cache_dir=self.cache_dir
+        )
+        self._transform = preprocess
+        return model.eval()
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "family": self.family_name,
+            "model_name": self.model_name,
+            "pretrained": str(self.pretrained),
+        }
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.model_name)
+        return self._tokenizer(list(texts))
+
+    def image_transform(self) -> Callable:
+        if self._transform is None:
+            local_dir = self.model_name.startswith("local-dir:")
+            model_cfg = None if local_dir else open_clip.get_model_config(self.model_name)
+            if model_cfg is None:  # fall back to building the model once
+                self.load()
+            else:
+                size = model_cfg["vision_cfg"].get("image_size", 224)
+                self._transform = open_clip.image_transform(size, is_train=False)
+        return self._transform
+
+    def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(images)
+
+    def encode_text(self, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return model.encode_text(tokens)
+
+    def logit_scale(self, model: nn.Module) -> torch.Tensor:
+        return model.logit_scale.exp()
+
+    def tower_of(self, name: str) -> Tower | None:
+        if name.startswith("visual."):
+            return "vision"
+        if name.startswith(_TEXT_ROOTS):
+            return "text"
+        return None

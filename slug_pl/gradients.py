@@ -1,0 +1,124 @@
+"""The two SLUG objectives, their exact averaging, and gradient files.
+
+Objectives (DESIGN.md §1), for unit embeddings u (image) and v (text):
+
+- forget:  L_f = (1 / N_f) · Σ_i cos(u_i, v_i) over all N_f forget pairs. g_f = ∇θ L_f is the
+  direction that *raises* the similarity, so an edit θ_l ← θ_l − λ·g_f,l (λ > 0) unlearns.
+- retain:  L_r = (1 / N_b) · Σ_b CLIP(b) over N_b global batches, CLIP(b) the symmetric
+  contrastive loss (mean of image→text and text→image cross-entropies) with the model's logit
+  scale, computed on the *global* batch b.
+
+Each batch contributes a *sum* (forget: Σ cos over its valid pairs; retain: its loss, which is
+already a mean over the global batch); the pass divides by the global count once at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+FORGET_LOSS = "mean over forget pairs of cos(image_embedding, text_embedding)"
+RETAIN_LOSS = "mean over global batches of the symmetric CLIP contrastive loss (model logit scale)"
+
+
+class GradientFileError(ValueError):
+    """A gradient file is unreadable or does not match the model."""
+
+
+def forget_similarity_sum(image_features: torch.Tensor, text_features: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+    """Σ over valid rows of cos(u_i, v_i); features ``(B, D)``, ``valid`` bool ``(B,)``."""
+    cos = F.cosine_similarity(image_features.float(), text_features.float(), dim=-1)
+    return (cos * valid.float()).sum()
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric CLIP loss over the valid rows of a (global) batch; features ``(B, D)``.
+
+    Invalid rows (padding) take no part: they are dropped before the similarity matrix.
+    """
+    if valid is not None:
+        image_features, text_features = image_features[valid], text_features[valid]
+    u = F.normalize(image_features.float(), dim=-1)
+    v = F.normalize(text_features.float(), dim=-1)
+    logits = logit_scale.float() * u @ v.T
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# -- gradient files ----------------------------------------------------------------------------
+
+def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise FileExistsError(f"refusing to overwrite {path}; choose a new run directory")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, object]) -> Path:
+    """Write a safetensors file atomically (temp file + rename; never overwrites).
+
+    Metadata values that are not strings are stored as JSON.
+    """
+    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    path = Path(path)
+    _atomic_save(tensors, path, meta)
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Read a safetensors file written by :func:`save_tensors`; JSON metadata is decoded."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradientFileError(f"gradient file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = f.metadata() or {}
+    except Exception as err:
+        raise GradientFileError(f"cannot read {path}: {err}") from err
+    meta: dict[str, object] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def check_matches_model(grads: Mapping[str, torch.Tensor], model: nn.Module, path: str | os.PathLike) -> None:
+    """Raise :class:`GradientFileError` unless every gradient names a model parameter of its shape."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in grads if n not in params]
+    if unknown:
+        raise GradientFileError(
+            f"{path} has {len(unknown)} tensor(s) the model does not have (e.g. {unknown[:3]}): it "
+            f"was computed for another model; recompute the gradients for this model"
+        )
+    wrong = [(n, tuple(g.shape), tuple(params[n].shape)) for n, g in grads.items() if g.shape != params[n].shape]
+    if wrong:
+        raise GradientFileError(
+            f"{path}: shape mismatch for {len(wrong)} tensor(s), e.g. {wrong[0][0]} is "
+            f"{wrong[0][1]} in the file but {wrong[0][2]} in the model; recompute the gradients"
+        )
+    bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+    if bad:
+        raise GradientFileError(f"{path} has NaN/inf in {len(bad)} tensor(s), e.g. {bad[0]}")

@@ -1,0 +1,137 @@
+"""Layer ranking: importance, alignment and the per-tower Pareto front (DESIGN.md §1).
+
+For each rankable tensor l (Frobenius norms, vec = flattened):
+
+- importance  I_l = ‖g_f,l‖ / ‖θ_l‖          (dimensionless; high = the forget loss is steep here);
+- alignment   A_l = |cos(vec g_f,l, vec g_r,l)|  (in [0, 1]; low = editing l barely moves the
+  retain loss to first order).
+
+A layer is on its tower's Pareto front if no other layer of that tower has both strictly lower
+alignment and strictly higher importance. Candidates for the step search are the front sorted by
+importance (descending).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from slug_pl.families.base import ModelFamily
+
+
+@dataclass
+class LayerScore:
+    name: str
+    tower: str
+    numel: int
+    param_norm: float
+    forget_grad_norm: float
+    retain_grad_norm: float
+    importance: float
+    alignment: float
+    on_front: bool = False
+
+
+def layer_scores(
+    family: ModelFamily,
+    params: Mapping[str, torch.Tensor],
+    forget_grads: Mapping[str, torch.Tensor],
+    retain_grads: Mapping[str, torch.Tensor],
+) -> list[LayerScore]:
+    """Scores of every rankable tensor with a non-zero forget gradient, fronts marked."""
+    scores = []
+    for name, param in params.items():
+        if name not in forget_grads or not family.is_rankable(name, param):
+            continue
+        gf = forget_grads[name].double().flatten()
+        gr = retain_grads[name].double().flatten()
+        theta = param.detach().double().flatten().cpu()
+        gf_norm, gr_norm, p_norm = gf.norm().item(), gr.norm().item(), theta.norm().item()
+        if gf_norm == 0.0 or p_norm == 0.0:
+            continue
+        alignment = abs(torch.dot(gf, gr).item()) / (gf_norm * gr_norm) if gr_norm > 0 else 0.0
+        scores.append(LayerScore(name, family.tower_of(name), param.numel(), p_norm, gf_norm, gr_norm,
+                                 gf_norm / p_norm, alignment))
+    for tower in {s.tower for s in scores}:
+        members = [s for s in scores if s.tower == tower]
+        for s, on in zip(members, pareto_front([m.importance for m in members], [m.alignment for m in members])):
+            s.on_front = on
+    return scores
+
+
+def pareto_front(importance: Sequence[float], alignment: Sequence[float]) -> list[bool]:
+    """``True`` for points not dominated: no other point has strictly higher importance *and*
+    strictly lower alignment."""
+    n = len(importance)
+    return [
+        not any(importance[j] > importance[i] and alignment[j] < alignment[i] for j in range(n))
+        for i in range(n)
+    ]
+
+
+def candidates(scores: Sequence[LayerScore], tower: str, top_k: int | None) -> list[LayerScore]:
+    """The front of ``tower`` by descending importance, at most ``top_k`` of them."""
+    front = sorted((s for s in scores if s.tower == tower and s.on_front), key=lambda s: -s.importance)
+    return front if top_k is None else front[:top_k]
+
+
+def write_ranking_csv(scores: Sequence[LayerScore], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(LayerScore)])
+        writer.writeheader()
+        for s in sorted(scores, key=lambda s: (s.tower, -s.importance)):
+            writer.writerow(asdict(s))
+    os.replace(tmp, path)
+    return path
+
+
+def read_ranking_csv(path: str | os.PathLike) -> list[LayerScore]:
+    with open(path, newline="") as f:
+        return [
+            LayerScore(r["name"], r["tower"], int(r["numel"]), float(r["param_norm"]),
+                       float(r["forget_grad_norm"]), float(r["retain_grad_norm"]),
+                       float(r["importance"]), float(r["alignment"]), r["on_front"] == "True")
+            for r in csv.DictReader(f)
+        ]
+
+
+def pareto_figure(scores: Sequence[LayerScore], tower: str, chosen: str | None = None):
+    """Log–log scatter of alignment (x) vs importance (y) of one tower, front highlighted and
+    labelled, the chosen layer starred. Returns a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    members = [s for s in scores if s.tower == tower]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    rest = [s for s in members if not s.on_front]
+    front = sorted((s for s in members if s.on_front), key=lambda s: s.alignment)
+    floor = 1e-12
+    ax.scatter([max(s.alignment, floor) for s in rest], [s.importance for s in rest], s=14, c="0.6",
+               label="layers")
+    ax.plot([max(s.alignment, floor) for s in front], [s.importance for s in front], "o-", c="tab:red",
+            ms=6, label="Pareto front")
+    for s in front:
+        ax.annotate(s.name, (max(s.alignment, floor), s.importance), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    for s in members:
+        if s.name == chosen:
+            ax.scatter([max(s.alignment, floor)], [s.importance], marker="*", s=220, c="gold",
+                       edgecolors="k", zorder=5, label=f"chosen: {s.name}")
+    if members:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("alignment |cos(g_forget, g_retain)|  (lower = safer)")
+    ax.set_ylabel("importance ‖g_forget‖ / ‖θ‖  (higher = stronger)")
+    ax.set_title(f"{tower} tower: {len(members)} layers, {len(front)} on the front")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig

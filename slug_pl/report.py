@@ -1,0 +1,106 @@
+"""The run's human- and machine-readable record: ``report.md`` and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, results, scores,
+                 report_on: str, before_full: dict, after_full: dict, pass_stats: dict,
+                 gradient_files: dict) -> None:
+    """Write ``summary.json`` and ``report.md`` into ``run_dir``."""
+    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    names = sorted(set(before_full) | set(after_full), key=lambda k: (k.split("_")[0] != "forget", k))
+    lines = [
+        f"# SLUG report: unlearning {', '.join(summary['concepts'])}",
+        "",
+        f"Model: `{summary['model']}`. Forget target on validation: `{summary['search']['target']}` — "
+        + ("**met**." if summary["search"]["target_met"] else "**NOT met** (the closest step found is reported)."),
+        "",
+        f"Chosen edit: `{chosen.layer}` ({chosen.tower} tower), step λ = {chosen.step:.6g} "
+        f"(‖λ·g_f‖ / ‖θ‖ = {chosen.step_fraction:.4f}).",
+        "",
+        f"## Before / after ({report_on} sets, accuracy in %)",
+        "",
+        "| metric | before | after | change |",
+        "|---|---|---|---|",
+    ]
+    for k in names:
+        b, a = before_full.get(k), after_full.get(k)
+        delta = f"{100 * (a - b):+.1f}" if a is not None and b is not None else "–"
+        lines.append(f"| {k} | {_pct(b)} | {_pct(a)} | {delta} |")
+    lines += [
+        "",
+        "Forget metrics side by side (accuracy in %): validation images decide the step; held-out "
+        "test images show whether forgetting holds on fresh images of the concept.",
+        "",
+        "| | forget top-1 | forget top-5 |",
+        "|---|---|---|",
+        f"| validation, after | {_pct(chosen.metrics.get('forget_top1'))} | {_pct(chosen.metrics.get('forget_top5'))} |",
+    ]
+    if report_on == "test":
+        lines.append(f"| held-out test, after | {_pct(after_full.get('forget_top1'))} | "
+                     f"{_pct(after_full.get('forget_top5'))} |")
+    lines += [
+        "",
+        "## Candidates",
+        "",
+        "The Pareto front of each tower (high importance, low alignment), capped at top-k by importance; "
+        "each searched by doubling then bisection of λ. The chosen edit is the one meeting the target "
+        "with the best retain + utility top-1 on validation.",
+        "",
+        "| layer | tower | evaluations | smallest step meeting target | forget top-5 | retain top-1 | utility top-1 | guard |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        b = r.best
+        if b is None:
+            lines.append(f"| `{r.layer}` | {r.tower} | {len(r.evaluations)} | not reached | – | – | – | – |")
+        else:
+            lines.append(
+                f"| `{r.layer}` | {r.tower} | {len(r.evaluations)} | {b.step:.4g} | "
+                f"{_pct(b.metrics.get('forget_top5'))} | {_pct(b.metrics.get('retain_top1'))} | "
+                f"{_pct(b.metrics.get('utility_top1'))} | {'ok' if b.guard_ok else 'rejected'} |")
+    n_front = sum(s.on_front for s in scores)
+    lines += [
+        "",
+        f"Validation before editing: " + ", ".join(f"{k} {_pct(v)}" for k, v in before_val.items()) + ".",
+        "",
+        "## Gradient pass",
+        "",
+        "| set | samples | batches | mean loss | file |",
+        "|---|---|---|---|---|",
+    ]
+    for name, stats in pass_stats.items():
+        path = gradient_files.get(name)
+        rel = os.path.relpath(path, run_dir) if path else "–"
+        lines.append(f"| {name} | {stats.get('samples', '–')} | {stats.get('batches', '–')} | "
+                     f"{stats.get('loss', float('nan')):.4f} | `{rel}` |")
+    t = summary["timings_s"]
+    lines += [
+        "",
+        f"Ranked layers: {len(scores)} ({n_front} on the fronts); see `ranking.csv`, "
+        "`pareto_vision.png`, `pareto_text.png`, every evaluation in `search.csv`.",
+        "",
+        f"Timings: gradients {t['gradients']:.1f} s, search {t['search']:.1f} s, total {t['total']:.1f} s; "
+        f"{summary['evaluations']} evaluations.",
+        "",
+        "Files: `edit.safetensors` is the patch (edited and original tensor; apply or revert with "
+        "`slug_pl.edit`), `edited_model.safetensors` the full edited model (if saved), `config.yaml` "
+        "the resolved config that reproduces this run.",
+        "",
+    ]
+    _atomic_write_text(run_dir / "report.md", "\n".join(lines))
