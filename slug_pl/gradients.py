@@ -76,16 +76,17 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, object]) -> Path:
     """Write a safetensors file atomically (temp file + rename; never overwrites).
 
-    Metadata values that are not strings are stored as JSON.
+    Every metadata value is stored JSON-encoded (strings too), so it reads back with its type.
     """
-    meta = {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    meta = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     path = Path(path)
     _atomic_save(tensors, path, meta)
     return path
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Read a safetensors file written by :func:`save_tensors`; JSON metadata is decoded."""
+    """Read a safetensors file written by :func:`save_tensors`; JSON metadata is decoded (values
+    that are not JSON, from files written by other tools, stay strings)."""
     path = Path(path)
     if not path.is_file():
         raise GradientFileError(f"gradient file not found: {path}")

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from slug_pl.edit import apply_edit, make_edit, save_edits, stepped
+from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits, stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.gradients import save_tensors
 from slug_pl.ranking import LayerScore, candidates, layer_scores, pareto_figure, write_ranking_csv
@@ -159,7 +159,8 @@ class SlugSearch(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t_fit = time.perf_counter()
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # on_fit_end (not on_train_end) also runs when the pass is skipped (model.gradients_from)
         if not trainer.is_global_zero:  # rank 0 searches alone; no collective calls below
             return
         t0 = time.perf_counter()
@@ -210,8 +211,6 @@ class SlugSearch(Callback):
         if datamodule.has_stage("test"):
             test = Evaluator(family, datamodule.loaded_sets("test")["concepts"], forget_concepts,
                              datamodule.loaded_sets("test").get("utility"), datamodule.eval_batch_size)
-            from slug_pl.edit import revert_edit
-
             revert_edit(model, edit)
             before = test.evaluate(model)
             apply_edit(model, edit)

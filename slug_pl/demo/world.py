@@ -122,7 +122,7 @@ _OBJECTS = {
     "car": ("a", "blue"),
     "tree": ("a", "leafy"),
     "house": ("a", "small"),
-    "mug": ("a", "white"),
+    "mug": ("a", "pink"),
     "clock": ("a", "round"),
     "umbrella": ("an", "open"),
     "fish": ("a", "orange"),
@@ -386,8 +386,14 @@ def render_identity(spec: WorldSpec, attributes: dict[str, str], rng: np.random.
     return _finish(rng, c.result(), c.x)
 
 
+def _muted(rng) -> np.ndarray:
+    """A random low-saturation colour, so saturated objects stand out from any background."""
+    grey = rng.uniform(0.45, 0.85)
+    return np.clip(grey + rng.uniform(-0.12, 0.12, 3), 0.0, 1.0)
+
+
 def _draw_object_background(c: _Canvas, rng, kind: str) -> str:
-    a = rng.uniform(0.35, 0.95, 3)
+    a = _muted(rng)
     if kind == "table":
         wood = _jitter_colour(rng, (0.55, 0.36, 0.20), 0.05)
         c.fill(np.ones_like(c.x, dtype=bool), a)
@@ -404,7 +410,7 @@ def _draw_object_background(c: _Canvas, rng, kind: str) -> str:
         c.fill(np.ones_like(c.x, dtype=bool), sky)
         c.fill(c.y > rng.uniform(18.0, 24.0) + np.sin(c.x * 0.4) * 0.8, grass)
         return "in the garden"
-    b = rng.uniform(0.35, 0.95, 3)
+    b = _muted(rng)
     t = (c.y / 32.0)[..., None]
     c.img = np.broadcast_to(a, c.img.shape) * (1 - t) + b * t
     return "in the studio"
@@ -474,11 +480,11 @@ def render_object(spec: WorldSpec, name: str, rng: np.random.Generator) -> tuple
         c.fill((np.abs(u - 2.5) < 1.6) & (v > 3.5) & (v < 9.0), jc((0.40, 0.24, 0.12)))
         c.fill((np.abs(u + 3.0) < 1.8) & (np.abs(v - 2.5) < 1.6), (0.60, 0.82, 0.97))
     elif name == "mug":
-        colour = jc((0.96, 0.96, 0.94), 0.02)
+        colour = jc((0.92, 0.42, 0.62), 0.03)
         c.fill(_ellipse(u, v, 5.2, 0.5, 3.4, 3.6) & ~_ellipse(u, v, 5.2, 0.5, 2.0, 2.2), colour)
         c.fill((np.abs(u) < 5.0) & (v > -5.5) & (v < 6.5), colour)
         c.fill(_ellipse(u, v, 0.0, -5.5, 5.0, 1.2), (0.30, 0.18, 0.10))
-        c.fill((np.abs(u) < 5.0) & (np.abs(v - 1.0) < 0.8), jc((0.20, 0.40, 0.80)))
+        c.fill((np.abs(u) < 5.0) & (np.abs(v - 1.0) < 0.8), (0.97, 0.97, 0.95))
     elif name == "clock":
         c.fill(_ellipse(u, v, 0.0, 0.0, 9.0, 9.0), dark)
         c.fill(_ellipse(u, v, 0.0, 0.0, 7.8, 7.8), (0.97, 0.97, 0.95))

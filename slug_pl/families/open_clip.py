@@ -18,11 +18,13 @@ open_clip before loading, exactly like open_clip's own ``model_configs``.
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
 from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower
@@ -114,14 +116,24 @@ class OpenClip(ModelFamily):
         return self._tokenizer(list(texts))
 
     def image_transform(self) -> Callable:
+        """The evaluation preprocessing open_clip would build for this model and weights: the
+        model config's ``preprocess_cfg``, overridden by the pretrained tag's mean / std /
+        interpolation / resize mode, at the tower's image size (no weights are loaded)."""
         if self._transform is None:
-            local_dir = self.model_name.startswith("local-dir:")
-            model_cfg = None if local_dir else open_clip.get_model_config(self.model_name)
-            if model_cfg is None:  # fall back to building the model once
-                self.load()
-            else:
-                size = model_cfg["vision_cfg"].get("image_size", 224)
-                self._transform = open_clip.image_transform(size, is_train=False)
+            if self.model_name.startswith("local-dir:"):
+                self.load()  # the folder's own config decides; loading sets the transform
+                return self._transform
+            model_cfg = open_clip.get_model_config(self.model_name)
+            if model_cfg is None:
+                raise ValueError(
+                    f"unknown open_clip model {self.model_name!r}: pick one of open_clip.list_models() "
+                    f"or register a config JSON with model_config"
+                )
+            cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
+            if self.pretrained and not self._is_local_file():
+                cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(self.model_name, self.pretrained))
+            cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+            self._transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
         return self._transform
 
     def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

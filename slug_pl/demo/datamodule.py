@@ -1,0 +1,105 @@
+"""The built-in offline demo as a DataModule: build the procedural world and train its tiny CLIP
+(both cached), mine the forget set from the world's caption corpus, and serve forget / retain pairs
+and the validation and held-out test sets like any other :class:`SlugDataModule`.
+
+Everything lives under ``root`` (default ``.slug_cache/demo``, relative to the working
+directory). The model family in the config must load the checkpoint this module trains,
+``<root>/model/<model_name>.safetensors``; a mismatch is reported with the path to put there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from slug_pl.data.datamodule import EvalSuite, SlugDataModule
+from slug_pl.data.labelled import LabelledSet
+from slug_pl.data.mining import mine_forget_set
+from slug_pl.demo.train import ensure_demo
+from slug_pl.demo.world import WorldSpec, identity_names
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+class DemoWorld(SlugDataModule):
+    """The demo world: ≥20 face-like identities and object scenes, a tiny CLIP trained on them."""
+
+    def __init__(
+        self,
+        root: str = ".slug_cache/demo",
+        seed: int = 0,
+        concepts: list[str] | None = None,
+        forget_max: int | None = None,
+        batch_size: int = 64,
+        retain_batch_size: int = 128,
+        num_workers: int = 0,
+        eval_batch_size: int = 512,
+        train: dict | None = None,
+    ):
+        """
+        Args:
+            root: cache folder for the world, the model and mined forget sets.
+            seed: world seed (identities' attributes, renders, captions).
+            concepts: identities to forget (default: the first identity of the world).
+            forget_max: cap on mined forget pairs (None: all pairs naming the identity).
+            batch_size / retain_batch_size / num_workers / eval_batch_size: as in SlugDataModule.
+            train: overrides of the demo CLIP's training settings (see ``slug_pl.demo.train``).
+        """
+        self.spec = WorldSpec(seed=seed)
+        names = identity_names(self.spec)
+        concepts = list(concepts) if concepts else [names[0]]
+        unknown = [c for c in concepts if c not in names]
+        if unknown:
+            raise ValueError(f"unknown demo identities {unknown}; the world's identities are {names}")
+        super().__init__(concepts=concepts, batch_size=batch_size, retain_batch_size=retain_batch_size,
+                         num_workers=num_workers, eval_batch_size=eval_batch_size)
+        self.root = Path(root).expanduser()
+        self.forget_max = forget_max
+        self.train_kwargs = dict(train or {})
+        self.paths: dict | None = None
+
+    def prepare_data(self) -> None:
+        self.paths = ensure_demo(self.root, self.spec, self.train_kwargs)
+        for concept in self.concepts:
+            out = self._forget_dir(concept)
+            if not (out / "mining.json").is_file():
+                result = mine_forget_set(self.paths["corpus_shards"], [concept], out, max_count=self.forget_max)
+                rank_zero_info(f"demo: mined {result.written} forget pairs for {concept!r} into {out}")
+
+    def _forget_dir(self, concept: str) -> Path:
+        cap = f"-max{self.forget_max}" if self.forget_max else ""
+        return self.root / "forget" / f"{_slug(concept)}{cap}"
+
+    def setup(self, stage: str) -> None:
+        if self.paths is None:  # prepare_data ran in another process (DDP): read the cache
+            self.paths = ensure_demo(self.root, self.spec, self.train_kwargs)
+        family = getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
+        wanted = Path(self.paths["checkpoint"]).resolve()
+        loaded = getattr(family, "pretrained", None)
+        if loaded is None or Path(loaded).expanduser().resolve() != wanted:
+            raise ValueError(
+                f"the demo trains its CLIP at {wanted}, but the model family loads {loaded!r}; set "
+                f"model.family.init_args.pretrained to {self.paths['checkpoint']} (and model_name "
+                f"to {self.paths['model_name']})"
+            )
+        p = self.paths
+        self.forget = [str(s) for c in self.concepts for s in sorted(self._forget_dir(c).glob("*.tar"))]
+        self.retain = p["corpus_shards"][0]  # one corpus shard, as one LAION shard in real use
+        identities = {"classnames": p["identities_json"], "templates": _templates(p, "identities")}
+        objects = {"classnames": p["objects_json"], "templates": _templates(p, "objects")}
+        self.suites = {
+            "validation": EvalSuite(LabelledSet(p["val_identities"], **identities),
+                                    LabelledSet(p["val_objects"], **objects)),
+            "test": EvalSuite(LabelledSet(p["test_identities"], **identities),
+                              LabelledSet(p["test_objects"], **objects)),
+        }
+
+
+def _templates(paths: dict, kind: str) -> list[str]:
+    import json
+
+    return json.loads(Path(paths["templates_json"]).read_text())[kind]

@@ -1,0 +1,175 @@
+"""End to end through the ``slug-pl`` CLI on a small world and a tiny random model, in a temp dir:
+``fit`` (pass + ranking + search + artifacts), ``validate`` with the edit, a search re-run on saved
+gradients, ``mine`` and ``--print_config``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slug_pl.cli import EXIT_TARGET_NOT_MET, main
+from slug_pl.edit import apply_edit, load_edits, revert_edit
+from slug_pl.families.open_clip import OpenClip
+from slug_pl.gradients import load_tensors
+
+
+def _write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str) -> Path:
+    concept = json.loads(Path(world["identities_json"]).read_text())[0]
+    config = {
+        "model": {"family": {"class_path": "slug_pl.families.OpenClip",
+                             "init_args": {"model_name": "slug-tiny-vit", "pretrained": checkpoint}}},
+        "data": {"class_path": "slug_pl.data.datamodule.SlugDataModule", "init_args": {
+            "forget": forget,
+            "retain": world["corpus"],
+            "concepts": [concept],
+            "batch_size": 5,
+            "retain_batch_size": 16,
+            "validation": {
+                "concepts": {"shards": world["val_identities"], "classnames": world["identities_json"],
+                             "templates": ["a photo of {}.", "{} in a picture."]},
+                "utility": {"shards": world["val_objects"], "classnames": world["objects_json"],
+                            "templates": ["a photo of a {}."]}},
+            "test": {
+                "concepts": {"shards": world["test_identities"], "classnames": world["identities_json"]},
+                "utility": {"shards": world["test_objects"], "classnames": world["objects_json"]}},
+        }},
+        "search": {"top_k": 2, "max_evals": 5},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, small_world, tiny_checkpoint):
+    """One ``fit`` run in a fresh directory; returns (workdir, run_dir, config path, exit code)."""
+    import os
+
+    work = tmp_path_factory.mktemp("cli")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+        assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
+        config = _write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar")
+        code = main(["fit", "--config", str(config)])
+    finally:
+        os.chdir(old)
+    return work, work / "lightning_logs" / "version_0", config, code
+
+
+def test_fit_writes_a_complete_run_record(fitted, small_world):
+    work, run, _, code = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    assert code == (0 if summary["search"]["target_met"] else EXIT_TARGET_NOT_MET)
+    for name in ("config.yaml", "ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
+                 "report.md", "pareto_vision.png", "pareto_text.png", "gradients/forget.safetensors",
+                 "gradients/retain.safetensors"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
+
+    # summary.json follows the documented schema; accuracies are fractions
+    assert set(summary) >= {"concepts", "model", "chosen", "search", "before", "after", "evaluations", "timings_s"}
+    for block in (summary["before"], summary["after"], summary["search"]["validation"]):
+        assert set(block) == {"forget_top1", "forget_top5", "retain_top1", "utility_top1"}
+        assert all(0.0 <= v <= 1.0 for v in block.values())
+    assert summary["chosen"]["step"] > 0
+
+    # gradient files: one tensor per model parameter, exact sample counts, metadata
+    model = OpenClip("slug-tiny-vit", pretrained=summary_ckpt(run)).load()
+    names = {n for n, _ in model.named_parameters()}
+    forget, meta = load_tensors(run / "gradients" / "forget.safetensors")
+    assert set(forget) == names
+    assert meta["counts"]["samples"] == 4  # identity_corpus=4 pairs name the concept
+    assert meta["model"]["model_name"] == "slug-tiny-vit"
+    assert meta["data"]["num_samples"] == 4 and "versions" in meta and "torch" in meta["versions"]
+    _, rmeta = load_tensors(run / "gradients" / "retain.safetensors")
+    assert rmeta["counts"]["samples"] == small_world["counts"]["corpus"]
+    assert rmeta["counts"]["batches"] == -(-small_world["counts"]["corpus"] // 16)
+
+    # ranking covers every rankable tensor; search.csv has every evaluation
+    family = OpenClip("slug-tiny-vit")
+    rows = list(csv.DictReader((run / "ranking.csv").open()))
+    assert {r["name"] for r in rows} == {n for n, p in model.named_parameters() if family.is_rankable(n, p)}
+    evals = list(csv.DictReader((run / "search.csv").open()))
+    assert len(evals) == summary["evaluations"]
+    chosen_rows = [r for r in evals if r["layer"] == summary["chosen"]["layer"]
+                   and float(r["step"]) == summary["chosen"]["step"]]
+    assert chosen_rows and float(chosen_rows[0]["forget_top5"]) == pytest.approx(
+        summary["search"]["validation"]["forget_top5"])
+    report = (run / "report.md").read_text()
+    assert summary["chosen"]["layer"] in report
+
+
+def summary_ckpt(run: Path) -> str:
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["family"]["init_args"]["pretrained"]
+
+
+def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
+    _, run, _, _ = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    model = OpenClip("slug-tiny-vit", pretrained=summary_ckpt(run)).load()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    edits, meta = load_edits(run / "edit.safetensors")
+    assert [e.name for e in edits] == [summary["chosen"]["layer"]]
+    assert edits[0].step == pytest.approx(summary["chosen"]["step"])
+    for e in edits:
+        apply_edit(model, e)
+    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model.safetensors")).load()
+    for k, v in edited.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+    assert changed == [summary["chosen"]["layer"]]  # only the one tensor changes
+    for e in edits:
+        revert_edit(model, e)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
+
+
+def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
+    work, run, config, _ = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    monkeypatch.chdir(work)
+    from slug_pl import cli
+
+    captured = {}
+    original = cli.run_cli
+
+    def spy(args):
+        captured["cli"] = original(args)
+        return captured["cli"]
+
+    monkeypatch.setattr(cli, "run_cli", spy)
+    assert main(["validate", "--config", str(config), "--model.edit", str(run / "edit.safetensors")]) == 0
+    metrics = captured["cli"].model.last_eval
+    for k, v in summary["search"]["validation"].items():
+        assert metrics[k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_search_reruns_on_saved_gradients(fitted, monkeypatch):
+    work, run, config, _ = fitted
+    monkeypatch.chdir(work)
+    main(["fit", "--config", str(config), "--model.gradients_from", str(run / "gradients")])
+    rerun = work / "lightning_logs" / "version_2"
+    if not rerun.exists():  # validate above may or may not have created version_1
+        rerun = sorted((work / "lightning_logs").iterdir())[-1]
+    assert not (rerun / "gradients").exists()  # nothing recomputed
+    assert (rerun / "ranking.csv").read_text() == (run / "ranking.csv").read_text()
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (run, rerun))
+    assert first["chosen"] == second["chosen"]
+    assert second["timings_s"]["gradients"] == 0.0
+
+
+def test_print_config_lists_search_and_family(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--print_config", "--model.family", "slug_pl.families.OpenClip"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["search"]["target_metric"] == "forget_top5"
+    assert printed["model"]["family"]["class_path"] == "slug_pl.families.OpenClip"
+    assert printed["trainer"]["max_epochs"] == 1
