@@ -33,7 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(model_name: str):
-    import open_clip
 
     from slug_pl.families.open_clip import OpenClip, register_model_configs
 

@@ -9,8 +9,10 @@ mining from caption shards).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -60,17 +62,19 @@ def run_cli(args: list[str] | None = None) -> SlugCLI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of ``slug-pl``; ``argv`` None reads the command line (as LightningCLI does)."""
+    words = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if argv and argv[0] == "mine":
+    if words and words[0] == "mine":
         from slug_pl.data.mining import main as mine_main
 
-        return mine_main(argv[1:])
+        return mine_main(words[1:])
     cli = run_cli(argv)
-    search = getattr(cli.trainer, "callbacks", None)
-    summary = next((cb.summary for cb in search or [] if isinstance(cb, SlugSearch)), None)
-    if cli.subcommand == "fit" and summary is not None and not summary["search"]["target_met"]:
-        return EXIT_TARGET_NOT_MET
+    if cli.subcommand == "fit":
+        # read the run's summary from disk: with ddp_spawn the search ran in another process
+        summary = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "summary.json"
+        if summary.is_file() and not json.loads(summary.read_text())["search"]["target_met"]:
+            return EXIT_TARGET_NOT_MET
     return 0
 
 

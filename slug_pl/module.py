@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from slug_pl.edit import apply_edit, load_edits
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
@@ -97,9 +99,15 @@ class SlugModule(LightningModule):
     def configure_optimizers(self):
         return None  # a gradient-only pass: no optimizer, no step
 
+    def setup(self, stage: str) -> None:
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
+        # rank-0-only code (writing files, the search) never calls it
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        """This run's ``lightning_logs/version_N`` (resolved on every rank in ``setup``)."""
+        return self._run_dir
 
     # -- the gradient pass ---------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -122,9 +130,6 @@ class SlugModule(LightningModule):
             return
         if self.eval_mode:
             self.clip.eval()
-        ddp = self.trainer.strategy.model
-        if hasattr(ddp, "require_backward_grad_sync"):  # DDP: accumulate locally, reduce once
-            ddp.require_backward_grad_sync = False
         self.clip.zero_grad(set_to_none=True)
         self._stashed: dict[str, dict[str, torch.Tensor]] = {}
         self._sums = {s: {"loss": torch.zeros((), dtype=torch.float64), "samples": 0, "batches": 0} for s in SETS}
@@ -144,11 +149,12 @@ class SlugModule(LightningModule):
             if self.trainer.world_size > 1:  # the contrastive loss of the *global* batch
                 image_features = self.all_gather(image_features, sync_grads=True).flatten(0, 1)
                 text_features = self.all_gather(text_features, sync_grads=True).flatten(0, 1)
-                valid = self.all_gather(valid).flatten(0, 1)
+                valid = self.all_gather(valid.to(torch.uint8)).flatten(0, 1).bool()
             loss = contrastive_loss(image_features, text_features, self.family.logit_scale(self.clip), valid)
             n_local = int(batch["valid"].sum())
             reported = loss.detach()
-        self.manual_backward(loss)
+        with self._local_accumulation():
+            self.manual_backward(loss)
         stats = self._sums[name]
         stats["loss"] += loss.detach().double().cpu()
         stats["samples"] += n_local
@@ -160,6 +166,12 @@ class SlugModule(LightningModule):
         self._t_last = now
         if batch["last"]:
             self._stash(name)
+
+    def _local_accumulation(self):
+        """Under DDP, backward without DDP's per-batch all-reduce (its ``no_sync``); the pass
+        reduces once at the end. A no-op on one device."""
+        wrapper = self.trainer.strategy.model
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else nullcontext()
 
     def _stash(self, name: str) -> None:
         """Move the accumulated ``.grad`` of a finished set aside and zero ``.grad``."""

@@ -77,7 +77,7 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
     n_front = sum(s.on_front for s in scores)
     lines += [
         "",
-        f"Validation before editing: " + ", ".join(f"{k} {_pct(v)}" for k, v in before_val.items()) + ".",
+        "Validation before editing: " + ", ".join(f"{k} {_pct(v)}" for k, v in before_val.items()) + ".",
         "",
         "## Gradient pass",
         "",

@@ -7,16 +7,21 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
-    """A demo world with few images per class (20 identities, 10 objects), built in seconds."""
+    """A demo world with few images per class (20 identities, 10 objects), built in seconds; its
+    120 corpus pairs lie in 3 uneven shards (50, 50, 20)."""
     from slug_pl.demo.world import WorldSpec, build_world
 
     spec = WorldSpec(identity_corpus=4, identity_val=3, identity_test=3,
-                     object_corpus=4, object_val=3, object_test=3)
+                     object_corpus=4, object_val=3, object_test=3, shard_size=50)
     return build_world(tmp_path_factory.mktemp("world") / "world", spec)
 
 
@@ -35,3 +40,36 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_file(model.state_dict(), str(path))
     return str(path)
+
+
+def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **overrides) -> Path:
+    """A fit/validate config over ``world`` with a tiny model; ``overrides`` replace top-level
+    sections' keys, e.g. ``trainer={"devices": 2}``."""
+    concept = json.loads(Path(world["identities_json"]).read_text())[0]
+    config = {
+        "model": {"family": {"class_path": "slug_pl.families.OpenClip",
+                             "init_args": {"model_name": "slug-tiny-vit", "pretrained": checkpoint}}},
+        "data": {"class_path": "slug_pl.data.datamodule.SlugDataModule", "init_args": {
+            "forget": forget,
+            "retain": world["corpus"],
+            "concepts": [concept],
+            "batch_size": 5,
+            "retain_batch_size": 16,
+            "validation": {
+                "concepts": {"shards": world["val_identities"], "classnames": world["identities_json"],
+                             "templates": ["a photo of {}.", "{} in a picture."]},
+                "utility": {"shards": world["val_objects"], "classnames": world["objects_json"],
+                            "templates": ["a photo of a {}."]}},
+            "test": {
+                "concepts": {"shards": world["test_identities"], "classnames": world["identities_json"]},
+                "utility": {"shards": world["test_objects"], "classnames": world["objects_json"]}},
+        }},
+        "search": {"top_k": 2, "max_evals": 5},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    for section, values in overrides.items():
+        target = config[section]["init_args"] if section == "data" else config[section]
+        target.update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -11,39 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_config
 
 from slug_pl.cli import EXIT_TARGET_NOT_MET, main
 from slug_pl.edit import apply_edit, load_edits, revert_edit
 from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import load_tensors
-
-
-def _write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str) -> Path:
-    concept = json.loads(Path(world["identities_json"]).read_text())[0]
-    config = {
-        "model": {"family": {"class_path": "slug_pl.families.OpenClip",
-                             "init_args": {"model_name": "slug-tiny-vit", "pretrained": checkpoint}}},
-        "data": {"class_path": "slug_pl.data.datamodule.SlugDataModule", "init_args": {
-            "forget": forget,
-            "retain": world["corpus"],
-            "concepts": [concept],
-            "batch_size": 5,
-            "retain_batch_size": 16,
-            "validation": {
-                "concepts": {"shards": world["val_identities"], "classnames": world["identities_json"],
-                             "templates": ["a photo of {}.", "{} in a picture."]},
-                "utility": {"shards": world["val_objects"], "classnames": world["objects_json"],
-                            "templates": ["a photo of a {}."]}},
-            "test": {
-                "concepts": {"shards": world["test_identities"], "classnames": world["identities_json"]},
-                "utility": {"shards": world["test_objects"], "classnames": world["objects_json"]}},
-        }},
-        "search": {"top_k": 2, "max_evals": 5},
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +30,7 @@ def fitted(tmp_path_factory, small_world, tiny_checkpoint):
     try:
         concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
         assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
-        config = _write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar")
+        config = write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar")
         code = main(["fit", "--config", str(config)])
     finally:
         os.chdir(old)

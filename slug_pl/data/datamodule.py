@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from slug_pl.data.labelled import LabelledSet, LoadedSet, load_labelled_set
+from slug_pl.data.labelled import LoadedSet
+from slug_pl.data.layouts import EvalSet
 from slug_pl.data.pairs import PairBatches, PairSet, count_samples
 from slug_pl.data.shards import ShardError, expand_urls
 
@@ -28,13 +29,17 @@ STAGES = ("validation", "test")
 class EvalSuite:
     """The labelled sets of one stage (validation or test).
 
+    Each set is one of the layouts: webdataset shards with labels (``shards:``), an
+    ImageNet-style class-folder tree (``root:``), or a CelebA-style identity set (``images:`` +
+    ``identities:``); see :mod:`slug_pl.data.layouts`.
+
     Attributes:
         concepts: images of the forgotten and of other concepts, labelled over the full concept list.
         utility: an optional general zero-shot benchmark (e.g. ImageNet-style classes).
     """
 
-    concepts: LabelledSet
-    utility: LabelledSet | None = None
+    concepts: EvalSet
+    utility: EvalSet | None = None
 
 
 def quick_fingerprint(path: str) -> dict[str, object]:
@@ -162,9 +167,9 @@ class SlugDataModule(LightningDataModule):
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: give its concept (and utility) sets")
             transform = self.family.image_transform()
-            sets = {"concepts": load_labelled_set(suite.concepts, transform, f"{stage}.concepts")}
+            sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts")}
             if suite.utility is not None:
-                sets["utility"] = load_labelled_set(suite.utility, transform, f"{stage}.utility")
+                sets["utility"] = suite.utility.load(transform, f"{stage}.utility")
             self._loaded[stage] = sets
         return self._loaded[stage]
 

@@ -56,6 +56,10 @@ class LabelledSet:
     templates: str | list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     max_samples: int | None = None
 
+    def load(self, transform: Callable, name: str) -> LoadedSet:
+        """Decode and preprocess the shards (see :func:`load_labelled_set`)."""
+        return load_labelled_set(self, transform, name)
+
 
 @dataclass
 class LoadedSet:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 from slug_pl.demo.world import WorldSpec, build_world

@@ -91,6 +91,7 @@ class OpenClip(ModelFamily):
         return self.pretrained is not None and (os.sep in self.pretrained or Path(self.pretrained).suffix in suffixes)
 
     def load(self) -> nn.Module:
+        register_model_configs(self.model_config)  # again: a spawned DDP process starts without them
         if self._is_local_file() and not Path(self.pretrained).expanduser().is_file():
             raise FileNotFoundError(
                 f"checkpoint not found: {self.pretrained}. Give an existing .pt/.safetensors file, "
@@ -123,6 +124,7 @@ class OpenClip(ModelFamily):
             if self.model_name.startswith("local-dir:"):
                 self.load()  # the folder's own config decides; loading sets the transform
                 return self._transform
+            register_model_configs(self.model_config)
             model_cfg = open_clip.get_model_config(self.model_name)
             if model_cfg is None:
                 raise ValueError(

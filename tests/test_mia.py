@@ -1,0 +1,88 @@
+"""Membership inference: pair similarities and the logistic-regression attack (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slug_pl.evaluation.mia import membership_inference, pair_similarities
+
+
+def test_separable_scores_are_recognised():
+    rng = np.random.default_rng(0)
+    members = rng.normal(0.8, 0.01, 100)
+    nonmembers = rng.normal(0.2, 0.01, 100)
+    result = membership_inference(torch.tensor(members), nonmembers)
+    assert result["mean"] >= 99.0 and result["std"] <= 2.0
+    assert (result["n"], result["n_members"], result["n_nonmembers"], result["folds"]) == (100, 100, 100, 25)
+
+
+def test_identical_distributions_give_chance():
+    """Members and non-members from one distribution: the attack cannot beat 50 %.
+
+    Per seed, every one of the 2n = 2,000 pairs is predicted once on a held-out fold. For a
+    classifier with no signal each prediction is right with probability 1/2, so the per-seed
+    accuracy has a standard deviation of sqrt(0.25 / 2000) ≈ 1.1 points; averaging over seeds
+    only lowers it. A tolerance of 4 points is about 3.5 standard deviations (and the data are
+    seeded, so the test is deterministic anyway).
+    """
+    rng = np.random.default_rng(123)
+    scores = rng.normal(0.3, 0.05, 2000)
+    result = membership_inference(scores[:1000], scores[1000:])
+    assert abs(result["mean"] - 50.0) < 4.0, result
+    assert result["n"] == 1000
+
+
+def test_unequal_sizes_are_balanced_deterministically():
+    rng = np.random.default_rng(1)
+    members = rng.normal(0.6, 0.02, 40)
+    nonmembers = rng.normal(0.3, 0.02, 400)
+    first = membership_inference(members, nonmembers, n_splits=4, seeds=(0, 1))
+    assert (first["n"], first["n_members"], first["n_nonmembers"], first["folds"]) == (40, 40, 400, 8)
+    assert first["mean"] >= 99.0
+    assert membership_inference(members, nonmembers, n_splits=4, seeds=(0, 1)) == first
+    # the larger side may be either one
+    swapped = membership_inference(nonmembers[:30], members, n_splits=3, seeds=(0,))
+    assert swapped["n"] == 30 and swapped["mean"] >= 99.0
+
+
+def test_invalid_inputs():
+    with pytest.raises(ValueError, match="at least 5 members"):
+        membership_inference([0.1, 0.2, 0.3], [0.1] * 10)
+    with pytest.raises(ValueError, match="1-D"):
+        membership_inference(np.zeros((10, 2)), np.zeros(10))
+    with pytest.raises(ValueError, match="NaN"):
+        membership_inference([float("nan")] * 10, [0.0] * 10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from slug_pl.families.open_clip import OpenClip
+
+    family = OpenClip(model_name="slug-tiny-vit")
+    torch.manual_seed(0)
+    return family, family.load()
+
+
+def test_pair_similarities_match_a_naive_loop(tiny):
+    family, model = tiny
+    torch.manual_seed(1)
+    images = torch.randn(5, 3, 32, 32)
+    captions = ["a photo of alice.", "bob at the beach", "a red car", "a cat", "two dogs"]
+    tokens = family.tokenize(captions)
+    model.train()
+    sims = pair_similarities(family, model, images, tokens, batch_size=2)
+    assert model.training  # mode restored
+    model.eval()
+    assert sims.shape == (5,) and sims.dtype == torch.float32
+    with torch.no_grad():
+        naive = torch.stack([
+            F.cosine_similarity(model.encode_image(images[i : i + 1]),
+                                model.encode_text(tokens[i : i + 1]))[0]
+            for i in range(5)
+        ])
+    torch.testing.assert_close(sims, naive, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="as many captions as images"):
+        pair_similarities(family, model, images, tokens[:3])
