@@ -272,7 +272,7 @@ class SlugSearch(Callback):
 
         def evaluate(step: float):
             with stepped(model, cand.name, forget_grad, step):
-                metrics = val.evaluate(model, edited=cand.tower)
+                metrics = val.evaluate(model, edited=cand.name)
             hit = self.target.met(metrics)
             ok = self._guard_ok(before, metrics)
             ev = Evaluation(len(evaluations), cand.name, cand.tower, step, step * scale, hit, ok, metrics)

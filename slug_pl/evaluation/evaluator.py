@@ -1,10 +1,17 @@
 """In-memory evaluation of a model on forget / retain / utility sets, as used by the step search.
 
-The search edits one tensor at a time, so the tower it does not touch gives the same features for
-every candidate step. :meth:`Evaluator.evaluate` takes the tower being edited and re-uses cached
-features of the other one (text class embeddings when a vision tensor is edited, image embeddings
-when a text tensor is edited). The caches belong to the *unedited* model: call
-:meth:`Evaluator.reset_cache` after the base model changes.
+The search edits one tensor at a time, so most of the network computes the same thing for every
+candidate step. :meth:`Evaluator.evaluate` takes the name of the edited parameter and re-uses:
+
+1. the *other* tower's features, computed once on the unedited model (text class embeddings
+   when a vision tensor is edited, image embeddings when a text tensor is edited);
+2. within the edited tower, the hidden states entering the edited block, computed once per
+   (set, tower, block): blocks before the edited one do not depend on it, so only the blocks from
+   there on and the head are recomputed (when the family provides
+   :meth:`~slug_pl.families.base.ModelFamily.tower_stages` and the cache fits ``cache_bytes``).
+
+The caches belong to the *unedited* model: call :meth:`Evaluator.reset_cache` after the base
+model changes (e.g. when several concepts are edited one after another).
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
-from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
-from slug_pl.families.base import ModelFamily, Tower
+from slug_pl.evaluation.zeroshot import fill_template
+from slug_pl.families.base import ModelFamily, TowerStages
+
+DEFAULT_CACHE_BYTES = 4 * 2**30
 
 
 class Evaluator:
@@ -30,6 +40,7 @@ class Evaluator:
         forget_concepts: Sequence[str],
         utility: LoadedSet | None = None,
         batch_size: int = 256,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ):
         missing = [c for c in forget_concepts if c not in concepts.classnames]
         if missing:
@@ -42,52 +53,97 @@ class Evaluator:
         self.sets = {"concepts": concepts} | ({"utility": utility} if utility is not None else {})
         self.forget_ids = [concepts.classnames.index(c) for c in forget_concepts]
         self.batch_size = batch_size
-        self._image_cache: dict[str, torch.Tensor] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.cache_bytes = cache_bytes
+        self._tokens = {
+            name: family.tokenize([fill_template(t, c) for c in s.classnames for t in s.templates])
+            for name, s in self.sets.items()
+        }
+        self._features: dict[tuple[str, str], torch.Tensor] = {}  # (set, tower) -> unedited unit features
+        self._hidden: dict[tuple[str, str, int], list[torch.Tensor]] = {}  # (set, tower, block) -> batches
 
     def reset_cache(self) -> None:
-        self._image_cache.clear()
-        self._text_cache.clear()
+        self._features.clear()
+        self._hidden.clear()
 
-    def _features(self, model: nn.Module, name: str, edited: Tower | None):
-        data = self.sets[name]
-        if edited == "text" and name in self._image_cache:
-            images = self._image_cache[name]
-        else:
-            images = image_embeddings(self.family, model, data.images, self.batch_size)
-            if edited is None:
-                self._image_cache[name] = images
-        if edited == "vision" and name in self._text_cache:
-            classes = self._text_cache[name]
-        else:
-            classes = class_embeddings(self.family, model, data.classnames, data.templates, self.batch_size)
-            if edited is None:
-                self._text_cache[name] = classes
-        return images, classes
+    # -- features ------------------------------------------------------------------------------
+    def _inputs(self, name: str, tower: str) -> torch.Tensor:
+        return self.sets[name].images if tower == "vision" else self._tokens[name]
 
+    def _encode(self, model: nn.Module, tower: str, batch: torch.Tensor) -> torch.Tensor:
+        encode = self.family.encode_image if tower == "vision" else self.family.encode_text
+        return encode(model, batch)
+
+    def _tower_features(self, model: nn.Module, name: str, tower: str, edited: str | None) -> torch.Tensor:
+        """Unit features ``(N, D)`` of one tower for set ``name`` (images, or one row per prompt)."""
+        unedited = edited is None or self.family.tower_of(edited) != tower
+        if unedited and (name, tower) in self._features:
+            return self._features[(name, tower)]
+        device = next(model.parameters()).device
+        inputs = self._inputs(name, tower)
+        stages = self.family.tower_stages(model, tower) if not unedited else None
+        start = stages.first_block(edited) if stages is not None else 0
+        out = []
+        for i, b in enumerate(range(0, inputs.shape[0], self.batch_size)):
+            batch = inputs[b : b + self.batch_size].to(device)
+            if stages is not None and start > 0:
+                hidden = self._hidden_batch(stages, name, tower, start, i, batch, inputs.shape[0])
+                feats = stages.run(batch, start, hidden)
+            else:
+                feats = self._encode(model, tower, batch)
+            out.append(F.normalize(feats.float(), dim=-1))
+        features = torch.cat(out)
+        if edited is None:
+            self._features[(name, tower)] = features
+        return features
+
+    def _hidden_batch(self, stages: TowerStages, name: str, tower: str, start: int, i: int,
+                      batch: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Batch ``i`` of the hidden state entering block ``start`` (cached; None if over budget)."""
+        key = (name, tower, start)
+        cached = self._hidden.setdefault(key, [])
+        if i < len(cached):
+            return cached[i]
+        hidden = stages.hidden_before(batch, start)
+        if hidden.numel() * hidden.element_size() * n / batch.shape[0] + self._cached_bytes() <= self.cache_bytes:
+            cached.append(hidden)
+        return hidden
+
+    def _cached_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for v in self._hidden.values() for t in v)
+
+    # -- scores --------------------------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, model: nn.Module, name: str, edited: Tower | None = None) -> torch.Tensor:
-        """Zero-shot logits ``(N, C)`` (cosine similarities, no scale) of set ``name``."""
-        images, classes = self._features(model, name, edited)
+    def logits(self, model: nn.Module, name: str, edited: str | None = None) -> torch.Tensor:
+        """Zero-shot logits ``(N, C)`` (cosine similarities, no scale) of set ``name``.
+
+        ``edited``: the name of the one parameter that differs from the unedited model, or None
+        for the unedited model itself (whose features fill the caches).
+        """
+        data = self.sets[name]
+        images = self._tower_features(model, name, "vision", edited)
+        texts = self._tower_features(model, name, "text", edited)
+        per_prompt = texts.view(len(data.classnames), len(data.templates), -1)
+        classes = F.normalize(per_prompt.mean(dim=1), dim=-1)
         return images @ classes.T
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, edited: Tower | None = None) -> dict[str, float]:
-        """Accuracies (fractions) ``forget_top1/5``, ``retain_top1/5``, ``utility_top1/5``.
-
-        ``edited``: the tower that differs from the unedited model (None: the unedited model
-        itself, whose features fill the caches).
-        """
+    def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
+        """Accuracies (fractions) ``forget_top1/5``, ``retain_top1/5``, ``utility_top1/5``."""
         was_training = model.training
         model.eval()
         out: dict[str, float] = {}
-        for name, data in self.sets.items():
-            metric = ZeroShotAccuracy(len(data.classnames), sync_on_compute=False)
-            logits = self.logits(model, name, edited)
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError(f"non-finite logits on set {data.name!r}: the model is broken")
-            metric.update(logits.cpu(), data.labels)
-            result = metric.compute()
-            out |= concept_summary(result, self.forget_ids) if name == "concepts" else utility_summary(result)
-        model.train(was_training)
+        try:
+            for name, data in self.sets.items():
+                metric = ZeroShotAccuracy(len(data.classnames), sync_on_compute=False)
+                logits = self.logits(model, name, edited)
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError(
+                        f"non-finite logits on set {data.name!r}"
+                        + (f" with {edited} edited" if edited else "") + ": the model is broken"
+                    )
+                metric.update(logits.cpu(), data.labels)
+                result = metric.compute()
+                out |= concept_summary(result, self.forget_ids) if name == "concepts" else utility_summary(result)
+        finally:
+            model.train(was_training)
         return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -37,6 +38,40 @@ DEFAULT_EXCLUDE = (
     r"positional_embedding",
     r"class_embedding",
 )
+
+
+@dataclass
+class TowerStages:
+    """One tower split at its transformer blocks, for evaluation that recomputes only what an edit
+    changes (see :class:`slug_pl.evaluation.evaluator.Evaluator`).
+
+    ``embed(inputs)`` gives the hidden state entering block 0 (in the layout the blocks expect);
+    ``blocks[i](hidden)`` runs block i; ``head(hidden, inputs)`` gives the unnormalized
+    embeddings ``(B, D)`` from the hidden state after the last block (``inputs`` for pooling
+    that needs them, such as text end-of-text positions). ``first_block(name)`` is the index of
+    the first stage a parameter influences: 0 for embedding parameters, i for block i,
+    ``len(blocks)`` for head parameters.
+    """
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    first_block: Callable[[str], int]
+
+    def run(self, inputs: torch.Tensor, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings from ``inputs``; with ``hidden`` (the state entering block ``start``) the
+        stages before ``start`` are skipped."""
+        x = self.embed(inputs) if hidden is None else hidden
+        for block in self.blocks[start if hidden is not None else 0:]:
+            x = block(x)
+        return self.head(x, inputs)
+
+    def hidden_before(self, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        """The hidden state entering block ``start``."""
+        x = self.embed(inputs)
+        for block in self.blocks[:start]:
+            x = block(x)
+        return x
 
 
 class ModelFamily(ABC):
@@ -86,6 +121,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def tower_of(self, name: str) -> Tower | None:
         """Which tower a parameter belongs to (``None`` for shared tensors such as the scale)."""
+
+    def tower_stages(self, model: nn.Module, tower: Tower) -> TowerStages | None:
+        """The tower split into stages, or None when the family does not support partial
+        re-evaluation (evaluation then recomputes the whole tower)."""
+        return None
 
     def is_rankable(self, name: str, param: torch.Tensor) -> bool:
         """Whether a tensor takes part in the layer ranking (see DESIGN.md §1)."""

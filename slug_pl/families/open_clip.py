@@ -24,10 +24,11 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
 
-from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower
+from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
@@ -147,9 +148,71 @@ class OpenClip(ModelFamily):
     def logit_scale(self, model: nn.Module) -> torch.Tensor:
         return model.logit_scale.exp()
 
+    def tower_stages(self, model: nn.Module, tower: Tower) -> TowerStages | None:
+        """Stages of open_clip's ``CLIP`` towers (ViT image tower, built-in text transformer);
+        None for other architectures (ResNet towers, ``CustomTextCLIP``)."""
+        if tower == "vision":
+            visual = getattr(model, "visual", None)
+            if type(visual).__name__ != "VisionTransformer":
+                return None
+            return _transformer_stages(
+                visual.transformer,
+                embed=visual._embeds,
+                head=lambda x, _: _project(visual._pool(x)[0], visual.proj),
+                prefix="visual.transformer.resblocks.",
+                embed_roots=("visual.conv1", "visual.class_embedding", "visual.positional_embedding",
+                             "visual.ln_pre", "visual.patch_dropout"),
+            )
+        if not hasattr(model, "token_embedding") or not hasattr(model, "transformer"):
+            return None
+
+        def embed(tokens):
+            cast = model.transformer.get_cast_dtype()
+            return model.token_embedding(tokens).to(cast) + model.positional_embedding.to(cast)
+
+        def head(x, tokens):
+            x = text_global_pool(model.ln_final(x), tokens, model.text_pool_type,
+                                 eos_token_id=getattr(model, "text_eos_id", None))
+            if isinstance(model.text_projection, nn.Linear):
+                return model.text_projection(x)
+            return _project(x, model.text_projection)
+
+        return _transformer_stages(model.transformer, embed=embed, head=head, prefix="transformer.resblocks.",
+                                   embed_roots=("token_embedding", "positional_embedding"),
+                                   attn_mask=model.attn_mask)
+
     def tower_of(self, name: str) -> Tower | None:
         if name.startswith("visual."):
             return "vision"
         if name.startswith(_TEXT_ROOTS):
             return "text"
         return None
+
+
+def _project(x: torch.Tensor, proj) -> torch.Tensor:
+    return x if proj is None else x @ proj
+
+
+def _transformer_stages(transformer, embed, head, prefix: str, embed_roots: tuple[str, ...],
+                        attn_mask=None) -> TowerStages:
+    """Stages over an open_clip ``Transformer``, converting to its (batch-first or not) layout."""
+    to_blocks = (lambda x: x) if transformer.batch_first else (lambda x: x.transpose(0, 1).contiguous())
+    from_blocks = (lambda x: x) if transformer.batch_first else (lambda x: x.transpose(0, 1))
+    n = len(transformer.resblocks)
+
+    def first_block(name: str) -> int:
+        if name.startswith(prefix):
+            return int(name[len(prefix):].split(".", 1)[0])
+        if name.startswith(embed_roots):
+            return 0
+        return n  # head: final norm, pooling, projection
+
+    blocks = [
+        (lambda x, blk=blk: blk(x, attn_mask=attn_mask)) for blk in transformer.resblocks
+    ]
+    return TowerStages(
+        embed=lambda inputs: to_blocks(embed(inputs)),
+        blocks=blocks,
+        head=lambda x, inputs: head(from_blocks(x), inputs),
+        first_block=first_block,
+    )
