@@ -37,6 +37,8 @@ class SlugCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SlugSearch, "search")
+        parser.add_argument("--json", type=str | None, default=None,
+                            help="validate/test: also write every metric as JSON to this file ('-': stdout)")
 
 
 TRAINER_DEFAULTS = {
@@ -70,12 +72,41 @@ def main(argv: list[str] | None = None) -> int:
 
         return mine_main(words[1:])
     cli = run_cli(argv)
+    if cli.subcommand in ("validate", "test"):
+        target = cli.config[cli.subcommand].get("json")
+        if target:
+            _write_metrics_json(cli, target)
     if cli.subcommand == "fit":
         # read the run's summary from disk: with ddp_spawn the search ran in another process
         summary = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "summary.json"
         if summary.is_file() and not json.loads(summary.read_text())["search"]["target_met"]:
             return EXIT_TARGET_NOT_MET
     return 0
+
+
+def _write_metrics_json(cli: SlugCLI, target: str) -> None:
+    """Every metric of the last validate/test: accuracies and, where the data module provides
+    member / non-member pairs, membership inference (in %)."""
+    module, datamodule = cli.model, cli.datamodule
+    metrics: dict = {"stage": cli.subcommand, "concepts": datamodule.concepts,
+                     "edit": module.edit, "model": module.family.describe(),
+                     "metrics": getattr(module, "last_eval", {})}
+    pairs = datamodule.mia_pairs() if hasattr(datamodule, "mia_pairs") and module.clip is not None else None
+    if pairs is not None:
+        from slug_pl.evaluation.mia import membership_inference, pair_similarities
+
+        (m_img, m_tok), (n_img, n_tok) = pairs
+        mia = membership_inference(pair_similarities(module.family, module.clip, m_img, m_tok),
+                                   pair_similarities(module.family, module.clip, n_img, n_tok))
+        metrics["mia"] = {"mean": mia["mean"], "std": mia["std"], "n": mia["n"]}
+    text = json.dumps(metrics, indent=2) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        path = Path(target)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def _pct(value: float | None) -> str:
 
 def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, results, scores,
                  report_on: str, before_full: dict, after_full: dict, pass_stats: dict,
-                 gradient_files: dict) -> None:
+                 gradient_files: dict, figures: list[tuple[str, str]] = ()) -> None:
     """Write ``summary.json`` and ``report.md`` into ``run_dir``."""
     _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
@@ -42,6 +42,11 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
         b, a = before_full.get(k), after_full.get(k)
         delta = f"{100 * (a - b):+.1f}" if a is not None and b is not None else "–"
         lines.append(f"| {k} | {_pct(b)} | {_pct(a)} | {delta} |")
+    if "mia" in summary:
+        mb, ma = summary["mia"]["before"], summary["mia"]["after"]
+        lines.append(f"| MIA accuracy (forget set vs unseen pairs; 50 = no membership signal) | "
+                     f"{mb['mean']:.1f} ± {mb['std']:.1f} | {ma['mean']:.1f} ± {ma['std']:.1f} | "
+                     f"{ma['mean'] - mb['mean']:+.1f} |")
     lines += [
         "",
         "Forget metrics side by side (accuracy in %): validation images decide the step; held-out "
@@ -54,6 +59,8 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
     if report_on == "test":
         lines.append(f"| held-out test, after | {_pct(after_full.get('forget_top1'))} | "
                      f"{_pct(after_full.get('forget_top5'))} |")
+    for caption, file in figures:
+        lines += ["", f"![{caption}]({file})", "", f"*{caption}* (`{file}`)."]
     lines += [
         "",
         "## Candidates",

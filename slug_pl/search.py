@@ -18,6 +18,7 @@ import csv
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,8 @@ class SlugSearch(Callback):
         initial_step_fraction: float = 0.1,
         tolerance: float = 0.05,
         utility_guard: float | None = None,
+        step_margin: float = 1.0,
+        similarity_concepts: int = 8,
         save_checkpoint: bool = True,
     ):
         """
@@ -131,6 +134,11 @@ class SlugSearch(Callback):
             tolerance: stop bisecting when the bracket is below this fraction of λ.
             utility_guard: reject steps whose retain or utility top-1 drops by more than this
                 (a fraction, e.g. 0.05 = 5 points); None disables the guard.
+            step_margin: multiply the chosen (smallest target-meeting) step by this factor
+                (>= 1) so that forgetting also holds on fresh images of the concept, at some cost
+                in retain accuracy (see benchmarks/results/robust_forgetting.md).
+            similarity_concepts: concepts shown in the before/after similarity matrix (the
+                forgotten ones first, then others of the concept set).
             save_checkpoint: also write the full edited model (``edited_model.safetensors``).
         """
         if top_k < 1:
@@ -146,6 +154,8 @@ class SlugSearch(Callback):
             raise ValueError(f"search towers must be a non-empty subset of ['vision', 'text'], got {list(towers)}")
         if utility_guard is not None and utility_guard < 0:
             raise ValueError(f"search utility_guard must be >= 0, got {utility_guard}")
+        if step_margin < 1.0:
+            raise ValueError(f"search step_margin must be >= 1 (a factor on the found step), got {step_margin}")
         self.top_k = top_k
         self.towers = list(towers)
         self.target = Target(target_metric, target_value)
@@ -153,6 +163,8 @@ class SlugSearch(Callback):
         self.initial_step_fraction = initial_step_fraction
         self.tolerance = tolerance
         self.utility_guard = utility_guard
+        self.step_margin = step_margin
+        self.similarity_concepts = similarity_concepts
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
 
@@ -168,59 +180,41 @@ class SlugSearch(Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         model, family, datamodule = pl_module.clip, pl_module.family, trainer.datamodule
         grads = pl_module.gradients
+        concepts = datamodule.concepts
+        tb = _tensorboard(trainer)
 
         # 1. ranking
-        params = {n: p.detach().cpu() for n, p in model.named_parameters()}
-        scores = layer_scores(family, params, grads["forget"], grads["retain"])
-        scores = [s for s in scores if s.tower in self.towers]
-        if not scores:
-            raise ValueError(
-                "no candidate layers after filtering: every rankable tensor was excluded or has a zero "
-                "forget gradient; check model.family.init_args.exclude/include and search.towers"
-            )
-        write_ranking_csv(scores, run_dir / "ranking.csv")
+        scores = self._rank(family, model, grads, run_dir)
 
-        # 2. evaluation before any edit
-        forget_concepts = datamodule.concepts
-        val = Evaluator(family, datamodule.loaded_sets("validation")["concepts"], forget_concepts,
-                        datamodule.loaded_sets("validation").get("utility"), datamodule.eval_batch_size)
+        # 2. search every candidate on the validation sets, choose, apply the edit
+        val = _evaluator(family, datamodule, "validation", concepts)
         before_val = val.evaluate(model)
         rank_zero_info(f"before: {_fmt(before_val)}")
         if self.target.met(before_val):
             rank_zero_warn(f"the unedited model already meets the target {self.target}: nothing to unlearn")
-
-        # 3. search each candidate
-        results: list[CandidateResult] = []
         evaluations: list[Evaluation] = []
-        tb = _tensorboard(trainer)
-        for tower in self.towers:
-            for cand in candidates(scores, tower, self.top_k):
-                results.append(self._search_layer(model, cand, grads["forget"][cand.name], val,
-                                                  before_val, evaluations, tb))
-        if not results:
-            raise ValueError(f"no candidate layers in towers {self.towers}")
+        results = [
+            self._search_layer(model, cand, grads["forget"][cand.name], val, before_val, evaluations, tb)
+            for tower in self.towers for cand in candidates(scores, tower, self.top_k)
+        ]
         chosen, target_met = self._choose(results)
-
-        # 4. the edit, applied to the model for good
+        chosen = self._with_margin(model, chosen, grads["forget"][chosen.layer], val, before_val, evaluations)
         edit = make_edit(model, chosen.layer, grads["forget"][chosen.layer], chosen.step,
-                         tower=chosen.tower, concepts=forget_concepts)
+                         tower=chosen.tower, concepts=concepts)
         apply_edit(model, edit)
         t_search = time.perf_counter() - t0
 
-        # 5. before/after on held-out test sets (or validation when there are none)
-        if datamodule.has_stage("test"):
-            test = Evaluator(family, datamodule.loaded_sets("test")["concepts"], forget_concepts,
-                             datamodule.loaded_sets("test").get("utility"), datamodule.eval_batch_size)
-            revert_edit(model, edit)
-            before = test.evaluate(model)
-            apply_edit(model, edit)
-            after = test.evaluate(model)
-            report_on = "test"
-        else:
-            before, after, report_on = before_val, chosen.metrics, "validation"
+        # 3. before / after on held-out test sets (validation when there are none), MIA, figures
+        report_on = "test" if datamodule.has_stage("test") else "validation"
+        final = _evaluator(family, datamodule, report_on, concepts) if report_on == "test" else val
+        with _reverted(model, edit):
+            before = final.evaluate(model)
+        after = final.evaluate(model) if report_on == "test" else chosen.metrics
+        extras = _before_after_extras(family, model, edit, datamodule, final, concepts, run_dir, tb,
+                                      self.similarity_concepts)
 
-        # 6. artifacts
-        meta = {"model": family.describe(), "concepts": forget_concepts, "target": str(self.target)}
+        # 4. artifacts
+        meta = {"model": family.describe(), "concepts": concepts, "target": str(self.target)}
         save_edits(run_dir / "edit.safetensors", [edit], meta)
         if self.save_checkpoint:
             save_tensors(run_dir / "edited_model.safetensors", model.state_dict(),
@@ -228,42 +222,61 @@ class SlugSearch(Callback):
         _write_search_csv(evaluations, run_dir / "search.csv")
         for tower in ("vision", "text"):
             if any(s.tower == tower for s in scores):
-                fig = pareto_figure(scores, tower, chosen.layer)
-                _save_figure(fig, run_dir / f"pareto_{tower}.png")
-                if tb is not None:
-                    tb.add_figure(f"pareto/{tower}", fig)
-                import matplotlib.pyplot as plt
-
-                plt.close(fig)
-        timings = {
-            "gradients": pl_module.timings.get("gradients", 0.0),
-            "search": t_search,
-            "total": time.perf_counter() - getattr(self, "_t_fit", t0),
-        }
+                _save_figure(pareto_figure(scores, tower, chosen.layer), run_dir / f"pareto_{tower}.png",
+                             tb, f"pareto/{tower}")
         self.summary = {
-            "concepts": forget_concepts,
+            "concepts": concepts,
             "model": family.describe().get("model_name", family.family_name),
             "chosen": {"layer": chosen.layer, "tower": chosen.tower, "step": chosen.step},
-            "search": {"target": str(self.target), "target_met": target_met,
+            "search": {"target": str(self.target), "target_met": target_met, "step_margin": self.step_margin,
                        "validation": _core(chosen.metrics)},
             "before": _core(before),
             "after": _core(after),
             "evaluations": len(evaluations),
-            "timings_s": timings,
-        }
+            "timings_s": {"gradients": pl_module.timings.get("gradients", 0.0), "search": t_search,
+                          "total": time.perf_counter() - getattr(self, "_t_fit", t0)},
+        } | ({"mia": extras["mia"]} if "mia" in extras else {})
         write_report(run_dir, self.summary, before_val=before_val, chosen=chosen, results=results,
                      scores=scores, report_on=report_on, before_full=before, after_full=after,
-                     pass_stats=pl_module.pass_stats, gradient_files=pl_module.gradient_files)
+                     pass_stats=pl_module.pass_stats, gradient_files=pl_module.gradient_files,
+                     figures=extras.get("figures", []))
         if tb is not None:
             metrics = {f"after/{k}": v for k, v in after.items()} | {f"before/{k}": v for k, v in before.items()}
             trainer.logger.log_hyperparams(
                 {"chosen_layer": chosen.layer, "chosen_tower": chosen.tower, "step": chosen.step,
-                 "target": str(self.target), "top_k": self.top_k, "max_evals": self.max_evals},
+                 "target": str(self.target), "top_k": self.top_k, "max_evals": self.max_evals,
+                 "step_margin": self.step_margin},
                 metrics | {"target_met": float(target_met)},
             )
         verdict = "met" if target_met else "NOT met"
         rank_zero_info(f"chosen {chosen.layer} (step {chosen.step:.4g}); target {self.target} {verdict}; "
                        f"after ({report_on}): {_fmt(after)}; report: {run_dir / 'report.md'}")
+
+    def _rank(self, family, model, grads, run_dir: Path) -> list[LayerScore]:
+        params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        scores = [s for s in layer_scores(family, params, grads["forget"], grads["retain"]) if s.tower in self.towers]
+        if not scores:
+            raise ValueError(
+                "no candidate layers after filtering: every rankable tensor was excluded or has a zero "
+                "forget gradient; check model.family.init_args.exclude/include and search.towers"
+            )
+        write_ranking_csv(scores, run_dir / "ranking.csv")
+        return scores
+
+    def _with_margin(self, model, chosen: Evaluation, forget_grad, val: Evaluator, before: dict,
+                     evaluations: list[Evaluation]) -> Evaluation:
+        """The chosen step times ``step_margin`` (re-evaluated and recorded), for forgetting that
+        holds on fresh images; the margin-free step when the margin is 1."""
+        if self.step_margin == 1.0:
+            return chosen
+        step = chosen.step * self.step_margin
+        with stepped(model, chosen.layer, forget_grad, step):
+            metrics = val.evaluate(model, edited=chosen.layer)
+        ev = Evaluation(len(evaluations), chosen.layer, chosen.tower, step,
+                        chosen.step_fraction * self.step_margin, self.target.met(metrics),
+                        self._guard_ok(before, metrics), metrics)
+        evaluations.append(ev)
+        return ev
 
     # -- per-layer search ----------------------------------------------------------------------
     def _search_layer(self, model, cand: LayerScore, forget_grad: torch.Tensor, val: Evaluator,
@@ -330,10 +343,63 @@ def _tensorboard(trainer: Trainer):
     return exp if exp is not None and hasattr(exp, "add_scalar") else None
 
 
-def _save_figure(fig, path: Path) -> None:
+def _evaluator(family, datamodule, stage: str, concepts: list[str]) -> Evaluator:
+    sets = datamodule.loaded_sets(stage)
+    return Evaluator(family, sets["concepts"], concepts, sets.get("utility"), datamodule.eval_batch_size)
+
+
+@contextmanager
+def _reverted(model, edit):
+    """The unedited model inside the block; the edit re-applied on exit."""
+    revert_edit(model, edit)
+    try:
+        yield model
+    finally:
+        apply_edit(model, edit)
+
+
+def _before_after_extras(family, model, edit, datamodule, final: Evaluator, concepts, run_dir: Path,
+                         tb, n_shown: int) -> dict:
+    """The similarity-matrix figure and, when the data module provides member / non-member
+    pairs, membership inference, each before and after the edit."""
+    from slug_pl.evaluation.mia import membership_inference, pair_similarities
+    from slug_pl.evaluation.similarity import concept_similarity_matrix, similarity_figure
+
+    out: dict = {"figures": []}
+    data = final.sets["concepts"]
+    present = [data.classnames[i] for i in sorted(set(data.labels.tolist()))]
+    shown = list(concepts) + [c for c in present if c not in concepts]
+    shown = shown[: max(len(concepts), n_shown)]
+    args = (family, model, data.images, data.labels, data.classnames, data.templates, shown)
+    with _reverted(model, edit):
+        sim_before = concept_similarity_matrix(*args)
+    sim_after = concept_similarity_matrix(*args)
+    _save_figure(similarity_figure(sim_before, sim_after, shown), run_dir / "similarity.png", tb, "similarity")
+    out["figures"].append(("Image–text similarity of concepts, before and after", "similarity.png"))
+
+    pairs = datamodule.mia_pairs() if hasattr(datamodule, "mia_pairs") else None
+    if pairs is not None:
+        (m_img, m_tok), (n_img, n_tok) = pairs
+        result = {}
+        for when, ctx in (("before", _reverted(model, edit)), ("after", nullcontext())):
+            with ctx:
+                members = pair_similarities(family, model, m_img, m_tok)
+                nonmembers = pair_similarities(family, model, n_img, n_tok)
+            mia = membership_inference(members, nonmembers)
+            result[when] = {"mean": mia["mean"], "std": mia["std"], "n": mia["n"]}
+        out["mia"] = result
+    return out
+
+
+def _save_figure(fig, path: Path, tb=None, tag: str | None = None) -> None:
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp)
     os.replace(tmp, path)
+    if tb is not None and tag:
+        tb.add_figure(tag, fig)
+    plt.close(fig)
 
 
 def _write_search_csv(evaluations: list[Evaluation], path: Path) -> None:

@@ -98,3 +98,25 @@ def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> Load
     if not images:
         raise ShardError(f"labelled set {name!r} has no samples ({spec.shards})")
     return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates)
+
+
+def load_pairs(shards: str | Sequence[str], transform: Callable, tokenize: Callable,
+               label: int | None = None, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image–caption pairs decoded into memory: images ``(N, 3, H, W)``, tokens ``(N, L)``.
+
+    ``label`` keeps only samples with that ``cls`` label (e.g. one concept's held-out images);
+    samples without a caption are an error naming shard and key.
+    """
+    images, captions = [], []
+    for sample in iter_raw_samples(expand_urls(shards)):
+        if max_samples is not None and len(images) >= max_samples:
+            break
+        if label is not None and sample.label != label:
+            continue
+        if sample.caption is None:
+            raise ShardError(f"sample {sample.key!r} in {sample.shard} has no caption ('txt')")
+        images.append(transform(decode_image(sample)))
+        captions.append(sample.caption)
+    if not images:
+        raise ShardError(f"no image–caption pairs in {shards}" + (f" with label {label}" if label is not None else ""))
+    return torch.stack(images), tokenize(captions)

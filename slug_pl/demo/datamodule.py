@@ -9,13 +9,16 @@ directory). The model family in the config must load the checkpoint this module 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import torch
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
-from slug_pl.data.labelled import LabelledSet
+from slug_pl.data.labelled import LabelledSet, load_pairs
 from slug_pl.data.mining import mine_forget_set
 from slug_pl.demo.train import ensure_demo
 from slug_pl.demo.world import WorldSpec, identity_names
@@ -99,7 +102,18 @@ class DemoWorld(SlugDataModule):
         }
 
 
-def _templates(paths: dict, kind: str) -> list[str]:
-    import json
+    def mia_pairs(self):
+        """Membership inference sets: members = the mined forget pairs (seen in training),
+        non-members = held-out validation and test pairs of the same identities (never seen)."""
+        family = self.trainer.lightning_module.family
+        transform, tokenize = family.image_transform(), family.tokenize
+        names = json.loads(Path(self.paths["identities_json"]).read_text())
+        members = load_pairs(self.forget, transform, tokenize)
+        held_out = [load_pairs([self.paths["val_identities"], self.paths["test_identities"]], transform, tokenize,
+                               label=names.index(c)) for c in self.concepts]
+        nonmembers = (torch.cat([h[0] for h in held_out]), torch.cat([h[1] for h in held_out]))
+        return members, nonmembers
 
+
+def _templates(paths: dict, kind: str) -> list[str]:
     return json.loads(Path(paths["templates_json"]).read_text())[kind]
