@@ -67,8 +67,8 @@ def bare_loop(model, images, tokens, steps: int, warmup: int, device: str, preci
 
     def step():
         with autocast(device, precision):
-            out = model(images, tokens)
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            image_features, text_features, logit_scale = model(images, tokens)[:3]
+            loss = loss_fn(image_features, text_features, logit_scale)
         loss.backward()
 
     for _ in range(warmup):

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.data.layouts import EvalSet
-from slug_pl.data.pairs import PairBatches, PairSet, count_samples
+from slug_pl.data.mining import EmptyForgetSetError
+from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, shard_sample_counts
 from slug_pl.data.shards import ShardError, expand_urls
 
 STAGES = ("validation", "test")
@@ -87,6 +88,7 @@ class SlugDataModule(LightningDataModule):
         validation: EvalSuite | None = None,
         test: EvalSuite | None = None,
         eval_batch_size: int = 256,
+        bad_samples: str = "stop",
     ):
         """
         Args:
@@ -100,12 +102,21 @@ class SlugDataModule(LightningDataModule):
             validation: labelled sets for the step search and ``validate``.
             test: held-out labelled sets for the final before/after report and ``test``.
             eval_batch_size: images per batch in evaluation.
+            bad_samples: what a forget/retain sample without image or caption, or with an image
+                that does not decode, does to the pass: ``"stop"`` (raise, naming shard and key) or
+                ``"skip"`` (leave it out; skipped samples are counted and listed in the gradient
+                files' metadata and the run's ``skipped_samples.json``). See
+                :mod:`slug_pl.data.pairs` for how skipping stays exact under DDP.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
                             ("eval_batch_size", eval_batch_size)):
-            if value is not None and value < 1:
+            if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"data.{name} must be a positive integer, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"data.bad_samples must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_samples!r}")
         self.forget = forget
         self.retain = retain
         self.concepts = list(concepts or [])
@@ -114,6 +125,7 @@ class SlugDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.suites = {"validation": validation, "test": test}
         self.eval_batch_size = eval_batch_size
+        self.bad_samples = bad_samples
         self._pair_sets: dict[str, PairSet] = {}
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
 
@@ -134,11 +146,17 @@ class SlugDataModule(LightningDataModule):
             if spec is None:
                 raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
             urls = tuple(expand_urls(spec))
-            n = count_samples(urls)
-            if n == 0:
-                raise ShardError(f"the {name} set is empty: no samples in {', '.join(urls)}")
+            sizes = tuple(shard_sample_counts(urls))
+            if sum(sizes) == 0:
+                error = EmptyForgetSetError if name == "forget" else ShardError
+                raise error(
+                    f"the {name} set is empty: no samples in {', '.join(urls)}. "
+                    + ("Mine a forget set with `slug-pl mine` (check the concept names) or point "
+                       "data.forget at its shards" if name == "forget" else
+                       "Point data.retain at shards that hold image-caption pairs")
+                )
             bs = self.batch_size if name == "forget" else self.retain_batch_size
-            self._pair_sets[name] = PairSet(name, urls, bs, n)
+            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes)
         return self._pair_sets[name]
 
     def global_batch_size(self, name: str) -> int:
@@ -152,7 +170,9 @@ class SlugDataModule(LightningDataModule):
         module = self.trainer.lightning_module if self.trainer else None
         sets = [] if getattr(module, "gradients_from", None) else [self.pair_set("forget"), self.pair_set("retain")]
         rank, world = self._rank_world()
-        dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world)
+        start = getattr(module, "resume_position", 0) if sets else 0  # batches done before a resume
+        dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world,
+                              start_batch=start, bad_samples=self.bad_samples)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False)
 

@@ -9,16 +9,34 @@ devices. So the stream is defined on global sample indices, not on shards:
 - within batch k, sample at position j goes to rank j mod W (W = world size);
 - every rank yields exactly ceil(N / B) local batches, padded to ceil(B_k / W) rows with
   ``valid = False`` rows so that feature gathering sees equal shapes on every rank;
-- data-loader worker w (of n) produces the batches k ≡ w (mod n); PyTorch's round-robin over
-  iterable-dataset workers then delivers batches in order k = 0, 1, 2, …
+- data-loader worker w (of n) produces the batches k ≡ w (mod n) (counted from ``start_batch``);
+  PyTorch's round-robin over iterable-dataset workers then delivers batches in order.
 
 Each rank and worker reads the full tar stream but decodes only its own samples; uneven shard
 counts are therefore harmless.
+
+**Bad samples** (``bad_samples``): a sample without an image or a caption, or whose image does
+not decode, either stops the pass (``"stop"``, the default: :class:`BadSampleError` naming shard
+and key) or is *skipped* (``"skip"``). A skipped sample keeps its global index and its place in
+its batch but becomes a padding row (``valid = False``): batch boundaries, and so the retain
+loss's global batches, stay those of the full stream, every rank agrees on the batches, and the
+counts (the sums of ``valid`` over all ranks, reduced once at the end of the pass) are exact.
+Each skipped sample is reported once, by the rank that owns its position, in the batch's
+``skipped`` list (dicts ``set``, ``index``, ``shard``, ``key``, ``reason``). Missing fields are
+seen by every rank from the tar stream, so under ``"stop"`` every rank stops on the same sample;
+an image that does not decode is only seen by the rank that decodes it.
+
+**Resuming** (``start_batch``): the stream starts at global batch position ``start_batch``
+(counted across the sets, forget batches first). Earlier samples are passed over undecoded; whole
+shards before the start are not even opened when the set knows its shard sizes.
 """
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
+import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,36 +44,65 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from slug_pl.data.shards import ShardError, decode_image, iter_raw_samples
+from slug_pl.data.shards import (
+    BadSampleError,
+    RawSample,
+    ShardError,
+    bad_sample_error,
+    decode_image,
+    iter_raw_samples,
+    missing_field,
+    unreadable_shard_message,
+)
+
+BAD_SAMPLE_POLICIES = ("stop", "skip")
+
+
+def shard_sample_counts(urls: Sequence[str]) -> list[int]:
+    """Number of samples (distinct keys) of each local shard, from tar headers only.
+
+    Raises :class:`ShardError` naming the shard if it cannot be read, is not a tar archive, or ends
+    without the tar end-of-archive marker (a copy or download cut off at a file boundary, which
+    tar readers otherwise accept silently as a shorter archive).
+    """
+    return [_count_shard(url) for url in urls]
 
 
 def count_samples(urls: Sequence[str]) -> int:
     """Number of samples (distinct keys) in local shards, from tar headers only."""
-    total = 0
-    for url in urls:
-        try:
-            with tarfile.open(url, "r:*") as tar:
-                keys = set()
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    prefix = member.name[: len(member.name) - len(base)]
-                    keys.add(prefix + base.split(".", 1)[0])
-                total += len(keys)
-        except (OSError, tarfile.TarError) as err:
-            raise ShardError(f"cannot read shard {url}: {type(err).__name__}: {err}") from err
-    return total
+    return sum(shard_sample_counts(urls))
+
+
+def _count_shard(url: str) -> int:
+    try:
+        with tarfile.open(url, "r:*") as tar:
+            keys = set()
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                prefix = member.name[: len(member.name) - len(base)]
+                keys.add(prefix + base.split(".", 1)[0])
+            plain = isinstance(tar.fileobj, io.BufferedReader)  # not compressed: offsets are bytes
+            if plain and keys and tar.offset >= os.path.getsize(url):
+                raise tarfile.ReadError(f"no end-of-archive marker after {len(keys)} samples: truncated")
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(unreadable_shard_message(url, err)) from err
+    return len(keys)
 
 
 @dataclass(frozen=True)
 class PairSet:
-    """One named pair set of the pass: ``name`` is ``"forget"`` or ``"retain"``."""
+    """One named pair set of the pass: ``name`` is ``"forget"`` or ``"retain"``.
+
+    ``shard_sizes`` (samples per shard, optional) lets a resumed stream pass over whole shards.
+    """
 
     name: str
     urls: tuple[str, ...]
     global_batch_size: int
     num_samples: int
+    shard_sizes: tuple[int, ...] = ()
 
     @property
     def num_batches(self) -> int:
@@ -66,7 +113,9 @@ class PairBatches(IterableDataset):
     """Local batches of one or more pair sets, in sequence (forget first, then retain).
 
     Each item is a dict: ``set`` (name), ``batch_index`` (global batch k within its set),
-    ``last`` (whether k is the set's last batch), ``images`` float ``(b, 3, H, W)``, ``tokens`` long ``(b, L)``, ``valid`` bool ``(b,)``.
+    ``last`` (whether k is the set's last batch), ``images`` float ``(b, 3, H, W)``, ``tokens``
+    long ``(b, L)``, ``valid`` bool ``(b,)``, ``skipped`` (this rank's skipped samples of the
+    batch, see the module docstring).
     """
 
     def __init__(
@@ -76,18 +125,28 @@ class PairBatches(IterableDataset):
         tokenize: Callable[[list[str]], torch.Tensor],
         rank: int = 0,
         world_size: int = 1,
+        start_batch: int = 0,
+        bad_samples: str = "stop",
     ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if bad_samples not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"bad_samples must be one of {BAD_SAMPLE_POLICIES}, got {bad_samples!r}")
         self.sets = list(sets)
+        total = sum(s.num_batches for s in self.sets)
+        if not 0 <= start_batch <= total:
+            raise ValueError(f"start_batch {start_batch} outside the {total} batches of the stream")
         self.image_transform = image_transform
         self.tokenize = tokenize
         self.rank = rank
         self.world_size = world_size
+        self.start_batch = start_batch
+        self.bad_samples = bad_samples
+        self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
-        return sum(s.num_batches for s in self.sets)
+        return sum(s.num_batches for s in self.sets) - self.start_batch
 
     def _local_positions(self, batch_size: int) -> list[int]:
         return list(range(self.rank, batch_size, self.world_size))
@@ -95,51 +154,77 @@ class PairBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        offset = 0  # batch counter across sets, for worker assignment
+        offset = 0  # batch position of the set's first batch, across sets
         for pair_set in self.sets:
-            yield from self._iter_set(pair_set, offset, worker, num_workers)
+            first = max(self.start_batch - offset, 0)
+            if first < pair_set.num_batches:
+                yield from self._iter_set(pair_set, offset, first, worker, num_workers)
             offset += pair_set.num_batches
 
-    def _iter_set(self, pair_set: PairSet, offset: int, worker: int, num_workers: int):
+    def _iter_set(self, pair_set: PairSet, offset: int, first: int, worker: int, num_workers: int):
         B, N = pair_set.global_batch_size, pair_set.num_samples
-        samples = iter_raw_samples(pair_set.urls)
-        seen = 0
-        for k in range(pair_set.num_batches):
+        samples = self._samples_from(pair_set, first * B)
+        for k in range(first, pair_set.num_batches):
             size_k = min(B, N - k * B)
-            mine = (offset + k) % num_workers == worker
-            positions = set(self._local_positions(size_k)) if mine else set()
-            chosen = []
-            for j in range(size_k):
-                try:
-                    sample = next(samples)
-                except StopIteration:
-                    raise ShardError(
-                        f"{pair_set.name} set ended after {seen} samples, expected {N}: "
-                        f"the shards changed while reading ({', '.join(pair_set.urls)})"
-                    ) from None
-                seen += 1
-                if j in positions:
-                    if sample.caption is None:
-                        raise ShardError(
-                            f"sample {sample.key!r} in {sample.shard} has no caption ('txt')"
-                        )
-                    chosen.append(sample)
-            if mine:
-                batch = self._collate(pair_set.name, k, chosen, math.ceil(size_k / self.world_size))
-                batch["last"] = k == pair_set.num_batches - 1
-                yield batch
+            mine = (offset + k - self.start_batch) % num_workers == worker
+            batch = [self._next_sample(samples, pair_set, k * B + j) for j in range(size_k)]
+            if not mine:
+                continue
+            if self.bad_samples == "stop":  # every rank sees the same stream: all stop together
+                for sample in batch:
+                    if (reason := missing_field(sample)) is not None:
+                        raise bad_sample_error(sample, reason)
+            own = [(k * B + j, batch[j]) for j in self._local_positions(size_k)]
+            out = self._collate(pair_set.name, k, own, math.ceil(size_k / self.world_size))
+            out["last"] = k == pair_set.num_batches - 1
+            yield out
 
-    def _collate(self, name: str, k: int, samples: list, rows: int) -> dict:
-        images = [self.image_transform(decode_image(s)) for s in samples]
-        captions = [s.caption for s in samples]
+    @staticmethod
+    def _samples_from(pair_set: PairSet, start: int) -> Iterator[RawSample]:
+        """The raw samples of ``pair_set`` from global index ``start`` on, nothing decoded."""
+        first_shard, skip = 0, start
+        if len(pair_set.shard_sizes) == len(pair_set.urls):  # pass over whole shards unopened
+            while first_shard < len(pair_set.urls) and skip >= pair_set.shard_sizes[first_shard]:
+                skip -= pair_set.shard_sizes[first_shard]
+                first_shard += 1
+        return itertools.islice(iter_raw_samples(pair_set.urls[first_shard:]), skip, None)
+
+    @staticmethod
+    def _next_sample(samples: Iterator[RawSample], pair_set: PairSet, index: int) -> RawSample:
+        try:
+            return next(samples)
+        except StopIteration:
+            raise ShardError(
+                f"{pair_set.name} set ended after {index} samples, expected {pair_set.num_samples}: "
+                f"the shards changed while reading ({', '.join(pair_set.urls)})"
+            ) from None
+
+    def _load(self, name: str, index: int, sample: RawSample) -> tuple[torch.Tensor, str] | dict:
+        """The transformed image and caption of a sample, or (policy ``skip``) its skip record
+        (``set``, ``index``: global sample index in the set, ``shard``, ``key``, ``reason``)."""
+        reason, cause = missing_field(sample), None
+        if reason is None:
+            try:
+                image = self.image_transform(decode_image(sample))
+            except BadSampleError as err:
+                reason, cause = err.reason, err
+        if reason is None:
+            self._shape = tuple(image.shape)
+            return image, sample.caption
+        if self.bad_samples == "stop":
+            raise bad_sample_error(sample, reason) from cause
+        return {"set": name, "index": index, "shard": sample.shard, "key": sample.key, "reason": reason}
+
+    def _collate(self, name: str, k: int, samples: list[tuple[int, RawSample]], rows: int) -> dict:
+        loaded = [self._load(name, index, sample) for index, sample in samples]
+        good = [x for x in loaded if isinstance(x, tuple)]
+        images = [image for image, _ in good]
+        captions = [caption for _, caption in good]
         valid = torch.zeros(rows, dtype=torch.bool)
-        valid[: len(samples)] = True
-        pad = rows - len(samples)
-        if pad:  # padding rows repeat a real sample (or zeros) and are masked out by ``valid``
-            template = images[0] if images else None
-            if template is None:
-                shape = self._image_shape()
-                template = torch.zeros(shape)
+        valid[: len(good)] = True
+        pad = rows - len(good)
+        if pad:  # padding rows are zeros and masked out by ``valid``
+            template = images[0] if images else torch.zeros(self._image_shape())
             images += [torch.zeros_like(template)] * pad
             captions += [""] * pad
         return {
@@ -148,11 +233,19 @@ class PairBatches(IterableDataset):
             "images": torch.stack(images),
             "tokens": self.tokenize(captions),
             "valid": valid,
+            "skipped": [x for x in loaded if isinstance(x, dict)],
         }
 
     def _image_shape(self) -> tuple[int, ...]:
-        """Shape of a transformed image, from any sample of any set (for an all-padding batch)."""
-        for pair_set in self.sets:
-            for sample in iter_raw_samples(pair_set.urls):
-                return tuple(self.image_transform(decode_image(sample)).shape)
-        raise ShardError("no samples to infer the image shape from")
+        """Shape of a transformed image (for an all-padding batch): of the last image this stream
+        transformed, else of the first image of any set that decodes."""
+        if self._shape is None:
+            for pair_set in self.sets:
+                for sample in iter_raw_samples(pair_set.urls):
+                    try:
+                        self._shape = tuple(self.image_transform(decode_image(sample)).shape)
+                        return self._shape
+                    except BadSampleError:
+                        continue
+            raise ShardError(f"no image decodes in {[u for s in self.sets for u in s.urls]}")
+        return self._shape

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,23 @@ LABEL_KEY = "cls"
 
 class ShardError(ValueError):
     """A shard is missing, unreadable, or holds a sample slug_pl cannot use."""
+
+
+class BadSampleError(ShardError):
+    """One sample of a readable shard cannot be used: no image, no caption, or an image that does
+    not decode. ``shard``, ``key`` and ``reason`` say which and why (for skip lists)."""
+
+    def __init__(self, message: str, shard: str = "", key: str = "", reason: str = ""):
+        super().__init__(message)
+        self.shard, self.key, self.reason = shard, key, reason or message
+
+    def __reduce__(self):  # survive the trip from a data-loader worker with its fields
+        return (type(self), (str(self), self.shard, self.key, self.reason))
+
+
+#: What to do about a bad sample, and how to change it (appended to error messages).
+BAD_SAMPLE_HINT = ("fix or remove the sample, or set data.bad_samples: skip to leave such samples out "
+                   "(they are counted and listed in the run's skipped_samples.json)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,8 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
                     raise ShardError(f"no shard matches {url!r}: check the path or pattern")
                 urls.extend(matches)
             else:
+                if Path(url).exists() and not Path(url).is_file():
+                    raise ShardError(f"shard {url} (from {item!r}) is not a regular file; give tar files")
                 if not Path(url).is_file():
                     raise ShardError(
                         f"shard not found: {url} (from {item!r}). Check the path; brace patterns "
@@ -110,20 +130,42 @@ def iter_raw_samples(urls: Sequence[str]) -> Iterator[RawSample]:
         except ShardError:
             raise
         except Exception as err:  # tarfile, IO and decoding errors of webdataset
-            raise ShardError(f"cannot read shard {url}: {type(err).__name__}: {err}") from err
+            raise ShardError(unreadable_shard_message(url, err)) from err
+
+
+def unreadable_shard_message(url: str, err: BaseException) -> str:
+    """The error text for a shard that cannot be read (missing, no permission, corrupt tar)."""
+    detail = " ".join(str(err).split())  # one line, also for tarfile's multi-line messages
+    return (f"cannot read shard {url}: {type(err).__name__}: {detail}. The file is missing, unreadable "
+            f"or not a complete tar archive (an interrupted download or copy?): re-create or "
+            f"re-download it, or leave it out of the shard list")
+
+
+def missing_field(sample: RawSample) -> str | None:
+    """Why a pair sample cannot be used before decoding (no image / no caption), else None."""
+    if sample.image is None:
+        return f"no image (expected one of {', '.join(IMAGE_KEYS)})"
+    if sample.caption is None:
+        return f"no caption ('{CAPTION_KEY}')"
+    return None
+
+
+def bad_sample_error(sample: RawSample, reason: str, hint: bool = True) -> BadSampleError:
+    """A :class:`BadSampleError` naming shard and key; ``hint`` appends what to do."""
+    message = f"sample {sample.key!r} in {sample.shard}: {reason}"
+    return BadSampleError(f"{message}; {BAD_SAMPLE_HINT}" if hint else message, sample.shard,
+                          sample.key, reason)
 
 
 def decode_image(sample: RawSample) -> Image.Image:
-    """Decode a sample's image to RGB; raises :class:`ShardError` naming shard and key."""
+    """Decode a sample's image to RGB; raises :class:`BadSampleError` naming shard and key."""
     if sample.image is None:
-        raise ShardError(
-            f"sample {sample.key!r} in {sample.shard} has no image (expected one of "
-            f"{', '.join(IMAGE_KEYS)})"
-        )
+        raise bad_sample_error(sample, f"no image (expected one of {', '.join(IMAGE_KEYS)})", hint=False)
     try:
         with Image.open(io.BytesIO(sample.image)) as img:
             return img.convert("RGB")
     except Exception as err:
-        raise ShardError(
-            f"image of sample {sample.key!r} in {sample.shard} does not decode: {err}"
-        ) from err
+        # no object addresses in the reason: skip lists must be the same in every run
+        detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(err))
+        raise bad_sample_error(sample, f"image does not decode ({type(err).__name__}: {detail})",
+                               hint=False) from err

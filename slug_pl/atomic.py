@@ -1,0 +1,71 @@
+"""Writing artifacts so that nothing is ever half-written or overwritten.
+
+Every artifact of a run is written to a temporary file beside its final path and moved into place
+in one step, so a reader (or a crash) sees either no file or the complete file:
+
+- :func:`atomic_output` yields the temporary path to write to; on success the file is *linked*
+  to its final name, which fails with :class:`FileExistsError` if that name exists (no
+  check-then-write race), and the temporary name is removed. On a file system without hard links
+  it falls back to an existence check and ``os.replace``.
+- ``overwrite=True`` is only for scratch state that is meant to be replaced (the partial sums of
+  an interrupted gradient pass, :mod:`slug_pl.resume`): ``os.replace`` swaps it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def refuse_existing(path: Path) -> None:
+    """Raise :class:`FileExistsError` naming ``path`` if it exists."""
+    if path.exists():
+        raise FileExistsError(
+            f"refusing to overwrite {path}: slug_pl never overwrites an artifact. Choose a new run "
+            f"directory (a new trainer.default_root_dir or logger version) or move the file away"
+        )
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; when the block succeeds, move it to ``path``.
+
+    Never overwrites an existing ``path`` unless ``overwrite``; on any error the temporary file
+    is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite:
+        refuse_existing(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # atomic, and fails if ``path`` appeared meanwhile
+    except FileExistsError:
+        refuse_existing(path)
+        raise
+    except OSError:  # no hard links here (some network / FUSE file systems)
+        refuse_existing(path)
+        os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` (UTF-8) atomically; never overwrites unless ``overwrite``."""
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
