@@ -70,7 +70,8 @@ SKIPPED_FILE = "skipped_samples.json"
 #: Files a fit run writes into its run directory (besides config.yaml and logger files); an
 #: existing one stops the run before any work.
 RUN_ARTIFACTS = ("ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
-                 "report.md", "summary.json", "pareto_vision.png", "pareto_text.png", SKIPPED_FILE)
+                 "report.md", "summary.json", "pareto_vision.png", "pareto_text.png", "similarity.png",
+                 SKIPPED_FILE)
 
 
 def package_versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from slug_pl.atomic import atomic_output
 from slug_pl.families.base import ModelFamily
 
 
@@ -82,13 +83,11 @@ def candidates(scores: Sequence[LayerScore], tower: str, top_k: int | None) -> l
 
 def write_ranking_csv(scores: Sequence[LayerScore], path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(LayerScore)])
         writer.writeheader()
         for s in sorted(scores, key=lambda s: (s.tower, -s.importance)):
             writer.writerow(asdict(s))
-    os.replace(tmp, path)
     return path
 
 

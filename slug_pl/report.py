@@ -6,11 +6,7 @@ import json
 import os
 from pathlib import Path
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from slug_pl.atomic import write_text
 
 
 def _pct(value: float | None) -> str:
@@ -19,9 +15,10 @@ def _pct(value: float | None) -> str:
 
 def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, results, scores,
                  report_on: str, before_full: dict, after_full: dict, pass_stats: dict,
-                 gradient_files: dict, figures: list[tuple[str, str]] = ()) -> None:
+                 gradient_files: dict, figures: list[tuple[str, str]] = (),
+                 skipped: dict[str, list[dict]] | None = None) -> None:
     """Write ``summary.json`` and ``report.md`` into ``run_dir``."""
-    _atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     names = sorted(set(before_full) | set(after_full), key=lambda k: (k.split("_")[0] != "forget", k))
     lines = [
@@ -88,14 +85,20 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
         "",
         "## Gradient pass",
         "",
-        "| set | samples | batches | mean loss | file |",
-        "|---|---|---|---|---|",
+        "| set | samples | skipped | batches | mean loss | file |",
+        "|---|---|---|---|---|---|",
     ]
     for name, stats in pass_stats.items():
         path = gradient_files.get(name)
         rel = os.path.relpath(path, run_dir) if path else "–"
-        lines.append(f"| {name} | {stats.get('samples', '–')} | {stats.get('batches', '–')} | "
+        lines.append(f"| {name} | {stats.get('samples', '–')} | {stats.get('skipped', 0)} | {stats.get('batches', '–')} | "
                      f"{stats.get('loss', float('nan')):.4f} | `{rel}` |")
+    listed = [s for items in (skipped or {}).values() for s in items]
+    if listed:
+        lines += ["", f"### Skipped samples ({len(listed)}; all in `skipped_samples.json`)", "",
+                  "| set | shard | key | reason |", "|---|---|---|---|"]
+        lines += [f"| {s.get('set', '')} | `{s.get('shard', '')}` | `{s.get('key', '')}` | {s.get('reason', '')} |"
+                  for s in listed[:20]]
     t = summary["timings_s"]
     lines += [
         "",
@@ -110,4 +113,4 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
         "the resolved config that reproduces this run.",
         "",
     ]
-    _atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    write_text(run_dir / "report.md", "\n".join(lines))

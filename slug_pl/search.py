@@ -15,7 +15,6 @@ closest to the target is reported, and the run says the target was not met.
 from __future__ import annotations
 
 import csv
-import os
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -26,6 +25,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from slug_pl.atomic import atomic_output
 from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits, stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.gradients import save_tensors
@@ -74,12 +74,14 @@ class CandidateResult:
 
 
 def binary_step_search(
-    evaluate: Callable[[float], tuple[dict[str, float], bool, bool]],
+    evaluate: Callable[[float], tuple[dict[str, float], bool, bool, bool]],
     initial_step: float,
     max_evals: int,
     tolerance: float,
 ) -> tuple[list[tuple[float, dict, bool, bool]], int | None]:
-    """Doubling then bisection on λ. ``evaluate(λ)`` returns ``(metrics, target_met, guard_ok)``.
+    """Doubling then bisection on λ. ``evaluate(λ)`` returns ``(metrics, target_met, guard_ok,
+    broken)``; ``broken`` (non-finite outputs) caps λ: the search bisects below it instead of
+    doubling past it.
 
     Returns every evaluation ``(λ, metrics, target_met, guard_ok)`` in order and the index of the
     smallest λ that met the target (None if no evaluation met it).
@@ -87,17 +89,19 @@ def binary_step_search(
     if initial_step <= 0:
         raise ValueError(f"the initial step must be positive, got {initial_step}")
     records: list[tuple[float, dict, bool, bool]] = []
-    lo, hi, hi_index = 0.0, None, None
+    lo, hi, hi_index, cap = 0.0, None, None, None
     step = initial_step
     for _ in range(max_evals):
-        metrics, hit, guard_ok = evaluate(step)
+        metrics, hit, guard_ok, broken = evaluate(step)
         records.append((step, metrics, hit, guard_ok))
         if hit:
             hi, hi_index = step, len(records) - 1
+        elif broken:
+            cap = step if cap is None else min(cap, step)
         else:
             lo = step
         if hi is None:
-            step *= 2.0
+            step = step * 2.0 if cap is None else (lo + cap) / 2.0
         else:
             if hi - lo <= tolerance * hi:
                 break
@@ -170,6 +174,13 @@ class SlugSearch(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._t_fit = time.perf_counter()
+        family = pl_module.family
+        if not any(family.is_rankable(n, p) and family.tower_of(n) in self.towers
+                   for n, p in pl_module.clip.named_parameters()):
+            raise ValueError(
+                f"no candidate layers: no rankable tensor in towers {self.towers} after the "
+                f"model.family.init_args exclude/include filters; widen them or search.towers"
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # on_fit_end (not on_train_end) also runs when the pass is skipped (model.gradients_from)
@@ -188,7 +199,10 @@ class SlugSearch(Callback):
 
         # 2. search every candidate on the validation sets, choose, apply the edit
         val = _evaluator(family, datamodule, "validation", concepts)
-        before_val = val.evaluate(model)
+        try:
+            before_val = val.evaluate(model)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err} (unedited model {family.describe()})") from err
         rank_zero_info(f"before: {_fmt(before_val)}")
         if self.target.met(before_val):
             rank_zero_warn(f"the unedited model already meets the target {self.target}: nothing to unlearn")
@@ -239,7 +253,7 @@ class SlugSearch(Callback):
         write_report(run_dir, self.summary, before_val=before_val, chosen=chosen, results=results,
                      scores=scores, report_on=report_on, before_full=before, after_full=after,
                      pass_stats=pl_module.pass_stats, gradient_files=pl_module.gradient_files,
-                     figures=extras.get("figures", []))
+                     figures=extras.get("figures", []), skipped=getattr(pl_module, "skipped", {}))
         if tb is not None:
             metrics = {f"after/{k}": v for k, v in after.items()} | {f"before/{k}": v for k, v in before.items()}
             trainer.logger.log_hyperparams(
@@ -285,16 +299,21 @@ class SlugSearch(Callback):
 
         def evaluate(step: float):
             with stepped(model, cand.name, forget_grad, step):
-                metrics = val.evaluate(model, edited=cand.name)
-            hit = self.target.met(metrics)
-            ok = self._guard_ok(before, metrics)
+                try:
+                    metrics = val.evaluate(model, edited=cand.name)
+                except FloatingPointError as err:  # the step broke the model: a miss, recorded as NaN
+                    self._broken_message = str(err)
+                    metrics = {k: float("nan") for k in before}
+            broken = any(v != v for v in metrics.values())
+            hit = not broken and self.target.met(metrics)
+            ok = not broken and self._guard_ok(before, metrics)
             ev = Evaluation(len(evaluations), cand.name, cand.tower, step, step * scale, hit, ok, metrics)
             evaluations.append(ev)
             if tb is not None:
                 for k, v in metrics.items():
                     tb.add_scalar(f"search/{k}", v, ev.index)
                 tb.add_scalar("search/step_fraction", ev.step_fraction, ev.index)
-            return metrics, hit, ok
+            return metrics, hit, ok, broken
 
         start = len(evaluations)
         records, best = binary_step_search(evaluate, self.initial_step_fraction / scale,
@@ -318,7 +337,12 @@ class SlugSearch(Callback):
         good = [r.best for r in results if r.succeeded]
         if good:
             return max(good, key=utility), True
-        every = [ev for r in results for ev in r.evaluations]
+        every = [ev for r in results for ev in r.evaluations
+                 if all(v == v for v in ev.metrics.values())]  # ignore broken (NaN) evaluations
+        if not every:
+            raise FloatingPointError(
+                f"every evaluated step broke the model ({self._broken_message}); lower "
+                f"search.initial_step_fraction or raise search.max_evals")
         closest = min(every, key=lambda ev: (ev.metrics[self.target.metric], -utility(ev)))
         rank_zero_warn(f"no candidate met the target {self.target}; reporting the closest step")
         return closest, False
@@ -394,9 +418,8 @@ def _before_after_extras(family, model, edit, datamodule, final: Evaluator, conc
 def _save_figure(fig, path: Path, tb=None, tag: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     if tb is not None and tag:
         tb.add_figure(tag, fig)
     plt.close(fig)
@@ -404,12 +427,10 @@ def _save_figure(fig, path: Path, tb=None, tag: str | None = None) -> None:
 
 def _write_search_csv(evaluations: list[Evaluation], path: Path) -> None:
     metric_names = sorted({k for ev in evaluations for k in ev.metrics})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["index", "layer", "tower", "step", "step_fraction", "target_met", "guard_ok", *metric_names])
         for ev in evaluations:
             row = asdict(ev)
             writer.writerow([row["index"], ev.layer, ev.tower, repr(ev.step), f"{ev.step_fraction:.6g}",
                              ev.target_met, ev.guard_ok, *(f"{ev.metrics.get(m, float('nan')):.6f}" for m in metric_names)])
-    os.replace(tmp, path)
