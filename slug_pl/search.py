@@ -223,7 +223,8 @@ class SlugSearch(Callback):
         final = _evaluator(family, datamodule, report_on, concepts) if report_on == "test" else val
         with _reverted(model, edit):
             before = final.evaluate(model)
-        after = final.evaluate(model) if report_on == "test" else chosen.metrics
+        # the caches now hold the unedited model's features: name the edited tensor
+        after = final.evaluate(model, edited=edit.name) if report_on == "test" else chosen.metrics
         extras = _before_after_extras(family, model, edit, datamodule, final, concepts, run_dir, tb,
                                       self.similarity_concepts)
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 from slug_pl.demo.world import WorldSpec, build_world
@@ -40,6 +41,14 @@ def _load_images(urls, transform) -> tuple[torch.Tensor, list[str], list[int | N
         captions.append(sample.caption or "")
         labels.append(sample.label)
     return torch.stack(images), captions, labels
+
+
+def _random_shift(images: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``shift`` pixels (edge padding), drawn from ``gen``."""
+    b, _, h, w = images.shape
+    padded = F.pad(images, (shift, shift, shift, shift), mode="replicate")
+    offsets = torch.randint(0, 2 * shift + 1, (b, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -85,11 +94,12 @@ def train_demo_clip(
     world_root: str | os.PathLike,
     out_path: str | os.PathLike,
     model_name: str = "slug-demo-vit",
-    epochs: int = 30,
-    batch_size: int = 128,
+    epochs: int = 16,
+    batch_size: int = 64,
     lr: float = 2e-3,
     weight_decay: float = 0.1,
     warmup_fraction: float = 0.05,
+    shift: int = 0,
     seed: int = 0,
 ) -> dict:
     """Train ``model_name`` (an open_clip config, random init) on the world's corpus.
@@ -126,8 +136,14 @@ def train_demo_clip(
         raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
     total = steps_per_epoch * epochs
     warmup = max(1, int(round(warmup_fraction * total)))
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
+    # fused AdamW is ~6x faster on CPU than the default per-tensor loop (the 49408-row token
+    # embedding dominates the optimizer step)
+    try:
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr,
+                                      betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr,
+                                      betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup
@@ -143,7 +159,8 @@ def train_demo_clip(
         running = 0.0
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
-            img_f = model.encode_image(images[idx], normalize=True)
+            batch = images[idx] if not shift else _random_shift(images[idx], shift, gen)
+            img_f = model.encode_image(batch, normalize=True)
             txt_f = model.encode_text(tokens[idx], normalize=True)
             loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
@@ -173,6 +190,7 @@ def train_demo_clip(
         "lr": lr,
         "weight_decay": weight_decay,
         "warmup_fraction": warmup_fraction,
+        "shift": shift,
         "seed": seed,
         "model_name": model_name,
         "n_pairs": n,

@@ -160,10 +160,10 @@ class WorldSpec:
     seed: int = 0
     n_identities: int = 20
     identity_corpus: int = 60
-    identity_val: int = 10
-    identity_test: int = 10
+    identity_val: int = 15
+    identity_test: int = 15
     n_objects: int = 10
-    object_corpus: int = 60
+    object_corpus: int = 160
     object_val: int = 20
     object_test: int = 20
     image_size: int = 32
@@ -440,16 +440,17 @@ def render_object(spec: WorldSpec, name: str, rng: np.random.Generator) -> tuple
         c.fill(body & (np.abs(u) >= 9.0) & (np.abs(u) < 10.3), jc((0.35, 0.25, 0.08)))
     elif name == "bicycle":
         for wx in (-6.5, 6.5):
-            c.fill(_ellipse(u, v, wx, 4.0, 4.6, 4.6) & ~_ellipse(u, v, wx, 4.0, 3.6, 3.6), dark)
+            c.fill(_ellipse(u, v, wx, 4.0, 4.8, 4.8) & ~_ellipse(u, v, wx, 4.0, 3.2, 3.2), dark)
+            c.fill(_ellipse(u, v, wx, 4.0, 1.0, 1.0), (0.75, 0.75, 0.78))
         frame = jc((0.85, 0.12, 0.10))
         for p, q in (((-6.5, 4.0), (-1.0, -3.0)), ((-1.0, -3.0), (5.0, -3.0)),
                      ((5.0, -3.0), (6.5, 4.0)), ((-6.5, 4.0), (0.5, 4.0)),
                      ((0.5, 4.0), (-1.0, -3.0)), ((0.5, 4.0), (5.0, -3.0))):
-            c.fill(_segment(u, v, p, q, 1.1), frame)
-        c.fill(_segment(u, v, (-1.0, -3.0), (-1.6, -5.5), 1.0), frame)
-        c.fill(_segment(u, v, (-3.0, -5.8), (-0.4, -5.8), 1.2), dark)
-        c.fill(_segment(u, v, (5.0, -3.0), (4.2, -6.5), 1.0), frame)
-        c.fill(_segment(u, v, (3.4, -6.5), (5.8, -6.5), 1.0), dark)
+            c.fill(_segment(u, v, p, q, 1.6), frame)
+        c.fill(_segment(u, v, (-1.0, -3.0), (-1.6, -5.5), 1.4), frame)
+        c.fill(_segment(u, v, (-3.2, -6.0), (-0.2, -6.0), 1.6), dark)
+        c.fill(_segment(u, v, (5.0, -3.0), (4.2, -6.5), 1.4), frame)
+        c.fill(_segment(u, v, (3.2, -6.8), (6.0, -6.8), 1.4), dark)
     elif name == "lamp":
         glow = _ellipse(u, v, 0.0, -3.0, 9.0, 6.0)
         c.img[glow] = 0.5 * c.img[glow] + 0.5 * np.array([1.0, 0.97, 0.70])
@@ -496,11 +497,12 @@ def render_object(spec: WorldSpec, name: str, rng: np.random.Generator) -> tuple
         c.fill(_segment(u, v, (0, 0), (3.8 * np.cos(a1), 3.8 * np.sin(a1)), 1.1), dark)
         c.fill(_segment(u, v, (0, 0), (5.8 * np.cos(a2), 5.8 * np.sin(a2)), 0.8), (0.8, 0.1, 0.1))
     elif name == "umbrella":
-        canopy = _ellipse(u, v, 0.0, -1.0, 11.0, 8.0) & (v < -1.0)
+        scallop = 0.9 * np.abs(np.sin(u * np.pi / 3.7))
+        canopy = _ellipse(u, v, 0.0, -1.0, 11.0, 8.5) & (v < -0.5 - scallop)
         c.fill(canopy, jc((0.55, 0.15, 0.70)))
         c.fill(canopy & ((np.arctan2(v + 1.0, u) * 6 / np.pi) % 2 < 1), jc((0.95, 0.85, 0.20)))
-        c.fill(_segment(u, v, (0.0, -9.5), (0.0, 8.0), 0.9), dark)
-        c.fill(_ellipse(u, v, -1.6, 8.0, 2.2, 2.2) & ~_ellipse(u, v, -1.6, 8.0, 1.3, 1.3)
+        c.fill(_segment(u, v, (0.0, -10.5), (0.0, 8.0), 1.4), dark)
+        c.fill(_ellipse(u, v, -2.0, 8.0, 2.7, 2.7) & ~_ellipse(u, v, -2.0, 8.0, 1.3, 1.3)
                & (v > 8.0), dark)
     elif name == "fish":
         colour = jc((0.98, 0.50, 0.10))
