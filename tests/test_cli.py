@@ -124,13 +124,28 @@ def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
         assert metrics[k] == pytest.approx(v, abs=1e-6), k
 
 
+def test_test_with_edit_reproduces_the_after_metrics(fitted, monkeypatch):
+    """``summary.json``'s after block (held-out test sets) equals ``slug-pl test`` with the patch."""
+    work, run, config, _ = fitted
+    summary = json.loads((run / "summary.json").read_text())
+    monkeypatch.chdir(work)
+    out = work / "test_metrics.json"
+    assert main(["test", "--config", str(config), "--model.edit", str(run / "edit.safetensors"),
+                 "--json", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    for k, v in summary["after"].items():
+        assert metrics[k] == pytest.approx(v, abs=1e-6), k
+    assert main(["test", "--config", str(config), "--json", str(work / "before.json")]) == 0
+    before = json.loads((work / "before.json").read_text())["metrics"]
+    for k, v in summary["before"].items():
+        assert before[k] == pytest.approx(v, abs=1e-6), k
+
+
 def test_search_reruns_on_saved_gradients(fitted, monkeypatch):
     work, run, config, _ = fitted
     monkeypatch.chdir(work)
     main(["fit", "--config", str(config), "--model.gradients_from", str(run / "gradients")])
-    rerun = work / "lightning_logs" / "version_2"
-    if not rerun.exists():  # validate above may or may not have created version_1
-        rerun = sorted((work / "lightning_logs").iterdir())[-1]
+    rerun = max((work / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
     assert not (rerun / "gradients").exists()  # nothing recomputed
     assert (rerun / "ranking.csv").read_text() == (run / "ranking.csv").read_text()
     first, second = (json.loads((d / "summary.json").read_text()) for d in (run, rerun))
