@@ -74,6 +74,18 @@ RUN_ARTIFACTS = ("ranking.csv", "search.csv", "edit.safetensors", "edited_model.
                  SKIPPED_FILE)
 
 
+def peak_memory(device: torch.device) -> dict[str, object]:
+    """Peak memory of this process so far: the accelerator's allocator on CUDA, else the
+    resident set size (GiB)."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device),
+                "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"device": "cpu", "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def package_versions() -> dict[str, str]:
     """Versions of Python and of the packages that can change the numbers (PIL decodes images)."""
     out = {"python": platform.python_version()}
@@ -97,6 +109,7 @@ class SlugModule(LightningModule):
         eval_mode: bool = True,
         checkpoint_every: int | None = None,
         resume_from: str | None = None,
+        activation_checkpointing: bool = False,
     ):
         """
         Args:
@@ -110,6 +123,9 @@ class SlugModule(LightningModule):
                 ``<run>/gradients/partial/`` (None: never); see :mod:`slug_pl.resume`.
             resume_from: continue an interrupted pass from its partial state: the interrupted
                 run's directory, its ``gradients/partial`` folder or one partial file.
+            activation_checkpointing: recompute block activations in backward instead of
+                keeping them (less memory for large models, ~30 % more compute); the gradients
+                are the same.
         """
         super().__init__()
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
@@ -125,6 +141,7 @@ class SlugModule(LightningModule):
         self.eval_mode = eval_mode
         self.checkpoint_every = checkpoint_every
         self.resume_from = resume_from
+        self.activation_checkpointing = activation_checkpointing
         self.clip: nn.Module | None = None
         #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}
         self.gradients: dict[str, dict[str, torch.Tensor]] = {}
@@ -146,6 +163,8 @@ class SlugModule(LightningModule):
         if self.clip is not None:
             return
         self.clip = self.family.load()
+        if self.activation_checkpointing:
+            self.family.enable_activation_checkpointing(self.clip)
         if self.edit:
             edits, _ = load_edits(self.edit)
             for e in edits:
@@ -385,6 +404,7 @@ class SlugModule(LightningModule):
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
         self.timings["gradients"] = self._elapsed()
+        self.peak_memory = peak_memory(self.device)
         for name in SETS:
             self.log(f"pass/{name}_mean_loss", self.pass_stats[name]["loss"], rank_zero_only=True)
         if self.trainer.is_global_zero:

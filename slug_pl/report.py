@@ -13,6 +13,12 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _memory(mem: dict) -> str:
+    if "peak_allocated_gib" in mem:
+        return f"{mem['peak_allocated_gib']:.2f} GiB allocated on {mem['device']}"
+    return f"{mem.get('peak_rss_gib', float('nan')):.2f} GiB resident (CPU)"
+
+
 def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, results, scores,
                  report_on: str, before_full: dict, after_full: dict, pass_stats: dict,
                  gradient_files: dict, figures: list[tuple[str, str]] = (),
@@ -106,7 +112,8 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
         "`pareto_vision.png`, `pareto_text.png`, every evaluation in `search.csv`.",
         "",
         f"Timings: gradients {t['gradients']:.1f} s, search {t['search']:.1f} s, total {t['total']:.1f} s; "
-        f"{summary['evaluations']} evaluations.",
+        f"{summary['evaluations']} evaluations."
+        + (f" Peak memory: {_memory(summary['memory'])}." if summary.get("memory") else ""),
         "",
         "Files: `edit.safetensors` is the patch (edited and original tensor; apply or revert with "
         "`slug_pl.edit`), `edited_model.safetensors` the full edited model (if saved), `config.yaml` "

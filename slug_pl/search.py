@@ -250,6 +250,7 @@ class SlugSearch(Callback):
             "evaluations": len(evaluations),
             "timings_s": {"gradients": pl_module.timings.get("gradients", 0.0), "search": t_search,
                           "total": time.perf_counter() - getattr(self, "_t_fit", t0)},
+            "memory": getattr(pl_module, "peak_memory", None),
         } | ({"mia": extras["mia"]} if "mia" in extras else {})
         write_report(run_dir, self.summary, before_val=before_val, chosen=chosen, results=results,
                      scores=scores, report_on=report_on, before_full=before, after_full=after,

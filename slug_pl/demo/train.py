@@ -209,6 +209,17 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _model_config(model_name: str) -> dict | None:
+    """The open_clip config of ``model_name`` (part of the training cache key: a changed config
+    makes a cached checkpoint unloadable)."""
+    import open_clip
+
+    from slug_pl.families.open_clip import register_model_configs
+
+    register_model_configs()
+    return open_clip.get_model_config(model_name)
+
+
 def _resolved_train_kwargs(train_kwargs: dict | None) -> dict:
     sig = inspect.signature(train_demo_clip)
     resolved = {k: p.default for k, p in sig.parameters.items()
@@ -242,7 +253,8 @@ def ensure_demo(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),
     ckpt = root / "model" / f"{kwargs['model_name']}.safetensors"
     metrics_json = ckpt.with_suffix(".json")
     cache_key = {"world_fingerprint": world["fingerprint"],
-                 "spec": dataclasses.asdict(spec), "train_kwargs": kwargs}
+                 "spec": dataclasses.asdict(spec), "train_kwargs": kwargs,
+                 "model_config": _model_config(kwargs["model_name"])}
     metrics = None
     if ckpt.is_file() and metrics_json.is_file():
         try:

@@ -127,6 +127,14 @@ class ModelFamily(ABC):
         re-evaluation (evaluation then recomputes the whole tower)."""
         return None
 
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        """Recompute activations in backward (memory for compute); families that support it
+        override this."""
+        raise NotImplementedError(
+            f"the {self.family_name} family does not support activation checkpointing; set "
+            f"model.activation_checkpointing: false"
+        )
+
     def is_rankable(self, name: str, param: torch.Tensor) -> bool:
         """Whether a tensor takes part in the layer ranking (see DESIGN.md §1)."""
         if self.tower_of(name) is None:

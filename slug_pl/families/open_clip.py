@@ -148,6 +148,9 @@ class OpenClip(ModelFamily):
     def logit_scale(self, model: nn.Module) -> torch.Tensor:
         return model.logit_scale.exp()
 
+    def enable_activation_checkpointing(self, model: nn.Module) -> None:
+        model.set_grad_checkpointing(True)
+
     def tower_stages(self, model: nn.Module, tower: Tower) -> TowerStages | None:
         """Stages of open_clip's ``CLIP`` towers (ViT image tower, built-in text transformer);
         None for other architectures (ResNet towers, ``CustomTextCLIP``)."""
