@@ -15,6 +15,7 @@ closest to the target is reported, and the run says the target was not met.
 from __future__ import annotations
 
 import csv
+import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -28,7 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from slug_pl.atomic import atomic_output
 from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits, stepped
 from slug_pl.evaluation.evaluator import Evaluator
-from slug_pl.gradients import save_tensors
+from slug_pl.gradients import forget_similarity_sum, save_tensors
 from slug_pl.ranking import LayerScore, candidates, layer_scores, pareto_figure, write_ranking_csv
 from slug_pl.report import write_report
 
@@ -191,60 +192,55 @@ class SlugSearch(Callback):
         run_dir.mkdir(parents=True, exist_ok=True)
         model, family, datamodule = pl_module.clip, pl_module.family, trainer.datamodule
         grads = pl_module.gradients
-        concepts = datamodule.concepts
+        concepts = list(datamodule.concepts)
         tb = _tensorboard(trainer)
-
-        # 1. ranking
-        scores = self._rank(family, model, grads, run_dir)
-
-        # 2. search every candidate on the validation sets, choose, apply the edit
-        val = _evaluator(family, datamodule, "validation", concepts)
-        try:
-            before_val = val.evaluate(model)
-        except FloatingPointError as err:
-            raise FloatingPointError(f"{err} (unedited model {family.describe()})") from err
-        rank_zero_info(f"before: {_fmt(before_val)}")
-        if self.target.met(before_val):
-            rank_zero_warn(f"the unedited model already meets the target {self.target}: nothing to unlearn")
         evaluations: list[Evaluation] = []
-        results = [
-            self._search_layer(model, cand, grads["forget"][cand.name], val, before_val, evaluations, tb)
-            for tower in self.towers for cand in candidates(scores, tower, self.top_k)
-        ]
-        chosen, target_met = self._choose(results)
-        chosen = self._with_margin(model, chosen, grads["forget"][chosen.layer], val, before_val, evaluations)
-        edit = make_edit(model, chosen.layer, grads["forget"][chosen.layer], chosen.step,
-                         tower=chosen.tower, concepts=concepts)
-        apply_edit(model, edit)
+
+        # 1.-2. one layer and step per concept. Several concepts are edited one after another:
+        # each next forget gradient is computed on the already-edited model (DESIGN.md §1).
+        outcomes = []
+        for i, concept in enumerate(concepts):
+            if len(concepts) == 1:
+                forget_grad = grads["forget"]
+            else:
+                forget_grad = concept_forget_gradient(family, model, datamodule, concept)
+                rank_zero_info(f"concept {i + 1}/{len(concepts)} {concept!r}: forget gradient on the "
+                               f"{'edited' if i else 'original'} model")
+            suffix = "" if len(concepts) == 1 else f"_{_slug(concept)}"
+            outcome = self._search_concept(model, family, datamodule, concept, forget_grad, grads["retain"],
+                                           run_dir, suffix, evaluations, tb)
+            apply_edit(model, outcome["edit"])
+            outcomes.append(outcome)
+        if len(concepts) > 1:
+            self._joint_check(model, family, datamodule, outcomes, evaluations)
+        edits = [o["edit"] for o in outcomes]
         t_search = time.perf_counter() - t0
 
         # 3. before / after on held-out test sets (validation when there are none), MIA, figures
         report_on = "test" if datamodule.has_stage("test") else "validation"
-        final = _evaluator(family, datamodule, report_on, concepts) if report_on == "test" else val
-        with _reverted(model, edit):
-            before = final.evaluate(model)
-        # the caches now hold the unedited model's features: name the edited tensor
-        after = final.evaluate(model, edited=edit.name) if report_on == "test" else chosen.metrics
-        extras = _before_after_extras(family, model, edit, datamodule, final, concepts, run_dir, tb,
+        with _reverted(model, edits):
+            before = _evaluator(family, datamodule, report_on, concepts).evaluate(model)
+        final = _evaluator(family, datamodule, report_on, concepts)
+        after = final.evaluate(model)
+        per_concept_after = {c: _evaluator(family, datamodule, report_on, [c]).evaluate(model) for c in concepts}
+        extras = _before_after_extras(family, model, edits, datamodule, final, concepts, run_dir, tb,
                                       self.similarity_concepts)
 
         # 4. artifacts
         meta = {"model": family.describe(), "concepts": concepts, "target": str(self.target)}
-        save_edits(run_dir / "edit.safetensors", [edit], meta)
+        save_edits(run_dir / "edit.safetensors", merge_edits(edits), meta)
         if self.save_checkpoint:
             save_tensors(run_dir / "edited_model.safetensors", model.state_dict(),
-                         {**meta, "edited_layer": chosen.layer, "step": chosen.step})
+                         {**meta, "edited_layers": [e.name for e in edits], "steps": [e.step for e in edits]})
         _write_search_csv(evaluations, run_dir / "search.csv")
-        for tower in ("vision", "text"):
-            if any(s.tower == tower for s in scores):
-                _save_figure(pareto_figure(scores, tower, chosen.layer), run_dir / f"pareto_{tower}.png",
-                             tb, f"pareto/{tower}")
+        first = outcomes[0]["chosen"]
+        target_met = all(o["target_met"] for o in outcomes)
         self.summary = {
             "concepts": concepts,
             "model": family.describe().get("model_name", family.family_name),
-            "chosen": {"layer": chosen.layer, "tower": chosen.tower, "step": chosen.step},
+            "chosen": {"layer": first.layer, "tower": first.tower, "step": first.step},
             "search": {"target": str(self.target), "target_met": target_met, "step_margin": self.step_margin,
-                       "validation": _core(chosen.metrics)},
+                       "validation": _core(outcomes[0]["validation"])},
             "before": _core(before),
             "after": _core(after),
             "evaluations": len(evaluations),
@@ -252,23 +248,86 @@ class SlugSearch(Callback):
                           "total": time.perf_counter() - getattr(self, "_t_fit", t0)},
             "memory": getattr(pl_module, "peak_memory", None),
         } | ({"mia": extras["mia"]} if "mia" in extras else {})
-        write_report(run_dir, self.summary, before_val=before_val, chosen=chosen, results=results,
-                     scores=scores, report_on=report_on, before_full=before, after_full=after,
+        if len(concepts) > 1:
+            self.summary["per_concept"] = [
+                {"concept": o["concept"], "layer": o["chosen"].layer, "tower": o["chosen"].tower,
+                 "step": o["chosen"].step, "target_met": o["target_met"], "validation": _core(o["validation"]),
+                 "after": _core(per_concept_after[o["concept"]])}
+                for o in outcomes
+            ]
+            self.summary["joint"] = ("concepts edited one after another, each forget gradient computed on the "
+                                     "already-edited model; all targets re-checked on the combined model")
+        write_report(run_dir, self.summary, before_val=outcomes[0]["before_val"], chosen=first,
+                     results=[r for o in outcomes for r in o["results"]], scores=outcomes[0]["scores"],
+                     report_on=report_on, before_full=before, after_full=after,
                      pass_stats=pl_module.pass_stats, gradient_files=pl_module.gradient_files,
                      figures=extras.get("figures", []), skipped=getattr(pl_module, "skipped", {}))
         if tb is not None:
             metrics = {f"after/{k}": v for k, v in after.items()} | {f"before/{k}": v for k, v in before.items()}
             trainer.logger.log_hyperparams(
-                {"chosen_layer": chosen.layer, "chosen_tower": chosen.tower, "step": chosen.step,
-                 "target": str(self.target), "top_k": self.top_k, "max_evals": self.max_evals,
-                 "step_margin": self.step_margin},
+                {"chosen_layer": first.layer, "chosen_tower": first.tower, "step": first.step,
+                 "concepts": ", ".join(concepts), "target": str(self.target), "top_k": self.top_k,
+                 "max_evals": self.max_evals, "step_margin": self.step_margin},
                 metrics | {"target_met": float(target_met)},
             )
         verdict = "met" if target_met else "NOT met"
-        rank_zero_info(f"chosen {chosen.layer} (step {chosen.step:.4g}); target {self.target} {verdict}; "
+        rank_zero_info(f"edited {', '.join(e.name for e in edits)}; target {self.target} {verdict}; "
                        f"after ({report_on}): {_fmt(after)}; report: {run_dir / 'report.md'}")
 
-    def _rank(self, family, model, grads, run_dir: Path) -> list[LayerScore]:
+    def _search_concept(self, model, family, datamodule, concept: str, forget_grad: dict, retain_grad: dict,
+                        run_dir: Path, suffix: str, evaluations: list[Evaluation], tb) -> dict:
+        """Rank, search every candidate and choose one edit for one concept (model unchanged)."""
+        scores = self._rank(family, model, {"forget": forget_grad, "retain": retain_grad}, run_dir / f"ranking{suffix}.csv")
+        val = _evaluator(family, datamodule, "validation", [concept])
+        try:
+            before_val = val.evaluate(model)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err} (unedited model {family.describe()})") from err
+        rank_zero_info(f"before ({concept}): {_fmt(before_val)}")
+        if self.target.met(before_val):
+            rank_zero_warn(f"the model already meets the target {self.target} for {concept!r}: nothing to unlearn")
+        results = [
+            self._search_layer(model, cand, forget_grad[cand.name], val, before_val, evaluations, tb)
+            for tower in self.towers for cand in candidates(scores, tower, self.top_k)
+        ]
+        chosen, target_met = self._choose(results)
+        chosen = self._with_margin(model, chosen, forget_grad[chosen.layer], val, before_val, evaluations)
+        edit = make_edit(model, chosen.layer, forget_grad[chosen.layer], chosen.step, tower=chosen.tower,
+                         concepts=[concept])
+        for tower in ("vision", "text"):
+            if any(sc.tower == tower for sc in scores):
+                _save_figure(pareto_figure(scores, tower, chosen.layer), run_dir / f"pareto_{tower}{suffix}.png",
+                             tb, f"pareto/{tower}{suffix}")
+        return {"concept": concept, "scores": scores, "before_val": before_val, "results": results,
+                "chosen": chosen, "target_met": target_met, "edit": edit, "forget_grad": forget_grad[chosen.layer],
+                "validation": chosen.metrics}
+
+    def _joint_check(self, model, family, datamodule, outcomes: list[dict], evaluations: list[Evaluation]) -> None:
+        """Re-check every concept's target on the combined model; a concept that misses gets a
+        larger step on its layer (doubling, with the other edits in place), up to ``max_evals``."""
+        for o in outcomes:
+            val = _evaluator(family, datamodule, "validation", [o["concept"]])
+            metrics = val.evaluate(model)
+            tries = 0
+            while not self.target.met(metrics) and tries < self.max_evals:
+                revert_edit(model, o["edit"])
+                step = o["edit"].step * 2.0
+                o["edit"] = make_edit(model, o["edit"].name, o["forget_grad"], step, tower=o["chosen"].tower,
+                                      concepts=[o["concept"]])
+                apply_edit(model, o["edit"])
+                metrics = val.evaluate(model)
+                tries += 1
+                ev = Evaluation(len(evaluations), o["edit"].name, o["chosen"].tower, step,
+                                o["chosen"].step_fraction * step / o["chosen"].step, self.target.met(metrics),
+                                True, metrics)
+                evaluations.append(ev)
+                o["chosen"] = ev
+            o["validation"] = metrics
+            o["target_met"] = self.target.met(metrics)
+            rank_zero_info(f"joint check {o['concept']!r}: {_fmt(metrics)}"
+                           + (f" (step raised {tries}x)" if tries else ""))
+
+    def _rank(self, family, model, grads, path: Path) -> list[LayerScore]:
         params = {n: p.detach().cpu() for n, p in model.named_parameters()}
         scores = [s for s in layer_scores(family, params, grads["forget"], grads["retain"]) if s.tower in self.towers]
         if not scores:
@@ -276,7 +335,7 @@ class SlugSearch(Callback):
                 "no candidate layers after filtering: every rankable tensor was excluded or has a zero "
                 "forget gradient; check model.family.init_args.exclude/include and search.towers"
             )
-        write_ranking_csv(scores, run_dir / "ranking.csv")
+        write_ranking_csv(scores, path)
         return scores
 
     def _with_margin(self, model, chosen: Evaluation, forget_grad, val: Evaluator, before: dict,
@@ -363,6 +422,48 @@ def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def concept_forget_gradient(family, model, datamodule, concept: str) -> dict[str, torch.Tensor]:
+    """The forget gradient of one concept's pairs on ``model`` as it is now (rank 0, one process):
+    ∇ of the mean cos(image, caption), exact over all pairs (see :mod:`slug_pl.gradients`)."""
+    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    count = 0
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.enable_grad():
+        for batch in datamodule.concept_batches(concept):
+            model.zero_grad(set_to_none=True)
+            u = family.encode_image(model, batch["images"].to(device))
+            v = family.encode_text(model, batch["tokens"].to(device))
+            forget_similarity_sum(u, v, batch["valid"].to(device)).backward()
+            count += int(batch["valid"].sum())
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    sums[n] += p.grad
+    model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise ValueError(f"no forget pairs for concept {concept!r}")
+    return {n: (g / count).cpu() for n, g in sums.items()}
+
+
+def merge_edits(edits: list) -> list:
+    """One patch entry per tensor: edits of the same tensor (applied in order) become one, from
+    the first edit's original to the last edit's result."""
+    merged: dict[str, object] = {}
+    for e in edits:
+        if e.name in merged:
+            m = merged[e.name]
+            concepts = list(m.info.get("concepts", [])) + list(e.info.get("concepts", []))
+            merged[e.name] = type(e)(e.name, m.original, e.edited, m.step + e.step,
+                                     {**m.info, "concepts": concepts, "steps": m.info.get("steps", [m.step]) + [e.step]})
+        else:
+            merged[e.name] = e
+    return list(merged.values())
+
+
 def _tensorboard(trainer: Trainer):
     logger = trainer.logger
     exp = getattr(logger, "experiment", None)
@@ -375,16 +476,18 @@ def _evaluator(family, datamodule, stage: str, concepts: list[str]) -> Evaluator
 
 
 @contextmanager
-def _reverted(model, edit):
-    """The unedited model inside the block; the edit re-applied on exit."""
-    revert_edit(model, edit)
+def _reverted(model, edits):
+    """The unedited model inside the block; the edits re-applied (in order) on exit."""
+    for e in reversed(edits):
+        revert_edit(model, e)
     try:
         yield model
     finally:
-        apply_edit(model, edit)
+        for e in edits:
+            apply_edit(model, e)
 
 
-def _before_after_extras(family, model, edit, datamodule, final: Evaluator, concepts, run_dir: Path,
+def _before_after_extras(family, model, edits, datamodule, final: Evaluator, concepts, run_dir: Path,
                          tb, n_shown: int) -> dict:
     """The similarity-matrix figure and, when the data module provides member / non-member
     pairs, membership inference, each before and after the edit."""
@@ -397,7 +500,7 @@ def _before_after_extras(family, model, edit, datamodule, final: Evaluator, conc
     shown = list(concepts) + [c for c in present if c not in concepts]
     shown = shown[: max(len(concepts), n_shown)]
     args = (family, model, data.images, data.labels, data.classnames, data.templates, shown)
-    with _reverted(model, edit):
+    with _reverted(model, edits):
         sim_before = concept_similarity_matrix(*args)
     sim_after = concept_similarity_matrix(*args)
     _save_figure(similarity_figure(sim_before, sim_after, shown), run_dir / "similarity.png", tb, "similarity")
@@ -407,7 +510,7 @@ def _before_after_extras(family, model, edit, datamodule, final: Evaluator, conc
     if pairs is not None:
         (m_img, m_tok), (n_img, n_tok) = pairs
         result = {}
-        for when, ctx in (("before", _reverted(model, edit)), ("after", nullcontext())):
+        for when, ctx in (("before", _reverted(model, edits)), ("after", nullcontext())):
             with ctx:
                 members = pair_similarities(family, model, m_img, m_tok)
                 nonmembers = pair_similarities(family, model, n_img, n_tok)

@@ -79,7 +79,7 @@ class SlugDataModule(LightningDataModule):
 
     def __init__(
         self,
-        forget: str | list[str] | None = None,
+        forget: str | list[str] | dict[str, str | list[str]] | None = None,
         retain: str | list[str] | None = None,
         concepts: list[str] | None = None,
         batch_size: int = 32,
@@ -92,7 +92,8 @@ class SlugDataModule(LightningDataModule):
     ):
         """
         Args:
-            forget: forget-set shards (path, list or brace pattern), e.g. from ``slug-pl mine``.
+            forget: forget-set shards (path, list or brace pattern), e.g. from ``slug-pl mine``; with
+                several concepts a mapping ``concept -> shards`` (each concept gets its own edit).
             retain: retain-set shards (e.g. one LAION shard).
             concepts: the concept name(s) to forget, as spelled in the concept set's class list.
             batch_size: global batch size of the forget pass (does not change the result).
@@ -143,6 +144,9 @@ class SlugDataModule(LightningDataModule):
     def pair_set(self, name: str) -> PairSet:
         if name not in self._pair_sets:
             spec = self.forget if name == "forget" else self.retain
+            if isinstance(spec, dict):  # several concepts: the pass runs over all their pairs
+                spec = [u for c in self.concepts for u in expand_urls(spec[c])] if all(
+                    c in spec for c in self.concepts) else self._missing_concepts(spec)
             if spec is None:
                 raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
             urls = tuple(expand_urls(spec))
@@ -158,6 +162,27 @@ class SlugDataModule(LightningDataModule):
             bs = self.batch_size if name == "forget" else self.retain_batch_size
             self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes)
         return self._pair_sets[name]
+
+    def _missing_concepts(self, spec: dict):
+        missing = [c for c in self.concepts if c not in spec]
+        raise ValueError(f"data.forget has no shards for concept(s) {missing}; its keys are {list(spec)}")
+
+    def concept_batches(self, concept: str) -> PairBatches:
+        """One concept's forget pairs as single-process batches (for the per-concept forget
+        gradients of a multi-concept search, computed on rank 0)."""
+        if isinstance(self.forget, dict):
+            if concept not in self.forget:
+                self._missing_concepts(self.forget)
+            spec = self.forget[concept]
+        elif len(self.concepts) == 1:
+            spec = self.forget
+        else:
+            raise ValueError("with several data.concepts, give data.forget as a mapping concept -> shards")
+        urls = tuple(expand_urls(spec))
+        sizes = tuple(shard_sample_counts(urls))
+        pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
+        return PairBatches([pair_set], self.family.image_transform(), self.family.tokenize,
+                           bad_samples=self.bad_samples)
 
     def global_batch_size(self, name: str) -> int:
         return self.pair_set(name).global_batch_size

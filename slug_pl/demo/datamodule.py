@@ -90,7 +90,7 @@ class DemoWorld(SlugDataModule):
                 f"to {self.paths['model_name']})"
             )
         p = self.paths
-        self.forget = [str(s) for c in self.concepts for s in sorted(self._forget_dir(c).glob("*.tar"))]
+        self.forget = {c: [str(s) for s in sorted(self._forget_dir(c).glob("*.tar"))] for c in self.concepts}
         self.retain = p["corpus_shards"][0]  # one corpus shard, as one LAION shard in real use
         identities = {"classnames": p["identities_json"], "templates": _templates(p, "identities")}
         objects = {"classnames": p["objects_json"], "templates": _templates(p, "objects")}
@@ -108,7 +108,7 @@ class DemoWorld(SlugDataModule):
         family = self.trainer.lightning_module.family
         transform, tokenize = family.image_transform(), family.tokenize
         names = json.loads(Path(self.paths["identities_json"]).read_text())
-        members = load_pairs(self.forget, transform, tokenize)
+        members = load_pairs([u for c in self.concepts for u in self.forget[c]], transform, tokenize)
         held_out = [load_pairs([self.paths["val_identities"], self.paths["test_identities"]], transform, tokenize,
                                label=names.index(c)) for c in self.concepts]
         nonmembers = (torch.cat([h[0] for h in held_out]), torch.cat([h[1] for h in held_out]))

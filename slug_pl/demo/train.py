@@ -178,7 +178,9 @@ def train_demo_clip(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}.safetensors")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"model_name": model_name, "seed": str(seed)})
+    # one metadata key: safetensors writes several keys in no fixed order (not byte-reproducible)
+    save_file(state, str(tmp), metadata={
+        "slug_pl_demo": json.dumps({"model_name": model_name, "seed": seed}, sort_keys=True)})
     os.replace(tmp, out_path)
 
     metrics = evaluate_demo_clip(world_root, out_path, model_name=model_name, split="test")
