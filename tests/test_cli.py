@@ -30,7 +30,8 @@ def fitted(tmp_path_factory, small_world, tiny_checkpoint):
     try:
         concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
         assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
-        config = write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar")
+        config = write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar",
+                              data={"mia_nonmembers": small_world["test_identities"]})
         code = main(["fit", "--config", str(config)])
     finally:
         os.chdir(old)
@@ -78,6 +79,10 @@ def test_fit_writes_a_complete_run_record(fitted, small_world):
         summary["search"]["validation"]["forget_top5"])
     report = (run / "report.md").read_text()
     assert summary["chosen"]["layer"] in report
+    # membership inference (forget pairs vs unseen pairs), before and after, in percent
+    assert set(summary["mia"]) == {"before", "after"}
+    assert all(0 <= summary["mia"][w]["mean"] <= 100 and summary["mia"][w]["n"] == 4 for w in ("before", "after"))
+    assert "MIA" in report and (run / "similarity.png").is_file()
 
 
 def summary_ckpt(run: Path) -> str:

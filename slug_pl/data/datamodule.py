@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from slug_pl.data.labelled import LoadedSet
+from slug_pl.data.labelled import LoadedSet, load_pairs
 from slug_pl.data.layouts import EvalSet
 from slug_pl.data.mining import EmptyForgetSetError
 from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, shard_sample_counts
@@ -89,6 +89,7 @@ class SlugDataModule(LightningDataModule):
         test: EvalSuite | None = None,
         eval_batch_size: int = 256,
         bad_samples: str = "stop",
+        mia_nonmembers: str | list[str] | None = None,
     ):
         """
         Args:
@@ -103,6 +104,9 @@ class SlugDataModule(LightningDataModule):
             validation: labelled sets for the step search and ``validate``.
             test: held-out labelled sets for the final before/after report and ``test``.
             eval_batch_size: images per batch in evaluation.
+            mia_nonmembers: shards of image–caption pairs of the concept(s) the model never saw;
+                with them, membership inference (forget pairs vs these) is reported before and
+                after the edit (DESIGN.md §2).
             bad_samples: what a forget/retain sample without image or caption, or with an image
                 that does not decode, does to the pass: ``"stop"`` (raise, naming shard and key) or
                 ``"skip"`` (leave it out; skipped samples are counted and listed in the gradient
@@ -126,6 +130,7 @@ class SlugDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.suites = {"validation": validation, "test": test}
         self.eval_batch_size = eval_batch_size
+        self.mia_nonmembers = mia_nonmembers
         self.bad_samples = bad_samples
         self._pair_sets: dict[str, PairSet] = {}
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
@@ -183,6 +188,15 @@ class SlugDataModule(LightningDataModule):
         pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
         return PairBatches([pair_set], self.family.image_transform(), self.family.tokenize,
                            bad_samples=self.bad_samples)
+
+    def mia_pairs(self):
+        """``((member images, tokens), (non-member images, tokens))`` for membership inference:
+        members are the forget pairs, non-members ``data.mia_nonmembers``; None without them."""
+        if not self.mia_nonmembers:
+            return None
+        transform, tokenize = self.family.image_transform(), self.family.tokenize
+        members = load_pairs(list(self.pair_set("forget").urls), transform, tokenize)
+        return members, load_pairs(self.mia_nonmembers, transform, tokenize)
 
     def global_batch_size(self, name: str) -> int:
         return self.pair_set(name).global_batch_size

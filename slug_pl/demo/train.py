@@ -107,6 +107,17 @@ def train_demo_clip(
     Saves the state dict to ``out_path`` (``.safetensors``, written atomically) and the metrics
     (held-out zero-shot top-1 / top-5 on test identities and objects, training time, settings)
     to ``out_path`` with suffix ``.json``; returns the metrics.
+
+    Args:
+        world_root: a world built by :func:`~slug_pl.demo.world.build_world`.
+        out_path: the checkpoint to write (``.safetensors``).
+        model_name: an open_clip model config (slug_pl's shipped ones are registered).
+        epochs / batch_size / lr / weight_decay: AdamW on open_clip's ``ClipLoss``, last partial
+            batch dropped; no weight decay on gains, biases, embeddings and the logit scale.
+        warmup_fraction: linear warmup over this fraction of the steps, then cosine decay to 0.
+        shift: random translation of training images by up to this many pixels (0: none).
+        seed: model initialization and batch order. Results are bit-identical for the same
+            seed and ``torch.get_num_threads()``.
     """
     import open_clip
     from open_clip.loss import ClipLoss
@@ -135,7 +146,7 @@ def train_demo_clip(
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
     total = steps_per_epoch * epochs
-    warmup = max(1, int(round(warmup_fraction * total)))
+    warmup = max(1, round(warmup_fraction * total))
     # fused AdamW is ~6x faster on CPU than the default per-tensor loop (the 49408-row token
     # embedding dominates the optimizer step)
     try:
@@ -233,7 +244,7 @@ def _resolved_train_kwargs(train_kwargs: dict | None) -> dict:
     return resolved
 
 
-def ensure_demo(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),
+def ensure_demo(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa: B008 (frozen)
                 train_kwargs: dict | None = None) -> dict:
     """Build the demo world under ``root/world`` and train the demo CLIP into
     ``root/model/<model_name>.safetensors``, both cached.

@@ -426,7 +426,10 @@ def render_object(spec: WorldSpec, name: str, rng: np.random.Generator) -> tuple
     u, v = (c.x - cx) / s, (c.y - cy) / s
     if rng.random() < 0.5:  # mirror image
         u = -u
-    jc = lambda col, a=0.04: _jitter_colour(rng, col, a)  # noqa: E731
+
+    def jc(col, a=0.04):
+        return _jitter_colour(rng, col, a)
+
     dark = (0.08, 0.08, 0.09)
     if name == "apple":
         c.fill(_ellipse(u, v, -2.2, 1.0, 5.5, 6.0) | _ellipse(u, v, 2.2, 1.0, 5.5, 6.0),

@@ -90,7 +90,7 @@ def membership_inference(
     Args:
         member_scores: pair similarities of the members (forget set), 1-D tensor / array.
         nonmember_scores: pair similarities of unseen pairs, 1-D.
-        n_splits: folds per seed (stratified).
+        n_splits: folds per seed (stratified); fewer when a class has fewer pairs than that.
         seeds: shuffling seeds of the folds.
 
     Returns:
@@ -111,11 +111,10 @@ def membership_inference(
         raise ValueError("membership_inference needs at least one seed")
     n_members, n_nonmembers = len(members), len(nonmembers)
     n = min(n_members, n_nonmembers)
-    if n < n_splits:
-        raise ValueError(
-            f"membership inference with {n_splits} folds needs at least {n_splits} members and "
-            f"{n_splits} non-members, got {len(members)} and {len(nonmembers)}"
-        )
+    if n < 2:
+        raise ValueError(f"membership inference needs at least 2 members and 2 non-members, "
+                         f"got {n_members} and {n_nonmembers}")
+    n_splits = min(n_splits, n)  # small forget sets: fewer folds (each fold keeps both classes)
     rng = np.random.default_rng(BALANCE_SEED)
     if len(members) > n:
         members = members[np.sort(rng.choice(len(members), n, replace=False))]
