@@ -127,6 +127,7 @@ class SlugSearch(Callback):
         utility_guard: float | None = None,
         step_margin: float = 1.0,
         similarity_concepts: int = 8,
+        concept_gradients: str = "edited",
         save_checkpoint: bool = True,
     ):
         """
@@ -144,6 +145,10 @@ class SlugSearch(Callback):
                 in retain accuracy (see benchmarks/results/robust_forgetting.md).
             similarity_concepts: concepts shown in the before/after similarity matrix (the
                 forgotten ones first, then others of the concept set).
+            concept_gradients: with several concepts, compute each next concept's forget gradient
+                on the ``edited`` model (the earlier concepts' edits applied) or on the
+                ``original`` model; either way its step is searched on the edited model and all
+                targets are re-checked on the combined model.
             save_checkpoint: also write the full edited model (``edited_model.safetensors``).
         """
         if top_k < 1:
@@ -159,6 +164,8 @@ class SlugSearch(Callback):
             raise ValueError(f"search towers must be a non-empty subset of ['vision', 'text'], got {list(towers)}")
         if utility_guard is not None and utility_guard < 0:
             raise ValueError(f"search utility_guard must be >= 0, got {utility_guard}")
+        if concept_gradients not in ("edited", "original"):
+            raise ValueError(f"search concept_gradients must be 'edited' or 'original', got {concept_gradients!r}")
         if step_margin < 1.0:
             raise ValueError(f"search step_margin must be >= 1 (a factor on the found step), got {step_margin}")
         self.top_k = top_k
@@ -170,6 +177,7 @@ class SlugSearch(Callback):
         self.utility_guard = utility_guard
         self.step_margin = step_margin
         self.similarity_concepts = similarity_concepts
+        self.concept_gradients = concept_gradients
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
 
@@ -203,9 +211,11 @@ class SlugSearch(Callback):
             if len(concepts) == 1:
                 forget_grad = grads["forget"]
             else:
-                forget_grad = concept_forget_gradient(family, model, datamodule, concept)
+                on_original = self.concept_gradients == "original"
+                with _reverted(model, [o["edit"] for o in outcomes] if on_original else []):
+                    forget_grad = concept_forget_gradient(family, model, datamodule, concept)
                 rank_zero_info(f"concept {i + 1}/{len(concepts)} {concept!r}: forget gradient on the "
-                               f"{'edited' if i else 'original'} model")
+                               f"{'edited' if i and not on_original else 'original'} model")
             suffix = "" if len(concepts) == 1 else f"_{_slug(concept)}"
             outcome = self._search_concept(model, family, datamodule, concept, forget_grad, grads["retain"],
                                            run_dir, suffix, evaluations, tb)
@@ -255,8 +265,10 @@ class SlugSearch(Callback):
                  "after": _core(per_concept_after[o["concept"]])}
                 for o in outcomes
             ]
-            self.summary["joint"] = ("concepts edited one after another, each forget gradient computed on the "
-                                     "already-edited model; all targets re-checked on the combined model")
+            self.summary["joint"] = (f"concepts edited one after another, each forget gradient computed on the "
+                                     f"{'already-edited' if self.concept_gradients == 'edited' else 'original'} "
+                                     f"model, each step searched on the edited model; all targets re-checked on "
+                                     f"the combined model")
         write_report(run_dir, self.summary, before_val=outcomes[0]["before_val"], chosen=first,
                      results=[r for o in outcomes for r in o["results"]], scores=outcomes[0]["scores"],
                      report_on=report_on, before_full=before, after_full=after,
@@ -471,8 +483,11 @@ def _tensorboard(trainer: Trainer):
 
 
 def _evaluator(family, datamodule, stage: str, concepts: list[str]) -> Evaluator:
+    """Forget metrics on ``concepts``; retain over the concepts the run does not forget."""
     sets = datamodule.loaded_sets(stage)
-    return Evaluator(family, sets["concepts"], concepts, sets.get("utility"), datamodule.eval_batch_size)
+    others = [c for c in datamodule.concepts if c not in concepts]
+    return Evaluator(family, sets["concepts"], concepts, sets.get("utility"), datamodule.eval_batch_size,
+                     exclude_from_retain=others)
 
 
 @contextmanager

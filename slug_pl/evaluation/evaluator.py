@@ -41,7 +41,10 @@ class Evaluator:
         utility: LoadedSet | None = None,
         batch_size: int = 256,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        exclude_from_retain: Sequence[str] = (),
     ):
+        """``exclude_from_retain``: concepts left out of the retain accuracy (other concepts the
+        same run forgets)."""
         missing = [c for c in forget_concepts if c not in concepts.classnames]
         if missing:
             raise ValueError(
@@ -52,6 +55,7 @@ class Evaluator:
         self.family = family
         self.sets = {"concepts": concepts} | ({"utility": utility} if utility is not None else {})
         self.forget_ids = [concepts.classnames.index(c) for c in forget_concepts]
+        self.exclude_ids = [concepts.classnames.index(c) for c in exclude_from_retain if c in concepts.classnames]
         self.batch_size = batch_size
         self.cache_bytes = cache_bytes
         self._tokens = {
@@ -143,7 +147,7 @@ class Evaluator:
                     )
                 metric.update(logits.cpu(), data.labels)
                 result = metric.compute()
-                out |= concept_summary(result, self.forget_ids) if name == "concepts" else utility_summary(result)
+                out |= concept_summary(result, self.forget_ids, self.exclude_ids) if name == "concepts" else utility_summary(result)
         finally:
             model.train(was_training)
         return out

@@ -51,15 +51,19 @@ class ZeroShotAccuracy(Metric):
         return out
 
 
-def concept_summary(result: dict[str, torch.Tensor], forget_ids: Sequence[int]) -> dict[str, float]:
+def concept_summary(result: dict[str, torch.Tensor], forget_ids: Sequence[int],
+                    exclude_ids: Sequence[int] = ()) -> dict[str, float]:
     """Forget and retain accuracies from a :class:`ZeroShotAccuracy` over the concept class list.
 
     - ``forget_topk``: over all images of the forgotten concepts (micro);
-    - ``retain_topk``: mean over the other concepts that have images of their per-concept accuracy.
+    - ``retain_topk``: mean over the other concepts that have images of their per-concept accuracy,
+      leaving out ``exclude_ids`` (concepts forgotten by other edits of the same run).
     """
     count = result["count"]
     forget = torch.zeros_like(count, dtype=torch.bool)
     forget[list(forget_ids)] = True
+    excluded = torch.zeros_like(forget)
+    excluded[list(exclude_ids)] = True
     out: dict[str, float] = {}
     for k in TOPK:
         per_class = result[f"per_class_top{k}"]
@@ -67,7 +71,7 @@ def concept_summary(result: dict[str, torch.Tensor], forget_ids: Sequence[int]) 
         if n_forget:
             hits = (per_class[forget].nan_to_num(0) * count[forget]).sum().item()
             out[f"forget_top{k}"] = hits / n_forget
-        retain = ~forget & (count > 0)
+        retain = ~forget & ~excluded & (count > 0)
         if retain.any():
             out[f"retain_top{k}"] = per_class[retain].mean().item()
     return out
