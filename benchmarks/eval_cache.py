@@ -13,22 +13,19 @@ the same run (median of ``--repeats``); the relative error between their logits 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from results_io import write_result
 
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.edit import stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.open_clip import OpenClip
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> int:
@@ -86,12 +83,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "speedup": speedup, "max_rel_err": max_err, "timings": timings,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.out
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"written {out}")
+    write_result(args.out, result)
     return 0
 
 

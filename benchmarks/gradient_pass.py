@@ -18,18 +18,15 @@ the command line that produced them.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from results_io import write_result
 from torch.utils.data import IterableDataset
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(model_name: str):
@@ -178,12 +175,7 @@ def main(argv=None) -> int:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.out
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"written {out}")
+    write_result(args.out, result)
     return 0
 
 

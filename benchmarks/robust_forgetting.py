@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import write_result
 
 from slug_pl.cli import main as slug_main
 from slug_pl.data.labelled import LabelledSet
@@ -31,7 +31,6 @@ from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import load_tensors
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -105,8 +104,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/robust_forgetting.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
               "seconds": time.perf_counter() - t_start, "summary": table, "runs": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _atomic(RESULTS / "robust_forgetting.json", json.dumps(result, indent=2) + "\n")
+    write_result("robust_forgetting.json", result)
     md = ["# Step margin vs robust forgetting (demo world)", "", f"Command: `{command}`", "",
           f"{len(rows) // len(args.margins)} SLUG runs (seeds {args.seeds}, {args.identities} identities each); "
           "the chosen step λ (smallest meeting forget top-5 = 0 on validation) scaled by the margin; "
@@ -117,15 +115,9 @@ def main(argv=None) -> int:
         md.append(f"| {t['margin']:.2f} | {t['runs']} | {100 * t['test_top5_zero']:.0f} % | {100 * t['test_top1_zero']:.0f} % | "
                   f"{100 * t['mean_test_forget_top5']:.1f} % | {t['mean_retain_drop_pts']:.1f} | {t['max_retain_drop_pts']:.1f} | "
                   f"{t['mean_utility_drop_pts']:.1f} |")
-    _atomic(RESULTS / "robust_forgetting.md", "\n".join(md) + "\n")
+    write_result("robust_forgetting.md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,21 @@
+"""Where benchmark results go: ``benchmarks/results/<name>``, written atomically (a rerun
+replaces the file in one step; a crash never leaves half a file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from slug_pl.atomic import atomic_output
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(name: str, content: dict | str) -> Path:
+    """Write ``content`` (a dict as indented JSON, or text) to ``benchmarks/results/name``."""
+    path = RESULTS / name
+    text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
+    with atomic_output(path, overwrite=True) as tmp:
+        tmp.write_text(text)
+    print(f"written {path}")
+    return path
