@@ -74,8 +74,10 @@ class DemoWorld(SlugDataModule):
                 rank_zero_info(f"demo: mined {result.written} forget pairs for {concept!r} into {out}")
 
     def _forget_dir(self, concept: str) -> Path:
+        """Mined pairs of one concept, keyed by the world's fingerprint (a rebuilt world is mined
+        anew, never served stale pairs)."""
         cap = f"-max{self.forget_max}" if self.forget_max else ""
-        return self.root / "forget" / f"{_slug(concept)}{cap}"
+        return self.root / "forget" / self.paths["fingerprint"][:12] / f"{_slug(concept)}{cap}"
 
     def setup(self, stage: str) -> None:
         if self.paths is None:  # prepare_data ran in another process (DDP): read the cache
