@@ -7,8 +7,10 @@ For each rankable tensor l (Frobenius norms, vec = flattened):
   retain loss to first order).
 
 A layer is on its tower's Pareto front if no other layer of that tower has both strictly lower
-alignment and strictly higher importance. Candidates for the step search are the front sorted by
-importance (descending).
+alignment and strictly higher importance. Removing the front and repeating gives the second
+front, and so on (non-dominated sorting): ``LayerScore.front`` is 1 for the Pareto front, 2 for
+the next, ... Candidates for the step search are the layers of the first ``fronts`` fronts, by
+front then by importance (descending).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class LayerScore:
     importance: float
     alignment: float
     on_front: bool = False
+    front: int = 0  # 1 = the Pareto front, 2 = the front once the first is removed, ...; 0 = unranked
 
 
 def layer_scores(
@@ -60,8 +63,8 @@ def layer_scores(
                                  gf_norm / p_norm, alignment))
     for tower in {s.tower for s in scores}:
         members = [s for s in scores if s.tower == tower]
-        for s, on in zip(members, pareto_front([m.importance for m in members], [m.alignment for m in members])):
-            s.on_front = on
+        for s, depth in zip(members, pareto_depths([m.importance for m in members], [m.alignment for m in members])):
+            s.front, s.on_front = depth, depth == 1
     return scores
 
 
@@ -75,10 +78,32 @@ def pareto_front(importance: Sequence[float], alignment: Sequence[float]) -> lis
     ]
 
 
-def candidates(scores: Sequence[LayerScore], tower: str, top_k: int | None) -> list[LayerScore]:
-    """The front of ``tower`` by descending importance, at most ``top_k`` of them."""
-    front = sorted((s for s in scores if s.tower == tower and s.on_front), key=lambda s: -s.importance)
-    return front if top_k is None else front[:top_k]
+def pareto_depths(importance: Sequence[float], alignment: Sequence[float]) -> list[int]:
+    """Non-dominated sorting: 1 for the points of the Pareto front, 2 for the front of the rest,
+    and so on."""
+    depth = [0] * len(importance)
+    left = list(range(len(importance)))
+    level = 0
+    while left:
+        level += 1
+        on = pareto_front([importance[i] for i in left], [alignment[i] for i in left])
+        for i, flag in zip(left, on):
+            if flag:
+                depth[i] = level
+        left = [i for i, flag in zip(left, on) if not flag]
+    return depth
+
+
+def candidates(scores: Sequence[LayerScore], tower: str, top_k: int | None, fronts: int = 1) -> list[LayerScore]:
+    """Layers of ``tower`` on its first ``fronts`` Pareto fronts, by front then descending
+    importance, at most ``top_k`` of them (None: all)."""
+    pool = sorted((s for s in scores if s.tower == tower and 1 <= _depth(s) <= fronts),
+                  key=lambda s: (_depth(s), -s.importance))
+    return pool if top_k is None else pool[:top_k]
+
+
+def _depth(s: LayerScore) -> int:
+    return s.front or (1 if s.on_front else 0)  # scores built by hand may only set on_front
 
 
 def write_ranking_csv(scores: Sequence[LayerScore], path: str | os.PathLike) -> Path:
@@ -96,7 +121,8 @@ def read_ranking_csv(path: str | os.PathLike) -> list[LayerScore]:
         return [
             LayerScore(r["name"], r["tower"], int(r["numel"]), float(r["param_norm"]),
                        float(r["forget_grad_norm"]), float(r["retain_grad_norm"]),
-                       float(r["importance"]), float(r["alignment"]), r["on_front"] == "True")
+                       float(r["importance"]), float(r["alignment"]), r["on_front"] == "True",
+                       int(r.get("front") or 0))
             for r in csv.DictReader(f)
         ]
 

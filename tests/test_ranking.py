@@ -17,6 +17,7 @@ from slug_pl.ranking import (
     LayerScore,
     candidates,
     layer_scores,
+    pareto_depths,
     pareto_front,
     read_ranking_csv,
     write_ranking_csv,
@@ -169,7 +170,7 @@ def test_layer_scores_values(scored):
         assert s.retain_grad_norm == pytest.approx(rn, abs=1e-12), name
         assert s.importance == pytest.approx(imp, abs=1e-12), name
         assert s.alignment == pytest.approx(ali, abs=1e-12), name
-        assert s.on_front is front, name
+        assert s.on_front is front and (s.front == 1) is front, name
 
 
 def test_excluded_and_zero_gradient_tensors_are_not_scored(scored):
@@ -210,6 +211,44 @@ def test_include_filter_restricts_ranking():
     ]
 
 
+# -- pareto_depths (non-dominated sorting) -----------------------------------------------------
+
+
+def test_depths_peel_fronts_one_after_another():
+    # the trade-off example: front {0, 1, 2, 5}; of the rest, (1.5, 0.3) dominates (0.5, 0.6)
+    imp = [1.0, 2.0, 3.0, 1.5, 0.5, 3.0]
+    ali = [0.1, 0.2, 0.5, 0.3, 0.6, 0.9]
+    assert pareto_depths(imp, ali) == [1, 1, 1, 2, 3, 1]
+    assert pareto_depths([], []) == []
+
+
+def _dominates(a, b):
+    return a[0] > b[0] and a[1] < b[1]
+
+
+def test_depths_match_brute_force_dominance():
+    rng = random.Random(1)
+    for _ in range(30):
+        pts = [(rng.random(), rng.random()) for _ in range(rng.randint(1, 25))]
+        depth = pareto_depths([p[0] for p in pts], [p[1] for p in pts])
+        for i, p in enumerate(pts):
+            assert not any(_dominates(q, p) for j, q in enumerate(pts) if depth[j] >= depth[i])
+            if depth[i] > 1:  # something on the front just above dominates it
+                assert any(_dominates(q, p) for j, q in enumerate(pts) if depth[j] == depth[i] - 1)
+
+
+def test_candidates_from_several_fronts():
+    def score(name, imp, ali, depth):
+        return LayerScore(name, "vision", 4, 1.0, imp, 1.0, imp, ali, depth == 1, depth)
+
+    scores = [score("f1_low", 1.0, 0.1, 1), score("f1_high", 3.0, 0.5, 1), score("f2", 2.5, 0.6, 2),
+              score("f3", 0.5, 0.7, 3)]
+    assert [s.name for s in candidates(scores, "vision", None)] == ["f1_high", "f1_low"]
+    assert [s.name for s in candidates(scores, "vision", None, fronts=2)] == ["f1_high", "f1_low", "f2"]
+    assert [s.name for s in candidates(scores, "vision", 3, fronts=3)] == ["f1_high", "f1_low", "f2"]
+    assert [s.name for s in candidates(scores, "vision", None, fronts=3)][-1] == "f3"
+
+
 # -- candidates --------------------------------------------------------------------------------
 
 
@@ -237,9 +276,9 @@ def test_candidates_order_tower_and_top_k():
 
 def test_ranking_csv_round_trip(tmp_path):
     scores = [
-        LayerScore("visual.proj", "vision", 2048, 5.0, 0.1 + 0.2, 1e-30, 1 / 3, 0.0, True),
-        LayerScore("visual.ln_post.weight", "vision", 64, 7.25, 2.0, 3.0, 2 / 7, 0.123456789012345, False),
-        LayerScore("text_projection", "text", 2048, 1e10, math.pi, math.e, 12.5, 1.0, True),
+        LayerScore("visual.proj", "vision", 2048, 5.0, 0.1 + 0.2, 1e-30, 1 / 3, 0.0, True, 1),
+        LayerScore("visual.ln_post.weight", "vision", 64, 7.25, 2.0, 3.0, 2 / 7, 0.123456789012345, False, 2),
+        LayerScore("text_projection", "text", 2048, 1e10, math.pi, math.e, 12.5, 1.0, True, 1),
     ]
     path = write_ranking_csv(scores, tmp_path / "ranking.csv")
     assert path == tmp_path / "ranking.csv"
@@ -248,4 +287,4 @@ def test_ranking_csv_round_trip(tmp_path):
     key = lambda s: s.name  # noqa: E731
     assert sorted(back, key=key) == sorted(scores, key=key)  # dataclass equality: exact floats
     for s in back:
-        assert isinstance(s.on_front, bool) and isinstance(s.numel, int)
+        assert isinstance(s.on_front, bool) and isinstance(s.numel, int) and isinstance(s.front, int)
