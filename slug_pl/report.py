@@ -19,6 +19,29 @@ def _memory(mem: dict) -> str:
     return f"{mem.get('peak_rss_gib', float('nan')):.2f} GiB resident (CPU)"
 
 
+def _several_concepts(summary: dict, report_on: str) -> list[str]:
+    """One row per concept (its layer, step and forget metrics) and the joint search's complete
+    edit sets, scored on the combined model (validation)."""
+    joint = summary.get("joint", {})
+    lines = ["", "## Several concepts", "", f"Joint search: {joint.get('method', '')}.", "",
+             f"| concept | layer | step λ | validation forget top-5 | {report_on} forget top-1 | {report_on} forget top-5 |",
+             "|---|---|---|---|---|---|"]
+    for c in summary["per_concept"]:
+        lines.append(f"| {c['concept']} | `{c['layer']}` | {c['step']:.4g} | {_pct(c['validation'].get('forget_top5'))} | "
+                     f"{_pct(c['after'].get('forget_top1'))} | {_pct(c['after'].get('forget_top5'))} |")
+    alternatives = joint.get("alternatives", [])
+    if alternatives:
+        lines += ["", "Complete edit sets the beam kept, on the combined model (validation, %); the first "
+                      "with every target met and the best retain + utility top-1 is applied:", "",
+                  "| edits (layer, λ) | targets met | retain top-1 | utility top-1 |", "|---|---|---|---|"]
+        for a in alternatives:
+            edits = "; ".join(f"{e['concept']}: `{e['layer']}` {e['step']:.4g}" for e in a["edits"])
+            v = a["validation"]
+            lines.append(f"| {edits} | {a['targets_met']}/{len(a['edits'])} | {_pct(v.get('retain_top1'))} | "
+                         f"{_pct(v.get('utility_top1'))} |")
+    return lines
+
+
 def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, results, scores,
                  report_on: str, before_full: dict, after_full: dict, pass_stats: dict,
                  gradient_files: dict, figures: list[tuple[str, str]] = (),
@@ -62,6 +85,8 @@ def write_report(run_dir: Path, summary: dict, *, before_val: dict, chosen, resu
     if report_on == "test":
         lines.append(f"| held-out test, after | {_pct(after_full.get('forget_top1'))} | "
                      f"{_pct(after_full.get('forget_top5'))} |")
+    if "per_concept" in summary:
+        lines += _several_concepts(summary, report_on)
     for caption, file in figures:
         lines += ["", f"![{caption}]({file})", "", f"*{caption}* (`{file}`)."]
     lines += [

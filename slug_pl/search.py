@@ -10,6 +10,16 @@ utility guard rejects it when retain or utility top-1 fell by more than the guar
 Final choice: among candidates whose result meets the target and the guard, the one with the best
 retain top-1 + utility top-1 on the validation sets. If none does, the candidate that came
 closest to the target is reported, and the run says the target was not met.
+
+Several concepts (DESIGN.md §1) get one edit each, searched jointly: concepts are edited one
+after another, each step searched on the model that already carries the earlier concepts' edits
+(retain excludes every concept of the run). A greedy order of choices is fragile: the best edit
+for the first concept can leave the second only costly edits. So the search keeps a beam: the
+``beam_width`` best partial edit sets (all targets met first, then retain + utility top-1 on the
+combined model) are each extended by the next concept's ``beam_width`` best candidates, and the
+final choice is the complete set with every target met and the best retain + utility on the
+combined model. All targets are re-checked on that model; a concept that misses gets a larger
+step.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +70,7 @@ class Evaluation:
     target_met: bool
     guard_ok: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    concept: str = ""  # the concept whose forget target this evaluation searched
 
 
 @dataclass
@@ -79,10 +90,11 @@ def binary_step_search(
     initial_step: float,
     max_evals: int,
     tolerance: float,
+    lower: float = 0.0,
 ) -> tuple[list[tuple[float, dict, bool, bool]], int | None]:
     """Doubling then bisection on λ. ``evaluate(λ)`` returns ``(metrics, target_met, guard_ok,
     broken)``; ``broken`` (non-finite outputs) caps λ: the search bisects below it instead of
-    doubling past it.
+    doubling past it. ``lower``: a step known to miss the target (bisection never goes below it).
 
     Returns every evaluation ``(λ, metrics, target_met, guard_ok)`` in order and the index of the
     smallest λ that met the target (None if no evaluation met it).
@@ -90,7 +102,7 @@ def binary_step_search(
     if initial_step <= 0:
         raise ValueError(f"the initial step must be positive, got {initial_step}")
     records: list[tuple[float, dict, bool, bool]] = []
-    lo, hi, hi_index, cap = 0.0, None, None, None
+    lo, hi, hi_index, cap = lower, None, None, None
     step = initial_step
     for _ in range(max_evals):
         metrics, hit, guard_ok, broken = evaluate(step)
@@ -127,12 +139,16 @@ class SlugSearch(Callback):
         utility_guard: float | None = None,
         step_margin: float = 1.0,
         similarity_concepts: int = 8,
-        concept_gradients: str = "edited",
+        concept_gradients: str = "original",
+        beam_width: int = 3,
+        fronts: int = 1,
         save_checkpoint: bool = True,
     ):
         """
         Args:
             top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``.
+            fronts: candidates come from the first ``fronts`` Pareto fronts of each tower (1: the
+                front only; 2 adds the front of the remaining layers, ...), still capped at top_k.
             towers: towers whose layers may be edited.
             target_metric / target_value: the forget target, ``metric <= value`` on validation.
             max_evals: evaluations per candidate layer.
@@ -145,10 +161,12 @@ class SlugSearch(Callback):
                 in retain accuracy (see benchmarks/results/robust_forgetting.md).
             similarity_concepts: concepts shown in the before/after similarity matrix (the
                 forgotten ones first, then others of the concept set).
-            concept_gradients: with several concepts, compute each next concept's forget gradient
-                on the ``edited`` model (the earlier concepts' edits applied) or on the
-                ``original`` model; either way its step is searched on the edited model and all
-                targets are re-checked on the combined model.
+            concept_gradients: with several concepts, compute each concept's forget gradient on the
+                ``original`` model or on the ``edited`` model (the earlier concepts' edits
+                applied); either way its step is searched on the edited model and all targets are
+                re-checked on the combined model.
+            beam_width: with several concepts, partial edit sets kept after each concept, and
+                candidates per concept tried on each (1: greedy, one concept after another).
             save_checkpoint: also write the full edited model (``edited_model.safetensors``).
         """
         if top_k < 1:
@@ -166,6 +184,10 @@ class SlugSearch(Callback):
             raise ValueError(f"search utility_guard must be >= 0, got {utility_guard}")
         if concept_gradients not in ("edited", "original"):
             raise ValueError(f"search concept_gradients must be 'edited' or 'original', got {concept_gradients!r}")
+        if beam_width < 1:
+            raise ValueError(f"search beam_width must be >= 1, got {beam_width}")
+        if fronts < 1:
+            raise ValueError(f"search fronts must be >= 1, got {fronts}")
         if step_margin < 1.0:
             raise ValueError(f"search step_margin must be >= 1 (a factor on the found step), got {step_margin}")
         self.top_k = top_k
@@ -178,6 +200,8 @@ class SlugSearch(Callback):
         self.step_margin = step_margin
         self.similarity_concepts = similarity_concepts
         self.concept_gradients = concept_gradients
+        self.beam_width = beam_width
+        self.fronts = fronts
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
 
@@ -204,25 +228,14 @@ class SlugSearch(Callback):
         tb = _tensorboard(trainer)
         evaluations: list[Evaluation] = []
 
-        # 1.-2. one layer and step per concept. Several concepts are edited one after another:
-        # each next forget gradient is computed on the already-edited model (DESIGN.md §1).
-        outcomes = []
-        for i, concept in enumerate(concepts):
-            if len(concepts) == 1:
-                forget_grad = grads["forget"]
-            else:
-                on_original = self.concept_gradients == "original"
-                with _reverted(model, [o["edit"] for o in outcomes] if on_original else []):
-                    forget_grad = concept_forget_gradient(family, model, datamodule, concept)
-                rank_zero_info(f"concept {i + 1}/{len(concepts)} {concept!r}: forget gradient on the "
-                               f"{'edited' if i and not on_original else 'original'} model")
-            suffix = "" if len(concepts) == 1 else f"_{_slug(concept)}"
-            outcome = self._search_concept(model, family, datamodule, concept, forget_grad, grads["retain"],
-                                           run_dir, suffix, evaluations, tb)
-            apply_edit(model, outcome["edit"])
-            outcomes.append(outcome)
+        # 1.-2. one layer and step per concept; several concepts are searched jointly (beam)
+        outcomes = self._search_concepts(model, family, datamodule, concepts, grads, evaluations, tb)
+        for o in outcomes:
+            apply_edit(model, o["edit"])
         if len(concepts) > 1:
             self._joint_check(model, family, datamodule, outcomes, evaluations)
+        for o in outcomes:
+            self._write_concept_artifacts(o, run_dir, "" if len(concepts) == 1 else f"_{_slug(o['concept'])}", tb)
         edits = [o["edit"] for o in outcomes]
         t_search = time.perf_counter() - t0
 
@@ -265,10 +278,15 @@ class SlugSearch(Callback):
                  "after": _core(per_concept_after[o["concept"]])}
                 for o in outcomes
             ]
-            self.summary["joint"] = (f"concepts edited one after another, each forget gradient computed on the "
-                                     f"{'already-edited' if self.concept_gradients == 'edited' else 'original'} "
-                                     f"model, each step searched on the edited model; all targets re-checked on "
-                                     f"the combined model")
+            self.summary["joint"] = {
+                "method": (f"concepts edited one after another, each forget gradient computed on the "
+                           f"{'already-edited' if self.concept_gradients == 'edited' else 'original'} model, "
+                           f"each step searched on the model carrying the earlier edits; beam of "
+                           f"{self.beam_width} partial edit sets; all targets re-checked on the combined model"),
+                "beam_width": self.beam_width,
+                "concept_gradients": self.concept_gradients,
+                "alternatives": self._alternatives,
+            }
         write_report(run_dir, self.summary, before_val=outcomes[0]["before_val"], chosen=first,
                      results=[r for o in outcomes for r in o["results"]], scores=outcomes[0]["scores"],
                      report_on=report_on, before_full=before, after_full=after,
@@ -286,10 +304,61 @@ class SlugSearch(Callback):
         rank_zero_info(f"edited {', '.join(e.name for e in edits)}; target {self.target} {verdict}; "
                        f"after ({report_on}): {_fmt(after)}; report: {run_dir / 'report.md'}")
 
+    def _search_concepts(self, model, family, datamodule, concepts: list[str], grads: dict,
+                         evaluations: list[Evaluation], tb) -> list[dict]:
+        """One outcome (layer, step, edit) per concept; the model is left unchanged.
+
+        Several concepts: a beam search over the concepts in order (see the module docstring).
+        Each partial edit set is a list of outcomes applied in order."""
+        self._alternatives = []
+        if len(concepts) == 1:
+            return self._search_concept(model, family, datamodule, concepts[0], grads["forget"], grads["retain"],
+                                        evaluations, tb, width=1)
+        original: dict[str, dict] = {}  # concept -> forget gradient on the original model
+        beam: list[list[dict]] = [[]]
+        for i, concept in enumerate(concepts):
+            extended = []
+            for b, path in enumerate(beam):
+                earlier = [o["edit"] for o in path]
+                with _applied(model, earlier):
+                    if self.concept_gradients == "original" or not path:
+                        if concept not in original:
+                            with _reverted(model, earlier):
+                                original[concept] = concept_forget_gradient(family, model, datamodule, concept)
+                        forget_grad = original[concept]
+                    else:
+                        forget_grad = concept_forget_gradient(family, model, datamodule, concept)
+                    rank_zero_info(f"concept {i + 1}/{len(concepts)} {concept!r}, partial edit set {b + 1}/"
+                                   f"{len(beam)} ({', '.join(e.name for e in earlier) or 'no edits yet'})")
+                    for option in self._search_concept(model, family, datamodule, concept, forget_grad,
+                                                       grads["retain"], evaluations, tb, width=self.beam_width):
+                        extended.append(path + [option])
+            beam = sorted(extended, key=_path_score, reverse=True)[: self.beam_width]
+        # the complete edit sets, scored on the combined model: every target, retain and utility
+        scored = []
+        for path in beam:
+            with _applied(model, [o["edit"] for o in path]):
+                per_concept = [_evaluator(family, datamodule, "validation", [o["concept"]]).evaluate(model)
+                               for o in path]
+            met = sum(self.target.met(m) for m in per_concept)
+            value = per_concept[0].get("retain_top1", 0.0) + per_concept[0].get("utility_top1", 0.0)
+            scored.append((met, value, path, per_concept))
+            self._alternatives.append({
+                "edits": [{"concept": o["concept"], "layer": o["edit"].name, "step": o["edit"].step} for o in path],
+                "targets_met": met, "validation": _core(per_concept[0]) | {
+                    f"forget_top5[{o['concept']}]": m["forget_top5"] for o, m in zip(path, per_concept)},
+            })
+        best = max(scored, key=lambda x: (x[0], x[1]))
+        rank_zero_info(f"joint search: {len(scored)} complete edit sets; chosen "
+                       f"{', '.join(o['edit'].name for o in best[2])} (targets met {best[0]}/{len(concepts)}, "
+                       f"retain + utility top-1 {best[1]:.3f})")
+        return best[2]
+
     def _search_concept(self, model, family, datamodule, concept: str, forget_grad: dict, retain_grad: dict,
-                        run_dir: Path, suffix: str, evaluations: list[Evaluation], tb) -> dict:
-        """Rank, search every candidate and choose one edit for one concept (model unchanged)."""
-        scores = self._rank(family, model, {"forget": forget_grad, "retain": retain_grad}, run_dir / f"ranking{suffix}.csv")
+                        evaluations: list[Evaluation], tb, width: int = 1) -> list[dict]:
+        """Rank, search every candidate and return up to ``width`` edits for one concept, best
+        first (model unchanged). Searched on the model as it is (earlier edits applied)."""
+        scores = self._rank(family, model, {"forget": forget_grad, "retain": retain_grad})
         val = _evaluator(family, datamodule, "validation", [concept])
         try:
             before_val = val.evaluate(model)
@@ -299,47 +368,74 @@ class SlugSearch(Callback):
         if self.target.met(before_val):
             rank_zero_warn(f"the model already meets the target {self.target} for {concept!r}: nothing to unlearn")
         results = [
-            self._search_layer(model, cand, forget_grad[cand.name], val, before_val, evaluations, tb)
-            for tower in self.towers for cand in candidates(scores, tower, self.top_k)
+            self._search_layer(model, cand, forget_grad[cand.name], val, before_val, evaluations, tb, concept)
+            for tower in self.towers for cand in candidates(scores, tower, self.top_k, self.fronts)
         ]
-        chosen, target_met = self._choose(results)
-        chosen = self._with_margin(model, chosen, forget_grad[chosen.layer], val, before_val, evaluations)
-        edit = make_edit(model, chosen.layer, forget_grad[chosen.layer], chosen.step, tower=chosen.tower,
-                         concepts=[concept])
+        ranked, target_met = self._choices(results)
+        outcomes = []
+        for chosen in ranked[:width]:
+            chosen = self._with_margin(model, chosen, forget_grad[chosen.layer], val, before_val, evaluations)
+            edit = make_edit(model, chosen.layer, forget_grad[chosen.layer], chosen.step, tower=chosen.tower,
+                             concepts=[concept])
+            outcomes.append({"concept": concept, "scores": scores, "before_val": before_val, "results": results,
+                             "chosen": chosen, "target_met": target_met, "edit": edit,
+                             "forget_grad": forget_grad[chosen.layer], "validation": chosen.metrics})
+        return outcomes
+
+    def _write_concept_artifacts(self, outcome: dict, run_dir: Path, suffix: str, tb) -> None:
+        """ranking{suffix}.csv and pareto_<tower>{suffix}.png of one concept's chosen edit."""
+        scores = outcome["scores"]
+        write_ranking_csv(scores, run_dir / f"ranking{suffix}.csv")
         for tower in ("vision", "text"):
             if any(sc.tower == tower for sc in scores):
-                _save_figure(pareto_figure(scores, tower, chosen.layer), run_dir / f"pareto_{tower}{suffix}.png",
-                             tb, f"pareto/{tower}{suffix}")
-        return {"concept": concept, "scores": scores, "before_val": before_val, "results": results,
-                "chosen": chosen, "target_met": target_met, "edit": edit, "forget_grad": forget_grad[chosen.layer],
-                "validation": chosen.metrics}
+                _save_figure(pareto_figure(scores, tower, outcome["chosen"].layer),
+                             run_dir / f"pareto_{tower}{suffix}.png", tb, f"pareto/{tower}{suffix}")
 
     def _joint_check(self, model, family, datamodule, outcomes: list[dict], evaluations: list[Evaluation]) -> None:
-        """Re-check every concept's target on the combined model; a concept that misses gets a
-        larger step on its layer (doubling, with the other edits in place), up to ``max_evals``."""
-        for o in outcomes:
+        """Re-check every concept's target on the combined model. A concept that misses gets its
+        step searched again with the other edits in place (doubling from its step, then
+        bisection, up to ``max_evals``; a step that breaks the model or fails the utility guard is
+        not taken). If no step meets the target, the step stays as it was and the run reports the
+        miss: a model wrecked by ever larger steps helps no one."""
+        for i, o in enumerate(outcomes):
             val = _evaluator(family, datamodule, "validation", [o["concept"]])
-            metrics = val.evaluate(model)
-            tries = 0
-            while not self.target.met(metrics) and tries < self.max_evals:
-                revert_edit(model, o["edit"])
-                step = o["edit"].step * 2.0
-                o["edit"] = make_edit(model, o["edit"].name, o["forget_grad"], step, tower=o["chosen"].tower,
-                                      concepts=[o["concept"]])
-                apply_edit(model, o["edit"])
-                metrics = val.evaluate(model)
-                tries += 1
-                ev = Evaluation(len(evaluations), o["edit"].name, o["chosen"].tower, step,
-                                o["chosen"].step_fraction * step / o["chosen"].step, self.target.met(metrics),
-                                True, metrics)
-                evaluations.append(ev)
-                o["chosen"] = ev
-            o["validation"] = metrics
-            o["target_met"] = self.target.met(metrics)
-            rank_zero_info(f"joint check {o['concept']!r}: {_fmt(metrics)}"
-                           + (f" (step raised {tries}x)" if tries else ""))
+            current = val.evaluate(model)
+            if self.target.met(current):
+                continue
+            found, chosen = o["edit"].step, o["chosen"]
+            mine: list[Evaluation] = []
 
-    def _rank(self, family, model, grads, path: Path) -> list[LayerScore]:
+            def evaluate(step: float):
+                restep_edit(model, outcomes, i, step)
+                try:
+                    metrics = val.evaluate(model)
+                except FloatingPointError:
+                    metrics = {k: float("nan") for k in current}
+                broken = any(v != v for v in metrics.values())
+                hit = not broken and self.target.met(metrics)
+                ok = not broken and self._guard_ok(current, metrics)
+                mine.append(Evaluation(len(evaluations), o["edit"].name, chosen.tower, step,
+                                       chosen.step_fraction * step / chosen.step, hit, ok, metrics, o["concept"]))
+                evaluations.append(mine[-1])
+                return metrics, hit, ok, broken
+
+            _, best = binary_step_search(evaluate, 2.0 * found, self.max_evals, self.tolerance, lower=found)
+            if best is not None and mine[best].guard_ok:
+                restep_edit(model, outcomes, i, mine[best].step)
+                o["chosen"] = mine[best]
+                rank_zero_info(f"joint check {o['concept']!r}: missed on the combined model; step raised "
+                               f"{found:.4g} -> {mine[best].step:.4g}")
+            else:
+                restep_edit(model, outcomes, i, found)
+                rank_zero_warn(f"joint check {o['concept']!r}: misses the target {self.target} on the combined "
+                               f"model and no larger step (of {len(mine)} tried) meets it within the guard; "
+                               f"the step stays {found:.4g}")
+        for o in outcomes:  # the verdicts, all edits final
+            o["validation"] = _evaluator(family, datamodule, "validation", [o["concept"]]).evaluate(model)
+            o["target_met"] = self.target.met(o["validation"])
+            rank_zero_info(f"joint check {o['concept']!r}: {_fmt(o['validation'])}")
+
+    def _rank(self, family, model, grads) -> list[LayerScore]:
         params = {n: p.detach().cpu() for n, p in model.named_parameters()}
         scores = [s for s in layer_scores(family, params, grads["forget"], grads["retain"]) if s.tower in self.towers]
         if not scores:
@@ -347,7 +443,6 @@ class SlugSearch(Callback):
                 "no candidate layers after filtering: every rankable tensor was excluded or has a zero "
                 "forget gradient; check model.family.init_args.exclude/include and search.towers"
             )
-        write_ranking_csv(scores, path)
         return scores
 
     def _with_margin(self, model, chosen: Evaluation, forget_grad, val: Evaluator, before: dict,
@@ -361,13 +456,13 @@ class SlugSearch(Callback):
             metrics = val.evaluate(model, edited=chosen.layer)
         ev = Evaluation(len(evaluations), chosen.layer, chosen.tower, step,
                         chosen.step_fraction * self.step_margin, self.target.met(metrics),
-                        self._guard_ok(before, metrics), metrics)
+                        self._guard_ok(before, metrics), metrics, chosen.concept)
         evaluations.append(ev)
         return ev
 
     # -- per-layer search ----------------------------------------------------------------------
     def _search_layer(self, model, cand: LayerScore, forget_grad: torch.Tensor, val: Evaluator,
-                      before: dict, evaluations: list[Evaluation], tb) -> CandidateResult:
+                      before: dict, evaluations: list[Evaluation], tb, concept: str = "") -> CandidateResult:
         scale = cand.forget_grad_norm / cand.param_norm
 
         def evaluate(step: float):
@@ -380,7 +475,7 @@ class SlugSearch(Callback):
             broken = any(v != v for v in metrics.values())
             hit = not broken and self.target.met(metrics)
             ok = not broken and self._guard_ok(before, metrics)
-            ev = Evaluation(len(evaluations), cand.name, cand.tower, step, step * scale, hit, ok, metrics)
+            ev = Evaluation(len(evaluations), cand.name, cand.tower, step, step * scale, hit, ok, metrics, concept)
             evaluations.append(ev)
             if tb is not None:
                 for k, v in metrics.items():
@@ -403,13 +498,15 @@ class SlugSearch(Callback):
         return all(before[k] - after[k] <= self.utility_guard
                    for k in ("retain_top1", "utility_top1") if k in before and k in after)
 
-    def _choose(self, results: list[CandidateResult]) -> tuple[Evaluation, bool]:
+    def _choices(self, results: list[CandidateResult]) -> tuple[list[Evaluation], bool]:
+        """The candidates' results that meet the target and the guard, best retain + utility
+        first, and True; or the one closest to the target and False when none does."""
         def utility(ev: Evaluation) -> float:
             return ev.metrics.get("retain_top1", 0.0) + ev.metrics.get("utility_top1", 0.0)
 
         good = [r.best for r in results if r.succeeded]
         if good:
-            return max(good, key=utility), True
+            return sorted(good, key=utility, reverse=True), True
         every = [ev for r in results for ev in r.evaluations
                  if all(v == v for v in ev.metrics.values())]  # ignore broken (NaN) evaluations
         if not every:
@@ -418,7 +515,7 @@ class SlugSearch(Callback):
                 f"search.initial_step_fraction or raise search.max_evals")
         closest = min(every, key=lambda ev: (ev.metrics[self.target.metric], -utility(ev)))
         rank_zero_warn(f"no candidate met the target {self.target}; reporting the closest step")
-        return closest, False
+        return [closest], False
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -490,6 +587,39 @@ def _evaluator(family, datamodule, stage: str, concepts: list[str]) -> Evaluator
                      exclude_from_retain=others)
 
 
+def restep_edit(model, outcomes: list[dict], index: int, step: float) -> None:
+    """Change the step of ``outcomes[index]``'s edit to ``step`` on a model that carries every
+    outcome's edit, applied in order. Later edits of the same tensor were computed on top of this
+    one, so every edit from ``index`` on is reverted and rebuilt in order (same gradients, same
+    steps but the new one); each outcome's ``edit`` is replaced."""
+    for o in reversed(outcomes[index:]):
+        revert_edit(model, o["edit"])
+    for i, o in enumerate(outcomes[index:], start=index):
+        e = o["edit"]
+        o["edit"] = make_edit(model, e.name, o["forget_grad"], step if i == index else e.step, **e.info)
+        apply_edit(model, o["edit"])
+
+
+def _path_score(path: list[dict]) -> tuple[int, float]:
+    """A partial edit set's rank in the beam: targets met, then retain + utility top-1 of its last
+    evaluation (made with every edit of the set applied)."""
+    last = path[-1]["chosen"].metrics
+    return (sum(o["target_met"] for o in path),
+            last.get("retain_top1", 0.0) + last.get("utility_top1", 0.0))
+
+
+@contextmanager
+def _applied(model, edits):
+    """The edits applied (in order) inside the block, reverted on exit."""
+    for e in edits:
+        apply_edit(model, e)
+    try:
+        yield model
+    finally:
+        for e in reversed(edits):
+            revert_edit(model, e)
+
+
 @contextmanager
 def _reverted(model, edits):
     """The unedited model inside the block; the edits re-applied (in order) on exit."""
@@ -549,8 +679,8 @@ def _write_search_csv(evaluations: list[Evaluation], path: Path) -> None:
     metric_names = sorted({k for ev in evaluations for k in ev.metrics})
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "layer", "tower", "step", "step_fraction", "target_met", "guard_ok", *metric_names])
+        writer.writerow(["index", "concept", "layer", "tower", "step", "step_fraction", "target_met", "guard_ok",
+                         *metric_names])
         for ev in evaluations:
-            row = asdict(ev)
-            writer.writerow([row["index"], ev.layer, ev.tower, repr(ev.step), f"{ev.step_fraction:.6g}",
+            writer.writerow([ev.index, ev.concept, ev.layer, ev.tower, repr(ev.step), f"{ev.step_fraction:.6g}",
                              ev.target_met, ev.guard_ok, *(f"{ev.metrics.get(m, float('nan')):.6f}" for m in metric_names)])

@@ -166,3 +166,48 @@ def test_print_config_lists_search_and_family(capsys):
     assert printed["search"]["target_metric"] == "forget_top5"
     assert printed["model"]["family"]["class_path"] == "slug_pl.families.OpenClip"
     assert printed["trainer"]["max_epochs"] == 1
+
+
+def test_two_concepts_get_one_edit_each_from_the_joint_search(tmp_path, monkeypatch, small_world, tiny_checkpoint):
+    """Two concepts: one edit each; the beam keeps ``beam_width`` complete edit sets, scored on the
+    combined model, and the run carries the best of them (targets met, then retain + utility);
+    the patch reproduces the edited checkpoint; search.csv says which concept each row searched."""
+    beam_width = 2
+    monkeypatch.chdir(tmp_path)
+    pair = json.loads(Path(small_world["identities_json"]).read_text())[:2]
+    forget = {}
+    for i, concept in enumerate(pair):
+        assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", f"forget{i}"]) == 0
+        forget[concept] = f"forget{i}/forget-000000.tar"
+    config = write_config(tmp_path, small_world, tiny_checkpoint, "unused",
+                          data={"forget": forget, "concepts": pair},
+                          search={"top_k": 2, "max_evals": 4, "beam_width": beam_width, "save_checkpoint": True})
+    code = main(["fit", "--config", str(config)])
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert code == (0 if summary["search"]["target_met"] else EXIT_TARGET_NOT_MET)
+    assert [c["concept"] for c in summary["per_concept"]] == pair
+
+    alternatives = summary["joint"]["alternatives"]
+    assert 1 <= len(alternatives) <= beam_width and summary["joint"]["beam_width"] == beam_width
+    assert all([e["concept"] for e in a["edits"]] == pair for a in alternatives)
+    best = max(alternatives, key=lambda a: (a["targets_met"],
+                                            a["validation"]["retain_top1"] + a["validation"]["utility_top1"]))
+    chosen = [(c["layer"], c["step"]) for c in summary["per_concept"]]
+    assert [layer for layer, _ in chosen] == [e["layer"] for e in best["edits"]]
+    for (_, step), e in zip(chosen, best["edits"]):  # the same step, or one raised by the final re-check
+        assert step == pytest.approx(e["step"]) or step >= 2 * e["step"] * (1 - 1e-9)
+
+    # one patch entry per edited tensor; applied in order, it reproduces the edited checkpoint
+    model = OpenClip("slug-tiny-vit", pretrained=tiny_checkpoint).load()
+    edits, _ = load_edits(run / "edit.safetensors")
+    assert sorted(e.name for e in edits) == sorted({layer for layer, _ in chosen})
+    for e in edits:
+        apply_edit(model, e)
+    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model.safetensors")).load()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in edited.state_dict().items())
+
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert len(rows) == summary["evaluations"] and {r["concept"] for r in rows} == set(pair)
+    for concept in pair:
+        assert (run / f"ranking_{concept.lower().replace(' ', '_')}.csv").is_file()
