@@ -19,3 +19,17 @@ def write_result(name: str, content: dict | str) -> Path:
         tmp.write_text(text)
     print(f"written {path}")
     return path
+
+
+def write_table_results(stem: str, command: str, seconds: float, payload: dict, markdown: list[str]) -> None:
+    """A demo-world benchmark's record: ``<stem>.json`` (the command, when, torch version, wall
+    seconds and ``payload``) and ``<stem>.md`` (the ``markdown`` lines, also printed)."""
+    import time
+
+    import torch
+
+    write_result(f"{stem}.json", {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                  "torch": torch.__version__, "seconds": seconds} | payload)
+    text = "\n".join(markdown) + "\n"
+    write_result(f"{stem}.md", text)
+    print(text)

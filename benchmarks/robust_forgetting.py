@@ -20,18 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from results_io import write_result
+from demo_runs import demo_root, fit_demo
+from results_io import write_table_results
 
-from slug_pl.cli import main as slug_main
 from slug_pl.data.labelled import LabelledSet
 from slug_pl.demo.world import WorldSpec, identity_names
 from slug_pl.edit import stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import load_tensors
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _evaluators(family, world_root: Path, concept: str) -> dict[str, Evaluator]:
@@ -58,15 +55,10 @@ def main(argv=None) -> int:
     rows = []
     t_start = time.perf_counter()
     for seed in args.seeds:
-        root = Path(args.cache) / ("demo" if seed == 0 else f"demo-seed{seed}")
+        root = demo_root(args.cache, seed)
         for concept in identity_names(WorldSpec(seed=seed))[: args.identities]:
             with tempfile.TemporaryDirectory() as tmp:
-                code = slug_main(["fit", "--config", str(REPO / "configs" / "demo.yaml"),
-                                  "--data.init_args.root", str(root), "--data.init_args.seed", str(seed),
-                                  "--data.init_args.concepts", json.dumps([concept]),
-                                  "--model.family.init_args.pretrained", str(root / "model" / "slug-demo-vit.safetensors"),
-                                  "--trainer.default_root_dir", tmp, "--trainer.enable_progress_bar", "false"])
-                run = Path(tmp) / "lightning_logs" / "version_0"
+                code, run = fit_demo(root, seed, [concept], tmp)
                 summary = json.loads((run / "summary.json").read_text())
                 grads, _ = load_tensors(run / "gradients" / "forget.safetensors")
             family = OpenClip("slug-demo-vit", pretrained=str(root / "model" / "slug-demo-vit.safetensors"))
@@ -102,9 +94,6 @@ def main(argv=None) -> int:
             "mean_utility_drop_pts": 100 * statistics.mean(r["test_utility_drop"] for r in sel),
         })
     command = "python benchmarks/robust_forgetting.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
-              "seconds": time.perf_counter() - t_start, "summary": table, "runs": rows}
-    write_result("robust_forgetting.json", result)
     md = ["# Step margin vs robust forgetting (demo world)", "", f"Command: `{command}`", "",
           f"{len(rows) // len(args.margins)} SLUG runs (seeds {args.seeds}, {args.identities} identities each); "
           "the chosen step λ (smallest meeting forget top-5 = 0 on validation) scaled by the margin; "
@@ -115,8 +104,7 @@ def main(argv=None) -> int:
         md.append(f"| {t['margin']:.2f} | {t['runs']} | {100 * t['test_top5_zero']:.0f} % | {100 * t['test_top1_zero']:.0f} % | "
                   f"{100 * t['mean_test_forget_top5']:.1f} % | {t['mean_retain_drop_pts']:.1f} | {t['max_retain_drop_pts']:.1f} | "
                   f"{t['mean_utility_drop_pts']:.1f} |")
-    write_result("robust_forgetting.md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    write_table_results("robust_forgetting", command, time.perf_counter() - t_start, {"summary": table, "runs": rows}, md)
     return 0
 
 

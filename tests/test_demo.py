@@ -60,17 +60,15 @@ def test_demo_unlearns_one_identity(demo, capsys):
 
 
 def test_demo_unlearns_two_identities_jointly(demo, monkeypatch, capsys):
-    """Two identities edited one after another (the second gradient on the edited model), all
-    targets re-checked on the combined model: both forgotten on validation and held-out images,
-    the objects keep their accuracy within 5 points. The other identities lose more than with one
-    edit: 6-7 points were measured for this pair (the issue's 5-point goal is not met yet), so the
-    bound here is 8 points; a regression past that fails."""
+    """Two identities, one edit each, searched jointly (beam over partial edit sets, candidates
+    from the first 3 Pareto fronts): both forgotten on validation and held-out images, the other
+    identities and the objects keep their accuracy within 5 points (held-out test sets)."""
     work, _ = demo
     monkeypatch.chdir(work)  # re-uses the demo's cached world and model
     names = json.loads((work / ".slug_cache/demo/world/identities.json").read_text())
     pair = names[0:2]
     code = main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.enable_progress_bar", "false",
-                 "--data.init_args.concepts", json.dumps(pair)])
+                 "--data.init_args.concepts", json.dumps(pair), "--search.fronts", "3", "--search.top_k", "6"])
     run = max((work / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
     summary = json.loads((run / "summary.json").read_text())
     assert code == 0 and summary["search"]["target_met"] is True
@@ -79,9 +77,11 @@ def test_demo_unlearns_two_identities_jointly(demo, monkeypatch, capsys):
         assert c["validation"]["forget_top5"] == 0.0  # on the combined model
         assert c["after"]["forget_top1"] == 0.0       # held-out test images
     before, after = summary["before"], summary["after"]
-    assert before["retain_top1"] - after["retain_top1"] <= 0.08
+    assert before["retain_top1"] - after["retain_top1"] <= 0.05
     assert before["utility_top1"] - after["utility_top1"] <= 0.05
+    assert "## Several concepts" in (run / "report.md").read_text()
     with capsys.disabled():
         print(f"\ndemo, two identities: layers {[c['layer'] for c in summary['per_concept']]}; held-out forget "
               f"top-5 {[c['after']['forget_top5'] for c in summary['per_concept']]}; retain "
-              f"{before['retain_top1']:.3f} -> {after['retain_top1']:.3f}")
+              f"{before['retain_top1']:.3f} -> {after['retain_top1']:.3f}; utility "
+              f"{before['utility_top1']:.3f} -> {after['utility_top1']:.3f}")
