@@ -31,7 +31,7 @@ def _several_concepts(summary: dict, report_on: str) -> list[str]:
                      f"{_pct(c['after'].get('forget_top1'))} | {_pct(c['after'].get('forget_top5'))} |")
     alternatives = joint.get("alternatives", [])
     if alternatives:
-        lines += ["", "Complete edit sets the beam kept, on the combined model (validation, %); the first "
+        lines += ["", "Complete edit sets the beam kept, scored on the combined model (validation, %); of these, the one "
                       "with every target met and the best retain + utility top-1 is applied:", "",
                   "| edits (layer, λ) | targets met | retain top-1 | utility top-1 |", "|---|---|---|---|"]
         for a in alternatives:
