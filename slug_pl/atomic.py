@@ -14,6 +14,7 @@ in one step, so a reader (or a crash) sees either no file or the complete file:
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,3 +70,9 @@ def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> P
     with atomic_output(path, overwrite=overwrite) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def file_slug(name: str) -> str:
+    """``name`` as a file-name part: lower case, runs of anything but a–z and 0–9 as one ``_``
+    (``"Alice Abara"`` -> ``"alice_abara"``)."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

@@ -25,7 +25,6 @@ step.
 from __future__ import annotations
 
 import csv
-import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -36,7 +35,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from slug_pl.atomic import atomic_output
+from slug_pl.atomic import atomic_output, file_slug
 from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits, stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.gradients import forget_similarity_sum, save_tensors
@@ -235,7 +234,7 @@ class SlugSearch(Callback):
         if len(concepts) > 1:
             self._joint_check(model, family, datamodule, outcomes, evaluations)
         for o in outcomes:
-            self._write_concept_artifacts(o, run_dir, "" if len(concepts) == 1 else f"_{_slug(o['concept'])}", tb)
+            self._write_concept_artifacts(o, run_dir, "" if len(concepts) == 1 else f"_{file_slug(o['concept'])}", tb)
         edits = [o["edit"] for o in outcomes]
         t_search = time.perf_counter() - t0
 
@@ -341,7 +340,7 @@ class SlugSearch(Callback):
                 per_concept = [_evaluator(family, datamodule, "validation", [o["concept"]]).evaluate(model)
                                for o in path]
             met = sum(self.target.met(m) for m in per_concept)
-            value = per_concept[0].get("retain_top1", 0.0) + per_concept[0].get("utility_top1", 0.0)
+            value = retained(per_concept[0])
             scored.append((met, value, path, per_concept))
             self._alternatives.append({
                 "edits": [{"concept": o["concept"], "layer": o["edit"].name, "step": o["edit"].step} for o in path],
@@ -407,17 +406,11 @@ class SlugSearch(Callback):
 
             def evaluate(step: float):
                 restep_edit(model, outcomes, i, step)
-                try:
-                    metrics = val.evaluate(model)
-                except FloatingPointError:
-                    metrics = {k: float("nan") for k in current}
-                broken = any(v != v for v in metrics.values())
-                hit = not broken and self.target.met(metrics)
-                ok = not broken and self._guard_ok(current, metrics)
-                mine.append(Evaluation(len(evaluations), o["edit"].name, chosen.tower, step,
-                                       chosen.step_fraction * step / chosen.step, hit, ok, metrics, o["concept"]))
-                evaluations.append(mine[-1])
-                return metrics, hit, ok, broken
+                ev, broken = self._evaluate_step(lambda: val.evaluate(model), current, evaluations, o["edit"].name,
+                                                 chosen.tower, step, chosen.step_fraction * step / chosen.step,
+                                                 o["concept"])
+                mine.append(ev)
+                return ev.metrics, ev.target_met, ev.guard_ok, broken
 
             _, best = binary_step_search(evaluate, 2.0 * found, self.max_evals, self.tolerance, lower=found)
             if best is not None and mine[best].guard_ok:
@@ -467,21 +460,13 @@ class SlugSearch(Callback):
 
         def evaluate(step: float):
             with stepped(model, cand.name, forget_grad, step):
-                try:
-                    metrics = val.evaluate(model, edited=cand.name)
-                except FloatingPointError as err:  # the step broke the model: a miss, recorded as NaN
-                    self._broken_message = str(err)
-                    metrics = {k: float("nan") for k in before}
-            broken = any(v != v for v in metrics.values())
-            hit = not broken and self.target.met(metrics)
-            ok = not broken and self._guard_ok(before, metrics)
-            ev = Evaluation(len(evaluations), cand.name, cand.tower, step, step * scale, hit, ok, metrics, concept)
-            evaluations.append(ev)
+                ev, broken = self._evaluate_step(lambda: val.evaluate(model, edited=cand.name), before, evaluations,
+                                                 cand.name, cand.tower, step, step * scale, concept)
             if tb is not None:
-                for k, v in metrics.items():
+                for k, v in ev.metrics.items():
                     tb.add_scalar(f"search/{k}", v, ev.index)
                 tb.add_scalar("search/step_fraction", ev.step_fraction, ev.index)
-            return metrics, hit, ok, broken
+            return ev.metrics, ev.target_met, ev.guard_ok, broken
 
         start = len(evaluations)
         records, best = binary_step_search(evaluate, self.initial_step_fraction / scale,
@@ -492,6 +477,24 @@ class SlugSearch(Callback):
         rank_zero_info(f"  {cand.tower:6s} {cand.name}: {len(mine)} evaluations, {status}")
         return result
 
+    def _evaluate_step(self, measure: Callable[[], dict[str, float]], before: dict, evaluations: list[Evaluation],
+                       layer: str, tower: str, step: float, step_fraction: float,
+                       concept: str) -> tuple[Evaluation, bool]:
+        """One evaluation of a step: ``measure()``'s metrics (all NaN when the step broke the
+        model: a miss), the target and guard verdicts against ``before``, appended to
+        ``evaluations``. Returns the evaluation and whether the model broke."""
+        try:
+            metrics = measure()
+        except FloatingPointError as err:
+            self._broken_message = str(err)
+            metrics = {k: float("nan") for k in before}
+        broken = any(v != v for v in metrics.values())
+        ev = Evaluation(len(evaluations), layer, tower, step, step_fraction,
+                        not broken and self.target.met(metrics), not broken and self._guard_ok(before, metrics),
+                        metrics, concept)
+        evaluations.append(ev)
+        return ev, broken
+
     def _guard_ok(self, before: dict, after: dict) -> bool:
         if self.utility_guard is None:
             return True
@@ -501,19 +504,16 @@ class SlugSearch(Callback):
     def _choices(self, results: list[CandidateResult]) -> tuple[list[Evaluation], bool]:
         """The candidates' results that meet the target and the guard, best retain + utility
         first, and True; or the one closest to the target and False when none does."""
-        def utility(ev: Evaluation) -> float:
-            return ev.metrics.get("retain_top1", 0.0) + ev.metrics.get("utility_top1", 0.0)
-
         good = [r.best for r in results if r.succeeded]
         if good:
-            return sorted(good, key=utility, reverse=True), True
+            return sorted(good, key=lambda ev: retained(ev.metrics), reverse=True), True
         every = [ev for r in results for ev in r.evaluations
                  if all(v == v for v in ev.metrics.values())]  # ignore broken (NaN) evaluations
         if not every:
             raise FloatingPointError(
                 f"every evaluated step broke the model ({self._broken_message}); lower "
                 f"search.initial_step_fraction or raise search.max_evals")
-        closest = min(every, key=lambda ev: (ev.metrics[self.target.metric], -utility(ev)))
+        closest = min(every, key=lambda ev: (ev.metrics[self.target.metric], -retained(ev.metrics)))
         rank_zero_warn(f"no candidate met the target {self.target}; reporting the closest step")
         return [closest], False
 
@@ -529,10 +529,6 @@ def _core(metrics: dict[str, float]) -> dict[str, float]:
 
 def _fmt(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def concept_forget_gradient(family, model, datamodule, concept: str) -> dict[str, torch.Tensor]:
@@ -600,12 +596,16 @@ def restep_edit(model, outcomes: list[dict], index: int, step: float) -> None:
         apply_edit(model, o["edit"])
 
 
+def retained(metrics: dict[str, float]) -> float:
+    """What an edit keeps, the quantity every choice of the search maximises: retain top-1 +
+    utility top-1 (fractions; a missing set counts 0)."""
+    return metrics.get("retain_top1", 0.0) + metrics.get("utility_top1", 0.0)
+
+
 def _path_score(path: list[dict]) -> tuple[int, float]:
     """A partial edit set's rank in the beam: targets met, then retain + utility top-1 of its last
     evaluation (made with every edit of the set applied)."""
-    last = path[-1]["chosen"].metrics
-    return (sum(o["target_met"] for o in path),
-            last.get("retain_top1", 0.0) + last.get("utility_top1", 0.0))
+    return sum(o["target_met"] for o in path), retained(path[-1]["chosen"].metrics)
 
 
 @contextmanager

@@ -10,22 +10,18 @@ directory). The model family in the config must load the checkpoint this module 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from lightning.pytorch.utilities import rank_zero_info
 
+from slug_pl.atomic import file_slug
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet, load_pairs
 from slug_pl.data.mining import mine_forget_set
 from slug_pl.demo.train import ensure_demo
 from slug_pl.demo.world import WorldSpec, identity_names
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 class DemoWorld(SlugDataModule):
@@ -77,7 +73,7 @@ class DemoWorld(SlugDataModule):
         """Mined pairs of one concept, keyed by the world's fingerprint (a rebuilt world is mined
         anew, never served stale pairs)."""
         cap = f"-max{self.forget_max}" if self.forget_max else ""
-        return self.root / "forget" / self.paths["fingerprint"][:12] / f"{_slug(concept)}{cap}"
+        return self.root / "forget" / self.paths["fingerprint"][:12] / f"{file_slug(concept)}{cap}"
 
     def setup(self, stage: str) -> None:
         if self.paths is None:  # prepare_data ran in another process (DDP): read the cache
