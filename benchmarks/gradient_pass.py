@@ -2,7 +2,7 @@
 batch, same process.
 
 - bare loop: ``loss = ClipLoss(model(images, tokens)); loss.backward()`` per batch;
-- slug_pl: ``Trainer.fit`` of :class:`slug_pl.module.SlugModule` over the same in-memory batches
+- slug_pl: ``Trainer.fit`` of :class:`slug_pl.methods.slug.SlugModule` over the same in-memory batches
   (retain set: the contrastive loss; one forget batch first), timed from the end of the first
   retain batch to the end of the last, so Lightning's per-batch overhead and our accumulation are
   inside the measurement and data loading is outside both (as in DESIGN.md §5).
@@ -107,7 +107,7 @@ def slug_pass(family, model, images, tokens, steps: int, warmup: int, device: st
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
-    from slug_pl.module import SlugModule
+    from slug_pl.methods.slug import SlugModule
 
     class Timer(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -17,8 +17,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from slug_pl.data.datamodule import SlugDataModule
-from slug_pl.module import SlugModule
-from slug_pl.search import SlugSearch
+from slug_pl.methods import SlugSearch, UnlearningModule
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
 EXIT_TARGET_NOT_MET = 3
@@ -52,8 +51,9 @@ TRAINER_DEFAULTS = {
 
 def run_cli(args: list[str] | None = None) -> SlugCLI:
     return SlugCLI(
-        SlugModule,
+        UnlearningModule,
         SlugDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         seed_everything_default=0,
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if cli.subcommand == "fit":
         # read the run's summary from disk: with ddp_spawn the search ran in another process
         summary = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "summary.json"
-        if summary.is_file() and not json.loads(summary.read_text())["search"]["target_met"]:
+        if summary.is_file() and not json.loads(summary.read_text())["target"]["met"]:
             return EXIT_TARGET_NOT_MET
     return 0
 
@@ -93,12 +93,9 @@ def _write_metrics_json(cli: SlugCLI, target: str) -> None:
                      "metrics": getattr(module, "last_eval", {})}
     pairs = datamodule.mia_pairs() if hasattr(datamodule, "mia_pairs") and module.clip is not None else None
     if pairs is not None:
-        from slug_pl.evaluation.mia import membership_inference, pair_similarities
+        from slug_pl.evaluation.mia import model_membership_inference
 
-        (m_img, m_tok), (n_img, n_tok) = pairs
-        mia = membership_inference(pair_similarities(module.family, module.clip, m_img, m_tok),
-                                   pair_similarities(module.family, module.clip, n_img, n_tok))
-        metrics["mia"] = {"mean": mia["mean"], "std": mia["std"], "n": mia["n"]}
+        metrics["mia"] = model_membership_inference(module.family, module.clip, pairs)
     text = json.dumps(metrics, indent=2) + "\n"
     if target == "-":
         sys.stdout.write(text)

@@ -27,13 +27,27 @@ class EditMismatchError(ValueError):
 
 @dataclass
 class LayerEdit:
-    """One edited parameter: ``edited = original − step · forget_grad``; ``step`` λ > 0 unlearns."""
+    """One edited parameter: for SLUG ``edited = original − step · forget_grad`` (``step`` λ > 0
+    unlearns); for a method that trains (a baseline) ``step`` is None and ``edited`` is simply the
+    tensor it ended with."""
 
     name: str
     original: torch.Tensor
     edited: torch.Tensor
-    step: float
+    step: float | None
     info: dict = field(default_factory=dict)
+
+    @property
+    def relative_change(self) -> float:
+        """‖edited − original‖ / ‖original‖ (Frobenius): for SLUG, ‖λ·g_f‖ / ‖θ‖."""
+        delta = (self.edited.double() - self.original.double()).norm().item()
+        norm = self.original.double().norm().item()
+        return delta / norm if norm > 0 else float("inf")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a user must store to keep this edit: the edited tensor (the original is in the model)."""
+        return self.edited.numel() * self.edited.element_size()
 
 
 def make_edit(model: nn.Module, name: str, forget_grad: torch.Tensor, step: float, **info) -> LayerEdit:
@@ -82,13 +96,44 @@ def stepped(model: nn.Module, name: str, forget_grad: torch.Tensor, step: float)
         revert_edit(model, edit)
 
 
+def merge_edits(edits: list[LayerEdit]) -> list[LayerEdit]:
+    """One patch entry per tensor: edits of the same tensor (applied in order) become one, from
+    the first edit's original to the last edit's result, with the *sum* of their steps (the step
+    the tensor carries: θ − Σ λ_i g_i when each edit used its own gradient) and each step listed
+    in ``info["steps"]``."""
+    merged: dict[str, LayerEdit] = {}
+    for e in edits:
+        if e.name not in merged:
+            merged[e.name] = e
+            continue
+        m = merged[e.name]
+        steps = list(m.info.get("steps", [m.step])) + [e.step]
+        total = None if any(s is None for s in steps) else float(sum(steps))
+        concepts = list(m.info.get("concepts", [])) + list(e.info.get("concepts", []))
+        merged[e.name] = LayerEdit(e.name, m.original, e.edited, total,
+                                   {**m.info, "concepts": concepts, "steps": steps})
+    return list(merged.values())
+
+
+def changed_tensors(model: nn.Module, original: Mapping[str, torch.Tensor], **info) -> list[LayerEdit]:
+    """Every parameter of ``model`` that differs from ``original`` (name -> tensor), as edits
+    with ``step`` None: the patch of a method that trains (changed tensors only, old and new)."""
+    edits = []
+    for name, param in model.named_parameters():
+        old = original[name]
+        new = param.detach().cpu()
+        if not torch.equal(new, old.to(new.dtype)):
+            edits.append(LayerEdit(name, old.clone(), new.clone(), None, dict(info)))
+    return edits
+
+
 def save_edits(path: str | os.PathLike, edits: list[LayerEdit], metadata: Mapping[str, object]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for e in edits:
         tensors[e.name] = e.edited
         tensors[ORIGINAL_PREFIX + e.name] = e.original
-        layers[e.name] = {"step": e.step, **e.info}
+        layers[e.name] = {"step": e.step, "relative_change": e.relative_change, **e.info}
     save_tensors(path, tensors, {**metadata, "layers": layers})
 
 
@@ -101,6 +146,7 @@ def load_edits(path: str | os.PathLike) -> tuple[list[LayerEdit], dict]:
             raise EditMismatchError(f"{path}: tensors for {name!r} are missing; the file is not an edit")
         info = dict(info)
         step = info.pop("step")
+        info.pop("relative_change", None)  # derived from the tensors
         edits.append(LayerEdit(name, tensors[ORIGINAL_PREFIX + name], tensors[name], step, info))
     if not edits:
         raise EditMismatchError(f"{path} holds no edits (no 'layers' metadata)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -58,6 +58,39 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def forget_gradient(family, model: nn.Module, batches: Iterable[dict]) -> tuple[dict[str, torch.Tensor], int]:
+    """g_f = ∇θ of the mean cos(image, caption) over every valid pair of ``batches`` (one
+    process; the distributed pass sums the same :func:`forget_similarity_sum` per batch).
+
+    ``batches`` yield dicts with ``images (B, 3, H, W)``, ``tokens (B, L)``, ``valid (B,)`` (see
+    :class:`slug_pl.data.pairs.PairBatches`). Returns ``{parameter name: gradient}`` on the CPU
+    (fp32; zeros for parameters the objective does not reach) and the number of pairs N_f. The
+    model runs in eval mode.
+    """
+    sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    count = 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                u = family.encode_image(model, batch["images"].to(device))
+                v = family.encode_text(model, batch["tokens"].to(device))
+                forget_similarity_sum(u, v, batch["valid"].to(device)).backward()
+                count += int(batch["valid"].sum())
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        sums[n] += p.grad
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no valid forget pairs: the forget gradient is undefined")
+    return {n: (g / count).float().cpu() for n, g in sums.items()}, count
+
+
 # -- gradient files ----------------------------------------------------------------------------
 
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str],
@@ -66,21 +99,28 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+#: The one safetensors metadata key slug_pl writes: the whole metadata as one sorted JSON object.
+#: (safetensors writes several keys in an order that differs between processes, so files with
+#: several keys are not byte-reproducible.)
+METADATA_KEY = "slug_pl"
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, object]) -> Path:
     """Write a safetensors file atomically (temp file + rename; never overwrites).
 
-    Every metadata value is stored JSON-encoded (strings too), so it reads back with its type.
+    The metadata is stored as one JSON object (sorted keys) under :data:`METADATA_KEY`, so it
+    reads back with its types and the same tensors and metadata give the same bytes in any process.
     """
-    meta = {k: json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     path = Path(path)
-    _atomic_save(tensors, path, meta)
+    _atomic_save(tensors, path, {METADATA_KEY: json.dumps(dict(metadata), sort_keys=True)})
     return path
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Read a safetensors file written by :func:`save_tensors`; JSON metadata is decoded (values
-    that are not JSON, from files written by other tools, stay strings)."""
+    """Read a safetensors file written by :func:`save_tensors` (its metadata decoded); files from
+    other tools or older slug_pl versions keep one JSON-decoded value per key (strings that are
+    not JSON stay strings)."""
     path = Path(path)
     if not path.is_file():
         raise GradientFileError(f"gradient file not found: {path}")
@@ -90,6 +130,8 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             raw = f.metadata() or {}
     except Exception as err:
         raise GradientFileError(f"cannot read {path}: {err}") from err
+    if set(raw) == {METADATA_KEY}:
+        return tensors, json.loads(raw[METADATA_KEY])
     meta: dict[str, object] = {}
     for k, v in raw.items():
         try:
@@ -155,6 +197,43 @@ def check_model_identity(meta: Mapping[str, object], model_id: Mapping[str, str]
                     f"{path} was computed for {key} {theirs[key]!r}, but the model is "
                     f"{model_id[key]!r}; recompute the gradients for this model"
                 )
+
+
+def check_data_identity(meta: Mapping[str, object], expected: Mapping[str, object],
+                        path: str | os.PathLike) -> None:
+    """Raise :class:`GradientFileError` unless a gradient file was computed from the configured
+    data: the same concepts (forget set) and the same data fingerprints (``num_samples`` and every
+    shard's size and head/tail hash, see :meth:`SlugDataModule.fingerprint`).
+
+    ``expected`` holds ``concepts`` and ``data`` as this run would record them. Files written
+    before slug_pl recorded ``concepts`` are checked on their data fingerprint alone.
+    """
+    theirs_c, ours_c = meta.get("concepts"), expected.get("concepts")
+    if theirs_c is not None and list(theirs_c) != list(ours_c):
+        raise GradientFileError(
+            f"{path} was computed for concept(s) {list(theirs_c)}, but this run forgets {list(ours_c)}: "
+            f"its forget gradient is not this run's; recompute the gradients (drop model.gradients_from) "
+            f"or set data concepts to {list(theirs_c)}"
+        )
+    theirs_d, ours_d = meta.get("data"), expected.get("data")
+    if isinstance(theirs_d, Mapping) and isinstance(ours_d, Mapping) and _data_key(theirs_d) != _data_key(ours_d):
+        raise GradientFileError(
+            f"{path} was computed from other {meta.get('set', '')} data ({_describe_data(theirs_d)}) than "
+            f"this run's ({_describe_data(ours_d)}); recompute the gradients for this data"
+        )
+
+
+def _data_key(data: Mapping[str, object]) -> tuple:
+    """What identifies a data set in a fingerprint: sample count and each shard's size and hash
+    (not its path: moved shards stay the same data)."""
+    shards = tuple((s.get("bytes"), s.get("sha256_head_tail")) for s in data.get("shards", []))
+    return data.get("num_samples"), shards
+
+
+def _describe_data(data: Mapping[str, object]) -> str:
+    shards = data.get("shards", [])
+    first = shards[0].get("path") if shards else "no shards"
+    return f"{data.get('num_samples')} samples in {len(shards)} shard(s), first {first}"
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:

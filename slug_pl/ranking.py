@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,6 +39,7 @@ class LayerScore:
     alignment: float
     on_front: bool = False
     front: int = 0  # 1 = the Pareto front, 2 = the front once the first is removed, ...; 0 = unranked
+    readable: bool = True  # read by the model that consumes the edit (else never a candidate)
 
 
 def layer_scores(
@@ -46,8 +47,14 @@ def layer_scores(
     params: Mapping[str, torch.Tensor],
     forget_grads: Mapping[str, torch.Tensor],
     retain_grads: Mapping[str, torch.Tensor],
+    readable: Callable[[str], bool] | None = None,
 ) -> list[LayerScore]:
-    """Scores of every rankable tensor with a non-zero forget gradient, fronts marked."""
+    """Scores of every rankable tensor with a non-zero forget gradient, fronts marked.
+
+    ``readable(name)``: whether the model that consumes the edit reads the tensor (a downstream
+    target, see :mod:`slug_pl.targets`); tensors it does not read are scored (and shown) but take
+    no part in the fronts (``front`` 0), so they are never candidates. None: every tensor.
+    """
     scores = []
     for name, param in params.items():
         if name not in forget_grads or not family.is_rankable(name, param):
@@ -60,9 +67,9 @@ def layer_scores(
             continue
         alignment = abs(torch.dot(gf, gr).item()) / (gf_norm * gr_norm) if gr_norm > 0 else 0.0
         scores.append(LayerScore(name, family.tower_of(name), param.numel(), p_norm, gf_norm, gr_norm,
-                                 gf_norm / p_norm, alignment))
+                                 gf_norm / p_norm, alignment, readable=readable is None or readable(name)))
     for tower in {s.tower for s in scores}:
-        members = [s for s in scores if s.tower == tower]
+        members = [s for s in scores if s.tower == tower and s.readable]
         for s, depth in zip(members, pareto_depths([m.importance for m in members], [m.alignment for m in members])):
             s.front, s.on_front = depth, depth == 1
     return scores
@@ -106,9 +113,11 @@ def _depth(s: LayerScore) -> int:
     return s.front or (1 if s.on_front else 0)  # scores built by hand may only set on_front
 
 
-def write_ranking_csv(scores: Sequence[LayerScore], path: str | os.PathLike) -> Path:
+def write_ranking_csv(scores: Sequence[LayerScore], path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Every score as a CSV row (by tower, then descending importance); ``overwrite`` only for a
+    run's own earlier version of the file."""
     path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_output(path, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(LayerScore)])
         writer.writeheader()
         for s in sorted(scores, key=lambda s: (s.tower, -s.importance)):
@@ -122,7 +131,7 @@ def read_ranking_csv(path: str | os.PathLike) -> list[LayerScore]:
             LayerScore(r["name"], r["tower"], int(r["numel"]), float(r["param_norm"]),
                        float(r["forget_grad_norm"]), float(r["retain_grad_norm"]),
                        float(r["importance"]), float(r["alignment"]), r["on_front"] == "True",
-                       int(r.get("front") or 0))
+                       int(r.get("front") or 0), r.get("readable", "True") == "True")
             for r in csv.DictReader(f)
         ]
 
@@ -137,11 +146,15 @@ def pareto_figure(scores: Sequence[LayerScore], tower: str, chosen: str | None =
 
     members = [s for s in scores if s.tower == tower]
     fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
-    rest = [s for s in members if not s.on_front]
+    unread = [s for s in members if not s.readable]
+    rest = [s for s in members if not s.on_front and s.readable]
     front = sorted((s for s in members if s.on_front), key=lambda s: s.alignment)
     floor = 1e-12
     ax.scatter([max(s.alignment, floor) for s in rest], [s.importance for s in rest], s=14, c="0.6",
                label="layers")
+    if unread:
+        ax.scatter([max(s.alignment, floor) for s in unread], [s.importance for s in unread], s=14, c="0.85",
+                   marker="x", label="not read by the target model")
     ax.plot([max(s.alignment, floor) for s in front], [s.importance for s in front], "o-", c="tab:red",
             ms=6, label="Pareto front")
     for s in front:

@@ -1,7 +1,7 @@
 """Partial state of an interrupted gradient pass: save every N batches, find, check, restore.
 
 A gradient pass over a large set can take hours. With ``model.checkpoint_every: N`` the
-:class:`~slug_pl.module.SlugModule` saves, after every N-th global batch (counted across the sets,
+:class:`~slug_pl.methods.slug.SlugModule` saves, after every N-th global batch (counted across the sets,
 forget batches first), each rank's state to
 
     <run>/gradients/partial/rank<r>-batch<position>.pt

@@ -47,8 +47,9 @@ def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **ov
     sections' keys, e.g. ``trainer={"devices": 2}``."""
     concept = json.loads(Path(world["identities_json"]).read_text())[0]
     config = {
-        "model": {"family": {"class_path": "slug_pl.families.OpenClip",
-                             "init_args": {"model_name": "slug-tiny-vit", "pretrained": checkpoint}}},
+        "model": {"class_path": "slug_pl.methods.SlugModule", "init_args": {
+            "family": {"class_path": "slug_pl.families.OpenClip",
+                       "init_args": {"model_name": "slug-tiny-vit", "pretrained": checkpoint}}}},
         "data": {"class_path": "slug_pl.data.datamodule.SlugDataModule", "init_args": {
             "forget": forget,
             "retain": world["corpus"],
@@ -68,7 +69,7 @@ def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **ov
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }
     for section, values in overrides.items():
-        target = config[section]["init_args"] if section == "data" else config[section]
+        target = config[section]["init_args"] if section in ("data", "model") else config[section]
         target.update(values)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

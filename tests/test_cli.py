@@ -41,7 +41,7 @@ def fitted(tmp_path_factory, small_world, tiny_checkpoint):
 def test_fit_writes_a_complete_run_record(fitted, small_world):
     work, run, _, code = fitted
     summary = json.loads((run / "summary.json").read_text())
-    assert code == (0 if summary["search"]["target_met"] else EXIT_TARGET_NOT_MET)
+    assert code == (0 if summary["target"]["met"] else EXIT_TARGET_NOT_MET)
     for name in ("config.yaml", "ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
                  "report.md", "pareto_vision.png", "pareto_text.png", "gradients/forget.safetensors",
                  "gradients/retain.safetensors"):
@@ -49,11 +49,16 @@ def test_fit_writes_a_complete_run_record(fitted, small_world):
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
 
     # summary.json follows the documented schema; accuracies are fractions
-    assert set(summary) >= {"concepts", "model", "chosen", "search", "before", "after", "evaluations", "timings_s"}
-    for block in (summary["before"], summary["after"], summary["search"]["validation"]):
+    assert set(summary) >= {"schema", "method", "concepts", "model", "target", "validation", "before", "after",
+                            "cost", "timings_s", "per_concept", "evaluated_on"}
+    for block in (summary["before"], summary["after"], summary["validation"]):
         assert set(block) == {"forget_top1", "forget_top5", "retain_top1", "utility_top1"}
         assert all(0.0 <= v <= 1.0 for v in block.values())
-    assert summary["chosen"]["step"] > 0
+    assert summary["method"]["name"] == "slug" and summary["evaluated_on"] == "test"
+    (chosen,) = summary["method"]["edits"]
+    assert chosen["step"] > 0 and chosen["relative_step"] > 0
+    assert summary["cost"]["evaluations"] == len(list(csv.DictReader((run / "search.csv").open())))
+    assert summary["cost"]["edit_bytes"] > 0 and summary["cost"]["gradient_evals"] == 4 + small_world["counts"]["corpus"]
 
     # gradient files: one tensor per model parameter, exact sample counts, metadata
     model = OpenClip("slug-tiny-vit", pretrained=summary_ckpt(run)).load()
@@ -72,13 +77,10 @@ def test_fit_writes_a_complete_run_record(fitted, small_world):
     rows = list(csv.DictReader((run / "ranking.csv").open()))
     assert {r["name"] for r in rows} == {n for n, p in model.named_parameters() if family.is_rankable(n, p)}
     evals = list(csv.DictReader((run / "search.csv").open()))
-    assert len(evals) == summary["evaluations"]
-    chosen_rows = [r for r in evals if r["layer"] == summary["chosen"]["layer"]
-                   and float(r["step"]) == summary["chosen"]["step"]]
-    assert chosen_rows and float(chosen_rows[0]["forget_top5"]) == pytest.approx(
-        summary["search"]["validation"]["forget_top5"])
+    chosen_rows = [r for r in evals if r["layer"] == chosen["layer"] and float(r["step"]) == chosen["step"]]
+    assert chosen_rows and float(chosen_rows[0]["forget_top5"]) == pytest.approx(summary["validation"]["forget_top5"])
     report = (run / "report.md").read_text()
-    assert summary["chosen"]["layer"] in report
+    assert chosen["layer"] in report
     # membership inference (forget pairs vs unseen pairs), before and after, in percent
     assert set(summary["mia"]) == {"before", "after"}
     assert all(0 <= summary["mia"][w]["mean"] <= 100 and summary["mia"][w]["n"] == 4 for w in ("before", "after"))
@@ -86,7 +88,7 @@ def test_fit_writes_a_complete_run_record(fitted, small_world):
 
 
 def summary_ckpt(run: Path) -> str:
-    return yaml.safe_load((run / "config.yaml").read_text())["model"]["family"]["init_args"]["pretrained"]
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["family"]["init_args"]["pretrained"]
 
 
 def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
@@ -95,15 +97,16 @@ def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
     model = OpenClip("slug-tiny-vit", pretrained=summary_ckpt(run)).load()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     edits, meta = load_edits(run / "edit.safetensors")
-    assert [e.name for e in edits] == [summary["chosen"]["layer"]]
-    assert edits[0].step == pytest.approx(summary["chosen"]["step"])
+    (chosen,) = summary["method"]["edits"]
+    assert [e.name for e in edits] == [chosen["layer"]]
+    assert edits[0].step == pytest.approx(chosen["step"])
     for e in edits:
         apply_edit(model, e)
     edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model.safetensors")).load()
     for k, v in edited.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
-    assert changed == [summary["chosen"]["layer"]]  # only the one tensor changes
+    assert changed == [chosen["layer"]]  # only the one tensor changes
     for e in edits:
         revert_edit(model, e)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in original.items())
@@ -125,7 +128,7 @@ def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
     monkeypatch.setattr(cli, "run_cli", spy)
     assert main(["validate", "--config", str(config), "--model.edit", str(run / "edit.safetensors")]) == 0
     metrics = captured["cli"].model.last_eval
-    for k, v in summary["search"]["validation"].items():
+    for k, v in summary["validation"].items():
         assert metrics[k] == pytest.approx(v, abs=1e-6), k
 
 
@@ -154,17 +157,18 @@ def test_search_reruns_on_saved_gradients(fitted, monkeypatch):
     assert not (rerun / "gradients").exists()  # nothing recomputed
     assert (rerun / "ranking.csv").read_text() == (run / "ranking.csv").read_text()
     first, second = (json.loads((d / "summary.json").read_text()) for d in (run, rerun))
-    assert first["chosen"] == second["chosen"]
+    assert first["method"]["edits"] == second["method"]["edits"]
     assert second["timings_s"]["gradients"] == 0.0
 
 
 def test_print_config_lists_search_and_family(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--print_config", "--model.family", "slug_pl.families.OpenClip"])
+        main(["fit", "--print_config", "--model", "slug_pl.methods.SlugModule", "--model.family",
+              "slug_pl.families.OpenClip"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["search"]["target_metric"] == "forget_top5"
-    assert printed["model"]["family"]["class_path"] == "slug_pl.families.OpenClip"
+    assert printed["model"]["init_args"]["family"]["class_path"] == "slug_pl.families.OpenClip"
     assert printed["trainer"]["max_epochs"] == 1
 
 
@@ -185,15 +189,16 @@ def test_two_concepts_get_one_edit_each_from_the_joint_search(tmp_path, monkeypa
     code = main(["fit", "--config", str(config)])
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())
-    assert code == (0 if summary["search"]["target_met"] else EXIT_TARGET_NOT_MET)
-    assert [c["concept"] for c in summary["per_concept"]] == pair
+    assert code == (0 if summary["target"]["met"] else EXIT_TARGET_NOT_MET)
+    per_concept = summary["method"]["per_concept"]
+    assert [c["concept"] for c in per_concept] == pair and list(summary["per_concept"]) == pair
 
-    alternatives = summary["joint"]["alternatives"]
-    assert 1 <= len(alternatives) <= beam_width and summary["joint"]["beam_width"] == beam_width
+    alternatives = summary["method"]["joint"]["alternatives"]
+    assert 1 <= len(alternatives) <= beam_width and summary["method"]["search"]["beam_width"] == beam_width
     assert all([e["concept"] for e in a["edits"]] == pair for a in alternatives)
     best = max(alternatives, key=lambda a: (a["targets_met"],
                                             a["validation"]["retain_top1"] + a["validation"]["utility_top1"]))
-    chosen = [(c["layer"], c["step"]) for c in summary["per_concept"]]
+    chosen = [(c["layer"], c["step"]) for c in per_concept]
     assert [layer for layer, _ in chosen] == [e["layer"] for e in best["edits"]]
     for (_, step), e in zip(chosen, best["edits"]):  # the same step, or one raised by the final re-check
         assert step == pytest.approx(e["step"]) or step >= 2 * e["step"] * (1 - 1e-9)
@@ -208,6 +213,6 @@ def test_two_concepts_get_one_edit_each_from_the_joint_search(tmp_path, monkeypa
     assert all(torch.equal(model.state_dict()[k], v) for k, v in edited.state_dict().items())
 
     rows = list(csv.DictReader((run / "search.csv").open()))
-    assert len(rows) == summary["evaluations"] and {r["concept"] for r in rows} == set(pair)
+    assert len(rows) == summary["cost"]["evaluations"] and {r["concept"] for r in rows} == set(pair)
     for concept in pair:
         assert (run / f"ranking_{concept.lower().replace(' ', '_')}.csv").is_file()

@@ -364,7 +364,7 @@ def test_restep_rebuilds_later_edits_of_the_same_tensor():
     """Two concepts' edits on one tensor, applied in order; raising the first one's step (the
     final re-check of a joint search) leaves θ − λ1'·g1 − λ2·g2, and reverting both restores θ
     bit for bit."""
-    from slug_pl.search import restep_edit
+    from slug_pl.step_search import Outcome, restep_edit
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -374,11 +374,11 @@ def test_restep_rebuilds_later_edits_of_the_same_tensor():
     for name, g, step in (("weight", g1, 0.5), ("bias", gb, 0.25), ("weight", g2, 0.75)):
         e = make_edit(model, name, g, step, concepts=[f"c{len(outcomes)}"])
         apply_edit(model, e)
-        outcomes.append({"edit": e, "forget_grad": g})
+        outcomes.append(Outcome(f"c{len(outcomes)}", [], {}, [], None, None, True, e, g, {}))
     restep_edit(model, outcomes, 0, 1.0)
     assert torch.allclose(model.weight, theta - 1.0 * g1 - 0.75 * g2, atol=1e-6)
-    assert [o["edit"].step for o in outcomes] == [1.0, 0.25, 0.75]
-    assert outcomes[0]["edit"].info == {"concepts": ["c0"]}
+    assert [o.edit.step for o in outcomes] == [1.0, 0.25, 0.75]
+    assert outcomes[0].edit.info == {"concepts": ["c0"]}
     for o in reversed(outcomes):
-        revert_edit(model, o["edit"])
+        revert_edit(model, o.edit)
     assert torch.equal(model.weight, theta)

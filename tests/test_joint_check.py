@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import slug_pl.search as search
 from slug_pl.edit import apply_edit, make_edit
-from slug_pl.search import Evaluation, SlugSearch, binary_step_search
+from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation, StepSearch, binary_step_search
 
 
 def _threshold_search(threshold, initial, lower=0.0, max_evals=20, tolerance=0.01, broken_above=None):
@@ -62,28 +61,28 @@ def _outcomes(model):
     for concept in ("a", "b"):
         e = make_edit(model, "weight", g, 1.0, concepts=[concept])
         apply_edit(model, e)
-        chosen = Evaluation(0, "weight", "vision", 1.0, 0.1, True, True, {}, concept)
-        outcomes.append({"concept": concept, "edit": e, "forget_grad": g, "chosen": chosen})
+        chosen = StepEvaluation(0, "weight", "vision", 1.0, 0.1, True, True, {}, concept)
+        outcomes.append(Outcome(concept, [], {}, [], chosen, chosen, True, e, g, {}))
     return outcomes
 
 
 @pytest.mark.parametrize("threshold, expect_met", [(3.5, True), (1e9, False)])
-def test_joint_check_raises_a_missing_step_or_leaves_it(monkeypatch, threshold, expect_met):
+def test_joint_check_raises_a_missing_step_or_leaves_it(threshold, expect_met):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         model.weight.zero_()
     outcomes = _outcomes(model)  # weight[0, 0] = -2: both concepts miss a threshold above 2
     thresholds = {"a": threshold, "b": 0.5}  # b is met on the combined model, a is not
-    monkeypatch.setattr(search, "_evaluator", lambda family, dm, stage, concepts: _WeightEvaluator(thresholds[concepts[0]]))
-    evaluations = []
-    SlugSearch(max_evals=8, tolerance=0.01)._joint_check(model, None, None, outcomes, evaluations)
+    search = StepSearch(SearchSettings(max_evals=8, tolerance=0.01))
+    search.joint_check(model, outcomes, lambda concept: _WeightEvaluator(thresholds[concept]))
+    evaluations = search.evaluations
     w = model.weight[0, 0].item()
-    assert [o["target_met"] for o in outcomes] == [expect_met, True]
+    assert [o.target_met for o in outcomes] == [expect_met, True]
     assert all(ev.concept == "a" for ev in evaluations) and len(evaluations) <= 8
     if expect_met:  # a's step raised to the smallest meeting the target: 3.5 - 1 (b's step) = 2.5
         assert -3.5 * 1.03 <= w <= -3.5
-        assert outcomes[0]["edit"].step == pytest.approx(-w - 1.0)
+        assert outcomes[0].edit.step == pytest.approx(-w - 1.0)
     else:  # no step could meet it: a's step stays 1, the model is not wrecked by doubling
-        assert w == -2.0 and outcomes[0]["edit"].step == 1.0
-    assert outcomes[1]["edit"].step == 1.0  # b's edit rebuilt on top, same step
+        assert w == -2.0 and outcomes[0].edit.step == 1.0
+    assert outcomes[1].edit.step == 1.0  # b's edit rebuilt on top, same step

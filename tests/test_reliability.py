@@ -35,9 +35,9 @@ from slug_pl.data.pairs import PairBatches, PairSet, shard_sample_counts
 from slug_pl.data.shards import BadSampleError, ShardError
 from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import GradientFileError, load_tensors, save_tensors, weights_fingerprint
-from slug_pl.module import SlugModule
+from slug_pl.methods.slug import SlugModule
 from slug_pl.resume import ResumeError
-from slug_pl.search import SlugSearch
+from slug_pl.methods.slug import SlugSearch
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -396,13 +396,43 @@ def test_same_config_and_seed_give_identical_artifacts(tmp_path, run_a, small_wo
     for name in ("gradients/forget.safetensors", "gradients/retain.safetensors", "edit.safetensors",
                  "edited_model.safetensors"):
         _tensors_equal(a / name, b / name)
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name  # byte-identical files
     for name in ("forget", "retain"):  # no field differs: no timestamps or run paths in the metadata
         assert load_tensors(a / "gradients" / f"{name}.safetensors")[1] == \
             load_tensors(b / "gradients" / f"{name}.safetensors")[1]
     assert (a / "ranking.csv").read_text() == (b / "ranking.csv").read_text()
     assert (a / "search.csv").read_text() == (b / "search.csv").read_text()
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    assert sa["chosen"] == sb["chosen"] and sa["after"] == sb["after"]
+    assert sa["method"]["edits"] == sb["method"]["edits"] and sa["after"] == sb["after"]
+
+
+_WRITE_IN_A_NEW_PROCESS = """
+import sys, torch
+from slug_pl.gradients import save_tensors
+meta = {"set": "forget", "counts": {"samples": 4, "batches": 1, "loss": 0.5}, "model": {"family": "open_clip"},
+        "shapes": {"a": [2, 3], "b": [4]}, "versions": {"torch": "x", "python": "y"}}
+if sys.argv[2] == "reversed":  # the same metadata built in another insertion order
+    meta = dict(reversed(list(meta.items())))
+save_tensors(sys.argv[1], {"b": torch.arange(4.0), "a": torch.ones(2, 3)}, meta)
+"""
+
+
+def test_two_processes_write_byte_identical_gradient_files(tmp_path):
+    """safetensors writes several metadata keys in an order that differs between processes; the
+    gradient files hold one metadata key, so the same tensors and metadata give the same bytes
+    (hash randomization differs per process: PYTHONHASHSEED set apart on purpose)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    digests = []
+    for i, order in enumerate(("given", "reversed")):
+        path = tmp_path / f"g{i}.safetensors"
+        env = {**os.environ, "PYTHONHASHSEED": str(i + 1)}
+        subprocess.run([sys.executable, "-c", _WRITE_IN_A_NEW_PROCESS, str(path), order], check=True, env=env)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 # -- search that misses / breaks -----------------------------------------------------------------
@@ -415,9 +445,10 @@ def test_unreachable_target_finishes_with_exit_status_3(tmp_path, run_a, small_w
     assert code == EXIT_TARGET_NOT_MET
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["search"]["target_met"] is False and summary["chosen"]["step"] > 0
+    (chosen,) = summary["method"]["edits"]
+    assert summary["target"]["met"] is False and chosen["step"] > 0
     evaluated = list(csv.DictReader((run / "search.csv").open()))
-    assert any(r["layer"] == summary["chosen"]["layer"] and float(r["step"]) == summary["chosen"]["step"]
+    assert any(r["layer"] == chosen["layer"] and float(r["step"]) == chosen["step"]
                for r in evaluated)  # the closest evaluated step is the one reported
     assert "NOT met" in (run / "report.md").read_text()
 
@@ -436,7 +467,7 @@ def test_non_finite_evaluation_in_the_search(tmp_path, run_a, small_world, tiny_
     else:
         run = tmp_path / "lightning_logs" / "version_0"
         summary = json.loads((run / "summary.json").read_text())
-        assert summary["search"]["target_met"] is False
+        assert summary["target"]["met"] is False
 
 
 # -- 3. resume ---------------------------------------------------------------------------------

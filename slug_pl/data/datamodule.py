@@ -206,8 +206,8 @@ class SlugDataModule(LightningDataModule):
         return {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
 
     def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module if self.trainer else None
-        sets = [] if getattr(module, "gradients_from", None) else [self.pair_set("forget"), self.pair_set("retain")]
+        module = self.trainer.lightning_module
+        sets = [self.pair_set(name) for name in module.pass_sets()]  # what the method streams
         rank, world = self._rank_world()
         start = getattr(module, "resume_position", 0) if sets else 0  # batches done before a resume
         dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world,

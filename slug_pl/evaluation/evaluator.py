@@ -24,7 +24,7 @@ from torch import nn
 
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
-from slug_pl.evaluation.zeroshot import fill_template
+from slug_pl.evaluation.zeroshot import group_by_class, prompts
 from slug_pl.families.base import ModelFamily, TowerStages
 
 DEFAULT_CACHE_BYTES = 4 * 2**30
@@ -59,11 +59,20 @@ class Evaluator:
         self.batch_size = batch_size
         self.cache_bytes = cache_bytes
         self._tokens = {
-            name: family.tokenize([fill_template(t, c) for c in s.classnames for t in s.templates])
+            name: family.tokenize(prompts(s.classnames, s.templates))
             for name, s in self.sets.items()
         }
         self._features: dict[tuple[str, str], torch.Tensor] = {}  # (set, tower) -> unedited unit features
         self._hidden: dict[tuple[str, str, int], list[torch.Tensor]] = {}  # (set, tower, block) -> batches
+
+    @classmethod
+    def for_concepts(cls, family: ModelFamily, datamodule, stage: str, concepts: Sequence[str]) -> "Evaluator":
+        """The judge of ``concepts`` on a data module's ``stage`` ("validation" or "test") sets:
+        forget metrics over ``concepts``, retain over the concepts the run does not forget."""
+        sets = datamodule.loaded_sets(stage)
+        others = [c for c in datamodule.concepts if c not in concepts]
+        return cls(family, sets["concepts"], concepts, sets.get("utility"), datamodule.eval_batch_size,
+                   exclude_from_retain=others)
 
     def reset_cache(self) -> None:
         self._features.clear()
@@ -126,9 +135,7 @@ class Evaluator:
         data = self.sets[name]
         images = self._tower_features(model, name, "vision", edited)
         texts = self._tower_features(model, name, "text", edited)
-        per_prompt = texts.view(len(data.classnames), len(data.templates), -1)
-        classes = F.normalize(per_prompt.mean(dim=1), dim=-1)
-        return images @ classes.T
+        return images @ group_by_class(texts, len(data.classnames), len(data.templates)).T
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:

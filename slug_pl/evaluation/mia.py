@@ -138,3 +138,14 @@ def membership_inference(
         "n_nonmembers": int(n_nonmembers),
         "folds": int(acc.size),
     }
+
+
+def model_membership_inference(family: ModelFamily, model: nn.Module, pairs) -> dict[str, float | int]:
+    """Membership inference of a model, the one definition every report uses: ``pairs`` =
+    ``((member images, member tokens), (non-member images, non-member tokens))`` (a data module's
+    ``mia_pairs()``); returns ``{"mean": %, "std": %, "n": pairs per class}`` (see
+    :func:`membership_inference`)."""
+    (m_img, m_tok), (n_img, n_tok) = pairs
+    result = membership_inference(pair_similarities(family, model, m_img, m_tok),
+                                  pair_similarities(family, model, n_img, n_tok))
+    return {"mean": result["mean"], "std": result["std"], "n": result["n"]}

@@ -21,6 +21,19 @@ def fill_template(template: str, classname: str) -> str:
     return template.replace("{c}", classname).replace("{}", classname)
 
 
+def prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every (class, template) prompt, ordered class-major: prompt ``c · T + t`` is template ``t``
+    of class ``c`` (the order :func:`group_by_class` expects)."""
+    return [fill_template(t, c) for c in classnames for t in templates]
+
+
+def group_by_class(prompt_features: torch.Tensor, n_classes: int, n_templates: int) -> torch.Tensor:
+    """Unit class embeddings ``(C, D)`` from unit prompt embeddings ``(C · T, D)`` ordered as
+    :func:`prompts` orders them: the normalized mean over each class's T templates."""
+    per_prompt = prompt_features.view(n_classes, n_templates, -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
 @torch.no_grad()
 def class_embeddings(
     family: ModelFamily,
@@ -35,13 +48,12 @@ def class_embeddings(
     if not templates:
         raise ValueError("zero-shot classification needs at least one prompt template")
     device = next(model.parameters()).device
-    texts = [fill_template(t, c) for c in classnames for t in templates]
+    texts = prompts(classnames, templates)
     feats = []
     for start in range(0, len(texts), batch_size):
         tokens = family.tokenize(texts[start : start + batch_size]).to(device)
         feats.append(F.normalize(family.encode_text(model, tokens).float(), dim=-1))
-    per_text = torch.cat(feats).view(len(classnames), len(templates), -1)
-    return F.normalize(per_text.mean(dim=1), dim=-1)
+    return group_by_class(torch.cat(feats), len(classnames), len(templates))
 
 
 @torch.no_grad()

@@ -1,20 +1,22 @@
-"""The SLUG LightningModule: a gradient-only pass (``fit``) and zero-shot evaluation
-(``validate`` / ``test``) of one model family.
+"""SLUG: one gradient-only pass, then one layer edited by one step (docs/design.md §1).
 
-``fit`` runs one epoch over the forget batches, then the retain batches (see
-:mod:`slug_pl.data.pairs`), with manual optimization and *no optimizer step*: gradients
-accumulate locally in ``.grad`` (DDP's per-batch all-reduce is switched off), each set's sums are
-set aside after its last batch, and at the end of the epoch each set's gradient sums, loss
-sums and counts are all-reduced once, divided by the global counts, checked to be finite, and
-written by rank 0 to ``<run>/gradients/{forget,retain}.safetensors`` (with the skipped samples,
-if any, in ``<run>/skipped_samples.json``). The ranking and step search then run in the
-:class:`slug_pl.search.SlugSearch` callback.
+Two pieces, the Lightning shape of the method:
+
+- :class:`SlugModule`, the gradient pass (``fit``): one epoch over the forget batches, then the
+  retain batches (see :mod:`slug_pl.data.pairs`), with manual optimization and *no optimizer
+  step*: gradients accumulate locally in ``.grad`` (DDP's per-batch all-reduce is switched off),
+  each set's sums are set aside after its last batch, and at the end of the epoch each set's
+  gradient sums, loss sums and counts are all-reduced once, divided by the global counts, checked
+  to be finite, and written by rank 0 to ``<run>/gradients/{forget,retain}.safetensors``.
+- :class:`SlugSearch`, a thin Callback that, after the pass, hands the gradients to the step
+  search (:mod:`slug_pl.step_search`: ranking, doubling + bisection, the choice, several
+  concepts), applies the chosen edit(s) and writes the run record (:mod:`slug_pl.record`).
 
 Reliability:
 
 - *Checks before the pass*: the model's weights are finite (after an ``edit``); at least one
-  tensor is rankable under the family's include/exclude filter; none of the run's artifacts
-  exists yet (nothing is ever overwritten: :class:`FileExistsError`).
+  tensor is rankable; none of the run's artifacts exists yet (:class:`FileExistsError`);
+  gradients given with ``gradients_from`` belong to this model, these concepts and this data.
 - *Checks after the pass*: NaN/inf in a set's averaged gradients or loss raises
   :class:`FloatingPointError` naming the set and tensors; nothing is written. A set whose every
   sample was skipped raises :class:`ValueError`.
@@ -25,81 +27,62 @@ Reliability:
       # resumes at batch 1000 in lightning_logs/version_1; same gradients as one pass
 
 - *Reproducibility*: gradient files hold no timestamps or paths of the run; the same config and
-  seed give bit-identical files on the same hardware and software. The metadata records the
-  weights' SHA-256, data fingerprints and package versions.
+  seed give byte-identical files on the same hardware and software. The metadata records the
+  weights' SHA-256, the concepts, data fingerprints and package versions.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from contextlib import nullcontext
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from slug_pl import resume
-from slug_pl.atomic import refuse_existing, write_text
-from slug_pl.edit import apply_edit, load_edits
-from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
-from slug_pl.evaluation.zeroshot import class_embeddings
+from slug_pl.atomic import file_slug, refuse_existing, write_text
+from slug_pl.edit import apply_edit, merge_edits
+from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import (
     FORGET_LOSS,
     RETAIN_LOSS,
+    check_data_identity,
     check_matches_model,
     check_model_identity,
     contrastive_loss,
+    forget_gradient,
     forget_similarity_sum,
     load_tensors,
     non_finite,
     save_tensors,
     weights_fingerprint,
 )
+from slug_pl.methods.base import UnlearningModule, package_versions, peak_memory
+from slug_pl.methods import slug_report
+from slug_pl.ranking import pareto_figure, write_ranking_csv
+from slug_pl.record import RunRecord
+from slug_pl.step_search import ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 
 SETS = ("forget", "retain")
 SKIPPED_FILE = "skipped_samples.json"
-#: Files a fit run writes into its run directory (besides config.yaml and logger files); an
+#: Files a SLUG run writes into its run directory (besides config.yaml and logger files); an
 #: existing one stops the run before any work.
 RUN_ARTIFACTS = ("ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
                  "report.md", "summary.json", "pareto_vision.png", "pareto_text.png", "similarity.png",
                  SKIPPED_FILE)
 
 
-def peak_memory(device: torch.device) -> dict[str, object]:
-    """Peak memory of this process so far: the accelerator's allocator on CUDA, else the
-    resident set size (GiB)."""
-    if device.type == "cuda":
-        return {"device": torch.cuda.get_device_name(device),
-                "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
+class SlugModule(UnlearningModule):
+    """The SLUG gradient pass (``fit``) for one model of a :class:`ModelFamily`; validate / test
+    score the model (with an optional ``edit``) zero-shot."""
 
-    return {"device": "cpu", "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that can change the numbers (PIL decodes images)."""
-    out = {"python": platform.python_version()}
-    for pkg in ("slug_pl", "torch", "lightning", "open_clip_torch", "torchmetrics", "webdataset",
-                "safetensors", "transformers", "diffusers", "pillow", "numpy"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-class SlugModule(LightningModule):
-    """Gradient pass and zero-shot evaluation for one model of a :class:`ModelFamily`."""
+    method_name = "slug"
 
     def __init__(
         self,
@@ -116,9 +99,10 @@ class SlugModule(LightningModule):
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             gradients_from: a folder holding ``forget.safetensors`` and ``retain.safetensors`` of an
                 earlier run (its ``gradients/`` folder): the pass is skipped and the search runs on
-                these gradients.
+                these gradients (refused when they were computed for another model, other
+                concepts or other data).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
-            eval_mode: run the pass in eval mode (no dropout), as DESIGN.md prescribes.
+            eval_mode: run the pass in eval mode (no dropout).
             checkpoint_every: save the pass's partial state every this many global batches to
                 ``<run>/gradients/partial/`` (None: never); see :mod:`slug_pl.resume`.
             resume_from: continue an interrupted pass from its partial state: the interrupted
@@ -127,7 +111,7 @@ class SlugModule(LightningModule):
                 keeping them (less memory for large models, ~30 % more compute); the gradients
                 are the same.
         """
-        super().__init__()
+        super().__init__(family, edit)
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
                              f"got {checkpoint_every}")
@@ -135,21 +119,17 @@ class SlugModule(LightningModule):
             raise ValueError("model.resume_from and model.gradients_from exclude each other: resume "
                              "an interrupted pass, or skip the pass with finished gradients")
         self.automatic_optimization = False
-        self.family = family
         self.gradients_from = gradients_from
-        self.edit = edit
         self.eval_mode = eval_mode
         self.checkpoint_every = checkpoint_every
         self.resume_from = resume_from
         self.activation_checkpointing = activation_checkpointing
-        self.clip: nn.Module | None = None
         #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}
         self.gradients: dict[str, dict[str, torch.Tensor]] = {}
         #: after the pass: per set, {"samples", "batches", "loss", "skipped"} (global values)
         self.pass_stats: dict[str, dict[str, float]] = {}
         #: after the pass: per set, the skipped samples (dicts set/index/shard/key/reason)
         self.skipped: dict[str, list[dict]] = {}
-        self.timings: dict[str, float] = {}
         self.gradient_files: dict[str, Path] = {}
         #: global batch position the pass starts at (> 0 when resuming; read by the DataModule)
         self.resume_position = 0
@@ -158,43 +138,15 @@ class SlugModule(LightningModule):
         self._weights_sha256: str | None = None
         self._compat_cache: dict | None = None
 
-    # -- model ---------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.clip is not None:
-            return
-        self.clip = self.family.load()
+    def prepare_model(self, model) -> None:
         if self.activation_checkpointing:
-            self.family.enable_activation_checkpointing(self.clip)
-        if self.edit:
-            edits, _ = load_edits(self.edit)
-            for e in edits:
-                apply_edit(self.clip, e)
-            rank_zero_info(f"applied edit {self.edit}: {', '.join(e.name for e in edits)}")
-        self._check_weights_finite()
-
-    def _check_weights_finite(self) -> None:
-        bad = non_finite(dict(self.clip.named_parameters()))
-        if bad:
-            source = self.family.describe()
-            edit = f" with the edit {self.edit}" if self.edit else ""
-            raise FloatingPointError(
-                f"the model {source.get('model_name')} from {source.get('pretrained')}{edit} has NaN/inf "
-                f"weights in {len(bad)} tensor(s) (e.g. {bad[:3]}): the checkpoint is broken; use "
-                f"another checkpoint"
-            )
+            self.family.enable_activation_checkpointing(model)
 
     def configure_optimizers(self):
         return None  # a gradient-only pass: no optimizer, no step
 
-    def setup(self, stage: str) -> None:
-        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
-        # rank-0-only code (writing files, the search) never calls it
-        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
-    @property
-    def run_dir(self) -> Path:
-        """This run's ``lightning_logs/version_N`` (resolved on every rank in ``setup``)."""
-        return self._run_dir
+    def pass_sets(self) -> list[str]:
+        return [] if self.gradients_from else list(SETS)
 
     @property
     def partial_dir(self) -> Path:
@@ -206,7 +158,7 @@ class SlugModule(LightningModule):
         self._check_outputs_free()
         self._weights_sha256 = weights_fingerprint(self.clip)
         if self.gradients_from:
-            self._load_gradients(Path(self.gradients_from))
+            self._load_gradients(Path(self.gradients_from), {s: self._data_identity(s) for s in SETS})
         elif self.resume_from:
             self._find_resume_state()
 
@@ -223,11 +175,18 @@ class SlugModule(LightningModule):
         for name in names:
             refuse_existing(self.run_dir / name)
 
-    def _load_gradients(self, folder: Path) -> None:
+    def _load_gradients(self, folder: Path, data_identity: dict[str, dict] | None = None) -> None:
+        """Gradients of an earlier run, checked against this model and (``data_identity``: per set,
+        what :meth:`_data_identity` gives) this run's concepts and data."""
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.gradients_from: {folder} is not a folder; give the gradients/ folder "
+                                    f"of an earlier run (it holds forget.safetensors and retain.safetensors)")
         for name in SETS:
             path = folder / f"{name}.safetensors"
             grads, meta = load_tensors(path)
             check_model_identity(meta, self.family.describe(), self._weights_sha256, path)
+            if data_identity is not None:
+                check_data_identity(meta, data_identity[name], path)
             check_matches_model(grads, self.clip, path, require_all=True)
             self.gradients[name] = grads
             self.pass_stats[name] = dict(meta.get("counts", {}))
@@ -235,6 +194,12 @@ class SlugModule(LightningModule):
             self.gradient_files[name] = path
         self.timings["gradients"] = 0.0
         rank_zero_info(f"re-using gradients from {folder}; the pass is skipped")
+
+    def _data_identity(self, name: str) -> dict:
+        """What a gradient file of set ``name`` must have been computed from: this run's concepts
+        (they define the forget set) and the set's data fingerprint."""
+        datamodule = self.trainer.datamodule
+        return {"concepts": list(datamodule.concepts), "data": datamodule.fingerprint(name)}
 
     # -- resume --------------------------------------------------------------------------------
     def _compat(self) -> dict:
@@ -250,9 +215,9 @@ class SlugModule(LightningModule):
             "world_size": self.trainer.world_size,
             "model": self.family.describe(),
             "model_sha256": self._weights_sha256,
-            "data": {s: getattr(datamodule, "fingerprint", lambda n: {})(s) for s in SETS},
-            "global_batch_size": {s: getattr(datamodule, "global_batch_size", lambda n: None)(s) for s in SETS},
-            "bad_samples": getattr(datamodule, "bad_samples", "stop"),
+            "data": {s: datamodule.fingerprint(s) for s in SETS},
+            "global_batch_size": {s: datamodule.global_batch_size(s) for s in SETS},
+            "bad_samples": datamodule.bad_samples,
             "eval_mode": self.eval_mode,
             "precision": str(self.trainer.precision),
         }
@@ -445,17 +410,18 @@ class SlugModule(LightningModule):
         for name in SETS:
             meta = {
                 "set": name,
+                "concepts": list(datamodule.concepts),
                 "model": self.family.describe(),
                 "model_sha256": self._weights_sha256,
                 "loss": FORGET_LOSS if name == "forget" else RETAIN_LOSS,
                 "sign": "gradient of the loss; an edit theta - step * grad (step > 0) lowers it",
                 "counts": self.pass_stats[name],
-                "global_batch_size": getattr(datamodule, "global_batch_size", lambda s: None)(name),
+                "global_batch_size": datamodule.global_batch_size(name),
                 "world_size": self.trainer.world_size,
                 "eval_mode": self.eval_mode,
                 "precision": str(self.trainer.precision),
-                "data": getattr(datamodule, "fingerprint", lambda s: {})(name),
-                "bad_samples": getattr(datamodule, "bad_samples", "stop"),
+                "data": datamodule.fingerprint(name),
+                "bad_samples": datamodule.bad_samples,
                 "skipped": self.skipped[name],
                 "shapes": {k: list(v.shape) for k, v in self.gradients[name].items()},
                 "versions": package_versions(),
@@ -470,58 +436,173 @@ class SlugModule(LightningModule):
     def _write_skipped(self) -> None:
         """``<run>/skipped_samples.json``: the policy, per-set counts and every skipped sample."""
         record = {
-            "policy": getattr(self.trainer.datamodule, "bad_samples", "stop"),
+            "policy": self.trainer.datamodule.bad_samples,
             "counts": {s: len(self.skipped[s]) for s in SETS},
             "samples": {s: self.skipped[s] for s in SETS},
         }
         write_text(self.run_dir / SKIPPED_FILE, json.dumps(record, indent=2) + "\n")
 
-    # -- zero-shot evaluation (validate / test) ------------------------------------------------
-    def _eval_start(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        self._eval_sets = datamodule.loaded_sets(stage)
-        self._eval_forget_ids = datamodule.forget_ids(stage)
-        self._class_emb = {
-            name: class_embeddings(self.family, self.clip, s.classnames, s.templates)
-            for name, s in self._eval_sets.items()
-        }
-        self._metrics = nn.ModuleDict({
-            name: ZeroShotAccuracy(len(s.classnames)) for name, s in self._eval_sets.items()
-        }).to(self.device)
-
-    def _eval_step(self, batch: dict) -> None:
-        name = batch["set"]
-        u = torch.nn.functional.normalize(self.family.encode_image(self.clip, batch["images"]).float(), dim=-1)
-        self._metrics[name].update(u @ self._class_emb[name].T, batch["labels"])
-
-    def _eval_end(self, stage: str) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, metric in self._metrics.items():
-            result = metric.compute()
-            out |= concept_summary(result, self._eval_forget_ids) if name == "concepts" else utility_summary(result)
-            metric.reset()
-        prefix = "val" if stage == "validation" else "test"
-        self.log_dict({f"{prefix}/{k}": v for k, v in out.items()}, rank_zero_only=True)
-        self.last_eval = out
-        return out
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_start("validation")
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("validation")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_start("test")
-
-    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
 
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+class SlugSearch(Callback):
+    """After the gradient pass: rank, search a step per candidate, choose, apply, record.
+
+    A thin driver: the algorithm is :class:`slug_pl.step_search.StepSearch`; the record is
+    :meth:`UnlearningModule.write_record`. Artifacts beyond the common record: ``ranking.csv`` and
+    ``pareto_{vision,text}.png`` (written as soon as the ranking exists), ``search.csv`` (every
+    evaluation), ``edited_model.safetensors`` (optional).
+    """
+
+    def __init__(
+        self,
+        top_k: int = 3,
+        towers: list[str] = ("vision", "text"),
+        target_metric: str = "forget_top5",
+        target_value: float = 0.0,
+        max_evals: int = 10,
+        initial_step_fraction: float = 0.1,
+        tolerance: float = 0.05,
+        utility_guard: float | None = None,
+        step_margin: float = 1.0,
+        similarity_concepts: int = 8,
+        concept_gradients: str = "original",
+        beam_width: int = 3,
+        fronts: int = 1,
+        save_checkpoint: bool = True,
+    ):
+        """
+        Args:
+            top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``.
+            towers: towers whose layers may be edited.
+            target_metric / target_value: the forget target, ``metric <= value`` on validation.
+            max_evals: evaluations per candidate layer.
+            initial_step_fraction: λ₀ as a fraction of ‖θ_l‖ / ‖g_f,l‖.
+            tolerance: stop bisecting when the bracket is below this fraction of λ.
+            utility_guard: reject steps whose retain or utility top-1 drops by more than this
+                (a fraction, e.g. 0.05 = 5 points); None disables the guard.
+            step_margin: multiply the found (smallest target-meeting) step by this factor (>= 1)
+                so that forgetting also holds on fresh images of the concept, at some cost in
+                retain accuracy (see benchmarks/results/robust_forgetting.md). The report and
+                summary show the step applied, margin included.
+            similarity_concepts: concepts shown in the before/after similarity matrix.
+            concept_gradients: several concepts: each concept's forget gradient on the
+                ``original`` model or on the ``edited`` model (earlier edits applied).
+            beam_width: several concepts: partial edit sets kept after each concept, and
+                candidates per concept tried on each (1: greedy).
+            fronts: candidates come from the first ``fronts`` Pareto fronts of each tower.
+            save_checkpoint: also write the full edited model (``edited_model.safetensors``).
+        """
+        self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
+                                       max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
+                                       beam_width, concept_gradients)
+        self.similarity_concepts = similarity_concepts
+        self.save_checkpoint = save_checkpoint
+        self.summary: dict | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: SlugModule) -> None:
+        self._t_fit = time.perf_counter()
+        family = pl_module.family
+        if not any(family.is_rankable(n, p) and family.tower_of(n) in self.settings.towers
+                   for n, p in pl_module.clip.named_parameters()):
+            raise ValueError(
+                f"no candidate layers: no rankable tensor in towers {list(self.settings.towers)} after the "
+                f"model.family.init_args exclude/include filters; widen them or search.towers"
+            )
+
+    def on_fit_end(self, trainer: Trainer, pl_module: SlugModule) -> None:
+        # on_fit_end (not on_train_end) also runs when the pass is skipped (model.gradients_from)
+        if not trainer.is_global_zero:  # rank 0 searches alone; no collective calls below
+            return
+        t0 = time.perf_counter()
+        model, family, datamodule = pl_module.clip, pl_module.family, trainer.datamodule
+        concepts = list(datamodule.concepts)
+        record = RunRecord(pl_module.run_dir, trainer.logger)
+        search = StepSearch(self.settings, on_evaluation=self._logger(record), log=rank_zero_info,
+                            warn=rank_zero_warn)
+        extra_pairs = {"count": 0}
+
+        def judge_for(concept: str) -> Evaluator:
+            return Evaluator.for_concepts(family, datamodule, "validation", [concept])
+
+        def concept_gradient(concept: str) -> dict:
+            grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))
+            extra_pairs["count"] += count
+            return grads
+
+        def ranked(concept: str, scores) -> None:  # on disk as soon as it exists (kept if the search stops)
+            if concept not in written:
+                self._write_ranking(record, concept, scores, None, len(concepts), overwrite=False)
+                written.add(concept)
+
+        written: set[str] = set()
+        search.on_ranked = ranked
+        outcomes = search.search_concepts(model, family, judge_for, concepts, concept_gradient,
+                                          pl_module.gradients["retain"], run_forget_grad=pl_module.gradients["forget"])
+        for o in outcomes:
+            apply_edit(model, o.edit)
+        if len(concepts) > 1:
+            search.joint_check(model, outcomes, judge_for)
+        pl_module.timings["search"] = time.perf_counter() - t0
+        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"])
+
+    def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
+                record: RunRecord, extra_pairs: int) -> None:
+        """The common run record plus SLUG's own artifacts and report sections."""
+        edits = merge_edits([o.edit for o in outcomes])
+        slug_report.write_search_csv(record, search.evaluations)
+        first = outcomes[0]
+        validation = first.validation if len(outcomes) == 1 else _joint_validation(outcomes)
+        stats = pl_module.pass_stats
+        gradient_evals = (int(stats.get("forget", {}).get("samples", 0)) + int(stats.get("retain", {}).get("samples", 0))
+                          if pl_module.timings.get("gradients", 0.0) > 0 else 0) + extra_pairs
+        method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives)
+        summary = pl_module.write_record(
+            edits=edits, method=method, target=self.settings.target, validation=validation,
+            validation_met=all(o.target_met for o in outcomes),
+            cost={"gradient_evals": gradient_evals, "evaluations": len(search.evaluations)},
+            sections=slug_report.sections(method, outcomes, pl_module, self.settings),
+            remedy=slug_report.REMEDY, similarity_concepts=self.similarity_concepts,
+            edit_metadata={"target": str(self.settings.target)}, t_start=getattr(self, "_t_fit", None))
+        for o in outcomes:  # the ranking of the applied edit set, the chosen layer starred
+            self._write_ranking(record, o.concept, o.scores, o.chosen.layer, len(outcomes), overwrite=True)
+        if self.save_checkpoint:
+            save_tensors(pl_module.run_dir / "edited_model.safetensors", pl_module.clip.state_dict(),
+                         {"model": pl_module.family.describe(), "concepts": summary["concepts"],
+                          "edited_layers": [e.name for e in edits], "steps": [e.step for e in edits]})
+        self.summary = summary
+
+    @staticmethod
+    def _write_ranking(record: RunRecord, concept: str, scores, chosen: str | None, n_concepts: int,
+                       overwrite: bool) -> None:
+        """``ranking[_<concept>].csv`` and ``pareto_<tower>[_<concept>].png``."""
+        suffix = "" if n_concepts == 1 else f"_{file_slug(concept)}"
+        write_ranking_csv(scores, record.run_dir / f"ranking{suffix}.csv", overwrite=overwrite)
+        for tower in ("vision", "text"):
+            if any(s.tower == tower for s in scores):
+                record.figure(pareto_figure(scores, tower, chosen), f"pareto_{tower}{suffix}.png",
+                              tag=f"pareto/{tower}{suffix}" if chosen else None, overwrite=overwrite)
+
+    @staticmethod
+    def _logger(record: RunRecord):
+        """Every search evaluation to TensorBoard (``search/<metric>`` against the evaluation index)."""
+        tb = record.tb
+
+        def log(ev: StepEvaluation) -> None:
+            if tb is None:
+                return
+            for k, v in ev.metrics.items():
+                tb.add_scalar(f"search/{k}", v, ev.index)
+            tb.add_scalar("search/step_fraction", ev.step_fraction, ev.index)
+
+        return log
+
+
+def _joint_validation(outcomes: list[Outcome]) -> dict:
+    """Validation metrics of a joint edit set: the first concept's retain / utility (on the
+    combined model every concept's evaluation sees the same edits) and the worst forget metrics."""
+    out = dict(outcomes[0].validation)
+    for key in ("forget_top1", "forget_top5"):
+        values = [o.validation[key] for o in outcomes if key in o.validation]
+        if values:
+            out[key] = max(values)
+    return out

@@ -1,0 +1,207 @@
+"""What every unlearning method shares: the model family and its model, the data streams it asks
+for, zero-shot validate / test loops, and the run record (method-agnostic).
+
+A method is a :class:`UnlearningModule` subclass in its own file of this package (``slug.py``,
+``ga.py``, ...) plus a config that names it (``model.class_path``). It decides how the model
+changes; this base loads the model, evaluates it and writes the record the same way for every
+method (:meth:`UnlearningModule.write_record`), so methods are compared on identical data, the
+same evaluation code and the same record.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from slug_pl.edit import LayerEdit, apply_edit, load_edits
+from slug_pl.evaluation.final import BeforeAfter, evaluate_before_after
+from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
+from slug_pl.evaluation.similarity import similarity_figure
+from slug_pl.evaluation.zeroshot import class_embeddings
+from slug_pl.families.base import ModelFamily
+from slug_pl.gradients import non_finite
+from slug_pl.record import RunRecord, build_summary, verdict_line
+from slug_pl.step_search import ForgetTarget
+
+
+def peak_memory(device: torch.device) -> dict[str, object]:
+    """Peak memory of this process so far: the accelerator's allocator on CUDA, else the
+    resident set size (GiB)."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device),
+                "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"device": "cpu", "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def peak_mem_mb(memory: dict | None) -> float | None:
+    """The peak of a :func:`peak_memory` record in MB (allocated on an accelerator, resident on a CPU)."""
+    if not memory:
+        return None
+    gib = memory.get("peak_allocated_gib", memory.get("peak_rss_gib"))
+    return None if gib is None else gib * 1024
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that can change the numbers (PIL decodes images)."""
+    out = {"python": platform.python_version()}
+    for pkg in ("slug_pl", "torch", "lightning", "open_clip_torch", "torchmetrics", "webdataset",
+                "safetensors", "transformers", "diffusers", "pillow", "numpy"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class UnlearningModule(LightningModule):
+    """Shared base of every method: ``self.clip`` is the family's model (an ``edit`` patch
+    applied after loading), ``validate`` / ``test`` score it zero-shot on the data module's sets,
+    and :meth:`write_record` writes the run record."""
+
+    #: The method's short name in configs, records and comparisons.
+    method_name = "base"
+
+    def __init__(self, family: ModelFamily, edit: str | None = None):
+        """
+        Args:
+            family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
+            edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
+        """
+        super().__init__()
+        self.family = family
+        self.edit = edit
+        self.clip: nn.Module | None = None
+        self.timings: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.clip is not None:
+            return
+        self.clip = self.family.load()
+        self.prepare_model(self.clip)
+        if self.edit:
+            edits, _ = load_edits(self.edit)
+            for e in edits:
+                apply_edit(self.clip, e)
+            rank_zero_info(f"applied edit {self.edit}: {', '.join(e.name for e in edits)}")
+        bad = non_finite(dict(self.clip.named_parameters()))
+        if bad:
+            source = self.family.describe()
+            edit = f" with the edit {self.edit}" if self.edit else ""
+            raise FloatingPointError(
+                f"the model {source.get('model_name')} from {source.get('pretrained')}{edit} has NaN/inf "
+                f"weights in {len(bad)} tensor(s) (e.g. {bad[:3]}): the checkpoint is broken; use "
+                f"another checkpoint"
+            )
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Hook for a method to adapt the freshly loaded model (e.g. activation checkpointing)."""
+
+    def setup(self, stage: str) -> None:
+        # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
+        # rank-0-only code (writing files) never calls it
+        self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's ``lightning_logs/version_N`` (resolved on every rank in ``setup``)."""
+        return self._run_dir
+
+    # -- the data a method's fit streams -------------------------------------------------------
+    def pass_sets(self) -> list[str]:
+        """The pair sets (``"forget"``, ``"retain"``) ``fit`` streams, in order; [] for none."""
+        return []
+
+    # -- zero-shot evaluation (validate / test) ------------------------------------------------
+    # The loops only spread batches over devices; scoring is slug_pl.evaluation's (one definition).
+    def _eval_start(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self._eval_sets = datamodule.loaded_sets(stage)
+        self._eval_forget_ids = datamodule.forget_ids(stage)
+        self._class_emb = {
+            name: class_embeddings(self.family, self.clip, s.classnames, s.templates)
+            for name, s in self._eval_sets.items()
+        }
+        self._metrics = nn.ModuleDict({
+            name: ZeroShotAccuracy(len(s.classnames)) for name, s in self._eval_sets.items()
+        }).to(self.device)
+
+    def _eval_step(self, batch: dict) -> None:
+        name = batch["set"]
+        u = torch.nn.functional.normalize(self.family.encode_image(self.clip, batch["images"]).float(), dim=-1)
+        self._metrics[name].update(u @ self._class_emb[name].T, batch["labels"])
+
+    def _eval_end(self, stage: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, metric in self._metrics.items():
+            result = metric.compute()
+            out |= concept_summary(result, self._eval_forget_ids) if name == "concepts" else utility_summary(result)
+            metric.reset()
+        prefix = "val" if stage == "validation" else "test"
+        self.log_dict({f"{prefix}/{k}": v for k, v in out.items()}, rank_zero_only=True)
+        self.last_eval = out
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start("validation")
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("validation")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start("test")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
+
+    # -- the run record ------------------------------------------------------------------------
+    def write_record(self, *, edits: Sequence[LayerEdit], method: dict, target: ForgetTarget,
+                     validation: dict, validation_met: bool, cost: dict, sections: Sequence[str] = (),
+                     remedy: str | None = None, similarity_concepts: int = 8, edit_metadata: dict | None = None,
+                     extra: dict | None = None, t_start: float | None = None) -> dict:
+        """Measure before/after (held-out sets), write ``edit.safetensors``, figures,
+        ``summary.json`` and ``report.md`` (rank 0 only; the model carries ``edits``).
+
+        ``cost`` holds what the method knows (``gradient_evals``, ``evaluations``); wall time,
+        peak memory and edit size are added here. ``remedy``: what to change when forgetting
+        does not hold on held-out images. Returns the summary.
+        """
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        concepts = list(datamodule.concepts)
+        record = RunRecord(self.run_dir, trainer.logger)
+        result: BeforeAfter = evaluate_before_after(self.family, self.clip, datamodule, concepts, edits,
+                                                    similarity_concepts)
+        sim_before, sim_after, shown = result.similarity
+        record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
+                      "Image–text similarity of concepts, before and after", "similarity")
+        meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target)}
+        edit_bytes = record.edit_patch(edits, meta | (edit_metadata or {}))
+        memory = getattr(self, "peak_memory", None) or peak_memory(self.device)
+        total = time.perf_counter() - t_start if t_start is not None else None
+        cost = {"wall_s": total, **cost, "peak_mem_mb": peak_mem_mb(memory), "edit_bytes": edit_bytes}
+        summary = build_summary(method=method, concepts=concepts, model=self.family.describe(), target=target,
+                                validation=validation, validation_met=validation_met, result=result, cost=cost,
+                                timings=dict(self.timings) | ({"total": total} if total is not None else {}),
+                                memory=memory, extra=extra)
+        record.write(summary, sections, remedy=remedy, result=result)
+        rank_zero_info(f"{method['name']}: {verdict_line(summary)}; report: {self.run_dir / 'report.md'}")
+        return summary

@@ -1,0 +1,227 @@
+"""The run record: what every method leaves in ``lightning_logs/version_N/``, method-agnostic.
+
+A method (SLUG or a baseline) hands this module its measurements and its own report sections;
+this module writes them the same way for every method:
+
+- ``summary.json``: the machine-readable record (schema below), identical in shape for every
+  method except the ``method`` block;
+- ``report.md``: a first paragraph that says whether the forget target was met on validation
+  and whether forgetting holds on held-out images (and, if not, what to change), the before/after
+  table (with membership inference), the method's own sections, the cost, the files;
+- ``edit.safetensors``: the changed tensors only, old and new (:mod:`slug_pl.edit`);
+- figures as PNG (written atomically) and in TensorBoard; hparams with before/after metrics.
+
+``summary.json`` (accuracies are fractions in [0, 1]; MIA in %)::
+
+    {"schema": 2,
+     "method": {"name": "slug", ...method-specific: edits, search settings, selected epoch...},
+     "concepts": [...], "model": {...the family's describe()...},
+     "target": {"rule": "forget_top5 <= 0", "metric": "forget_top5", "value": 0.0,
+                "met": true,                       # on validation (decides the step / epoch)
+                "held_out": {"met": false, "value": 0.333, "images": 15} | null},
+     "validation": {...metrics of the result on validation...},
+     "evaluated_on": "test" | "validation",
+     "before": {...}, "after": {...},              # on ``evaluated_on``
+     "per_concept": {"<concept>": {...after...}},
+     "mia": {"before": {"mean", "std", "n"}, "after": {...}} (when available),
+     "cost": {"wall_s", "gradient_evals", "evaluations", "peak_mem_mb", "edit_bytes"},
+     "timings_s": {...}, "memory": {...}}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slug_pl.atomic import atomic_output, write_text
+from slug_pl.edit import LayerEdit, save_edits
+from slug_pl.evaluation.final import BeforeAfter
+from slug_pl.step_search import ForgetTarget, core_metrics
+
+SCHEMA_VERSION = 2
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+EDIT_FILE = "edit.safetensors"
+
+
+def pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal ("–" for None)."""
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """A markdown table as lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def held_out_verdict(target: ForgetTarget, result: BeforeAfter) -> dict | None:
+    """Whether the forget target also holds on held-out test images (None without test sets)."""
+    if result.evaluated_on != "test" or target.metric not in result.after:
+        return None
+    value = result.after[target.metric]
+    return {"met": bool(target.met(result.after)), "value": value, "images": result.forget_images}
+
+
+def build_summary(*, method: dict, concepts: Sequence[str], model: dict, target: ForgetTarget, validation: dict,
+                  validation_met: bool, result: BeforeAfter, cost: dict, timings: dict | None = None,
+                  memory: dict | None = None, extra: dict | None = None) -> dict:
+    """The ``summary.json`` of a run (see the module docstring); ``method`` must hold ``name``."""
+    if "name" not in method:
+        raise ValueError("the method block of a run record needs a 'name'")
+    summary = {
+        "schema": SCHEMA_VERSION,
+        "method": method,
+        "concepts": list(concepts),
+        "model": model,
+        "target": {"rule": str(target), "metric": target.metric, "value": target.value, "met": bool(validation_met),
+                   "held_out": held_out_verdict(target, result)},
+        "validation": core_metrics(validation),
+        "evaluated_on": result.evaluated_on,
+        "before": core_metrics(result.before),
+        "after": core_metrics(result.after),
+        "per_concept": {c: core_metrics(m) for c, m in result.per_concept_after.items()},
+        "cost": cost,
+        "timings_s": timings or {},
+        "memory": memory,
+    }
+    if result.mia is not None:
+        summary["mia"] = result.mia
+    return summary | (extra or {})
+
+
+def verdict_line(summary: dict) -> str:
+    """One console line: the target on validation and, when measured, on held-out images."""
+    t = summary["target"]
+    line = f"target {t['rule']} {'met' if t['met'] else 'NOT met'} on validation"
+    held = t.get("held_out")
+    if held is not None:
+        line += (f"; on held-out test images forgetting {'holds' if held['met'] else 'does NOT hold'} "
+                 f"({t['metric']} = {pct(held['value'])} % over {held['images']} images)")
+    return line
+
+
+def _first_paragraph(summary: dict, remedy: str | None) -> list[str]:
+    t = summary["target"]
+    lines = [f"Model: `{summary['model'].get('model_name', summary['model'])}`. "
+             f"Method: **{summary['method']['name']}**.", ""]
+    lines.append(f"- Validation: the forget target `{t['rule']}` is " +
+                 ("**met**." if t["met"] else "**NOT met** (the closest result is reported)."))
+    held = t.get("held_out")
+    if held is None:
+        lines.append("- Held-out images: the config has no test sets, so the before/after figures below are on "
+                     "validation images and say nothing about fresh images of the concept.")
+    elif held["met"]:
+        lines.append(f"- Held-out test images: forgetting **holds** ({t['metric']} = {pct(held['value'])} % over "
+                     f"{held['images']} images of the concept).")
+    else:
+        n_hit = round(held["value"] * held["images"])
+        lines.append(f"- Held-out test images: forgetting does **NOT hold**: {t['metric']} = {pct(held['value'])} % "
+                     f"({n_hit} of {held['images']} fresh images of the concept)." + (f" {remedy}" if remedy else ""))
+    return lines + [""]
+
+
+def _before_after(summary: dict, before: dict, after: dict) -> list[str]:
+    names = sorted(set(before) | set(after), key=lambda k: (k.split("_")[0] != "forget", k))
+    rows = []
+    for k in names:
+        b, a = before.get(k), after.get(k)
+        rows.append([k, pct(b), pct(a), f"{100 * (a - b):+.1f}" if a is not None and b is not None else "–"])
+    if "mia" in summary:
+        mb, ma = summary["mia"]["before"], summary["mia"]["after"]
+        rows.append(["MIA accuracy (forget set vs unseen pairs; 50 = no membership signal)",
+                     f"{mb['mean']:.1f} ± {mb['std']:.1f}", f"{ma['mean']:.1f} ± {ma['std']:.1f}",
+                     f"{ma['mean'] - mb['mean']:+.1f}"])
+    where = "held-out test" if summary["evaluated_on"] == "test" else "validation"
+    return [f"## Before / after ({where} sets, accuracy in %)", "",
+            *table(["metric", "before", "after", "change"], rows), ""]
+
+
+def _cost(summary: dict) -> list[str]:
+    c = summary["cost"]
+    mem = c.get("peak_mem_mb")
+    return ["## Cost", "", *table(
+        ["wall time (s)", "sample gradient evaluations", "model evaluations", "peak memory (MB)", "edit size (bytes)"],
+        [[f"{c.get('wall_s', 0):.1f}", c.get("gradient_evals", "–"), c.get("evaluations", "–"),
+          f"{mem:.0f}" if mem is not None else "–", c.get("edit_bytes", "–")]]), ""]
+
+
+@dataclass
+class RunRecord:
+    """Writes one run's record into ``run_dir`` (every file atomically, never overwriting).
+
+    ``logger``: the run's Lightning logger (or None); with a TensorBoard logger every figure, the
+    hparams and the before/after metrics also go to TensorBoard.
+    """
+
+    run_dir: Path
+    logger: object | None = None
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (caption, file) for report.md
+
+    @property
+    def tb(self):
+        """The TensorBoard ``SummaryWriter`` of the logger, or None."""
+        exp = getattr(self.logger, "experiment", None)
+        return exp if exp is not None and hasattr(exp, "add_figure") else None
+
+    def figure(self, fig, file: str, caption: str | None = None, tag: str | None = None,
+               overwrite: bool = False) -> Path:
+        """Save a matplotlib figure as PNG (and to TensorBoard under ``tag``); listed in the report
+        when it has a caption. ``overwrite`` only for this run's own earlier version of the file."""
+        import matplotlib.pyplot as plt
+
+        path = self.run_dir / file
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png")
+        if self.tb is not None and tag:
+            self.tb.add_figure(tag, fig)
+        plt.close(fig)
+        if caption:
+            self.figures.append((caption, file))
+        return path
+
+    def csv(self, file: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+        path = self.run_dir / file
+        with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+        return path
+
+    def edit_patch(self, edits: Sequence[LayerEdit], metadata: dict) -> int:
+        """Write ``edit.safetensors`` (changed tensors, old and new); returns the bytes a user must
+        keep to reproduce the result (the new tensors)."""
+        save_edits(self.run_dir / EDIT_FILE, list(edits), metadata)
+        return sum(e.nbytes for e in edits)
+
+    def write(self, summary: dict, sections: Sequence[str] = (), remedy: str | None = None,
+              result: BeforeAfter | None = None) -> None:
+        """``summary.json`` and ``report.md`` (first paragraph, before/after, the method's
+        ``sections`` (markdown lines), figures, cost, files), and TensorBoard hparams."""
+        write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        before = result.before if result is not None else summary["before"]
+        after = result.after if result is not None else summary["after"]
+        concepts = ", ".join(summary["concepts"])
+        lines = [f"# Unlearning report: {concepts}", "", *_first_paragraph(summary, remedy),
+                 *_before_after(summary, before, after), *sections]
+        for caption, file in self.figures:
+            lines += ["", f"![{caption}]({file})", "", f"*{caption}* (`{file}`)."]
+        lines += ["", *_cost(summary),
+                  "Files: `summary.json` (this record for programs), `edit.safetensors` (the changed tensors, "
+                  "old and new: apply or revert with `slug_pl.edit`), `config.yaml` (the resolved config that "
+                  "reproduces this run), TensorBoard events (`tensorboard --logdir lightning_logs`).", ""]
+        write_text(self.run_dir / REPORT_FILE, "\n".join(lines))
+        self._hparams(summary)
+
+    def _hparams(self, summary: dict) -> None:
+        if self.tb is None:
+            return
+        params = {"method": summary["method"]["name"], "concepts": ", ".join(summary["concepts"]),
+                  "target": summary["target"]["rule"]}
+        metrics = ({f"before/{k}": v for k, v in summary["before"].items()}
+                   | {f"after/{k}": v for k, v in summary["after"].items()}
+                   | {"target_met": float(summary["target"]["met"])})
+        self.logger.log_hyperparams(params, metrics)
