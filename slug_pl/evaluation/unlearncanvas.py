@@ -29,9 +29,10 @@ Calculation"), ``machine_unlearning/evaluation/quantitative/accuracy.py`` and th
 
   The numbers of images behind each (``n_ua``, ``n_ira``, ``n_cra``) are reported with them. On a
   full grid every concept has the same number of images, so the means over concepts equal the
-  plain fractions over those images. (``accuracy.py`` itself reports each concept's accuracy over
-  every image of that concept, the unlearned one's included; the README's aggregation, followed
-  here, leaves the unlearned concept's images out of the retain accuracies.)
+  plain fractions over those images. (``accuracy.py`` itself computes each object's accuracy over
+  every style, the unlearned style included, and each style's over every object; the README's
+  aggregation, followed here, takes the retain accuracies over the images not prompted with the
+  unlearned concept.)
 
 **Classifiers** (:class:`CanvasClassifier`): anything that maps images ``(N, 3, H, W)`` with
 values in [0, 1] to (style logits ``(N, S)``, object logits ``(N, O)``) and names its classes.
@@ -336,8 +337,8 @@ class CheckpointClassifier:
 
 
 class ZeroShotClassifier:
-    """CLIP zero-shot judge: logits = unit image embedding · unit class embeddings (DESIGN.md §2),
-    class embeddings from the style / object phrases ("Van Gogh") and the templates.
+    """CLIP zero-shot judge: logits = unit image embedding · unit class embeddings, as defined in
+    :mod:`slug_pl.evaluation.zeroshot`, with classes the style / object phrases ("Van Gogh").
 
     ``styles`` / ``objects`` are folder names; images are turned into PIL images and preprocessed
     with the family's own evaluation transform.
@@ -459,7 +460,8 @@ class PublishedRow:
 
 
 _UC_TABLE = ("github.com/OPTML-Group/UnlearnCanvas, assets/mu_results.png at commit 920cfd1 "
-             "(the UnlearnCanvas paper's Table 3, arXiv 2402.11846)")
+             "(the UnlearnCanvas paper's Table 3 as an image; means over all style and all "
+             "object unlearnings)")
 
 #: Rows quoted from the sources named in them; published, not measured here.
 PUBLISHED: tuple[PublishedRow, ...] = (
@@ -469,7 +471,8 @@ PUBLISHED: tuple[PublishedRow, ...] = (
     PublishedRow("CA", (60.82, 96.01, 92.70), (46.67, 90.11, 81.97), 734, 10.1, 4.2, _UC_TABLE),
     PublishedRow("SalUn", (86.26, 90.39, 95.08), (86.91, 96.35, 99.59), 667, 30.8, 4.0, _UC_TABLE),
     PublishedRow("SLUG (style unlearning, reported)", None, None, 39, 3.6, 0.04,
-                 "Cai et al., arXiv 2407.11867, as reported; its table was not read for this file"),
+                 "SLUG paper (Cai et al., arXiv 2407.11867), as reported; not checked against "
+                 "the paper's table here"),
 )
 
 
