@@ -464,6 +464,7 @@ def test_results_table_appends_rows_and_refuses_other_files(tmp_path):
     assert "| GA (object: y) |  |  |  | 16.67 (n=6) | 83.33 (n=6) | 66.67 (n=6) |" in lines[3]
     esd = next(line for line in lines if line.startswith("| ESD |"))
     assert "98.58" in esd and "6163" in esd and "published, not measured here" in esd
+    assert "| 667 | 30.8 | 4.0 |" in next(line for line in lines if line.startswith("| SalUn |"))
     assert sum("published, not measured here" in line for line in lines) == len(PUBLISHED)
 
 

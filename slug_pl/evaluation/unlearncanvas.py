@@ -503,6 +503,7 @@ def comparison_markdown(rows: Sequence[CanvasRow],
         for part in (p.style, p.object):
             cells += [f"{v:.2f}" for v in part] if part is not None else [""] * 3
         lines.append(f"| {p.method} | " + " | ".join(cells) + " | "
-                     + " | ".join(_num(v) for v in (p.time_s, p.memory_gb, p.storage_gb))
+                     + " | ".join("" if v is None else str(v)  # as printed in the source
+                                  for v in (p.time_s, p.memory_gb, p.storage_gb))
                      + f" | published, not measured here: {p.source} |")
     return "\n".join(lines) + "\n"
