@@ -9,8 +9,10 @@ visually distinct at that size, with a little per-image jitter):
 - ``Posterize``: smoothed, saturated, every channel quantized to three levels (flat poster colours);
 - ``Pencil_Sketch``: cream paper, dark strokes along the edges tinted by the object's colour,
   hatching in dark areas;
-- ``Pointillism``: cream canvas covered with round dots of the scene's colours on a jittered grid;
-- ``Watercolor``: blurred, lightened washes with pigment blotches, darker rims and paper grain;
+- ``Pointillism``: a warm cream ground covered with round dots of the scene's colours, saturated,
+  on a staggered, jittered grid;
+- ``Watercolor``: blurred, paler washes on cool white paper with pigment blotches, darker rims
+  and paper grain;
 - ``Mosaic``: 4 × 4-pixel tiles of the scene's mean colours between dark grout lines;
 - ``Neon``: glowing edges in the scene's hues, brightened to full saturation, on a near-black ground.
 
@@ -50,7 +52,9 @@ CANVAS_VERSION = 1
 
 CANVAS_STYLES = ("Posterize", "Pencil_Sketch", "Pointillism", "Watercolor", "Mosaic", "Neon")
 
-_PAPER = np.array([0.96, 0.94, 0.88])
+_PAPER = np.array([0.96, 0.94, 0.88])  # cream drawing paper
+_WARM_CANVAS = np.array([0.98, 0.90, 0.70])  # Pointillism's ground
+_COOL_PAPER = np.array([0.90, 0.94, 0.99])  # Watercolor's paper
 
 
 @dataclass(frozen=True)
@@ -130,9 +134,9 @@ def _pencil_sketch(img, rng):
 def _pointillism(img, rng):
     h, w = img.shape[:2]
     ss = 4  # dots are drawn at 4x resolution and box-filtered down: round, anti-aliased
-    paper = np.clip(_PAPER + rng.normal(0, 0.015, 3), 0, 1)
-    big = np.broadcast_to(paper, (h * ss, w * ss, 3)).copy()
-    colour = _saturate(_blur(img, 1), 1.5)
+    ground = np.clip(_WARM_CANVAS + rng.normal(0, 0.015, 3), 0, 1)
+    big = np.broadcast_to(ground, (h * ss, w * ss, 3)).copy()
+    colour = _saturate(_blur(img, 1), 2.0)
     y, x = (np.mgrid[0 : h * ss, 0 : w * ss] + 0.5) / ss
     for cy in np.arange(0.5, h, 3.0):
         for cx in np.arange(0.5 + 1.5 * (int(cy) // 3 % 2), w, 3.0):  # staggered rows
@@ -155,8 +159,8 @@ def _smooth_noise(rng, h: int, w: int, cells: int) -> np.ndarray:
 
 def _watercolor(img, rng):
     h, w = img.shape[:2]
-    wash = _blur(img, 2)
-    out = 0.6 * wash + 0.4 * _PAPER
+    wash = _saturate(_blur(img, 2), 0.75)
+    out = 0.55 * wash + 0.45 * _COOL_PAPER
     out = out * (1 + 0.10 * _smooth_noise(rng, h, w, 4))[..., None]
     out = out - 0.35 * np.clip(_edges(wash), 0, 1)[..., None] * (1 - wash)
     return np.clip(out + rng.normal(0, 0.02, (h, w, 1)), 0, 1)
