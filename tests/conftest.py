@@ -1,4 +1,5 @@
-"""Shared fixtures: a small demo world and a tiny random-init open_clip model, built locally."""
+"""Shared fixtures: a small demo world and tiny random-init open_clip and Hugging Face CLIP models,
+built locally."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_file(model.state_dict(), str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip(tmp_path_factory):
+    """A random-init tiny ``transformers.CLIPModel`` with the shape of ``slug-tiny-vit`` (both towers
+    64 wide, 2 blocks of 2 heads, projection 32, patch 8, 32 px images, 16 text positions), saved
+    with its tokenizer and image processor as one ``save_pretrained`` folder; returns its path."""
+    import torch
+    from transformers import CLIPModel
+
+    from slug_pl.demo.hf_clip import save_clip_folder, tiny_clip_config
+
+    torch.manual_seed(0)
+    model = CLIPModel(tiny_clip_config(hidden_size=64, layers=2, heads=2, projection_dim=32))
+    return str(save_clip_folder(model, tmp_path_factory.mktemp("hf_clip") / "tiny"))
 
 
 def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **overrides) -> Path:

@@ -12,10 +12,14 @@ Conventions every adapter follows:
 - ``logit_scale`` returns the multiplicative scale (already exponentiated), a 0-dim tensor.
 - Parameter names are the model's own ``named_parameters()`` names: gradient files and edits use
   them, so a downstream model can find the tensor it shares.
+- Images are normalized with the statistics the model was trained with: the model's own
+  preprocessing config unless the user gives ``image_mean`` / ``image_std``; ``describe()``
+  records the ones used.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -74,17 +78,34 @@ class TowerStages:
         return x
 
 
+def channel_stats(name: str, values: Sequence[float] | None, positive: bool = False) -> list[float] | None:
+    """``values`` checked as one finite number per RGB channel (``> 0`` with ``positive``), as a
+    list of floats; None stays None."""
+    if values is None:
+        return None
+    stats = [float(v) for v in values]
+    if len(stats) != 3 or not all(math.isfinite(v) and (v > 0 or not positive) for v in stats):
+        need = "three positive numbers" if positive else "three finite numbers"
+        raise ValueError(f"{name} must be {need}, one per RGB channel (e.g. [0.5, 0.5, 0.5]), got {list(values)}")
+    return stats
+
+
 class ModelFamily(ABC):
     """Adapter between the SLUG core and one family of CLIP-like models."""
 
     #: Short family identifier written into gradient files and reports.
     family_name: str = "base"
 
-    def __init__(self, exclude: Sequence[str] = DEFAULT_EXCLUDE, include: Sequence[str] = ()):
+    def __init__(self, exclude: Sequence[str] = DEFAULT_EXCLUDE, include: Sequence[str] = (),
+                 image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None):
         """``exclude``: regexes of parameter names never ranked; ``include``: if non-empty, only
-        names matching one of these regexes are ranked (applied after ``exclude``)."""
+        names matching one of these regexes are ranked (applied after ``exclude``).
+        ``image_mean`` / ``image_std``: per-channel statistics images are normalized with
+        (``(x - mean) / std`` on pixels in [0, 1]); None: the model's own preprocessing config."""
         self.exclude = tuple(exclude)
         self.include = tuple(include)
+        self.image_mean = channel_stats("image_mean", image_mean)
+        self.image_std = channel_stats("image_std", image_std, positive=True)
 
     # -- loading -------------------------------------------------------------------------------
     @abstractmethod
@@ -92,8 +113,9 @@ class ModelFamily(ABC):
         """Build the model with its weights, in eval mode, on the CPU."""
 
     @abstractmethod
-    def describe(self) -> dict[str, str]:
-        """Identity of the model (family, model id, weights source) for metadata and reports."""
+    def describe(self) -> dict[str, object]:
+        """Identity of the model (family, model id, weights source, the ``image_mean`` /
+        ``image_std`` images are normalized with) for metadata and reports."""
 
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod
@@ -103,6 +125,13 @@ class ModelFamily(ABC):
     @abstractmethod
     def image_transform(self) -> Callable:
         """Deterministic evaluation preprocessing: PIL image -> float tensor ``(3, H, W)``."""
+
+    def image_normalization(self) -> dict[str, list[float] | None]:
+        """``{"image_mean": [r, g, b], "image_std": [r, g, b]}``: the statistics
+        :meth:`image_transform` normalizes with (the user's, else the model's own). Families
+        override this to fill in their model's own; the base knows only the user's (None where
+        not given)."""
+        return {"image_mean": self.image_mean, "image_std": self.image_std}
 
     # -- forward -------------------------------------------------------------------------------
     @abstractmethod

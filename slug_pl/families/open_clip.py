@@ -27,6 +27,7 @@ import torch
 from open_clip.transformer import text_global_pool
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
+from torchvision.transforms import Normalize
 
 from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages
 
@@ -67,6 +68,8 @@ class OpenClip(ModelFamily):
         cache_dir: str | None = None,
         exclude: Sequence[str] = OPEN_CLIP_EXCLUDE,
         include: Sequence[str] = (),
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
     ):
         """
         Args:
@@ -77,8 +80,11 @@ class OpenClip(ModelFamily):
             model_config: optional JSON file or folder of open_clip model configs to register.
             cache_dir: where open_clip caches downloaded weights.
             exclude / include: rankable-tensor filter (see :class:`ModelFamily`).
+            image_mean / image_std: normalization statistics, one per RGB channel; None: the
+                model's own (its saved folder's or pretrained tag's preprocess config, else
+                open_clip's default, OpenAI's CLIP statistics).
         """
-        super().__init__(exclude=exclude, include=include)
+        super().__init__(exclude=exclude, include=include, image_mean=image_mean, image_std=image_std)
         self.model_name = model_name
         self.pretrained = pretrained
         self.model_config = model_config
@@ -100,16 +106,18 @@ class OpenClip(ModelFamily):
             )
         pretrained = str(Path(self.pretrained).expanduser()) if self._is_local_file() else self.pretrained
         model, _, preprocess = open_clip.create_model_and_transforms(
-            self.model_name, pretrained=pretrained, cache_dir=self.cache_dir
+            self.model_name, pretrained=pretrained, cache_dir=self.cache_dir,
+            image_mean=self.image_mean, image_std=self.image_std,
         )
         self._transform = preprocess
         return model.eval()
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, object]:
         return {
             "family": self.family_name,
             "model_name": self.model_name,
             "pretrained": str(self.pretrained),
+            **self.image_normalization(),
         }
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -120,7 +128,8 @@ class OpenClip(ModelFamily):
     def image_transform(self) -> Callable:
         """The evaluation preprocessing open_clip would build for this model and weights: the
         model config's ``preprocess_cfg``, overridden by the pretrained tag's mean / std /
-        interpolation / resize mode, at the tower's image size (no weights are loaded)."""
+        interpolation / resize mode and by ``image_mean`` / ``image_std`` if given, at the tower's
+        image size (no weights are loaded)."""
         if self._transform is None:
             if self.model_name.startswith("local-dir:"):
                 self.load()  # the folder's own config decides; loading sets the transform
@@ -136,8 +145,13 @@ class OpenClip(ModelFamily):
             if self.pretrained and not self._is_local_file():
                 cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(self.model_name, self.pretrained))
             cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+            cfg.update({k: v for k, v in (("mean", self.image_mean), ("std", self.image_std)) if v is not None})
             self._transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
         return self._transform
+
+    def image_normalization(self) -> dict[str, list[float]]:
+        normalize = next(t for t in self.image_transform().transforms if isinstance(t, Normalize))
+        return {"image_mean": [float(v) for v in normalize.mean], "image_std": [float(v) for v in normalize.std]}
 
     def encode_image(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.encode_image(images)
