@@ -8,8 +8,8 @@ seeding and file formats.
 
 from __future__ import annotations
 
-import gzip
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,21 +34,16 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def clip_tokenizer():
-    """A Hugging Face ``CLIPTokenizer`` with open_clip's bundled BPE vocabulary (49,408 tokens:
-    256 bytes, their end-of-word forms, 48,894 merges, start and end of text), so it gives the
-    same ids as ``open_clip.tokenize`` apart from padding."""
-    import open_clip.tokenizer as oc_tokenizer
+def clip_tokenizer(context_length: int = 77):
+    """A Hugging Face ``CLIPTokenizer`` with open_clip's bundled BPE vocabulary (same ids as
+    ``open_clip.tokenize`` apart from padding; see :func:`slug_pl.demo.hf_clip.write_clip_tokenizer`),
+    padding to ``context_length`` tokens (Stable Diffusion: 77)."""
     from transformers import CLIPTokenizer
 
-    with gzip.open(oc_tokenizer.default_bpe()) as fh:
-        lines = fh.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # open_clip's slice
-    byte_chars = list(oc_tokenizer.bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(pair) for pair in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    from slug_pl.demo.hf_clip import write_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        return CLIPTokenizer.from_pretrained(write_clip_tokenizer(folder, context_length))
 
 
 def tiny_sd_pipeline(folder: str | os.PathLike, text_encoder_dir: str | os.PathLike | None = None,

@@ -342,3 +342,22 @@ def test_generate_command_line(sd_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and err.startswith("slug-pl generate: error:")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_tiny_pipeline_around_a_saved_clip_text_tower(tmp_path):
+    """The SD builder with a CLIP folder as text encoder (what a transplant edits): the pipeline's
+    text encoder holds that CLIP's text-tower weights and its tokenizer's context length."""
+    from transformers import CLIPModel
+
+    from slug_pl.demo.hf_clip import save_clip_folder, tiny_clip_config
+
+    torch.manual_seed(0)
+    clip_model = CLIPModel(tiny_clip_config(hidden_size=48, layers=2, heads=2, projection_dim=16))
+    clip_dir = save_clip_folder(clip_model, tmp_path / "clip")
+    pipe = generated.load_pipeline(tiny_sd_pipeline(tmp_path / "sd", text_encoder_dir=clip_dir))
+    tower = clip_model.text_model.state_dict()
+    loaded = pipe.text_encoder.state_dict()  # transformers 5: CLIPTextModel is the tower itself
+    assert set(loaded) == set(tower) and all(torch.equal(loaded[k], tower[k]) for k in tower)
+    assert pipe.tokenizer.model_max_length == 16 and pipe.unet.config.cross_attention_dim == 48
+    (image,) = gen.generate_images(pipe, ["a photo of Alice Abara."], [0], steps=STEPS, progress=False)
+    assert image.size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)

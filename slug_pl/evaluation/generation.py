@@ -258,16 +258,15 @@ class ClipZeroShotJudge:
         self.family, self.model, self.templates, self.batch_size = family, model, tuple(templates), batch_size
         model_id = family.describe().get("model_name") or family.family_name
         self.name = name or f"clip-zeroshot:{model_id}"
-        self._classes: dict[tuple[str, ...], torch.Tensor] = {}
 
     @torch.no_grad()
     def logits(self, images: Sequence[Image.Image], classnames: Sequence[str]) -> torch.Tensor:
-        key = tuple(classnames)
-        if key not in self._classes:
-            self._classes[key] = class_embeddings(self.family, self.model, key, self.templates)
+        """Cosine logits ``(N, C)``; class embeddings are recomputed each call (cheap, and never
+        stale if the model's weights change)."""
+        classes = class_embeddings(self.family, self.model, list(classnames), self.templates)
         transform = self.family.image_transform()
         batch = torch.stack([transform(im) for im in images])
-        return (image_embeddings(self.family, self.model, batch, self.batch_size) @ self._classes[key].T).cpu()
+        return (image_embeddings(self.family, self.model, batch, self.batch_size) @ classes.T).cpu()
 
 
 #: Files of a classifier checkpoint folder (see :class:`ClassifierJudge`).
