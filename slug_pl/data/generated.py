@@ -1,0 +1,243 @@
+"""Generated forget sets (``slug-pl generate``): images of one prompt drawn by a Stable Diffusion
+pipeline, written as webdataset shards that SLUG reads like any other forget set.
+
+To unlearn a concept from a text-to-image model, SLUG needs image–text pairs of the concept; the
+model itself can draw them. Sample ``i`` is the prompt drawn with seed ``seed0 + i`` (one CPU
+generator per image, so an image depends on its seed, not on the batching) and is stored as
+
+- ``<key>.png``: the image; ``<key>.txt``: the prompt (the caption);
+- ``<key>.json``: ``{"seed", "prompt", "steps", "guidance", "height", "width", "dtype",
+  "pipeline"}`` (``pipeline``: the resolved pipeline folder),
+
+with keys ``seed00000000``, ``seed00000001``, … in shards ``generated-000000.tar``, … of at most
+``shard_size`` samples, plus ``manifest.json`` (the settings, shard names and per-shard counts).
+The output directory must be new or empty; everything is written into a temporary directory beside
+it and renamed into place at the end, so an interrupted run leaves no half-written output.
+
+Command line::
+
+    slug-pl generate --pipeline models/sd --prompt "a photo of Alice Abara." --n 500 \\
+        --out data/forget/alice_generated
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from slug_pl.evaluation.generation import check_seeds, iter_image_batches
+
+MANIFEST_NAME = "manifest.json"
+SHARD_PREFIX = "generated"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_TAR_MTIME = 0.0  # fixed member mtime: the same inputs give byte-identical shards
+
+
+class GenerateError(ValueError):
+    """Bad input to ``slug-pl generate``: a missing or unusable pipeline folder, bad settings."""
+
+
+def sample_key(seed: int) -> str:
+    return f"seed{seed:08d}"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``None`` means float16 on CUDA and float32 elsewhere."""
+    if dtype is None:
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise GenerateError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_pipeline_dir(pipeline_dir: str | os.PathLike) -> Path:
+    """The resolved pipeline folder; :class:`GenerateError` if it is missing or not a diffusers
+    pipeline folder (one with ``model_index.json``)."""
+    path = Path(pipeline_dir).expanduser()
+    if not path.is_dir():
+        raise GenerateError(f"pipeline folder not found: {pipeline_dir}. Give a folder written by "
+                            f"StableDiffusionPipeline.save_pretrained")
+    if not (path / "model_index.json").is_file():
+        raise GenerateError(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json); "
+                            f"give a folder written by StableDiffusionPipeline.save_pretrained")
+    return path.resolve()
+
+
+def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """``StableDiffusionPipeline.from_pretrained`` without a safety checker, on ``device``."""
+    from diffusers import StableDiffusionPipeline
+
+    path = check_pipeline_dir(pipeline_dir)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, dtype=dtype)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise GenerateError(f"cannot load a Stable Diffusion pipeline from {pipeline_dir}: "
+                            f"{type(err).__name__}: {' '.join(str(err).split())}") from err
+    return pipe.to(device)
+
+
+def _check_output(out: Path) -> Path:
+    resolved = out.expanduser().resolve()
+    if resolved.exists() and (not resolved.is_dir() or any(resolved.iterdir())):
+        raise FileExistsError(f"output {out} already exists and is not an empty directory; "
+                              f"generate never overwrites, choose a new directory")
+    return resolved
+
+
+def generate_forget_set(
+    pipeline_dir: str | os.PathLike,
+    prompt: str,
+    n: int,
+    out: str | os.PathLike,
+    seed0: int = 0,
+    batch_size: int = 8,
+    steps: int = 50,
+    guidance: float = 7.5,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    shard_size: int = 1000,
+    progress: bool = True,
+) -> Path:
+    """Draw ``prompt`` with seeds ``seed0 … seed0 + n - 1`` and write the images as shards in the
+    new folder ``out``; return ``out``. ``device`` defaults to CUDA when available; ``dtype``
+    (``float32`` / ``float16`` / ``bfloat16``) to float16 on CUDA, float32 elsewhere.
+
+    Raises :class:`GenerateError` for a missing / non-diffusers pipeline folder or bad settings and
+    :class:`FileExistsError` for an existing non-empty ``out``.
+    """
+    if not prompt or not prompt.strip():
+        raise GenerateError("the prompt is empty: give the text to draw, e.g. 'a photo of Alice Abara.'")
+    for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps), ("shard_size", shard_size)):
+        if isinstance(value, bool) or int(value) < 1:
+            raise GenerateError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        seeds = check_seeds(range(seed0, seed0 + n))
+    except ValueError as err:
+        raise GenerateError(str(err)) from err
+    out = Path(out)
+    final_dir = _check_output(out)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    pipeline_path = check_pipeline_dir(pipeline_dir)
+    pipe = load_pipeline(pipeline_path, device, torch_dtype)
+
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    metadata = {"prompt": prompt, "steps": int(steps), "guidance": float(guidance), "height": height,
+                "width": width, "dtype": str(torch_dtype).removeprefix("torch."),
+                "pipeline": str(pipeline_path)}
+    shards: list[str] = []
+    counts: list[int] = []
+    writer = None
+    try:
+        batches = iter_image_batches(pipe, [prompt] * n, seeds, steps, guidance, batch_size, height, width)
+        with tqdm(total=n, desc="generating", unit="img", disable=not progress) as bar:
+            index = 0
+            for images in batches:
+                for image in images:
+                    if writer is None or counts[-1] >= shard_size:
+                        if writer is not None:
+                            writer.close()
+                        shards.append(f"{SHARD_PREFIX}-{len(shards):06d}.tar")
+                        counts.append(0)
+                        writer = wds.TarWriter(str(tmp_dir / shards[-1]), encoder=False, mtime=_TAR_MTIME)
+                    seed = seeds[index]
+                    png = io.BytesIO()
+                    image.save(png, format="PNG")
+                    writer.write({
+                        "__key__": sample_key(seed),
+                        "png": png.getvalue(),
+                        "txt": prompt.encode("utf-8"),
+                        "json": json.dumps({"seed": seed, **metadata}, ensure_ascii=False).encode("utf-8"),
+                    })
+                    counts[-1] += 1
+                    index += 1
+                    bar.update(1)
+        if writer is not None:
+            writer.close()
+            writer = None
+        manifest = {**metadata, "n": n, "seeds": [seeds[0], seeds[-1]],
+                    "scheduler": type(pipe.scheduler).__name__, "device": str(device),
+                    "shards": shards, "counts": counts}
+        (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError as err:
+            raise FileExistsError(f"output {out} appeared while generating and is not empty; "
+                                  f"choose a new directory") from err
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``generate`` options to ``parser`` (for mounting as ``slug-pl generate``)."""
+    parser.add_argument("--pipeline", required=True, metavar="DIR",
+                        help="a Stable Diffusion pipeline folder (StableDiffusionPipeline.save_pretrained)")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to draw (also the caption)")
+    parser.add_argument("--n", type=int, required=True, help="number of images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new output directory for the shards")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image (image i: seed + i)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="pipeline dtype (default: float16 on CUDA, float32 on the CPU)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate for parsed ``args``; print a one-line summary. Returns 0, or 2 on bad input."""
+    try:
+        out = generate_forget_set(args.pipeline, args.prompt, args.n, args.out, seed0=args.seed,
+                                  batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
+                                  device=args.device, dtype=args.dtype, height=args.height,
+                                  width=args.width, shard_size=args.shard_size)
+    except (GenerateError, FileExistsError) as err:
+        print(f"slug-pl generate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.n} images of {args.prompt!r} (seeds {args.seed}–{args.seed + args.n - 1}) to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="slug-pl generate",
+        description="Draw a forget set with a Stable Diffusion pipeline, as webdataset shards.")
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed usage / help already
+        return exc.code if isinstance(exc.code, int) else 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
