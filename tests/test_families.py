@@ -33,7 +33,7 @@ from slug_pl.data.mining import main as mine_main
 from slug_pl.edit import apply_edit, make_edit, revert_edit, stepped
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families import HfClip, OpenClip
-from slug_pl.module import SlugModule
+from slug_pl.methods.slug import SlugModule
 
 EDITS = ["vision early", "vision late", "vision head", "text early", "text late", "text head"]
 TEXTS = ["a photo of Alice Moreau.", "A Close-up  photo of the   BICYCLE!", "it's 3 o'clock, isn't it?",
