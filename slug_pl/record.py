@@ -169,16 +169,24 @@ class RunRecord:
 
     def figure(self, fig, file: str, caption: str | None = None, tag: str | None = None,
                overwrite: bool = False) -> Path:
-        """Save a matplotlib figure as PNG (and to TensorBoard under ``tag``); listed in the report
+        """Save a matplotlib figure or a PIL image as PNG (and to TensorBoard under ``tag``); listed in the report
         when it has a caption. ``overwrite`` only for this run's own earlier version of the file."""
-        import matplotlib.pyplot as plt
-
         path = self.run_dir / file
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, format="png")
-        if self.tb is not None and tag:
-            self.tb.add_figure(tag, fig)
-        plt.close(fig)
+        if hasattr(fig, "savefig"):  # a matplotlib figure
+            import matplotlib.pyplot as plt
+
+            with atomic_output(path, overwrite=overwrite) as tmp:
+                fig.savefig(tmp, format="png")
+            if self.tb is not None and tag:
+                self.tb.add_figure(tag, fig)
+            plt.close(fig)
+        else:  # a PIL image (e.g. a grid of generated images)
+            import numpy as np
+
+            with atomic_output(path, overwrite=overwrite) as tmp:
+                fig.save(tmp, format="PNG")
+            if self.tb is not None and tag:
+                self.tb.add_image(tag, np.asarray(fig.convert("RGB")), dataformats="HWC")
         if caption:
             self.figures.append((caption, file))
         return path

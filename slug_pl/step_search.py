@@ -227,6 +227,8 @@ class StepSearch:
 
     ``on_evaluation(ev)`` is called after every evaluation (e.g. to log it to TensorBoard),
     ``on_ranked(concept, scores)`` after each ranking (e.g. to write it to disk at once).
+    ``rank_found(concept, edits) -> order | None`` may re-order the candidates that met the
+    target (each found edit alone, best first), e.g. by a downstream model's own judgement.
     """
 
     def __init__(self, settings: SearchSettings,
@@ -238,6 +240,7 @@ class StepSearch:
         self.alternatives: list[dict] = []  # several concepts: the complete edit sets compared
         self.on_evaluation = on_evaluation
         self.on_ranked = on_ranked
+        self.rank_found: Callable[[str, list[LayerEdit]], list[int] | None] | None = None
         self.log, self.warn = log, warn
         self._broken_message = ""
 
@@ -358,6 +361,11 @@ class StepSearch:
             for cand in candidates(scores, tower, self.settings.top_k, self.settings.fronts)
         ]
         ranked, target_met = self.choose(results)
+        if target_met and self.rank_found is not None and len(ranked) > 1:
+            found_edits = [make_edit(model, ev.layer, forget_grad[ev.layer], ev.step) for ev in ranked]
+            order = self.rank_found(concept, found_edits)
+            if order is not None:
+                ranked = [ranked[i] for i in order]
         outcomes = []
         for found in ranked[:width]:
             grad = forget_grad[found.layer]

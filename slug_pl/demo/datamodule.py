@@ -3,8 +3,11 @@
 and the validation and held-out test sets like any other :class:`SlugDataModule`.
 
 Everything lives under ``root`` (default ``.slug_cache/demo``, relative to the working
-directory). The model family in the config must load the checkpoint this module trains,
-``<root>/model/<model_name>.safetensors``; a mismatch is reported with the path to put there.
+directory). Which CLIP is trained follows the config's model family: an open_clip model at
+``<root>/model/<model_name>.safetensors`` (:func:`slug_pl.demo.train.ensure_demo`) for
+:class:`~slug_pl.families.OpenClip`, a Hugging Face ``CLIPModel`` folder at ``<root>/hf_clip``
+(:func:`slug_pl.demo.hf_clip.ensure_hf_clip`) for :class:`~slug_pl.families.HfClip`. The family
+must load what this module trains; a mismatch is reported with the path to put there.
 """
 
 from __future__ import annotations
@@ -61,8 +64,20 @@ class DemoWorld(SlugDataModule):
         self.train_kwargs = dict(train or {})
         self.paths: dict | None = None
 
+    def _family(self):
+        return getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
+
+    def _ensure(self) -> dict:
+        """The world and the CLIP the config's family loads, built or read from the cache."""
+        if getattr(self._family(), "family_name", "open_clip") == "hf_clip":
+            from slug_pl.demo.hf_clip import ensure_hf_clip
+
+            built = ensure_hf_clip(self.root, self.spec, self.train_kwargs)
+            return {**built["world"], "hf_clip": built["path"], "metrics": built["metrics"]}
+        return ensure_demo(self.root, self.spec, self.train_kwargs)
+
     def prepare_data(self) -> None:
-        self.paths = ensure_demo(self.root, self.spec, self.train_kwargs)
+        self.paths = self._ensure()
         for concept in self.concepts:
             out = self._forget_dir(concept)
             if not (out / "mining.json").is_file():
@@ -77,16 +92,8 @@ class DemoWorld(SlugDataModule):
 
     def setup(self, stage: str) -> None:
         if self.paths is None:  # prepare_data ran in another process (DDP): read the cache
-            self.paths = ensure_demo(self.root, self.spec, self.train_kwargs)
-        family = getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
-        wanted = Path(self.paths["checkpoint"]).resolve()
-        loaded = getattr(family, "pretrained", None)
-        if loaded is None or Path(loaded).expanduser().resolve() != wanted:
-            raise ValueError(
-                f"the demo trains its CLIP at {wanted}, but the model family loads {loaded!r}; set "
-                f"model.family.init_args.pretrained to {self.paths['checkpoint']} (and model_name "
-                f"to {self.paths['model_name']})"
-            )
+            self.paths = self._ensure()
+        self._check_family_loads_the_demo_clip()
         p = self.paths
         self.forget = {c: [str(s) for s in sorted(self._forget_dir(c).glob("*.tar"))] for c in self.concepts}
         self.retain = p["corpus_shards"][0]  # one corpus shard, as one LAION shard in real use
@@ -111,6 +118,21 @@ class DemoWorld(SlugDataModule):
                                label=names.index(c)) for c in self.concepts]
         nonmembers = (torch.cat([h[0] for h in held_out]), torch.cat([h[1] for h in held_out]))
         return members, nonmembers
+
+
+    def _check_family_loads_the_demo_clip(self) -> None:
+        family = self._family()
+        if "hf_clip" in self.paths:
+            wanted, loaded, key = Path(self.paths["hf_clip"]).resolve(), getattr(family, "model_name", None), "model_name"
+        else:
+            wanted, loaded, key = (Path(self.paths["checkpoint"]).resolve(), getattr(family, "pretrained", None),
+                                   "pretrained")
+        if loaded is None or Path(loaded).expanduser().resolve() != wanted:
+            hint = "" if "hf_clip" in self.paths else f" (and model_name to {self.paths['model_name']})"
+            raise ValueError(
+                f"the demo trains its CLIP at {wanted}, but the model family loads {loaded!r}; set "
+                f"model.init_args.family.init_args.{key} to {wanted}{hint}"
+            )
 
 
 def _templates(paths: dict, kind: str) -> list[str]:

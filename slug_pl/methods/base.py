@@ -30,6 +30,7 @@ from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import non_finite
 from slug_pl.record import RunRecord, build_summary, verdict_line
 from slug_pl.step_search import ForgetTarget
+from slug_pl.targets.base import DownstreamTarget, TargetReport
 
 
 def peak_memory(device: torch.device) -> dict[str, object]:
@@ -72,15 +73,18 @@ class UnlearningModule(LightningModule):
     #: The method's short name in configs, records and comparisons.
     method_name = "base"
 
-    def __init__(self, family: ModelFamily, edit: str | None = None):
+    def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None):
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
+            target: a downstream model that embeds one tower of this CLIP and consumes the edit
+                (e.g. ``slug_pl.targets.StableDiffusion``); None: the CLIP itself.
         """
         super().__init__()
         self.family = family
         self.edit = edit
+        self.target = target
         self.clip: nn.Module | None = None
         self.timings: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -108,6 +112,18 @@ class UnlearningModule(LightningModule):
 
     def prepare_model(self, model: nn.Module) -> None:
         """Hook for a method to adapt the freshly loaded model (e.g. activation checkpointing)."""
+
+    def check_target(self) -> None:
+        """Load the downstream target and refuse a CLIP that is not the one it embeds (before any
+        work); a no-op without a target."""
+        if self.target is not None:
+            self.target.load()
+            self.target.check_pair(self.family, self.clip)
+
+    def readable(self, name: str) -> bool:
+        """Whether the model that consumes the edit reads CLIP parameter ``name`` (every
+        parameter without a downstream target)."""
+        return self.target is None or self.target.reads(name)
 
     def setup(self, stage: str) -> None:
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
@@ -193,6 +209,14 @@ class UnlearningModule(LightningModule):
         sim_before, sim_after, shown = result.similarity
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
+        sections = list(sections)
+        if self.target is not None:  # the downstream model with the edit, judged its own way
+            self.target.transplant(self.clip, edits)
+            downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
+            for caption, file, figure in downstream.figures:
+                record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
+            sections = list(downstream.sections) + sections
+            extra = (extra or {}) | {downstream.key: downstream.block}
         meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target)}
         edit_bytes = record.edit_patch(edits, meta | (edit_metadata or {}))
         memory = getattr(self, "peak_memory", None) or peak_memory(self.device)

@@ -68,6 +68,7 @@ from slug_pl.methods import slug_report
 from slug_pl.ranking import pareto_figure, write_ranking_csv
 from slug_pl.record import RunRecord
 from slug_pl.step_search import ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
+from slug_pl.targets.base import DownstreamTarget
 
 SETS = ("forget", "retain")
 SKIPPED_FILE = "skipped_samples.json"
@@ -93,6 +94,7 @@ class SlugModule(UnlearningModule):
         checkpoint_every: int | None = None,
         resume_from: str | None = None,
         activation_checkpointing: bool = False,
+        target: DownstreamTarget | None = None,
     ):
         """
         Args:
@@ -110,8 +112,11 @@ class SlugModule(UnlearningModule):
             activation_checkpointing: recompute block activations in backward instead of
                 keeping them (less memory for large models, ~30 % more compute); the gradients
                 are the same.
+            target: a downstream model that embeds one tower of this CLIP (Stable Diffusion's text
+                encoder, LLaVA's vision tower): only tensors it reads are candidates, and the edit
+                is transplanted into it and judged there (see :mod:`slug_pl.targets`).
         """
-        super().__init__(family, edit)
+        super().__init__(family, edit, target)
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
                              f"got {checkpoint_every}")
@@ -156,6 +161,7 @@ class SlugModule(UnlearningModule):
     def on_fit_start(self) -> None:
         self._check_rankable()
         self._check_outputs_free()
+        self.check_target()
         self._weights_sha256 = weights_fingerprint(self.clip)
         if self.gradients_from:
             self._load_gradients(Path(self.gradients_from), {s: self._data_identity(s) for s in SETS})
@@ -163,11 +169,12 @@ class SlugModule(UnlearningModule):
             self._find_resume_state()
 
     def _check_rankable(self) -> None:
-        if not any(self.family.is_rankable(n, p) for n, p in self.clip.named_parameters()):
+        if not any(self.family.is_rankable(n, p) and self.readable(n) for n, p in self.clip.named_parameters()):
+            read = f" and read by the target {self.target.describe()}" if self.target is not None else ""
             raise ValueError(
                 f"no candidate layers: no tensor of {self.family.describe().get('model_name')} is "
                 f"rankable under model.family.init_args.exclude {list(self.family.exclude)} and "
-                f"include {list(self.family.include)}; loosen these patterns"
+                f"include {list(self.family.include)}{read}; loosen these patterns"
             )
 
     def _check_outputs_free(self) -> None:
@@ -521,8 +528,11 @@ class SlugSearch(Callback):
                             warn=rank_zero_warn)
         extra_pairs = {"count": 0}
 
-        def judge_for(concept: str) -> Evaluator:
-            return Evaluator.for_concepts(family, datamodule, "validation", [concept])
+        target = pl_module.target
+
+        def judge_for(concept: str):
+            judge = target.search_judge(model, datamodule, concept) if target is not None else None
+            return judge or Evaluator.for_concepts(family, datamodule, "validation", [concept])
 
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))
@@ -536,8 +546,11 @@ class SlugSearch(Callback):
 
         written: set[str] = set()
         search.on_ranked = ranked
+        if target is not None:
+            search.rank_found = lambda concept, edits: target.rank_candidates(model, datamodule, concept, edits)
         outcomes = search.search_concepts(model, family, judge_for, concepts, concept_gradient,
-                                          pl_module.gradients["retain"], run_forget_grad=pl_module.gradients["forget"])
+                                          pl_module.gradients["retain"], readable=pl_module.readable,
+                                          run_forget_grad=pl_module.gradients["forget"])
         for o in outcomes:
             apply_edit(model, o.edit)
         if len(concepts) > 1:

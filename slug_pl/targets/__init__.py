@@ -1,0 +1,6 @@
+"""Downstream targets: models that embed a CLIP tower and consume SLUG's edit (one file each;
+see :mod:`slug_pl.targets.base`)."""
+
+from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
+
+__all__ = ["DownstreamTarget", "TargetMismatchError", "TargetReport"]
