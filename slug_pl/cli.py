@@ -17,7 +17,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from slug_pl.data.datamodule import SlugDataModule
-from slug_pl.methods import SlugSearch, UnlearningModule
+from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
 EXIT_TARGET_NOT_MET = 3
@@ -38,6 +38,12 @@ class SlugCLI(LightningCLI):
         parser.add_lightning_class_args(SlugSearch, "search")
         parser.add_argument("--json", type=str | None, default=None,
                             help="validate/test: also write every metric as JSON to this file ('-': stdout)")
+
+    def before_fit(self) -> None:
+        # the search: section is SLUG's step search; another method (a baseline) runs without it
+        # and takes its forget target from its own model arguments
+        if not isinstance(self.model, SlugModule):
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SlugSearch)]
 
 
 TRAINER_DEFAULTS = {
