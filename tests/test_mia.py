@@ -1,4 +1,4 @@
-"""Membership inference: pair similarities and the logistic-regression attack (DESIGN.md §2)."""
+"""Membership inference: pair similarities and the logistic-regression attack (docs/design.md §2)."""
 
 from __future__ import annotations
 
