@@ -1,10 +1,11 @@
 """The ``slug-pl`` command: LightningCLI with ``fit`` (gradient pass + ranking + step search),
-``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), and ``mine`` (forget-set
-mining from caption shards).
+``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), ``mine`` (forget-set
+mining from caption shards) and ``compare`` (SLUG and baselines on identical data, one table).
 
     slug-pl fit --config configs/demo.yaml
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
     slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
+    slug-pl compare --config configs/demo_compare.yaml
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         from slug_pl.data.mining import main as mine_main
 
         return mine_main(words[1:])
+    if words and words[0] == "compare":
+        from slug_pl.compare import main as compare_main
+
+        return compare_main(words[1:])
     cli = run_cli(argv)
     if cli.subcommand in ("validate", "test"):
         target = cli.config[cli.subcommand].get("json")
