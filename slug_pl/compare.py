@@ -147,7 +147,7 @@ def _versions(out: Path) -> set[Path]:
 
 def run_method(run: MethodRun, out: Path, position: str) -> MethodRun:
     """Run one method's fit in its own process (its progress on this console) and read its summary."""
-    print(f"compare {position} {run.name}: {' '.join(run.command[2:])}", flush=True)
+    print(f"compare {position} {run.name}: slug-pl {' '.join(run.command[3:])}", flush=True)
     before = _versions(out)
     t0 = time.perf_counter()
     run.exit_code = subprocess.run(run.command).returncode

@@ -115,7 +115,7 @@ def _tiny_compare_config(tmp_path: Path, world, checkpoint, forget) -> Path:
         methods[name] = path.name
     config = tmp_path / "compare.yaml"
     config.write_text(yaml.safe_dump({"shared": shared.name, "methods": methods, "target_metric": "forget_top5",
-                                      "target_value": 0.0, "out": str(tmp_path / "out")}))
+                                      "target_value": 0.0, "out": str(tmp_path / "out")}, sort_keys=False))
     return config
 
 
