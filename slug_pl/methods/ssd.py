@@ -17,6 +17,8 @@ Defaults (the reference work's): α = 10, λ in linspace(0.1, 5, 10).
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from slug_pl.families.base import ModelFamily
@@ -119,6 +121,7 @@ class SsdModule(BaselineModule):
                 raise ValueError(f"ssd: the importance pass saw no valid {name} batch; check data.{name}")
             self.importances[name] = {n: (s / batches).cpu() for n, s in self._sums[name].items()}
         del self._sums
+        self.timings["importances"] = time.perf_counter() - self._t_fit
 
     # -- the λ sweep ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -135,6 +138,7 @@ class SsdModule(BaselineModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:  # rank 0 sweeps alone, like SLUG's search
             return
+        t0 = time.perf_counter()
         for i, lam in enumerate(self.lambdas, 1):
             weights = self.dampened(lam)
             self._load(weights)
@@ -142,6 +146,7 @@ class SsdModule(BaselineModule):
             self.consider(i, f"λ = {lam:.4g}", **{"lambda": lam, "dampened_weights": changed})
             if self.stop_when_met and self.done:
                 break
+        self.timings["sweep"] = time.perf_counter() - t0
         self.finish()
 
     # -- the record ----------------------------------------------------------------------------

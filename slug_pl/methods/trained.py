@@ -133,10 +133,12 @@ class BaselineModule(UnlearningModule):
     def consider(self, index: int, label: str, **info) -> Checkpoint:
         """Score the model as it is now on validation (rank 0) and keep a CPU copy of its weights
         when the selection rule prefers it."""
+        t0 = time.perf_counter()
         try:
             metrics = self.judge().evaluate(self.clip)
         except FloatingPointError:  # the model's outputs are NaN/inf: a broken candidate
             metrics = {k: float("nan") for k in ("forget_top1", "forget_top5", "retain_top1", "utility_top1")}
+        self.timings["validation"] = self.timings.get("validation", 0.0) + time.perf_counter() - t0
         cand = checkpoint(index, label, metrics, self.forget_target, **info)
         self.checkpoints.append(cand)
         if preferred(cand, self.selected, self.forget_target):
@@ -305,6 +307,7 @@ class TrainedModule(BaselineModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:  # rank 0 holds the candidates and writes the record
             return
+        self.timings["training"] = time.perf_counter() - self._t_fit  # validation after each epoch included
         self.finish()
 
     # -- the record ----------------------------------------------------------------------------
