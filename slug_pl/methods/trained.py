@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -41,6 +42,7 @@ from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
 from slug_pl.targets.base import DownstreamTarget
 
 SELECTION_FILE = "selection.csv"
+FORGET_METRICS = ("forget_top1", "forget_top5")
 #: Files a baseline run writes (besides config.yaml and logger files); an existing one stops the
 #: run before any work.
 RUN_ARTIFACTS = ("edit.safetensors", "summary.json", "report.md", "similarity.png", SELECTION_FILE)
@@ -65,6 +67,9 @@ class BaselineModule(UnlearningModule):
                 change (see :mod:`slug_pl.targets`).
         """
         super().__init__(family, edit, target)
+        if target_metric not in FORGET_METRICS:
+            raise ValueError(f"model.target_metric must be one of {list(FORGET_METRICS)} (as search.target_metric "
+                             f"for SLUG), got {target_metric!r}")
         self.forget_target = ForgetTarget(target_metric, target_value)
         self.similarity_concepts = similarity_concepts
         self.checkpoints: list[Checkpoint] = []
