@@ -26,7 +26,8 @@ schema for every method) is read into:
   ``forget_top5``, ``retain_top1``, ``utility_top1``, fractions), ``mia`` (membership-inference
   accuracy after, %), ``wall_s``, ``peak_mem_mb``, ``gradient_evals`` (sample forward+backward
   passes), ``evaluations`` (validation evaluations), ``edit_bytes`` (what a user must store to keep
-  the result), whether the target was met on validation and held out, and the run folder;
+  the result), whether the target was met on validation and held out, and the run folder
+  (relative to ``<out>``);
 - ``comparison.md``: the same table in %, with the original model's row and the command;
 - ``comparison.png`` and TensorBoard (``<out>/lightning_logs/comparison``): forget vs retain
   top-1 per method, marker area proportional to wall time.
@@ -38,6 +39,7 @@ import argparse
 import csv
 import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -166,17 +168,19 @@ def run_method(run: MethodRun, out: Path, position: str) -> MethodRun:
     return run
 
 
-def row(run: MethodRun) -> dict:
-    """One ``comparison.csv`` row (after the method, held-out test sets; None where it failed)."""
+def row(run: MethodRun, out: Path) -> dict:
+    """One ``comparison.csv`` row (after the method, held-out test sets; None where it failed);
+    ``run_dir`` relative to ``out``, the folder of the table."""
+    run_dir = os.path.relpath(run.run_dir, out) if run.run_dir else ""
     if not run.ok:
-        return {"method": run.name, "run_dir": str(run.run_dir) if run.run_dir else ""}
+        return {"method": run.name, "run_dir": run_dir}
     s = run.summary
     held = s["target"].get("held_out")
     mia = s.get("mia", {}).get("after", {}).get("mean")
     return {"method": run.name, **{k: s["after"].get(k) for k in METRICS}, "mia": mia,
             **{k: s["cost"].get(k) for k in ("wall_s", "peak_mem_mb", "gradient_evals", "evaluations", "edit_bytes")},
             "target_met": s["target"]["met"], "held_out_met": None if held is None else held["met"],
-            "run_dir": str(run.run_dir)}
+            "run_dir": run_dir}
 
 
 def original_row(runs: list[MethodRun]) -> dict | None:
@@ -248,7 +252,7 @@ def figure(rows: list[dict], original: dict | None):
 
 def write_outputs(out: Path, runs: list[MethodRun], header: list[str]) -> list[dict]:
     """``comparison.csv``, ``comparison.md``, ``comparison.png`` and the TensorBoard figure; returns the rows."""
-    rows = [row(r) for r in runs]
+    rows = [row(r, out) for r in runs]
     original = original_row(runs)
     with atomic_output(out / "comparison.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -91,7 +91,7 @@ def test_comparison_files_from_run_summaries(tmp_path):
     assert "| 100.0 | 100.0 | 98.0 | 90.0 | 90.0 |" in original  # the model before, in %
     ga = next(line for line in md if line.startswith("| ga"))
     assert "| no | no | 25.0 | 50.0 | 70.0 | 80.0 | 55.5 | 60.0 | 1500.0 | 600 | 10 | 13,000,000 |" in ga
-    assert rows[2] == {"method": "ssd", "run_dir": ""}
+    assert rows[2] == {"method": "ssd", "run_dir": ""} and table[0]["run_dir"] == "v0"  # relative to the table
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert list((tmp_path / "lightning_logs" / "comparison").glob("events.out.tfevents.*"))
     runs[1].summary["before"] = dict(runs[1].summary["before"], retain_top1=0.5)  # not the same original model
@@ -125,7 +125,7 @@ def _check_comparison(out: Path) -> dict[str, dict]:
     with open(out / "comparison.csv", newline="") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert tuple(rows) == METHODS
-    summaries = {m: json.loads((Path(r["run_dir"]) / "summary.json").read_text()) for m, r in rows.items()}
+    summaries = {m: json.loads((out / r["run_dir"] / "summary.json").read_text()) for m, r in rows.items()}
     keys = {m: (set(s), set(s["before"]), set(s["after"]), set(s["validation"]), set(s["cost"]), set(s["target"]))
             for m, s in summaries.items()}
     assert all(k == keys["slug"] for k in keys.values()), keys
