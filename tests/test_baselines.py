@@ -190,6 +190,30 @@ def test_salun_leaves_weights_outside_the_mask_bit_identical(tmp_path, monkeypat
     assert mask["fraction"] == fraction and "computed" in mask["source"]
 
 
+def test_salun_mask_from_a_slug_runs_saved_forget_gradient(tmp_path, monkeypatch, small_world, tiny_checkpoint,
+                                                          forget_shard):
+    """With ``gradients_from`` (a SLUG run's gradients/), SalUn's mask is the one it would compute
+    itself, and the mask's gradient pass is neither run nor counted."""
+    slug_dir = tmp_path / "slug"
+    slug_dir.mkdir()
+    config = write_config(slug_dir, small_world, tiny_checkpoint, forget_shard)
+    main(["fit", "--config", str(config), "--trainer.default_root_dir", str(slug_dir)])
+    gradients = slug_dir / "lightning_logs" / "version_0" / "gradients"
+    masks, evals = {}, {}
+    for source in ("computed", "saved"):
+        work = tmp_path / source
+        work.mkdir()
+        extra = {"gradients_from": str(gradients)} if source == "saved" else {}
+        code, run, the_cli = fit(work, monkeypatch, small_world, tiny_checkpoint, forget_shard,
+                                 "slug_pl.methods.SalunModule", max_epochs=1, lr=1e-3, **extra)
+        summary = check_record(run, code, "salun")
+        masks[source], evals[source] = the_cli.model.masks, summary["cost"]["gradient_evals"]
+        assert source in summary["method"]["mask"]["source"]
+    assert masks["saved"].keys() == masks["computed"].keys()
+    assert all(torch.equal(masks["saved"][n], masks["computed"][n]) for n in masks["saved"])
+    assert evals["computed"] - evals["saved"] == 4  # the 4 forget pairs of the mask's pass
+
+
 # -- SSD ------------------------------------------------------------------------------------------
 
 def test_dampen_by_hand():
