@@ -8,6 +8,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# One torch thread for the whole suite: the machines that run it are shared, and measured under
+# load one thread was ~10x faster than two (OpenMP threads spin against other jobs).
+torch.set_num_threads(1)
+
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
