@@ -21,6 +21,16 @@ from slug_pl.families import HfClip
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread: on shared cores two threads spin against other jobs (measured here: an
+    evaluation 40x slower with 2 threads than with 1 under a load of 9)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(root, result of the first ensure_hf_clip, its seconds)."""
