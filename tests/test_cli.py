@@ -121,8 +121,8 @@ def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
     captured = {}
     original = cli.run_cli
 
-    def spy(args):
-        captured["cli"] = original(args)
+    def spy(args, **kwargs):
+        captured["cli"] = original(args, **kwargs)
         return captured["cli"]
 
     monkeypatch.setattr(cli, "run_cli", spy)
