@@ -25,6 +25,9 @@ NOT_APPLICABLE_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     # raised inside Lightning; nothing a user can change
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # jsonargparse deprecations hit by Lightning's own calls (shown where pytest or -W shows them)
+    r"\s*By default only one JsonargparseDeprecationWarning",
+    r"[\s\S]*was\s+deprecated\s+in\s+v4\.\d+\.\d+\s+and\s+will\s+be\s+removed\s+in\s+v5\.0\.0",
     # slug-pl hands LightningCLI its own command line on purpose
     r"LightningCLI's args parameter is intended to run from within Python",
 )
