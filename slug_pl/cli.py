@@ -141,13 +141,14 @@ class SlugCLI(LightningCLI):
         self._refuse_used_run_dir()
         self.datamodule.check("fit", self.model.pass_sets())  # before the logger writes a file
         module, limit = self.model, self.trainer.limit_train_batches
-        if module.pass_sets() and not (isinstance(limit, float) and limit == 1.0):
+        gradient_only = is_gradient_only(module)
+        if gradient_only and module.pass_sets() and not (isinstance(limit, float) and limit == 1.0):
             raise ValueError(
                 f"trainer.limit_train_batches is {limit}: the gradient pass "
                 f"needs every batch of the forget and retain sets; leave it unset"
             )
         if self.console is not None:
-            if is_gradient_only(module):
+            if gradient_only:
                 self.console.gradient_only()
             if not module.pass_sets():
                 self.console.pass_skipped()

@@ -88,6 +88,11 @@ class Console:
         logging.getLogger(_RANK_ZERO_LOGGER).removeFilter(self._filter)
         self._warnings.__exit__(*exc)
 
+    def __getstate__(self) -> dict:
+        # pickled along with the CLI under ddp_spawn: a copy carries the settings, not this
+        # process's saved warning state (which holds the warnings module itself)
+        return {k: v for k, v in self.__dict__.items() if k != "_warnings"}
+
     def gradient_only(self) -> None:
         """Drop the warnings that do not apply to a method without an optimizer step."""
         for pattern in GRADIENT_ONLY_WARNINGS:
