@@ -64,7 +64,8 @@ def _mine(words: list[str]) -> int:
     return mining.run(parser.parse_args(words))
 
 
-#: Commands that are not LightningCLI's (each parses its own options).
+#: Commands that are not LightningCLI's (each parses its own options). A new command is a
+#: function ``words -> exit status`` and one entry here; ``slug-pl --help`` lists it.
 EXTRA_COMMANDS: dict[str, Command] = {
     "mine": Command("mine a forget set: the pairs of caption shards whose caption names a concept", _mine),
 }
