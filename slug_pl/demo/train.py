@@ -10,6 +10,7 @@ test sets are scored by zero-shot classification through the real loader
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -32,6 +33,22 @@ logger = logging.getLogger(__name__)
 def _say(msg: str) -> None:
     logger.info(msg)
     print(msg, flush=True)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """Without open_clip's 'No pretrained weights loaded ... initialized randomly' (root logger)."""
+    drop = _DropRandomInitWarning()
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def _load_images(urls, transform) -> tuple[torch.Tensor, list[str], list[int | None]]:
@@ -111,8 +128,9 @@ def _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epoc
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             running += loss.item()
-        _say(f"demo CLIP: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
-             f"({time.perf_counter() - t1:.0f}s)")
+        if (epoch + 1) % 4 == 0 or epoch + 1 in (1, epochs):  # a few lines, not one per epoch
+            _say(f"demo CLIP: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
+                 f"({time.perf_counter() - t1:.0f}s)")
     return running / steps_per_epoch
 
 
@@ -156,7 +174,8 @@ def train_demo_clip(
         raise ValueError(f"out_path must end in .safetensors, got {out_path}")
     register_model_configs()
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    with _no_random_init_warning():  # the demo CLIP is trained from random weights on purpose
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
     tokenizer = open_clip.get_tokenizer(model_name)
 
     t0 = time.perf_counter()
@@ -194,8 +213,8 @@ def train_demo_clip(
     torch.set_num_threads(1)  # one thread: deterministic, and far faster than two on shared cores
     t1 = time.perf_counter()
     try:
-        final_loss = _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs, steps_per_epoch,
-                      batch_size, shift, t1)
+        final_loss = _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs,
+                                   steps_per_epoch, batch_size, shift, t1)
     finally:
         torch.set_num_threads(threads)
     train_seconds = time.perf_counter() - t1
