@@ -148,4 +148,4 @@ def test_two_process_gradient_files_equal_the_reference(two_process_run, referen
                                      retain_reference(reference["model"], images, tokens, DDP_RETAIN_BATCH))
     assert (meta["counts"]["samples"], meta["counts"]["batches"]) == (600, 10)
     assert meta["global_batch_size"] == DDP_RETAIN_BATCH
-    assert json.loads((two_process_run / "summary.json").read_text())["evaluations"] >= 1
+    assert json.loads((two_process_run / "summary.json").read_text())["cost"]["evaluations"] >= 1
