@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -138,6 +139,9 @@ def save_edits(path: str | os.PathLike, edits: list[LayerEdit], metadata: Mappin
 
 
 def load_edits(path: str | os.PathLike) -> tuple[list[LayerEdit], dict]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"edit file not found: {path}; give the edit.safetensors a fit run wrote "
+                                f"(lightning_logs/version_N/edit.safetensors)")
     tensors, meta = load_tensors(path)
     layers = meta.get("layers", {})
     edits = []

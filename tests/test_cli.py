@@ -5,8 +5,14 @@ gradients, ``mine`` and ``--print_config``."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -19,29 +25,41 @@ from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import load_tensors
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def slug_pl_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m slug_pl.cli ARGS`` in a new process (its console output as a user sees it)."""
+    env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "slug_pl.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+class Fitted(NamedTuple):
+    work: Path
+    run: Path
+    config: Path
+    code: int
+    stdout: str
+    stderr: str
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, small_world, tiny_checkpoint):
-    """One ``fit`` run in a fresh directory; returns (workdir, run_dir, config path, exit code)."""
-    import os
-
+    """One ``slug-pl fit`` in a fresh directory, in its own process (console output captured)."""
     work = tmp_path_factory.mktemp("cli")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
-        assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
-        config = write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar",
-                              data={"mia_nonmembers": small_world["test_identities"]})
-        code = main(["fit", "--config", str(config)])
-    finally:
-        os.chdir(old)
-    return work, work / "lightning_logs" / "version_0", config, code
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", str(work / "forget")]) == 0
+    config = write_config(work, small_world, tiny_checkpoint, "forget/forget-000000.tar",
+                          data={"mia_nonmembers": small_world["test_identities"]})
+    done = slug_pl_command(["fit", "--config", str(config)], work)
+    return Fitted(work, work / "lightning_logs" / "version_0", config, done.returncode, done.stdout, done.stderr)
 
 
 def test_fit_writes_a_complete_run_record(fitted, small_world):
-    work, run, _, code = fitted
+    work, run, _, code = fitted[:4]
     summary = json.loads((run / "summary.json").read_text())
-    assert code == (0 if summary["target"]["met"] else EXIT_TARGET_NOT_MET)
+    assert code == (0 if summary["target"]["met"] else EXIT_TARGET_NOT_MET), fitted.stderr[-3000:]
     for name in ("config.yaml", "ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
                  "report.md", "pareto_vision.png", "pareto_text.png", "gradients/forget.safetensors",
                  "gradients/retain.safetensors"):
@@ -92,7 +110,7 @@ def summary_ckpt(run: Path) -> str:
 
 
 def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
-    _, run, _, _ = fitted
+    _, run, _, _ = fitted[:4]
     summary = json.loads((run / "summary.json").read_text())
     model = OpenClip("slug-tiny-vit", pretrained=summary_ckpt(run)).load()
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -113,7 +131,7 @@ def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
 
 
 def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
-    work, run, config, _ = fitted
+    work, run, config, _ = fitted[:4]
     summary = json.loads((run / "summary.json").read_text())
     monkeypatch.chdir(work)
     from slug_pl import cli
@@ -121,8 +139,8 @@ def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
     captured = {}
     original = cli.run_cli
 
-    def spy(args):
-        captured["cli"] = original(args)
+    def spy(args, **kwargs):
+        captured["cli"] = original(args, **kwargs)
         return captured["cli"]
 
     monkeypatch.setattr(cli, "run_cli", spy)
@@ -134,7 +152,7 @@ def test_validate_with_edit_reproduces_search_metrics(fitted, monkeypatch):
 
 def test_test_with_edit_reproduces_the_after_metrics(fitted, monkeypatch):
     """``summary.json``'s after block (held-out test sets) equals ``slug-pl test`` with the patch."""
-    work, run, config, _ = fitted
+    work, run, config, _ = fitted[:4]
     summary = json.loads((run / "summary.json").read_text())
     monkeypatch.chdir(work)
     out = work / "test_metrics.json"
@@ -150,7 +168,7 @@ def test_test_with_edit_reproduces_the_after_metrics(fitted, monkeypatch):
 
 
 def test_search_reruns_on_saved_gradients(fitted, monkeypatch):
-    work, run, config, _ = fitted
+    work, run, config, _ = fitted[:4]
     monkeypatch.chdir(work)
     main(["fit", "--config", str(config), "--model.gradients_from", str(run / "gradients")])
     rerun = max((work / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))
@@ -216,3 +234,82 @@ def test_two_concepts_get_one_edit_each_from_the_joint_search(tmp_path, monkeypa
     assert len(rows) == summary["cost"]["evaluations"] and {r["concept"] for r in rows} == set(pair)
     for concept in pair:
         assert (run / f"ranking_{concept.lower().replace(' ', '_')}.csv").is_file()
+
+
+# -- what a user sees ------------------------------------------------------------------------------
+
+
+def test_fit_console_output_fits_one_screen_without_notices_that_do_not_apply(fitted):
+    """The fit's whole console output: a screenful, no Lightning notice about optimizers, eval
+    mode, empty validation loaders or LightningCLI arguments, warnings as one line each."""
+    from slug_pl.console import GRADIENT_ONLY_WARNINGS, NOT_APPLICABLE_WARNINGS, QUIET_NOTICES
+
+    lines = (fitted.stdout + fitted.stderr).splitlines()
+    assert fitted.stdout == ""  # nothing for a program to read: the results are files
+    assert len(lines) <= 20, "\n".join(lines)
+    silenced = [*NOT_APPLICABLE_WARNINGS, *GRADIENT_ONLY_WARNINGS, *QUIET_NOTICES]
+    for line in lines:
+        assert not any(re.search(p, line) for p in silenced), line
+        assert "Traceback" not in line and "site-packages" not in line, line
+        assert "warning" not in line.lower() or line.startswith("slug-pl fit: warning: "), line
+    assert lines[-1].startswith("slug: target forget_top5 <= 0")
+
+
+def test_test_json_dash_writes_only_json_to_stdout(fitted, monkeypatch, capsys):
+    monkeypatch.chdir(fitted.work)
+    edit = str(fitted.run / "edit.safetensors")
+    assert main(["test", "--config", str(fitted.config), "--model.edit", edit, "--json", "-"]) == 0
+    out, err = capsys.readouterr()
+    record = json.load(io.StringIO(out))
+    assert record["stage"] == "test" and record["edit"] == edit and "forget_top1" in record["metrics"]
+    assert "warning" not in err
+
+
+@pytest.mark.slow  # ~25 s: a second process
+def test_test_json_stdout_holds_only_json(fitted):
+    """``slug-pl test --json -`` with a progress bar: stdout parses with json.load; the table,
+    progress bar and logs go to stderr."""
+    done = slug_pl_command(["test", "--config", str(fitted.config), "--model.edit", str(fitted.run / "edit.safetensors"),
+                            "--json", "-", "--trainer.enable_progress_bar", "true"], fitted.work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.load(io.StringIO(done.stdout))
+    summary = json.loads((fitted.run / "summary.json").read_text())
+    assert record["stage"] == "test" and record["edit"] == str(fitted.run / "edit.safetensors")
+    for k, v in summary["after"].items():
+        assert record["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    assert 0 <= record["mia"]["mean"] <= 100 and record["mia"]["n"] == 4
+
+
+def test_validate_prints_each_metric_once(fitted, monkeypatch, capsys):
+    """One table on stdout, one row per set, the numbers of the JSON record (in %)."""
+    monkeypatch.chdir(fitted.work)
+    record_path = fitted.work / "validate.json"
+    assert main(["validate", "--config", str(fitted.config), "--json", str(record_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "DataLoader" not in out + err
+    rows = out.splitlines()
+    assert rows[0].startswith("validate: ") and "(edit: none)" in rows[0]
+    assert rows[1].split() == ["top-1", "top-5"]
+    assert [r.split()[0] for r in rows[2:5]] == ["forget", "retain", "utility"]  # one row per set
+    assert rows[5].startswith("membership inference: ")
+    metrics = json.loads(record_path.read_text())["metrics"]
+    for row in rows[2:5]:
+        name, top1, top5 = row.split()
+        assert float(top1.rstrip("%")) == pytest.approx(100 * metrics[f"{name}_top1"], abs=0.051)
+        assert float(top5.rstrip("%")) == pytest.approx(100 * metrics[f"{name}_top5"], abs=0.051)
+
+
+def test_existing_json_file_is_refused_before_any_work(fitted, monkeypatch, capsys):
+    monkeypatch.chdir(fitted.work)
+    target = fitted.work / "mine.json"
+    target.write_text("a user's file")
+    assert main(["test", "--config", str(fitted.config), "--json", str(target)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"slug-pl test: error: refusing to overwrite {target}")
+    assert target.read_text() == "a user's file"
+
+
+def test_missing_edit_file_is_named_as_an_edit(fitted, monkeypatch, capsys):
+    monkeypatch.chdir(fitted.work)
+    assert main(["validate", "--config", str(fitted.config), "--model.edit", "nope/edit.safetensors"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("slug-pl validate: error: edit file not found: nope/edit.safetensors") and "gradient" not in last

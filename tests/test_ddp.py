@@ -107,8 +107,9 @@ def test_two_processes_give_the_same_ranking_and_choice(runs):
 
     assert ranking(runs["one"]) == ranking(runs["two"])
     s1, s2 = (json.loads((_run_dir(runs[k]) / "summary.json").read_text()) for k in ("one", "two"))
-    assert s1["chosen"]["layer"] == s2["chosen"]["layer"]
-    assert s1["chosen"]["step"] == pytest.approx(s2["chosen"]["step"], rel=1e-4)
+    (c1,), (c2,) = s1["method"]["edits"], s2["method"]["edits"]
+    assert c1["layer"] == c2["layer"]
+    assert c1["step"] == pytest.approx(c2["step"], rel=1e-4)
 
 
 def test_gradients_are_reduced_once_per_set_not_per_batch(runs):

@@ -287,13 +287,16 @@ def test_no_candidate_layers_fails_before_the_pass(tmp_path, tiny_checkpoint, fo
     assert not (tmp_path / "gradients").exists()
 
 
-def test_config_errors_surface_through_the_cli(tmp_path, small_world, tiny_checkpoint, forget_shards):
+def test_config_errors_surface_through_the_cli(tmp_path, small_world, tiny_checkpoint, forget_shards, capsys):
+    """Errors of a class's __init__ (wrapped by jsonargparse) end the command with exit status 2
+    and the original message as the last line of stderr."""
     config = write_config(tmp_path, small_world, tiny_checkpoint, forget_shards,
                           trainer={"default_root_dir": str(tmp_path)})
-    with pytest.raises(ValueError, match=r"search top_k must be >= 1"):
-        main(["fit", "--config", str(config), "--search.top_k", "0"])
-    with pytest.raises(ValueError, match=r"data\.batch_size must be a positive integer"):
-        main(["fit", "--config", str(config), "--data.init_args.batch_size", "0"])
+    assert main(["fit", "--config", str(config), "--search.top_k", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("slug-pl fit: error: search top_k must be >= 1")
+    assert main(["fit", "--config", str(config), "--data.init_args.batch_size", "0"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "slug-pl fit: error: data.batch_size must be a positive integer, got 0"
 
 
 # -- 2. nothing lost ---------------------------------------------------------------------------
@@ -311,7 +314,10 @@ def test_atomic_output_never_overwrites_and_leaves_no_temp(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temp file, no half file
 
 
-def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, tiny_checkpoint, forget_shards):
+def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, tiny_checkpoint, forget_shards,
+                                                          capsys):
+    """A fit into the folder of an earlier run stops before anything is written there (no event
+    file, no config.yaml), with a message a command-line user can act on."""
     run = tmp_path / "lightning_logs" / "version_0"
     existing = run / "gradients" / "forget.safetensors"
     existing.parent.mkdir(parents=True)
@@ -320,10 +326,12 @@ def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, 
               "init_args": {"save_dir": str(tmp_path), "version": 0}}
     config = write_config(tmp_path, small_world, tiny_checkpoint, forget_shards,
                           trainer={"default_root_dir": str(tmp_path), "logger": logger})
-    with pytest.raises(FileExistsError, match=r"version_0/gradients/forget\.safetensors"):
-        main(["fit", "--config", str(config)])
+    assert main(["fit", "--config", str(config)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("slug-pl fit: error: the run folder ") and "version_0 holds an earlier run" in last
+    assert "gradients/forget.safetensors" in last and "LightningCLI" not in last
     assert existing.read_bytes() == b"an earlier run's gradients"
-    assert not (run / "gradients" / "retain.safetensors").exists()
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == ["gradients", "gradients/forget.safetensors"]
 
 
 # -- the shared full run -------------------------------------------------------------------------
@@ -453,17 +461,16 @@ def test_unreachable_target_finishes_with_exit_status_3(tmp_path, run_a, small_w
     assert "NOT met" in (run / "report.md").read_text()
 
 
-def test_non_finite_evaluation_in_the_search(tmp_path, run_a, small_world, tiny_checkpoint, forget_shards):
+def test_non_finite_evaluation_in_the_search(tmp_path, run_a, small_world, tiny_checkpoint, forget_shards, capsys):
     """A step so large that the edited model's logits overflow: the evaluator raises
     FloatingPointError naming the set; a search that records such an evaluation as failed instead
     must not choose it."""
     config = _run_config(tmp_path, small_world, tiny_checkpoint, forget_shards)
     args = ["fit", "--config", str(config), "--model.gradients_from", str(run_a["run"] / "gradients"),
             "--search.initial_step_fraction", "1e30", "--search.max_evals", "1", "--search.towers", "[text]"]
-    try:
-        main(args)
-    except FloatingPointError as err:
-        assert "non-finite" in str(err) and "concepts" in str(err)
+    if main(args) == 2:  # the anticipated error, as the last line
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last.startswith("slug-pl fit: error: ") and "non-finite" in last and "concepts" in last
     else:
         run = tmp_path / "lightning_logs" / "version_0"
         summary = json.loads((run / "summary.json").read_text())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +21,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from slug_pl.data.labelled import LoadedSet, load_pairs
 from slug_pl.data.layouts import EvalSet
-from slug_pl.data.mining import EmptyForgetSetError
-from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, shard_sample_counts
+from slug_pl.data.mining import EmptyForgetSetError, concept_pattern
+from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, kept_sample_counts, shard_sample_counts
 from slug_pl.data.shards import ShardError, expand_urls
+from slug_pl.errors import did_you_mean
 
 STAGES = ("validation", "test")
 
@@ -90,6 +93,7 @@ class SlugDataModule(LightningDataModule):
         eval_batch_size: int = 256,
         bad_samples: str = "stop",
         mia_nonmembers: str | list[str] | None = None,
+        retain_exclude_concepts: bool | list[str] = False,
     ):
         """
         Args:
@@ -112,6 +116,12 @@ class SlugDataModule(LightningDataModule):
                 ``"skip"`` (leave it out; skipped samples are counted and listed in the gradient
                 files' metadata and the run's ``skipped_samples.json``). See
                 :mod:`slug_pl.data.pairs` for how skipping stays exact under DDP.
+            retain_exclude_concepts: leave out of the retain set every pair whose caption names a
+                forgotten concept (whole words, any case, as ``slug-pl mine`` matches): ``true``
+                for the names in ``concepts``, or a list of names (add aliases, e.g.
+                ``["Elon Musk", "Musk"]``). The retain set is then exactly the other pairs, on any
+                number of devices (see :mod:`slug_pl.data.pairs`). Default ``false``: the retain
+                shards as given.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
@@ -132,6 +142,9 @@ class SlugDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.mia_nonmembers = mia_nonmembers
         self.bad_samples = bad_samples
+        if not isinstance(retain_exclude_concepts, bool) and not retain_exclude_concepts:
+            raise ValueError("data.retain_exclude_concepts is an empty list: give names, true or false")
+        self.retain_exclude_concepts = retain_exclude_concepts
         self._pair_sets: dict[str, PairSet] = {}
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
 
@@ -155,18 +168,29 @@ class SlugDataModule(LightningDataModule):
             if spec is None:
                 raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
             urls = tuple(expand_urls(spec))
-            sizes = tuple(shard_sample_counts(urls))
+            exclude = self.retain_exclusion() if name == "retain" else None
+            sizes = tuple(shard_sample_counts(urls) if exclude is None else kept_sample_counts(urls, exclude))
             if sum(sizes) == 0:
                 error = EmptyForgetSetError if name == "forget" else ShardError
+                left_out = f" once pairs matching {exclude.pattern!r} are left out" if exclude is not None else ""
                 raise error(
-                    f"the {name} set is empty: no samples in {', '.join(urls)}. "
+                    f"the {name} set is empty{left_out}: no samples in {', '.join(urls)}. "
                     + ("Mine a forget set with `slug-pl mine` (check the concept names) or point "
                        "data.forget at its shards" if name == "forget" else
                        "Point data.retain at shards that hold image-caption pairs")
                 )
             bs = self.batch_size if name == "forget" else self.retain_batch_size
-            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes)
+            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude)
         return self._pair_sets[name]
+
+    def retain_exclusion(self) -> re.Pattern | None:
+        """The caption pattern of retain pairs left out (``retain_exclude_concepts``), or None."""
+        if self.retain_exclude_concepts is False:
+            return None
+        names = self.concepts if self.retain_exclude_concepts is True else list(self.retain_exclude_concepts)
+        if not names:
+            raise ValueError("data.retain_exclude_concepts: true needs data.concepts; or give the names to leave out")
+        return concept_pattern(names)
 
     def _missing_concepts(self, spec: dict):
         missing = [c for c in self.concepts if c not in spec]
@@ -203,7 +227,10 @@ class SlugDataModule(LightningDataModule):
 
     def fingerprint(self, name: str) -> dict[str, object]:
         pair_set = self.pair_set(name)
-        return {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
+        out = {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
+        if pair_set.exclude is not None:
+            out["excluded_captions"] = pair_set.exclude.pattern
+        return out
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
@@ -214,6 +241,40 @@ class SlugDataModule(LightningDataModule):
                               start_batch=start, bad_samples=self.bad_samples)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False)
+
+    # -- checks before any work ----------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        pass_sets = module.pass_sets() if stage == "fit" and module is not None else ()
+        self.check(stage, pass_sets)
+
+    def check(self, stage: str, pair_sets: Sequence[str] = ()) -> None:
+        """Check what a ``stage`` run ("fit", "validate", "test") needs before any work: the
+        concept names are in the concept class list of every evaluation set the stage uses (with
+        "did you mean"), those sets' files exist, and the ``pair_sets`` ("forget", "retain") exist,
+        read and are not empty. Raises ValueError (or FileNotFoundError) naming the option."""
+        if isinstance(self.forget, dict) and any(c not in self.forget for c in self.concepts):
+            self._missing_concepts(self.forget)
+        for name in pair_sets:
+            self.pair_set(name)
+        required = {"validate": "validation", "test": "test"}.get(stage)
+        if required is not None and not self.has_stage(required):
+            raise ValueError(f"data.{required} is not set: {stage} needs its labelled concept (and "
+                             f"utility) sets")
+        for eval_stage in STAGES if stage == "fit" else (required,) if required else ():
+            suite = self.suites.get(eval_stage)
+            if suite is None:
+                continue
+            classnames = suite.concepts.class_names(f"{eval_stage}.concepts")
+            for concept in self.concepts:
+                if concept not in classnames:
+                    raise ValueError(
+                        f"data.concepts: {concept!r} is not in the class list of data.{eval_stage}.concepts "
+                        f"({len(classnames)} names){did_you_mean(concept, classnames)}; spell each concept "
+                        f"exactly as there"
+                    )
+            if suite.utility is not None:
+                suite.utility.class_names(f"{eval_stage}.utility")
 
     # -- labelled sets -------------------------------------------------------------------------
     def has_stage(self, stage: str) -> bool:

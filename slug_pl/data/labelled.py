@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from slug_pl.data.shards import ShardError, decode_image, expand_urls, iter_raw_samples
+from slug_pl.data.subsets import stratified_sample
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 
@@ -44,17 +45,32 @@ def read_name_list(value: str | Sequence[str], what: str) -> list[str]:
 class LabelledSet:
     """Where a labelled evaluation set lives (a YAML-friendly spec).
 
+    The shards are webdataset tars; each sample holds an image (``jpg``/``jpeg``/``png``/``webp``)
+    and ``cls``, its label as decimal text (``b"207"``): the index of its class in ``classnames``
+    (0-based). Other fields (``txt``, ``json``) are ignored.
+
     Attributes:
         shards: shard path(s) or brace pattern with ``cls`` labels.
         classnames: class names in label order: inline list or a ``.json``/``.txt`` file.
         templates: prompt templates with ``{}`` for the class name: inline or a file.
-        max_samples: keep at most this many samples (the first ones, in shard order).
+        max_samples: keep at most this many samples: a fixed-seed *stratified* subset (every
+            class keeps its share of the set, ±1 sample; see
+            :func:`slug_pl.data.subsets.stratified_subset`), kept in shard order. It depends only
+            on ``subset_seed`` and the sample keys. The labels are read first (one extra read of
+            the shards, nothing decoded).
+        subset_seed: seed of the ``max_samples`` subset.
     """
 
     shards: str | list[str]
     classnames: str | list[str]
     templates: str | list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     max_samples: int | None = None
+    subset_seed: int = 0
+
+    def class_names(self, name: str) -> list[str]:
+        """The class list in label order, read without decoding an image (checks the shards exist)."""
+        expand_urls(self.shards)
+        return read_name_list(self.classnames, f"{name} class-name")
 
     def load(self, transform: Callable, name: str) -> LoadedSet:
         """Decode and preprocess the shards (see :func:`load_labelled_set`)."""
@@ -79,10 +95,13 @@ def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> Load
     """Decode and preprocess every sample of ``spec``; labels are checked against the class list."""
     classnames = read_name_list(spec.classnames, f"{name} class-name")
     templates = read_name_list(spec.templates, f"{name} template")
+    urls = expand_urls(spec.shards)
+    keep = _stratified_indices(urls, len(classnames), spec.max_samples, spec.subset_seed) \
+        if spec.max_samples is not None else None
     images, labels = [], []
-    for sample in iter_raw_samples(expand_urls(spec.shards)):
-        if spec.max_samples is not None and len(images) >= spec.max_samples:
-            break
+    for index, sample in enumerate(iter_raw_samples(urls)):
+        if keep is not None and index not in keep:
+            continue
         if sample.label is None:
             raise ShardError(
                 f"sample {sample.key!r} in {sample.shard} has no class label ('cls'), needed by "
@@ -98,6 +117,22 @@ def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> Load
     if not images:
         raise ShardError(f"labelled set {name!r} has no samples ({spec.shards})")
     return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates)
+
+
+def _stratified_indices(urls: Sequence[str], num_classes: int, count: int, seed: int) -> set[int]:
+    """Stream positions of a stratified subset of ``count`` samples (labels read, nothing decoded;
+    samples without a valid label are kept so that loading reports them)."""
+    keys: list[list[str]] = [[] for _ in range(num_classes)]
+    positions: list[list[int]] = [[] for _ in range(num_classes)]
+    unlabelled = set()
+    for index, sample in enumerate(iter_raw_samples(urls)):
+        if sample.label is None or not 0 <= sample.label < num_classes:
+            unlabelled.add(index)
+            continue
+        keys[sample.label].append(sample.key)
+        positions[sample.label].append(index)
+    picks = stratified_sample(keys, count, seed)
+    return unlabelled | {positions[c][i] for c, chosen in enumerate(picks) for i in chosen}
 
 
 def load_pairs(shards: str | Sequence[str], transform: Callable, tokenize: Callable,

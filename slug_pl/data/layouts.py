@@ -24,9 +24,7 @@ float32): the full ImageNet validation set at 224 px needs about 30 GB, so pick 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import math
 import os
 import re
 import warnings
@@ -45,6 +43,7 @@ from slug_pl.data.labelled import (
     LoadedSet,
     read_name_list,
 )
+from slug_pl.data.subsets import stratified_sample, stratified_subset
 
 #: File suffixes (case-insensitive) read as images by the folder layouts.
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")
@@ -143,39 +142,6 @@ def _load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:
         return torch.stack(list(pool.map(lambda p: _decode(p, transform), paths, chunksize=32)))
 
 
-def _hash_rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()
-
-
-def stratified_subset(
-    files_per_class: Sequence[Sequence[str]], fraction: float, seed: int
-) -> list[list[int]]:
-    """Indices of a fixed-seed stratified random subset, per class.
-
-    The subset holds ``round(fraction * N)`` items in all. Each class gets ``floor(fraction * n_c)``
-    of its items and the remaining items go to the classes with the largest remainders (ties
-    broken at random), so every class keeps its share up to one item. Within a class, the chosen
-    items are those with the smallest ``sha256(f"{seed}/{key}")`` — the subset depends only on
-    the seed and the item keys (relative paths), not on the machine, the Python / NumPy version
-    or the order of listing. Returned indices are sorted.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"subset_fraction must lie in (0, 1], got {fraction}")
-    sizes = [len(f) for f in files_per_class]
-    total = math.floor(fraction * sum(sizes) + 0.5)
-    quotas = [fraction * n for n in sizes]
-    take = [math.floor(q) for q in quotas]
-    order = sorted(range(len(sizes)),
-                   key=lambda c: (-(quotas[c] - take[c]), _hash_rank(seed, f"class:{c}")))
-    for c in order[: max(0, total - sum(take))]:
-        take[c] += 1
-    chosen = []
-    for keys, k in zip(files_per_class, take):
-        ranked = sorted(range(len(keys)), key=lambda i: _hash_rank(seed, keys[i]))
-        chosen.append(sorted(ranked[:k]))
-    return chosen
-
-
 # -- ImageNet-style / generic class folders -----------------------------------------------------
 
 
@@ -209,8 +175,9 @@ class ImageFolderSet:
             :func:`stratified_subset`) and reproducible everywhere for a given ``subset_seed``.
             Classes with no image in the subset stay in the class list.
         subset_seed: seed of the subset.
-        max_samples: keep at most this many images (the first, in class-then-path order, after
-            the subset), for quick checks.
+        max_samples: keep at most this many images (after ``subset_fraction``): a stratified
+            subset with seed ``subset_seed``, like ``subset_fraction`` (every class keeps its
+            share, ±1 image).
     """
 
     root: str
@@ -271,7 +238,7 @@ class ImageFolderSet:
             return None
         return [names[index[f]] for f in folders]
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
+    def _class_folders(self, name: str) -> tuple[Path, list[Path]]:
         root = Path(self.root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder of set {name!r} not found: {root}")
@@ -282,6 +249,15 @@ class ImageFolderSet:
             hint = (" (images lie directly in it: sort them into one folder per class, e.g. "
                     "ImageNet val into wnid folders)" if loose else "")
             raise LayoutError(f"set {name!r}: {root} has no class folders{hint}")
+        return root, folders
+
+    def class_names(self, name: str) -> list[str]:
+        """The class list in label order, read without decoding an image (checks the folder)."""
+        root, folders = self._class_folders(name)
+        return self._class_names(root, [d.name for d in folders])[0]
+
+    def load(self, transform: Callable, name: str) -> LoadedSet:
+        root, folders = self._class_folders(name)
         files = [_files_under(d) for d in folders]
         empty = [d.name for d, f in zip(folders, files) if not f]
         if empty:
@@ -297,10 +273,12 @@ class ImageFolderSet:
             keys = [[p.relative_to(root).as_posix() for p in f] for f in files]
             picks = stratified_subset(keys, self.subset_fraction, self.subset_seed)
             files = [[f[i] for i in idx] for f, idx in zip(files, picks)]
+        if self.max_samples is not None:
+            keys = [[p.relative_to(root).as_posix() for p in f] for f in files]
+            picks = stratified_sample(keys, self.max_samples, self.subset_seed)
+            files = [[f[i] for i in idx] for f, idx in zip(files, picks)]
         paths = [p for f in files for p in f]
         labels = [c for c, f in enumerate(files) for _ in f]
-        if self.max_samples is not None:
-            paths, labels = paths[: self.max_samples], labels[: self.max_samples]
         if not paths:
             raise LayoutError(
                 f"set {name!r}: no images left from {root} after subset_fraction="
@@ -444,7 +422,8 @@ class IdentitySet:
     include: str | list[str] | None = None
     max_per_identity: int | None = None
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
+    def _classes(self, name: str) -> tuple[Path, Path, list[IdentityEntry], list[str]]:
+        """The image folder, the mapping file, its entries and the class list."""
         folder = Path(self.images).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder of identity set {name!r} not found: {folder}")
@@ -457,6 +436,14 @@ class IdentitySet:
             if len(set(classnames)) != len(classnames):
                 dup = sorted({c for c in classnames if classnames.count(c) > 1})
                 raise LayoutError(f"set {name!r}: the class list names {dup[:3]} more than once")
+        return folder, mapping_path, entries, classnames
+
+    def class_names(self, name: str) -> list[str]:
+        """The class list in label order, read without decoding an image (checks folder and file)."""
+        return self._classes(name)[3]
+
+    def load(self, transform: Callable, name: str) -> LoadedSet:
+        folder, mapping_path, entries, classnames = self._classes(name)
         index = {c: i for i, c in enumerate(classnames)}
         templates = _templates(self.templates, DEFAULT_TEMPLATES, f"{name} template")
 

@@ -26,6 +26,11 @@ Each skipped sample is reported once, by the rank that owns its position, in the
 seen by every rank from the tar stream, so under ``"stop"`` every rank stops on the same sample;
 an image that does not decode is only seen by the rank that decodes it.
 
+**Excluded samples** (``PairSet.exclude``, e.g. ``data.retain_exclude_concepts``): samples whose
+caption matches are left out *before* numbering, by every rank and worker alike (each reads the
+full stream), so the set is exactly the other samples: batches, counts and gradients equal those of
+shards that never held them.
+
 **Resuming** (``start_batch``): the stream starts at global batch position ``start_batch``
 (counted across the sets, forget batches first). Earlier samples are passed over undecoded; whole
 shards before the start are not even opened when the set knows its shard sizes.
@@ -37,6 +42,7 @@ import io
 import itertools
 import math
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -91,11 +97,25 @@ def _count_shard(url: str) -> int:
     return len(keys)
 
 
+def kept_sample_counts(urls: Sequence[str], exclude: re.Pattern) -> list[int]:
+    """Samples of each shard whose caption does not match ``exclude`` (samples without a caption
+    are kept: they are bad samples, reported by the stream)."""
+    return [sum(1 for sample in iter_raw_samples([url]) if not _excluded(sample, exclude)) for url in urls]
+
+
+def _excluded(sample: RawSample, exclude: re.Pattern | None) -> bool:
+    return exclude is not None and sample.caption is not None and exclude.search(sample.caption) is not None
+
+
 @dataclass(frozen=True)
 class PairSet:
     """One named pair set of the pass: ``name`` is ``"forget"`` or ``"retain"``.
 
     ``shard_sizes`` (samples per shard, optional) lets a resumed stream pass over whole shards.
+    ``exclude``: samples whose caption matches it are not part of the set (e.g. retain pairs
+    naming a forgotten concept); the set is the shards' other samples, numbered 0..N-1 in shard
+    order, so batches, ranks and counts work as for a set without them. ``num_samples`` and
+    ``shard_sizes`` then count the kept samples (:func:`kept_sample_counts`).
     """
 
     name: str
@@ -103,6 +123,7 @@ class PairSet:
     global_batch_size: int
     num_samples: int
     shard_sizes: tuple[int, ...] = ()
+    exclude: re.Pattern | None = None
 
     @property
     def num_batches(self) -> int:
@@ -187,7 +208,10 @@ class PairBatches(IterableDataset):
             while first_shard < len(pair_set.urls) and skip >= pair_set.shard_sizes[first_shard]:
                 skip -= pair_set.shard_sizes[first_shard]
                 first_shard += 1
-        return itertools.islice(iter_raw_samples(pair_set.urls[first_shard:]), skip, None)
+        samples = iter_raw_samples(pair_set.urls[first_shard:])
+        if pair_set.exclude is not None:  # every rank and worker leaves out the same samples
+            samples = (s for s in samples if not _excluded(s, pair_set.exclude))
+        return itertools.islice(samples, skip, None)
 
     @staticmethod
     def _next_sample(samples: Iterator[RawSample], pair_set: PairSet, index: int) -> RawSample:

@@ -25,10 +25,18 @@ from slug_pl.data.labelled import LabelledSet, load_pairs
 from slug_pl.data.mining import mine_forget_set
 from slug_pl.demo.train import ensure_demo
 from slug_pl.demo.world import WorldSpec, identity_names
+from slug_pl.errors import did_you_mean
 
 
 class DemoWorld(SlugDataModule):
-    """The demo world: ≥20 face-like identities and object scenes, a tiny CLIP trained on them."""
+    """The demo world: ≥20 face-like identities and object scenes, a tiny CLIP trained on them.
+
+    Takes the options of :class:`SlugDataModule` that make sense for it (``concepts``,
+    ``retain``, ``retain_exclude_concepts``, ``batch_size``, ``retain_batch_size``,
+    ``num_workers``, ``eval_batch_size``, ``bad_samples``, ``mia_nonmembers``), with the same
+    meaning. Not ``forget`` (mined from the world's caption corpus; ``forget_max`` caps it) nor
+    ``validation`` / ``test`` (the world's held-out identity and object sets).
+    """
 
     def __init__(
         self,
@@ -36,10 +44,14 @@ class DemoWorld(SlugDataModule):
         seed: int = 0,
         concepts: list[str] | None = None,
         forget_max: int | None = None,
+        retain: str | list[str] | None = None,
+        retain_exclude_concepts: bool | list[str] = False,
         batch_size: int = 64,
         retain_batch_size: int = 128,
         num_workers: int = 0,
         eval_batch_size: int = 512,
+        bad_samples: str = "stop",
+        mia_nonmembers: str | list[str] | None = None,
         train: dict | None = None,
     ):
         """
@@ -48,21 +60,32 @@ class DemoWorld(SlugDataModule):
             seed: world seed (identities' attributes, renders, captions).
             concepts: identities to forget (default: the first identity of the world).
             forget_max: cap on mined forget pairs (None: all pairs naming the identity).
-            batch_size / retain_batch_size / num_workers / eval_batch_size: as in SlugDataModule.
+            retain: retain-set shards (default: the first shard of the world's caption corpus,
+                as one LAION shard in real use).
+            retain_exclude_concepts / batch_size / retain_batch_size / num_workers /
+                eval_batch_size / bad_samples: as in :class:`SlugDataModule`.
+            mia_nonmembers: non-member pairs for membership inference (default: the held-out
+                validation and test pairs of the forgotten identities, never seen in training).
             train: overrides of the demo CLIP's training settings (see ``slug_pl.demo.train``).
         """
         self.spec = WorldSpec(seed=seed)
         names = identity_names(self.spec)
         concepts = list(concepts) if concepts else [names[0]]
-        unknown = [c for c in concepts if c not in names]
-        if unknown:
-            raise ValueError(f"unknown demo identities {unknown}; the world's identities are {names}")
-        super().__init__(concepts=concepts, batch_size=batch_size, retain_batch_size=retain_batch_size,
-                         num_workers=num_workers, eval_batch_size=eval_batch_size)
+        for concept in concepts:
+            if concept not in names:
+                raise ValueError(
+                    f"data.concepts: {concept!r} is not an identity of the demo world (seed {seed})"
+                    f"{did_you_mean(concept, names)}; its identities are {', '.join(names)}"
+                )
+        super().__init__(retain=retain, concepts=concepts, batch_size=batch_size,
+                         retain_batch_size=retain_batch_size, num_workers=num_workers,
+                         eval_batch_size=eval_batch_size, bad_samples=bad_samples,
+                         mia_nonmembers=mia_nonmembers, retain_exclude_concepts=retain_exclude_concepts)
         self.root = Path(root).expanduser()
         self.forget_max = forget_max
         self.train_kwargs = dict(train or {})
         self.paths: dict | None = None
+        self._corpus_retain = retain is None
 
     def _family(self):
         return getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
@@ -96,7 +119,8 @@ class DemoWorld(SlugDataModule):
         self._check_family_loads_the_demo_clip()
         p = self.paths
         self.forget = {c: [str(s) for s in sorted(self._forget_dir(c).glob("*.tar"))] for c in self.concepts}
-        self.retain = p["corpus_shards"][0]  # one corpus shard, as one LAION shard in real use
+        if self._corpus_retain:
+            self.retain = p["corpus_shards"][0]  # one corpus shard, as one LAION shard in real use
         identities = {"classnames": p["identities_json"], "templates": _templates(p, "identities")}
         objects = {"classnames": p["objects_json"], "templates": _templates(p, "objects")}
         self.suites = {
@@ -105,11 +129,18 @@ class DemoWorld(SlugDataModule):
             "test": EvalSuite(LabelledSet(p["test_identities"], **identities),
                               LabelledSet(p["test_objects"], **objects)),
         }
+        super().setup(stage)  # the checks before any work
 
+    def check(self, stage: str, pair_sets=()) -> None:
+        if self.paths is not None:  # the world's sets exist once it is built (prepare_data / setup)
+            super().check(stage, pair_sets)
 
     def mia_pairs(self):
         """Membership inference sets: members = the mined forget pairs (seen in training),
-        non-members = held-out validation and test pairs of the same identities (never seen)."""
+        non-members = ``mia_nonmembers`` or else the held-out validation and test pairs of the
+        same identities (never seen)."""
+        if self.mia_nonmembers:
+            return super().mia_pairs()
         family = self.trainer.lightning_module.family
         transform, tokenize = family.image_transform(), family.tokenize
         names = json.loads(Path(self.paths["identities_json"]).read_text())

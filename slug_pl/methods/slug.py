@@ -506,6 +506,12 @@ class SlugSearch(Callback):
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
 
+    def setup(self, trainer: Trainer, pl_module: SlugModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage == "fit" and not (datamodule.concepts and datamodule.has_stage("validation")):
+            raise ValueError("the step search needs data.concepts (the names to forget) and data.validation "
+                             "(the labelled sets it measures forgetting on); set both")
+
     def on_fit_start(self, trainer: Trainer, pl_module: SlugModule) -> None:
         self._t_fit = time.perf_counter()
         family = pl_module.family
