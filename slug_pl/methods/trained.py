@@ -97,6 +97,13 @@ class BaselineModule(UnlearningModule):
                              f"change (none lies in a tower read by the target)")
 
     # -- start ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = self.trainer.datamodule
+        if stage == "fit" and not (datamodule.concepts and datamodule.has_stage("validation")):
+            raise ValueError(f"{self.method_name} scores every candidate on validation: it needs data.concepts (the "
+                             f"names to forget) and data.validation (the labelled sets); set both")
+
     def on_fit_start(self) -> None:
         self._t_fit = time.perf_counter()
         for name in RUN_ARTIFACTS:
