@@ -49,8 +49,8 @@ def fit(tmp_path, monkeypatch, world, checkpoint_path, forget, class_path: str, 
     captured = {}
     original = cli.run_cli
 
-    def spy(args):
-        captured["cli"] = original(args)
+    def spy(args, **kwargs):
+        captured["cli"] = original(args, **kwargs)
         return captured["cli"]
 
     monkeypatch.setattr(cli, "run_cli", spy)
