@@ -34,6 +34,7 @@ from slug_pl.console import Console, InterruptHint, is_gradient_only
 from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
 from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
+from slug_pl.methods.base import TARGET_MET_METRIC
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
 EXIT_TARGET_NOT_MET = 3
@@ -300,9 +301,10 @@ def _run_lightning(command: str, words: list[str], hint: InterruptHint, console:
             stdout.write(json.dumps(record, indent=2) + "\n" if target == "-" else _metrics_table(record))
             stdout.flush()
     if command == "fit":
-        # read the run's summary from disk: with ddp_spawn the search ran in another process
-        summary = Path(cli.trainer.log_dir or cli.trainer.default_root_dir) / "summary.json"
-        if summary.is_file() and not json.loads(summary.read_text())["target"]["met"]:
+        # the run's verdict (with ddp_spawn it was reached in another process; Lightning carries
+        # rank 0's callback metrics back to this one)
+        met = cli.trainer.callback_metrics.get(TARGET_MET_METRIC)
+        if met is not None and float(met) < 1.0:
             return EXIT_TARGET_NOT_MET
     return 0
 

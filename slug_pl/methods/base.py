@@ -65,6 +65,10 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+#: Where a finished run leaves its verdict in ``trainer.callback_metrics`` (1.0: target met).
+TARGET_MET_METRIC = "slug/target_met"
+
+
 class UnlearningModule(LightningModule):
     """Shared base of every method: ``self.clip`` is the family's model (an ``edit`` patch
     applied after loading), ``validate`` / ``test`` score it zero-shot on the data module's sets,
@@ -226,5 +230,8 @@ class UnlearningModule(LightningModule):
                                 timings=dict(self.timings) | ({"total": total} if total is not None else {}),
                                 memory=memory, extra=extra)
         record.write(summary, sections, remedy=remedy, result=result)
+        # the verdict, also for the launching process of a spawned run (Lightning carries rank 0's
+        # callback metrics back to it): the CLI's exit status reads it
+        trainer.callback_metrics[TARGET_MET_METRIC] = torch.tensor(float(summary["target"]["met"]))
         rank_zero_info(f"{method['name']}: {verdict_line(summary)}; report: {self.run_dir / 'report.md'}")
         return summary
