@@ -169,6 +169,8 @@ class SearchSettings:
              f"search concept_gradients must be 'edited' or 'original', got {self.concept_gradients!r}"),
             (bool(self.towers) and all(t in ("vision", "text") for t in self.towers),
              f"search towers must be a non-empty subset of ['vision', 'text'], got {list(self.towers)}"),
+            (bool(self.kept) and all(isinstance(k, str) for k in self.kept),
+             f"search kept must name at least one validation metric, got {list(self.kept)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -274,6 +276,17 @@ class StepSearch:
             self.on_evaluation(ev)
         return ev
 
+    def check_metric_names(self, measured: dict[str, float]) -> None:
+        """The forget target must be a metric the judge measures (else ValueError naming those it
+        does); a kept metric it does not measure would count 0 in every choice (a warning)."""
+        if self.target.metric not in measured:
+            raise ValueError(f"search.target_metric {self.target.metric!r} is not measured by this run's judge; "
+                             f"it measures {sorted(measured)}")
+        missing = [k for k in self.settings.kept if k not in measured]
+        if missing:
+            self.warn(f"search.kept names {missing}, which this run's judge does not measure (it measures "
+                      f"{sorted(measured)}); they count 0 in the choice")
+
     # -- 2. one layer ------------------------------------------------------------------------------
     def search_layer(self, model: nn.Module, judge: Judge, cand: LayerScore, forget_grad: torch.Tensor,
                      before: dict[str, float], concept: str = "") -> CandidateResult:
@@ -353,6 +366,7 @@ class StepSearch:
         except FloatingPointError as err:
             raise FloatingPointError(f"{err} (the model before any edit of this run)") from err
         self.log(f"before ({concept}): {format_metrics(before)}")
+        self.check_metric_names(before)
         if self.target.met(before):
             self.warn(f"the model already meets the target {self.target} for {concept!r}: nothing to unlearn")
         results = [

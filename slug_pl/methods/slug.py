@@ -67,7 +67,7 @@ from slug_pl.methods.base import UnlearningModule, package_versions, peak_memory
 from slug_pl.methods import slug_report
 from slug_pl.ranking import pareto_figure, write_ranking_csv
 from slug_pl.record import RunRecord
-from slug_pl.step_search import ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
+from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
 
 SETS = ("forget", "retain")
@@ -476,6 +476,7 @@ class SlugSearch(Callback):
         beam_width: int = 3,
         fronts: int = 1,
         save_checkpoint: bool = True,
+        kept: list[str] = DEFAULT_KEPT,
     ):
         """
         Args:
@@ -498,10 +499,14 @@ class SlugSearch(Callback):
                 candidates per concept tried on each (1: greedy).
             fronts: candidates come from the first ``fronts`` Pareto fronts of each tower.
             save_checkpoint: also write the full edited model (``edited_model.safetensors``).
+            kept: the validation metrics whose sum the choice among candidates maximises (and
+                that the utility guard watches): the CLIP's ``retain_top1`` and ``utility_top1`` by
+                default; a downstream judge names its own (e.g. LLaVA's
+                ``retain_name_accuracy`` and ``object_accuracy``).
         """
         self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
                                        max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
-                                       beam_width, concept_gradients)
+                                       beam_width, concept_gradients, tuple(kept))
         self.similarity_concepts = similarity_concepts
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
