@@ -218,6 +218,11 @@ class UnlearningModule(LightningModule):
             downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
             for caption, file, figure in downstream.figures:
                 record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
+            if self.target.save_edited:
+                saved = self.target.save_pretrained(self.run_dir / f"edited_{self.target.name}")
+                downstream.block["saved_to"] = saved.name
+                downstream.sections += [f"The edited {self.target.name} model: `{saved.name}/` (a save_pretrained "
+                                        f"folder).", ""]
             sections = list(downstream.sections) + sections
             extra = (extra or {}) | {downstream.key: downstream.block}
         meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target)}

@@ -70,6 +70,9 @@ class DownstreamTarget(ABC):
     name: str = "target"
     #: The CLIP tower the downstream model embeds: "text" or "vision".
     tower: str = "text"
+    #: Whether the run writes the edited downstream model into its folder (``edited_<name>/``,
+    #: :meth:`save_pretrained`); a subclass sets it from its config.
+    save_edited: bool = False
 
     # -- the downstream model ------------------------------------------------------------------
     @abstractmethod
