@@ -6,8 +6,10 @@ Everything lives under ``root`` (default ``.slug_cache/demo``, relative to the w
 directory). Which CLIP is trained follows the config's model family: an open_clip model at
 ``<root>/model/<model_name>.safetensors`` (:func:`slug_pl.demo.train.ensure_demo`) for
 :class:`~slug_pl.families.OpenClip`, a Hugging Face ``CLIPModel`` folder at ``<root>/hf_clip``
-(:func:`slug_pl.demo.hf_clip.ensure_hf_clip`) for :class:`~slug_pl.families.HfClip`. The family
-must load what this module trains; a mismatch is reported with the path to put there.
+(:func:`slug_pl.demo.hf_clip.ensure_hf_clip`) for :class:`~slug_pl.families.HfClip`; with a
+:class:`~slug_pl.targets.Llava` target, also a LLaVA on that CLIP's vision tower at
+``<root>/llava`` (:func:`slug_pl.demo.llava.ensure_llava`). The family (and the target) must load
+what this module trains; a mismatch is reported with the path to put there.
 """
 
 from __future__ import annotations
@@ -90,8 +92,17 @@ class DemoWorld(SlugDataModule):
     def _family(self):
         return getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
 
+    def _target(self):
+        return getattr(self.trainer.lightning_module, "target", None) if self.trainer else None
+
     def _ensure(self) -> dict:
-        """The world and the CLIP the config's family loads, built or read from the cache."""
+        """The world and the CLIP the config's family loads (and the LLaVA built on that CLIP when
+        the config's target is :class:`~slug_pl.targets.Llava`), built or read from the cache."""
+        if getattr(self._target(), "name", None) == "llava":
+            from slug_pl.demo.llava import ensure_llava
+
+            built = ensure_llava(self.root, self.spec, self.train_kwargs)
+            return {**built["world"], "hf_clip": built["hf_clip"], "llava": built["path"], "metrics": built["metrics"]}
         if getattr(self._family(), "family_name", "open_clip") == "hf_clip":
             from slug_pl.demo.hf_clip import ensure_hf_clip
 
@@ -153,6 +164,11 @@ class DemoWorld(SlugDataModule):
 
     def _check_family_loads_the_demo_clip(self) -> None:
         family = self._family()
+        if "llava" in self.paths:
+            wanted, loaded = Path(self.paths["llava"]).resolve(), getattr(self._target(), "model", None)
+            if loaded is None or Path(loaded).expanduser().resolve() != wanted:
+                raise ValueError(f"the demo builds its LLaVA at {wanted}, but the target loads {loaded!r}; set "
+                                 f"model.init_args.target.init_args.model to {wanted}")
         if "hf_clip" in self.paths:
             wanted, loaded, key = Path(self.paths["hf_clip"]).resolve(), getattr(family, "model_name", None), "model_name"
         else:
