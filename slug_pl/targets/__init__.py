@@ -2,5 +2,6 @@
 see :mod:`slug_pl.targets.base`)."""
 
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
+from slug_pl.targets.llava import Llava
 
-__all__ = ["DownstreamTarget", "TargetMismatchError", "TargetReport"]
+__all__ = ["DownstreamTarget", "Llava", "TargetMismatchError", "TargetReport"]

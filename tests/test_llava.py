@@ -1,0 +1,329 @@
+"""The LLaVA target (slug_pl.targets.llava): which vision tensors the VLM reads (checked against
+what actually changes its image features), the pair check, the transplant of one tensor, the
+saved edited VLM, the answers and the search's judge, and a fit run through the CLI with a tiny
+pair (a random CLIP and a LLaVA built on its vision tower)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_config
+from slug_pl.cli import main
+from slug_pl.data.datamodule import EvalSuite, SlugDataModule
+from slug_pl.data.labelled import LabelledSet
+from slug_pl.demo.llava import build_llava, demo_tokenizer
+from slug_pl.edit import apply_edit, make_edit, revert_edit
+from slug_pl.evaluation import vqa
+from slug_pl.families.hf_clip import HfClip
+from slug_pl.step_search import CandidateResult, ForgetTarget, SearchSettings, StepEvaluation, StepSearch
+from slug_pl.targets import Llava, TargetMismatchError
+from slug_pl.targets.llava import QUESTION, VQA_METRICS, same_weights
+
+READ_LAYER = "vision_model.encoder.layers.0.mlp.fc1.weight"  # block 0 of 2: read at vision_feature_layer -2
+
+
+def save_llava(clip_folder, folder, **kwargs) -> Path:
+    """A LLaVA (random projector and 1-block Llama) on the vision tower of the CLIP at
+    ``clip_folder``, saved with its processor."""
+    tokenizer = demo_tokenizer(["Alice Abara", "Bruno Bell"], ["apple"], [vqa.DEFAULT_QUESTION], vocab_size=320)
+    model, processor = build_llava(clip_folder, tokenizer, hidden_size=32, layers=1, heads=2,
+                                   intermediate_size=64, **kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_hf_clip):
+    """(family, CLIP, folder of a LLaVA on its vision tower)."""
+    folder = save_llava(tiny_hf_clip, tmp_path_factory.mktemp("llava") / "vlm")
+    family = HfClip(model_name=tiny_hf_clip)
+    return family, family.load(), folder
+
+
+def target_of(folder, **kwargs) -> Llava:
+    target = Llava(str(folder), **({"max_new_tokens": 4, "batch_size": 3, "progress": False} | kwargs))
+    target.load()
+    return target
+
+
+def noise_pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def vlm_state(target: Llava) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in target.vlm.state_dict().items()}
+
+
+# -- which tensors the VLM reads -----------------------------------------------------------------
+
+# (vision_feature_layer 0, the embeddings alone, does not run in transformers 5.24: it asks the
+# tower for ``output_hidden_states=0``, which reads as False.)
+@pytest.mark.parametrize("layer, strategy", [(-2, "default"), (-1, "default"), (1, "default"), (1, "full"),
+                                             (2, "full"), ([-2, -4], "default")])
+def test_reads_is_exactly_what_changes_the_image_features(tmp_path, layer, strategy):
+    """For each tensor of a 4-block tower, a perturbation changes the VLM's image features
+    (``get_image_features``, what the language model receives) iff ``reads`` says so."""
+    from transformers import CLIPModel
+
+    from slug_pl.demo.hf_clip import save_clip_folder, tiny_clip_config
+
+    torch.manual_seed(0)
+    clip_folder = save_clip_folder(CLIPModel(tiny_clip_config(hidden_size=16, layers=4, heads=2, projection_dim=8)),
+                                   tmp_path / "clip")
+    target = target_of(save_llava(clip_folder, tmp_path / "vlm", vision_feature_layer=layer,
+                                  vision_feature_select_strategy=strategy))
+    clip = CLIPModel.from_pretrained(clip_folder)
+    pixels = noise_pixels(2)
+    with torch.no_grad():
+        reference = target.vlm.model.get_image_features(pixel_values=pixels).pooler_output
+        params = target._vlm_parameters()
+        for name, _ in clip.named_parameters():
+            theirs = target.downstream_name(name)
+            if theirs is None:  # the text tower, the projections, the logit scale: not in the VLM
+                assert not target.reads(name) and not name.startswith("vision_model."), name
+                continue
+            p = params[theirs]
+            saved = p.clone()
+            p.add_(torch.randn_like(p) + 0.5)
+            changed = any(not torch.allclose(a, b) for a, b in zip(
+                target.vlm.model.get_image_features(pixel_values=pixels).pooler_output, reference))
+            p.copy_(saved)
+            assert target.reads(name) == changed, (name, layer, strategy)
+
+
+def test_reads_for_llava_1_5_settings(pair):
+    """vision_feature_layer -2 of a 2-block tower: block 0 and the embeddings are read; block 1,
+    post_layernorm, visual_projection and the text tower are not."""
+    family, clip, folder = pair
+    target = Llava(str(folder))  # reads() needs only the config: nothing loaded
+    assert target.feature_depth() == 1 and target.vlm is None
+    read = sorted(n for n, _ in clip.named_parameters() if target.reads(n))
+    assert read and all(n.startswith(("vision_model.encoder.layers.0.", "vision_model.embeddings.",
+                                      "vision_model.pre_layrnorm.")) for n in read)
+    for name in ("vision_model.encoder.layers.1.mlp.fc1.weight", "vision_model.post_layernorm.weight",
+                 "visual_projection.weight", "text_model.encoder.layers.0.mlp.fc1.weight"):
+        assert not target.reads(name)
+
+
+# -- the pair -------------------------------------------------------------------------------------
+
+def test_the_vision_tower_maps_onto_the_vlms_tensors(pair):
+    family, clip, folder = pair
+    target = target_of(folder)
+    mirror = target.downstream_parameters()
+    assert target.downstream_name(READ_LAYER) == "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    clip_vision = [n for n, _ in clip.named_parameters() if n.startswith("vision_model.")]
+    assert sorted(target.downstream_name(n) for n in clip_vision) == sorted(mirror)  # one to one
+    target.check_pair(family, clip)  # the CLIP the VLM was built from
+
+
+def test_check_pair_names_the_tensor_that_differs(pair, tmp_path):
+    family, clip, folder = pair
+    target = target_of(folder)
+    name = "vision_model.encoder.layers.1.self_attn.k_proj.bias"  # not even read: still refused
+    params = dict(clip.named_parameters())
+    with torch.no_grad():
+        params[name][3] += 1e-3
+    try:
+        with pytest.raises(TargetMismatchError, match=r"vision_model\.encoder\.layers\.1\.self_attn\.k_proj\.bias.*"
+                                                      r"model\.vision_tower\.encoder\.layers\.1\.self_attn\.k_proj\.bias"):
+            target.check_pair(family, clip)
+    finally:
+        with torch.no_grad():
+            params[name][3] -= 1e-3
+    target.check_pair(family, clip)
+
+
+def test_check_pair_at_the_vlms_precision(pair):
+    """A bfloat16 VLM holds the float32 CLIP rounded: the same pair; a change above one rounding
+    step is not."""
+    family, clip, folder = pair
+    target = target_of(folder, dtype="bfloat16")
+    assert next(target.vlm.parameters()).dtype == torch.bfloat16
+    target.check_pair(family, clip)
+    w = dict(clip.named_parameters())[READ_LAYER]
+    assert same_weights(w, w.to(torch.bfloat16)) and not same_weights(w, (w * 1.02).to(torch.bfloat16))
+    # rounded twice (float32 -> float16 checkpoint -> bfloat16) is still the same weights
+    assert same_weights(w, w.to(torch.float16).to(torch.bfloat16))
+    assert not same_weights(w * 1.0001, w.detach().clone())  # float32 copies must be bit-equal
+
+
+# -- the transplant ---------------------------------------------------------------------------------
+
+def test_transplant_changes_exactly_one_tensor_and_restores(pair):
+    family, clip, folder = pair
+    target = target_of(folder)
+    before = vlm_state(target)
+    grad = torch.randn_like(dict(clip.named_parameters())[READ_LAYER])
+    edit = make_edit(clip, READ_LAYER, grad, 0.05)
+    apply_edit(clip, edit)
+    try:
+        assert target.differing(clip) == [READ_LAYER]
+        written = target.transplant(clip, [edit])
+        after = vlm_state(target)
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert written == changed == ["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
+        assert torch.equal(after[changed[0]], edit.edited)
+    finally:
+        revert_edit(clip, edit)
+    target.transplant(clip, [])  # the unedited CLIP: the VLM as loaded, bit for bit
+    assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
+    with pytest.raises(ValueError, match="does not read"):
+        target.mirror(clip, ["vision_model.post_layernorm.weight"])
+
+
+def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
+    family, clip, folder = pair
+    target = target_of(folder)
+    edit = make_edit(clip, READ_LAYER, torch.randn_like(dict(clip.named_parameters())[READ_LAYER]), 0.3)
+    pixels = noise_pixels(4, seed=1)
+    unedited = target.answer(pixels, target.question)
+    apply_edit(clip, edit)
+    try:
+        target.transplant(clip, [edit])
+        answers = target.answer(pixels, target.question)
+        saved = target.save_pretrained(tmp_path / "edited")
+        with pytest.raises(FileExistsError):
+            target.save_pretrained(tmp_path / "edited")
+    finally:
+        revert_edit(clip, edit)
+        target.transplant(clip, [])
+    reloaded = target_of(saved)
+    assert reloaded.answer(pixels, target.question) == answers
+    assert answers != unedited  # the edit reaches the answers
+    loaded = reloaded.downstream_parameters()
+    differs = [k for k, v in target.downstream_parameters().items() if not torch.equal(v, loaded[k])]
+    assert differs == ["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
+    with pytest.raises(TargetMismatchError):  # the edited VLM no longer pairs with the unedited CLIP
+        reloaded.check_pair(family, clip)
+
+
+# -- asking and judging -------------------------------------------------------------------------------
+
+def test_answers_equal_vqa_ask_on_the_images(pair):
+    """The cached-prompt path gives the answers of slug_pl.evaluation.vqa.ask (processor per batch)."""
+    _, _, folder = pair
+    target = target_of(folder, max_new_tokens=5)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(5)]
+    pixels = target.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = vqa.ask(target.vlm, target.processor, images, target.question, max_new_tokens=5, batch_size=2,
+                       progress=False)
+    assert target.answer(pixels, target.question) == expected
+
+
+@pytest.fixture(scope="module")
+def datamodule(small_world):
+    names = json.loads(Path(small_world["identities_json"]).read_text())
+    suite = EvalSuite(LabelledSet(small_world["val_identities"], small_world["identities_json"]),
+                      LabelledSet(small_world["val_objects"], small_world["objects_json"]))
+    test = EvalSuite(LabelledSet(small_world["test_identities"], small_world["identities_json"]),
+                     LabelledSet(small_world["test_objects"], small_world["objects_json"]))
+    return SlugDataModule(concepts=names[:2], validation=suite, test=test), names
+
+
+def test_judge_measures_the_vlm_with_the_clips_edit(pair, datamodule):
+    family, clip, folder = pair
+    dm, names = datamodule
+    target = target_of(folder, clip_metrics=False, search_images_per_concept=2)
+    before = vlm_state(target)
+    judge = target.search_judge(clip, dm, names[0])
+    # the other concept of the run is neither forgotten nor retained in this concept's judge
+    assert sorted(judge.images.identities) == sorted(names[:1] + names[2:])
+    # every image of the forgotten identity, the first 2 of every other identity and object
+    assert {k: len(v) for k, v in judge.images.identities.items()} == {n: 3 if n == names[0] else 2
+                                                                       for n in names[:1] + names[2:]}
+    assert all(len(v) == 2 for v in judge.images.objects.values())
+    metrics = judge.evaluate(clip)
+    assert sorted(metrics) == sorted(VQA_METRICS) and all(0 <= v <= 1 for v in metrics.values())
+    assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
+
+    # the search steps the CLIP in place and names the tensor: the VLM answers with it copied in
+    grad = torch.randn_like(dict(clip.named_parameters())[READ_LAYER])
+    edit = make_edit(clip, READ_LAYER, grad, 0.5)
+    apply_edit(clip, edit)
+    try:
+        edited = judge.evaluate(clip, edited=READ_LAYER)
+        vlm_tensor = target.downstream_parameters()["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
+        assert torch.equal(vlm_tensor, edit.edited)
+        # by hand: the edited VLM's answers on the same images, scored with vqa's rules
+        objects = judge.images.objects
+        answers = target.answer(torch.cat(list(objects.values())), target.object_question)
+        expected = [name for name, images in objects.items() for _ in images]
+        assert edited["object_accuracy"] == pytest.approx(vqa.name_accuracy(answers, expected))
+    finally:
+        revert_edit(clip, edit)
+    judge.evaluate(clip)  # no hint: every differing tensor is found again (none)
+    assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
+
+
+def test_search_on_the_clip_lets_the_vlm_rank_the_candidates(pair, datamodule):
+    family, clip, folder = pair
+    dm, names = datamodule
+    target = target_of(folder, search_on_vlm=False, search_images_per_concept=1)
+    assert target.search_judge(clip, dm, names[0]) is None
+    w = dict(clip.named_parameters())[READ_LAYER]
+    edits = [make_edit(clip, READ_LAYER, torch.randn_like(w), s) for s in (0.0, 0.5)]
+    order = target.rank_candidates(clip, dm, names[0], edits)
+    assert sorted(order) == [0, 1]
+    assert target.differing(clip) == []  # CLIP and VLM restored
+
+
+def test_the_choice_maximises_the_configured_kept_metrics():
+    def ev(i, **metrics):
+        return StepEvaluation(i, f"layer{i}", "vision", 1.0, 0.1, True, True, metrics)
+
+    a = ev(0, forget_name_accuracy=0.0, retain_name_accuracy=0.9, object_accuracy=0.9, retain_top1=0.1)
+    b = ev(1, forget_name_accuracy=0.0, retain_name_accuracy=0.5, object_accuracy=0.5, retain_top1=0.9)
+    results = [CandidateResult(e.layer, "vision", [e], e) for e in (a, b)]
+    vlm = StepSearch(SearchSettings(ForgetTarget("forget_name_accuracy", 0.0),
+                                    kept=("retain_name_accuracy", "object_accuracy")), log=lambda m: None)
+    assert vlm.choose(results)[0][0] is a
+    clip_side = StepSearch(SearchSettings(ForgetTarget("forget_name_accuracy", 0.0)), log=lambda m: None)
+    assert clip_side.choose(results)[0][0] is b
+    with pytest.raises(ValueError, match="kept"):
+        SearchSettings(kept=())
+
+
+# -- a fit run through the CLI ----------------------------------------------------------------------
+
+def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_clip, pair):
+    _, _, folder = pair
+    monkeypatch.chdir(tmp_path)
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
+    target = {"class_path": "slug_pl.targets.Llava",
+              "init_args": {"model": str(folder), "max_new_tokens": 3, "batch_size": 64, "progress": False,
+                            "search_images_per_concept": 1, "save_edited": True}}
+    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
+                          model={"family": {"class_path": "slug_pl.families.HfClip",
+                                            "init_args": {"model_name": tiny_hf_clip}}, "target": target},
+                          search={"top_k": 1, "max_evals": 2, "towers": ["vision"],
+                                  "target_metric": "forget_name_accuracy", "target_value": 0.0,
+                                  "kept": ["retain_name_accuracy", "object_accuracy"]})
+    main(["fit", "--config", str(config)])
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    block = summary["vqa"]
+    assert block["question"] == QUESTION
+    for when in ("before", "after"):
+        assert sorted(block[when]) == sorted(VQA_METRICS)
+        assert all(0 <= v <= 1 for v in block[when].values())
+    assert block["images"] == {"forget": 3, "retain": 57, "objects": 30}  # every held-out test image
+    layer = summary["method"]["edits"][0]["layer"]
+    assert Llava(str(folder)).reads(layer)
+    assert block["transplanted"] == ["model.vision_tower." + layer[len("vision_model."):]]
+    assert "## LLaVA: does it still name them?" in (run / "report.md").read_text()
+    searched = (run / "search.csv").read_text().splitlines()[0]
+    assert "forget_name_accuracy" in searched and "forget_top5" in searched  # VLM and CLIP metrics
+    saved = target_of(run / block["saved_to"])
+    loaded = target_of(folder).downstream_parameters()
+    assert [k for k, v in saved.downstream_parameters().items() if not torch.equal(v, loaded[k])] == \
+        block["transplanted"]
