@@ -104,7 +104,8 @@ def build_llava(clip_folder: str | os.PathLike, tokenizer, hidden_size: int = 12
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(clip_folder), tokenizer=tokenizer,
-                               patch_size=vision.patch_size, vision_feature_select_strategy=vision_feature_select_strategy,
+                               patch_size=vision.patch_size,
+                               vision_feature_select_strategy=vision_feature_select_strategy,
                                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return model.eval(), processor
 

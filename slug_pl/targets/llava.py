@@ -14,10 +14,12 @@ the ranking.
 The step is searched on the VLM itself (:class:`VqaJudge`): with the candidate edit copied in,
 the VLM is asked to name the people and objects of the validation images; the search's forget
 target is ``forget_name_accuracy`` (e.g. ``<= 0``) and its choice keeps the most
-``retain_name_accuracy + object_accuracy`` (``search.kept``). Measured on the demo's tiny LLaVA:
-at the step where the CLIP stops matching the identity, the VLM still named it 50–100 % of the
-time; steps of 1.5–3× were needed. The CLIP's own zero-shot metrics are recorded next to the
-VLM's (``clip_metrics``).
+``retain_name_accuracy + object_accuracy`` (``search.kept``). Measured on the demo's small LLaVA
+(``benchmarks/results/llava_demo.md``): at the step where the CLIP stops matching the identity, the
+VLM still named it up to 87 % of the time, and the steps applied were 1.3–1.7× larger. The CLIP's
+own zero-shot metrics are recorded next to the VLM's (``clip_metrics``), with
+``forget_name_or_top1`` (:data:`FORGET_BOTH`), a target for both at once: the VLM's answers on a
+few validation images alone can be silenced by a step that leaves the identity in the tower.
 
 Config (``model.init_args.target``)::
 
@@ -59,6 +61,10 @@ OBJECT_QUESTION = DEFAULT_OBJECT_QUESTION
 #: The VQA metrics a judge returns (fractions): forget over all images of the forgotten
 #: identities, retain as the mean over the other identities, objects over all object images.
 VQA_METRICS = ("forget_name_accuracy", "retain_name_accuracy", "object_accuracy")
+#: With the CLIP's metrics: the larger of the VLM's forget name accuracy and the CLIP's forget
+#: top-1, a forget target that holds only when the VLM no longer names the person *and* the CLIP no
+#: longer matches the name first (the identity left the tower, not just these images' reading).
+FORGET_BOTH = "forget_name_or_top1"
 _CLIP_VISION = "vision_model."
 
 
@@ -143,7 +149,8 @@ class Llava(DownstreamTarget):
                 always asked about all its validation images. Bounds the cost of each search
                 evaluation.
             clip_metrics: the search's judge also reports the CLIP's zero-shot metrics
-                (``forget_top5``, ``retain_top1``, ...) next to the VLM's.
+                (``forget_top5``, ``retain_top1``, ...) next to the VLM's, and
+                ``forget_name_or_top1`` (:data:`FORGET_BOTH`), a forget target for both.
             test_images_per_concept: held-out images per concept of the before/after evaluation
                 (None: all).
             examples: example answers per concept (before / after) in ``report.md``.
@@ -593,7 +600,7 @@ class VqaJudge:
 
     ``evaluate(clip, edited)`` returns ``forget_name_accuracy``, ``retain_name_accuracy``,
     ``object_accuracy`` (fractions; :data:`VQA_METRICS`) and, with ``clip_judge``, the CLIP's own
-    zero-shot metrics. The tensors copied are those the CLIP differed in when the judge was made
+    zero-shot metrics and :data:`FORGET_BOTH`. The tensors copied are those the CLIP differed in when the judge was made
     (earlier concepts' edits) plus ``edited``; with ``edited`` None every differing tensor is found
     anew. Images and prompts are prepared once.
     """
@@ -613,4 +620,5 @@ class VqaJudge:
             metrics = {k: result[k] for k in VQA_METRICS if result[k] is not None}
             if self.clip_judge is not None:
                 metrics |= self.clip_judge.evaluate(model, edited)
+                metrics[FORGET_BOTH] = max(metrics["forget_name_accuracy"], metrics["forget_top1"])
         return metrics

@@ -1,0 +1,204 @@
+"""The LLaVA demo for several identities: does the VLM stop naming the forgotten person, and what
+does it cost the others and the object answers?
+
+For each of the world's first ``--identities`` identities: one ``slug-pl fit`` on
+``configs/demo_llava.yaml`` (the cached world, CLIP and LLaVA under ``<cache>/demo_llava``),
+forgetting that identity. Reported per run, on the held-out test images: the VLM's name accuracy
+of the forgotten identity, of the other identities (mean per identity) and of the objects, before
+and after; the CLIP's own zero-shot top-1 before / after; the edited layer and step. And, on the
+chosen layer's search (validation): the smallest step at which the CLIP stopped matching the
+identity (its forget top-1 = 0), how often the VLM still named the person there, and how much
+larger the step the VLM needed was. Finally the step margin: the found step (before the config's
+``search.step_margin``) times each ``--margins`` value, the VLM measured on the test images.
+
+    python benchmarks/llava_demo.py --identities 3
+    # writes benchmarks/results/llava_demo.json and llava_demo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results_io import write_table_results
+
+from slug_pl.atomic import file_slug
+from slug_pl.cli import main as slug_main
+from slug_pl.data.labelled import LabelledSet
+from slug_pl.demo.world import WorldSpec, identity_names
+from slug_pl.edit import stepped
+from slug_pl.families.hf_clip import HfClip, ProcessorTransform
+from slug_pl.gradients import load_tensors
+from slug_pl.targets.llava import VQA_METRICS, Llava, VqaImages, group_by_concept
+
+REPO = Path(__file__).resolve().parent.parent
+COMMAND = "python benchmarks/llava_demo.py --identities {n}"
+
+
+def fit_llava_demo(config: str, root: Path, concept: str, out_dir: str) -> tuple[int, Path, float]:
+    """One ``slug-pl fit`` of the LLaVA demo ``config`` on the cache at ``root``; returns the exit
+    code, the run folder and the wall seconds of the run."""
+    t0 = time.perf_counter()
+    code = slug_main(["fit", "--config", config,
+                      "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
+                      "--model.family.init_args.model_name", str(root / "hf_clip"),
+                      "--model.target.init_args.model", str(root / "llava"),
+                      "--model.target.init_args.progress", "false",
+                      "--trainer.default_root_dir", out_dir, "--trainer.enable_progress_bar", "false"])
+    return code, Path(out_dir) / "lightning_logs" / "version_0", time.perf_counter() - t0
+
+
+def clip_vs_vlm(run: Path, layer: str) -> dict:
+    """On the chosen layer's search: the smallest evaluated step at which the CLIP's forget top-1
+    was 0, the VLM's forget name accuracy there, and the applied step over that step."""
+    rows = [r for r in csv.DictReader((run / "search.csv").open()) if r["layer"] == layer]
+    clip_done = sorted((float(r["step"]), float(r["forget_name_accuracy"])) for r in rows
+                       if float(r["forget_top1"]) == 0.0)
+    if not clip_done:
+        return {"clip_step": None, "vlm_named_there": None}
+    step, named = clip_done[0]
+    return {"clip_step": step, "vlm_named_there": named}
+
+
+def test_images(target: Llava, world: Path) -> VqaImages:
+    """The world's held-out test identities and objects, preprocessed by the VLM's processor."""
+    transform = ProcessorTransform(target.processor.image_processor)
+    sets = {what: LabelledSet(str(world / "test" / f"{what}-000000.tar"), str(world / f"{what}.json"))
+            .load(transform, f"test.{what}") for what in ("identities", "objects")}
+    return VqaImages(*(group_by_concept(s.images, s.labels, s.classnames) for s in sets.values()))
+
+
+def margin_sweep(root: Path, run: Path, concept: str, margins: list[float]) -> list[dict]:
+    """The VLM on the test images with the chosen layer's found step times each margin."""
+    summary = json.loads((run / "summary.json").read_text())
+    chosen = summary["method"]["per_concept"][0]
+    layer, found = chosen["layer"], chosen["found_step"]
+    grads, _ = load_tensors(run / "gradients" / "forget.safetensors")
+    family = HfClip(model_name=str(root / "hf_clip"))
+    clip = family.load()
+    target = Llava(str(root / "llava"), max_new_tokens=8, batch_size=128, progress=False, cpu_threads=1)
+    target.load()
+    images = test_images(target, root / "world")
+    out = []
+    for margin in margins:
+        with stepped(clip, layer, grads[layer], found * margin):
+            target.mirror(clip, [layer])
+            with target.threads():
+                m = target.measure(images, [concept])
+        out.append({"margin": margin, **{k: m[k] for k in VQA_METRICS}})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--identities", type=int, default=3, help="the world's first identities, one run each")
+    p.add_argument("--root", default=".slug_cache/demo_llava", help="the LLaVA demo's cache (world, CLIP, LLaVA)")
+    p.add_argument("--config", default=str(REPO / "configs" / "demo_llava.yaml"))
+    p.add_argument("--keep", default=None, help="keep each run's folder below this folder (default: deleted)")
+    p.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3])
+    args = p.parse_args(argv)
+    root = Path(args.root).resolve()
+    rows = []
+    t_start = time.perf_counter()
+    for concept in identity_names(WorldSpec())[: args.identities]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(args.keep) / file_slug(concept)) if args.keep else tmp
+            code, run, seconds = fit_llava_demo(args.config, root, concept, out)
+            summary = json.loads((run / "summary.json").read_text())
+            edit = summary["method"]["edits"][0]
+            vqa = summary["vqa"]
+            rows.append({
+                "concept": concept, "exit_code": code, "target_met": summary["target"]["met"],
+                "layer": edit["layer"], "step": edit["step"], "relative_step": edit["relative_step"],
+                "vqa_before": vqa["before"], "vqa_after": vqa["after"], "images": vqa["images"],
+                "clip_before": summary["before"], "clip_after": summary["after"],
+                "examples": vqa["examples"][:2], "seconds": seconds, "timings_s": summary["timings_s"],
+                **clip_vs_vlm(run, edit["layer"]),
+                "found_step": summary["method"]["per_concept"][0]["found_step"],
+                "margins": margin_sweep(root, run, concept, args.margins),
+            })
+    built = {name: json.loads((root / name / "slug_demo.json").read_text()) for name in ("hf_clip", "llava")}
+    payload = {"rows": rows, "built": {k: {m: v.get(m) for m in ("identities_top1", "objects_top1",
+                                                                    "identities_name_accuracy", "objects_name_accuracy",
+                                                                    "train_seconds") if m in v}
+                                       for k, v in built.items()}}
+    write_table_results("llava_demo", COMMAND.format(n=args.identities), time.perf_counter() - t_start, payload,
+                        markdown(rows, payload["built"], args.identities))
+    return 0
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _change(before: dict, after: dict, key: str) -> str:
+    return f"{pct(before[key])} → {pct(after[key])}"
+
+
+def _mean_drop(pairs: list[tuple[dict, dict]], key: str) -> float:
+    """Mean over runs of before − after of ``key``, in points."""
+    return statistics.mean(100 * (b[key] - a[key]) for b, a in pairs)
+
+
+def markdown(rows: list[dict], built: dict, n: int) -> list[str]:
+    llava, clip = built["llava"], built["hf_clip"]
+    lines = ["# LLaVA demo: forgetting a name in a vision-language model (demo world)", "",
+             f"Command: `{COMMAND.format(n=n)}` (one `slug-pl fit --config configs/demo_llava.yaml` per identity, "
+             "on the cached world, CLIP and LLaVA; 2 shared CPU cores).", "",
+             f"Before any edit the LLaVA names the held-out test identities {pct(llava.get('identities_name_accuracy'))} % "
+             f"and objects {pct(llava.get('objects_name_accuracy'))} % of the time; its CLIP (6 blocks, width 128) "
+             f"scores {pct(clip.get('identities_top1'))} % / {pct(clip.get('objects_top1'))} % zero-shot top-1. The "
+             "search runs on the VLM (forget target `forget_name_or_top1 <= 0` on validation: the VLM does not name "
+             "the person and the CLIP does not rank the name first), keeps the most "
+             "`retain_name_accuracy + object_accuracy`, and applies the found step × `step_margin` 1.1.", "",
+             "Held-out test images, before → after (%): the VLM's name accuracy, and the CLIP's zero-shot top-1:", "",
+             "| forgotten | edited layer | ‖λg‖/‖θ‖ | VLM forgotten | VLM others (mean) | VLM objects | "
+             "CLIP forget | CLIP retain | CLIP utility | run (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, a, cb, ca = r["vqa_before"], r["vqa_after"], r["clip_before"], r["clip_after"]
+        lines.append(
+            f"| {r['concept']} | `{r['layer'].removeprefix('vision_model.encoder.')}` | {r['relative_step']:.2f} | "
+            f"{_change(b, a, 'forget_name_accuracy')} | {_change(b, a, 'retain_name_accuracy')} | "
+            f"{_change(b, a, 'object_accuracy')} | {_change(cb, ca, 'forget_top1')} | {_change(cb, ca, 'retain_top1')} | "
+            f"{_change(cb, ca, 'utility_top1')} | {r['seconds']:.0f} |")
+    pairs = [(r["vqa_before"], r["vqa_after"]) for r in rows]
+    retain_drops = [100 * (b["retain_name_accuracy"] - a["retain_name_accuracy"]) for b, a in pairs]
+    object_drops = [100 * (b["object_accuracy"] - a["object_accuracy"]) for b, a in pairs]
+    forgotten = statistics.mean(100 * a["forget_name_accuracy"] for _, a in pairs)
+    lines += ["", f"Mean over {len(rows)} runs: the forgotten identity is named {forgotten:.1f} % of the time after the "
+              f"edit; the other identities lose {statistics.mean(retain_drops):.1f} points (max {max(retain_drops):.1f}), "
+              f"the objects {statistics.mean(object_drops):.1f} points (max {max(object_drops):.1f}).", "",
+              "Where the CLIP stops matching the identity (its forget top-1 = 0 on validation, in the chosen layer's "
+              "search), how often the VLM still named the person, and how much larger the applied step is:", "",
+              "| forgotten | CLIP forget top-1 = 0 at λ | VLM named it there (%) | applied λ / that λ |",
+              "|---|---|---|---|"]
+    for r in rows:
+        clip_step = "–" if r["clip_step"] is None else f"{r['clip_step']:.4g}"
+        ratio = "–" if r["clip_step"] is None else f"{r['step'] / r['clip_step']:.2f}×"
+        lines.append(f"| {r['concept']} | {clip_step} | {pct(r['vlm_named_there'])} | {ratio} |")
+    lines += ["", "The step margin: the found step × margin (the config applies 1.1), the VLM on the test images, "
+              "mean over the runs:", "",
+              "| margin | forgotten identity named (%) | runs naming it at all | others drop (pts) | objects drop (pts) |",
+              "|---|---|---|---|---|"]
+    for i, margin in enumerate(rows[0]["margins"]):
+        swept = [(r["vqa_before"], r["margins"][i]) for r in rows]
+        named = statistics.mean(100 * m["forget_name_accuracy"] for _, m in swept)
+        lines.append(f"| {margin['margin']:.2f} | {named:.1f} | {sum(m['forget_name_accuracy'] > 0 for _, m in swept)}"
+                     f"/{len(swept)} | {_mean_drop(swept, 'retain_name_accuracy'):.1f} | "
+                     f"{_mean_drop(swept, 'object_accuracy'):.1f} |")
+    lines += ["", "Example answers (before → after, the forgotten identity):", ""]
+    for r in rows:
+        for e in r["examples"]:
+            lines.append(f"- {r['concept']}: “{e['before']}” → “{e['after']}”")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
