@@ -156,7 +156,8 @@ class Llava(DownstreamTarget):
             examples: example answers per concept (before / after) in ``report.md``.
             save_edited: write the edited VLM into the run folder (``edited_llava/``).
             revision / cache_dir: passed to ``from_pretrained`` for a hub id.
-            progress: progress bars while asking.
+            progress: progress bars while asking (the before / after evaluation; the search's many
+                short evaluations never show one).
             cpu_threads: torch CPU threads while this target measures on the CPU (the VLM's answers
                 and the judge's CLIP metrics; restored afterwards); None leaves torch's setting. On
                 shared cores 1 is several times faster than 2 (measured: 200 answers of the demo
@@ -398,18 +399,20 @@ class Llava(DownstreamTarget):
             torch.set_num_threads(before)
 
     @torch.inference_mode()
-    def answer(self, pixels: torch.Tensor, question: str) -> list[str]:
+    def answer(self, pixels: torch.Tensor, question: str, progress: bool | None = None) -> list[str]:
         """Greedy answers to ``question`` about each image of ``pixels`` ``(N, 3, H, W)`` (the VLM's
         preprocessing applied), new tokens only, special tokens dropped, stripped. Every row
         shares one prompt, so no padding is needed; the same answers as
-        :func:`slug_pl.evaluation.vqa.ask` on the images."""
+        :func:`slug_pl.evaluation.vqa.ask` on the images. ``progress``: a progress bar (None: the
+        target's ``progress`` setting)."""
         self.load()
         parameter = next(self.vlm.parameters())
         prompt = self.prompt_ids(question).to(parameter.device)
         tokenizer = self.processor.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         answers: list[str] = []
-        bar = tqdm(total=len(pixels), desc="asking LLaVA", unit="img", disable=not self.progress)
+        show = self.progress if progress is None else progress
+        bar = tqdm(total=len(pixels), desc="asking LLaVA", unit="img", disable=not show)
         with self.threads(), bar:
             for start in range(0, len(pixels), self.batch_size):
                 batch = pixels[start:start + self.batch_size].to(parameter.device, parameter.dtype)
@@ -422,11 +425,12 @@ class Llava(DownstreamTarget):
                 bar.update(len(batch))
         return answers
 
-    def ask_groups(self, groups: Mapping[str, torch.Tensor], question: str) -> dict[str, list[str]]:
+    def ask_groups(self, groups: Mapping[str, torch.Tensor], question: str,
+                   progress: bool | None = None) -> dict[str, list[str]]:
         """Answers per concept for images grouped by concept (one batched pass over all of them)."""
         if not groups:
             return {}
-        answers = self.answer(torch.cat(list(groups.values())), question)
+        answers = self.answer(torch.cat(list(groups.values())), question, progress)
         out, start = {}, 0
         for name, images in groups.items():
             out[name], start = answers[start:start + len(images)], start + len(images)
@@ -443,13 +447,13 @@ class Llava(DownstreamTarget):
             raise FloatingPointError(f"non-finite image features in {self.describe()}: the edited vision tower is "
                                      f"broken")
 
-    def measure(self, images: VqaImages, forget: Sequence[str]) -> dict:
+    def measure(self, images: VqaImages, forget: Sequence[str], progress: bool | None = None) -> dict:
         """Ask both questions about ``images`` and score the answers (:func:`score_vqa`), with the
         answers themselves under ``"answers"`` (identity and object answers per concept)."""
         first = next(iter({**images.identities, **images.objects}.values()))
         self.check_finite(first)
-        identity_answers = self.ask_groups(images.identities, self.question)
-        object_answers = self.ask_groups(images.objects, self.object_question)
+        identity_answers = self.ask_groups(images.identities, self.question, progress)
+        object_answers = self.ask_groups(images.objects, self.object_question, progress)
         result = score_vqa(self.question, identity_answers, list(forget), object_answers, self.aliases)
         result["answers"] = identity_answers | object_answers
         return result
@@ -510,7 +514,7 @@ class Llava(DownstreamTarget):
             try:
                 self.mirror(clip, [edit.name])
                 with self.threads():
-                    m = self.measure(images, [concept])
+                    m = self.measure(images, [concept], progress=False)
             finally:
                 revert_edit(clip, edit)
                 self.mirror(clip, [])
@@ -615,8 +619,8 @@ class VqaJudge:
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
         names = self.target.differing(model) if edited is None else sorted(set(self._base) | {edited})
         self.target.mirror(model, names)
-        with self.target.threads():
-            result = self.target.measure(self.images, self.forget)
+        with self.target.threads():  # no progress bars: a search makes dozens of short evaluations
+            result = self.target.measure(self.images, self.forget, progress=False)
             metrics = {k: result[k] for k in VQA_METRICS if result[k] is not None}
             if self.clip_judge is not None:
                 metrics |= self.clip_judge.evaluate(model, edited)
