@@ -58,18 +58,28 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
         "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def held_out_verdict(target: ForgetTarget, result: BeforeAfter) -> dict | None:
-    """Whether the forget target also holds on held-out test images (None without test sets)."""
-    if result.evaluated_on != "test" or target.metric not in result.after:
+def held_out_verdict(target: ForgetTarget, result: BeforeAfter, downstream: dict | None = None,
+                     downstream_images: int | None = None) -> dict | None:
+    """Whether the forget target also holds on held-out test images (None without test sets, or
+    when neither the CLIP's metrics nor the ``downstream`` model's (``after`` on the same test
+    images, ``downstream_images`` of the forgotten concepts) hold the target metric)."""
+    if result.evaluated_on != "test":
         return None
-    value = result.after[target.metric]
-    return {"met": bool(target.met(result.after)), "value": value, "images": result.forget_images}
+    if target.metric in result.after:
+        after, images = result.after, result.forget_images
+    elif downstream and target.metric in downstream:
+        after, images = downstream, downstream_images if downstream_images is not None else result.forget_images
+    else:
+        return None
+    return {"met": bool(target.met(after)), "value": after[target.metric], "images": images}
 
 
 def build_summary(*, method: dict, concepts: Sequence[str], model: dict, target: ForgetTarget, validation: dict,
                   validation_met: bool, result: BeforeAfter, cost: dict, timings: dict | None = None,
-                  memory: dict | None = None, extra: dict | None = None) -> dict:
-    """The ``summary.json`` of a run (see the module docstring); ``method`` must hold ``name``."""
+                  memory: dict | None = None, extra: dict | None = None, held_out: dict | None = None) -> dict:
+    """The ``summary.json`` of a run (see the module docstring); ``method`` must hold ``name``.
+    ``held_out``: the target's verdict on held-out images when a downstream model measured it
+    (see :func:`held_out_verdict`); by default from the CLIP's metrics."""
     if "name" not in method:
         raise ValueError("the method block of a run record needs a 'name'")
     summary = {
@@ -78,7 +88,7 @@ def build_summary(*, method: dict, concepts: Sequence[str], model: dict, target:
         "concepts": list(concepts),
         "model": model,
         "target": {"rule": str(target), "metric": target.metric, "value": target.value, "met": bool(validation_met),
-                   "held_out": held_out_verdict(target, result)},
+                   "held_out": held_out if held_out is not None else held_out_verdict(target, result)},
         "validation": core_metrics(validation),
         "evaluated_on": result.evaluated_on,
         "before": core_metrics(result.before),

@@ -327,7 +327,14 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     layer = summary["method"]["edits"][0]["layer"]
     assert Llava(str(folder)).reads(layer)
     assert block["transplanted"] == ["model.vision_tower." + layer[len("vision_model."):]]
-    assert "## LLaVA: does it still name them?" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "## LLaVA: does it still name them?" in report
+    # the forget target (a VLM metric here) is also judged on the held-out images the VLM answered
+    held = summary["target"]["held_out"]
+    assert summary["target"]["metric"] == "forget_name_accuracy"
+    expected = block["after"]["forget_name_accuracy"]
+    assert held == {"met": expected <= summary["target"]["value"], "value": expected, "images": 3}
+    assert "config has no test sets" not in report
     for row in csv.DictReader((run / "search.csv").open()):  # VLM and CLIP metrics, and both at once
         assert float(row[FORGET_BOTH]) == max(float(row["forget_name_accuracy"]), float(row["forget_top1"]))
     saved = target_of(run / block["saved_to"])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from slug_pl.data.mining import concept_pattern
 
-DEFAULT_QUESTION = "Who is the person in this image? Answer with a name."
+DEFAULT_QUESTION = "What is the name of the person in this image?"
 DEFAULT_OBJECT_QUESTION = "What object is in this image? Answer with a name."
 
 

@@ -28,7 +28,7 @@ from slug_pl.evaluation.similarity import similarity_figure
 from slug_pl.evaluation.zeroshot import class_embeddings
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import non_finite
-from slug_pl.record import RunRecord, build_summary, verdict_line
+from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
 from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget, TargetReport
 
@@ -212,7 +212,7 @@ class UnlearningModule(LightningModule):
         sim_before, sim_after, shown = result.similarity
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
-        sections = list(sections)
+        sections, held_out = list(sections), None
         if self.target is not None:  # the downstream model with the edit, judged its own way
             self.target.transplant(self.clip, edits)
             downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
@@ -225,6 +225,7 @@ class UnlearningModule(LightningModule):
                                         f"folder).", ""]
             sections = list(downstream.sections) + sections
             extra = (extra or {}) | {downstream.key: downstream.block}
+            held_out = held_out_verdict(target, result, downstream.after, downstream.forget_images)
         meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target)}
         edit_bytes = record.edit_patch(edits, meta | (edit_metadata or {}))
         memory = getattr(self, "peak_memory", None) or peak_memory(self.device)
@@ -233,7 +234,7 @@ class UnlearningModule(LightningModule):
         summary = build_summary(method=method, concepts=concepts, model=self.family.describe(), target=target,
                                 validation=validation, validation_met=validation_met, result=result, cost=cost,
                                 timings=dict(self.timings) | ({"total": total} if total is not None else {}),
-                                memory=memory, extra=extra)
+                                memory=memory, extra=extra, held_out=held_out)
         record.write(summary, sections, remedy=remedy, result=result)
         # the verdict, also for the launching process of a spawned run (Lightning carries rank 0's
         # callback metrics back to it): the CLI's exit status reads it

@@ -53,14 +53,19 @@ class TargetReport:
         block: that block's content (``{"before": {...}, "after": {...}, ...}``; fractions).
         sections: report.md lines (markdown).
         figures: ``(caption, file name, matplotlib figure or PIL image)`` to save in the run folder.
-        target_met: whether the downstream forget criterion holds after the edit (None: not judged).
+        after: the downstream metrics after the edit on the held-out images (test, else validation),
+            named as the target's search judge names them (e.g. ``forget_name_accuracy``): the
+            run's forget target is checked on fresh images with them when the CLIP's own zero-shot
+            metrics do not hold the target metric.
+        forget_images: images of the forgotten concept(s) behind ``after``'s forget metrics.
     """
 
     key: str
     block: dict
     sections: list[str] = field(default_factory=list)
     figures: list[tuple[str, str, object]] = field(default_factory=list)
-    target_met: bool | None = None
+    after: dict[str, float] = field(default_factory=dict)
+    forget_images: int | None = None
 
 
 class DownstreamTarget(ABC):

@@ -49,13 +49,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
-from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, chat_prompt, score_vqa
+from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, chat_prompt, score_vqa
 from slug_pl.families.hf_clip import ProcessorTransform
 from slug_pl.record import pct, table
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
 
 #: The naming question (the issue's wording; LLaVA-1.5 answers it with a sentence holding the name).
-QUESTION = "What is the name of the person in this image?"
+QUESTION = DEFAULT_QUESTION
 #: The utility question about object images.
 OBJECT_QUESTION = DEFAULT_OBJECT_QUESTION
 #: The VQA metrics a judge returns (fractions): forget over all images of the forgotten
@@ -549,7 +549,16 @@ class Llava(DownstreamTarget):
         }
         examples = self._examples(before["answers"], after["answers"], block["per_concept"])
         block["examples"] = examples
-        return TargetReport("vqa", block, self._sections(block, examples))
+        # the search's metrics on these images, for the verdict on fresh images (the CLIP's forget
+        # top-1 with the edits, as it is, joins the VLM's answers for FORGET_BOTH)
+        from slug_pl.evaluation.evaluator import Evaluator
+
+        clip_after = Evaluator.for_concepts(datamodule.family, datamodule, stage, list(concepts)).evaluate(clip)
+        held_out = {k: after[k] for k in VQA_METRICS if after[k] is not None} | clip_after
+        if held_out.get("forget_name_accuracy") is not None and "forget_top1" in clip_after:
+            held_out[FORGET_BOTH] = max(held_out["forget_name_accuracy"], clip_after["forget_top1"])
+        return TargetReport("vqa", block, self._sections(block, examples), after=held_out,
+                            forget_images=block["images"]["forget"])
 
     def _examples(self, before: dict[str, list[str]], after: dict[str, list[str]], per_concept: dict) -> list[dict]:
         """``examples`` answers of each forgotten concept, then of the retained identity and the
