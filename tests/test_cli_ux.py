@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import write_config
 
-from slug_pl.cli import EXIT_INTERRUPTED, main
+from slug_pl.cli import EXIT_INTERRUPTED, EXTRA_COMMANDS, LIGHTNING_COMMANDS, main
 from slug_pl.console import interrupt_hint
 from slug_pl.data.mining import mine_forget_set
 
@@ -127,8 +127,10 @@ def test_a_pass_without_its_batches_fails_loudly(config, capsys):
 
 def test_unknown_command_suggests_the_close_one(capsys):
     assert main(["fitt"]) == 2
+    commands = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])  # every registered command
+    assert {"fit", "validate", "test", "mine", "compare"} <= set(commands.split(", "))
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "slug-pl: error: unknown command 'fitt' (did you mean 'fit'?); the commands are fit, validate, test, mine")
+        f"slug-pl: error: unknown command 'fitt' (did you mean 'fit'?); the commands are {commands}")
     assert main([]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "slug-pl: error: give a command"
 

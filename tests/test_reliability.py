@@ -520,7 +520,9 @@ def test_killed_pass_resumes_to_identical_gradients(tmp_path, run_a, small_world
     callback = {"class_path": "stall_callback.StallAfter", "init_args": {"batches": 5, "marker": str(marker)}}
     config = _run_config(root, small_world, tiny_checkpoint, forget_shards, model={"checkpoint_every": 3},
                          trainer={"callbacks": [callback]})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    # one torch thread, as in this process (conftest): float sums in another thread count differ
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slug_pl.cli", "fit", "--config", str(config)],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(marker, proc)
