@@ -213,6 +213,8 @@ class UnlearningModule(LightningModule):
         if self.target is not None:  # the downstream model with the edit, judged its own way
             self.target.transplant(self.clip, edits)
             downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
+            if self.target.save_edited:
+                self.target.save_pretrained(self.run_dir / f"edited_{self.target.name}")
             for caption, file, figure in downstream.figures:
                 record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
             sections = list(downstream.sections) + sections

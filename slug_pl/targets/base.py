@@ -70,6 +70,9 @@ class DownstreamTarget(ABC):
     name: str = "target"
     #: The CLIP tower the downstream model embeds: "text" or "vision".
     tower: str = "text"
+    #: Whether the run also writes the edited downstream model into its folder, as
+    #: ``edited_<name>/`` (:meth:`save_pretrained`, after :meth:`evaluate`).
+    save_edited: bool = False
 
     # -- the downstream model ------------------------------------------------------------------
     @abstractmethod
