@@ -2,5 +2,6 @@
 see :mod:`slug_pl.targets.base`)."""
 
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
+from slug_pl.targets.stable_diffusion import StableDiffusion
 
-__all__ = ["DownstreamTarget", "TargetMismatchError", "TargetReport"]
+__all__ = ["DownstreamTarget", "StableDiffusion", "TargetMismatchError", "TargetReport"]
