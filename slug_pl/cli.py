@@ -1,10 +1,13 @@
 """The ``slug-pl`` command: LightningCLI with ``fit`` (gradient pass + ranking + step search),
-``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), and ``mine`` (forget-set
-mining from caption shards).
+``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), ``mine`` (forget-set
+mining from caption shards), ``generate`` (a forget set drawn by a Stable Diffusion pipeline) and
+``transplant`` (a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP).
 
     slug-pl fit --config configs/demo.yaml
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
     slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
+    slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
+    slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         from slug_pl.data.mining import main as mine_main
 
         return mine_main(words[1:])
+    if words and words[0] == "generate":
+        from slug_pl.data.generated import main as generate_main
+
+        return generate_main(words[1:])
+    if words and words[0] == "transplant":
+        from slug_pl.targets.stable_diffusion import main as transplant_main
+
+        return transplant_main(words[1:])
     cli = run_cli(argv)
     if cli.subcommand in ("validate", "test"):
         target = cli.config[cli.subcommand].get("json")
