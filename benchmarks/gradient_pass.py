@@ -5,7 +5,7 @@ batch, same process.
 - slug_pl: ``Trainer.fit`` of :class:`slug_pl.methods.slug.SlugModule` over the same in-memory batches
   (retain set: the contrastive loss; one forget batch first), timed from the end of the first
   retain batch to the end of the last, so Lightning's per-batch overhead and our accumulation are
-  inside the measurement and data loading is outside both (as in DESIGN.md §5).
+  inside the measurement and data loading is outside both (as in docs/design.md §5).
 
 Both use random-init weights and random inputs. Results go to ``benchmarks/results/`` as JSON with
 the command line that produced them.

@@ -59,11 +59,11 @@ def main(argv=None) -> int:
                 before, after = s["before"], s["after"]
                 rows.append({
                     "seed": seed, "pair": pair, "strategy": strategy, "exit_code": code,
-                    "targets_met": s["search"]["target_met"],
-                    "layers": [c["layer"] for c in s["per_concept"]],
-                    "steps": [c["step"] for c in s["per_concept"]],
-                    "test_forget_top1_max": max(c["after"]["forget_top1"] for c in s["per_concept"]),
-                    "test_forget_top5_max": max(c["after"]["forget_top5"] for c in s["per_concept"]),
+                    "targets_met": s["target"]["met"],
+                    "layers": [c["layer"] for c in s["method"]["per_concept"]],
+                    "steps": [c["step"] for c in s["method"]["per_concept"]],
+                    "test_forget_top1_max": max(m["forget_top1"] for m in s["per_concept"].values()),
+                    "test_forget_top5_max": max(m["forget_top5"] for m in s["per_concept"].values()),
                     "retain_drop_pts": 100 * (before["retain_top1"] - after["retain_top1"]),
                     "utility_drop_pts": 100 * (before["utility_top1"] - after["utility_top1"]),
                     "search_s": s["timings_s"]["search"],

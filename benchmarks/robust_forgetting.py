@@ -65,13 +65,14 @@ def main(argv=None) -> int:
             model = family.load()
             evals = _evaluators(family, root, concept)
             base = {split: e.evaluate(model) for split, e in evals.items()}
-            layer, step = summary["chosen"]["layer"], summary["chosen"]["step"]
+            chosen = summary["method"]["per_concept"][0]  # found_step: the step before any margin
+            layer, step = chosen["layer"], chosen["found_step"]
             for margin in args.margins:
                 with stepped(model, layer, grads[layer], step * margin):
                     m = {split: e.evaluate(model, edited=layer) for split, e in evals.items()}
                 rows.append({
                     "seed": seed, "concept": concept, "layer": layer, "step": step, "margin": margin,
-                    "target_met": summary["search"]["target_met"], "exit_code": code,
+                    "target_met": summary["target"]["met"], "exit_code": code,
                     "val_forget_top1": m["val"]["forget_top1"], "val_forget_top5": m["val"]["forget_top5"],
                     "test_forget_top1": m["test"]["forget_top1"], "test_forget_top5": m["test"]["forget_top5"],
                     "test_retain_drop": base["test"]["retain_top1"] - m["test"]["retain_top1"],

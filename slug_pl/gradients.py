@@ -1,6 +1,6 @@
 """The two SLUG objectives, their exact averaging, and gradient files.
 
-Objectives (DESIGN.md §1), for unit embeddings u (image) and v (text):
+Objectives (docs/design.md §1), for unit embeddings u (image) and v (text):
 
 - forget:  L_f = (1 / N_f) · Σ_i cos(u_i, v_i) over all N_f forget pairs. g_f = ∇θ L_f is the
   direction that *raises* the similarity, so an edit θ_l ← θ_l − λ·g_f,l (λ > 0) unlearns.

@@ -1,4 +1,4 @@
-"""Layer ranking: importance, alignment and the per-tower Pareto front (DESIGN.md §1).
+"""Layer ranking: importance, alignment and the per-tower Pareto front (docs/design.md §1).
 
 For each rankable tensor l (Frobenius norms, vec = flattened):
 

@@ -1,5 +1,6 @@
-"""Shared fixtures: a small demo world and tiny random-init open_clip and Hugging Face CLIP models,
-built locally."""
+"""Shared fixtures, built locally: a small demo world and tiny random-init open_clip and Hugging
+Face CLIP models (for plumbing), and a tiny model trained on a small world that really tells its
+concepts apart (for tests that need something to forget)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# One torch thread for the whole suite: the machines that run it are shared, and measured under
+# load one thread was ~10x faster than two (OpenMP threads spin against other jobs).
+torch.set_num_threads(1)
+
 import json  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -56,6 +65,160 @@ def tiny_hf_clip(tmp_path_factory):
     torch.manual_seed(0)
     model = CLIPModel(tiny_clip_config(hidden_size=64, layers=2, heads=2, projection_dim=32))
     return str(save_clip_folder(model, tmp_path_factory.mktemp("hf_clip") / "tiny"))
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread inside the block: on shared cores a second OpenMP thread spinning
+    against other jobs makes training and gradient passes several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+#: The separating model's world: 20 identities and 10 objects, 20 training pairs per class (600
+#: corpus pairs), 5 held-out images per class in validation and in test.
+SEPARATING_WORLD = dict(identity_corpus=20, identity_val=5, identity_test=5,
+                        object_corpus=20, object_val=5, object_test=5, shard_size=1000)
+#: Training of the separating model: ~7 s on one idle core (180 AdamW steps of batch 64).
+SEPARATING_TRAINING = dict(model_name="slug-tiny-vit", epochs=20, batch_size=64, lr=2e-3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def separating_model(tmp_path_factory):
+    """``slug-tiny-vit`` trained on a small world until zero-shot classification separates its
+    people, and the forget set of one of them mined from the corpus with ``slug-pl mine``.
+
+    The concept is the first identity (in label order) whose held-out validation *and* test images
+    are all classified correctly (top-1 = 1), so a fit starts from forget top-1 = 1 and the search
+    has something to remove. Returns the world's paths (see ``build_world``) plus ``checkpoint``,
+    ``concept``, ``forget`` (the mined shard), ``templates`` (the world's prompt templates),
+    ``per_class_top1`` ({"val", "test"}: a list over identities), ``metrics`` (the trainer's
+    held-out test metrics) and ``build_seconds``.
+    """
+    from slug_pl.cli import main
+    from slug_pl.demo.train import train_demo_clip
+    from slug_pl.demo.world import WorldSpec, build_world
+
+    t0 = time.perf_counter()
+    root = tmp_path_factory.mktemp("separating")
+    world = build_world(root / "world", WorldSpec(**SEPARATING_WORLD))
+    with one_thread():  # the trained weights depend on the thread count: always one
+        metrics = train_demo_clip(world["root"], root / "model.safetensors", **SEPARATING_TRAINING)
+    checkpoint = str(root / "model.safetensors")
+    names = json.loads(Path(world["identities_json"]).read_text())
+    templates = json.loads(Path(world["templates_json"]).read_text())
+    per_class = {split: _per_class_top1(checkpoint, world[f"{split}_identities"], names, templates["identities"])
+                 for split in ("val", "test")}
+    perfect = [i for i in range(len(names)) if per_class["val"][i] == per_class["test"][i] == 1.0]
+    assert perfect, f"the separating model classifies no identity perfectly: {per_class}"
+    concept = names[perfect[0]]
+    assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", str(root / "forget")]) == 0
+    return {**world, "checkpoint": checkpoint, "concept": concept,
+            "forget": str(root / "forget" / "forget-000000.tar"), "templates": templates,
+            "per_class_top1": per_class, "metrics": metrics,
+            "build_seconds": time.perf_counter() - t0}
+
+
+#: Step-search settings of the fast end-to-end fit on the separating model, chosen so that the
+#: search has to work: λ₀ is 4 % of ‖θ‖/‖g‖, so every candidate misses and doubles before its first
+#: hit; max_evals 7 leaves room to bisect; tolerance 0.2 stops some bisections early (relative to
+#: λ); the guard (11 points, away from the 0.02 / ~0.0105 grid of the 50-image utility and the
+#: 19-concept retain accuracies) rejects some hits; one candidate never meets the target.
+SEPARATING_SEARCH = {"top_k": 3, "max_evals": 7, "initial_step_fraction": 0.04, "tolerance": 0.2,
+                     "utility_guard": 0.11}
+
+
+def separating_config(folder: Path, model: dict, search: dict | None = None, **overrides) -> Path:
+    """A fit/validate/test config over the separating model's world (its own prompt templates),
+    forgetting ``model["concept"]``: forget batches of 8, retain global batches of 64 (600 corpus
+    pairs: 9 full batches and a short one of 24). ``overrides`` update sections' keys, e.g.
+    ``trainer={"devices": 2}``, ``data={"retain_batch_size": 63}``."""
+    templates = model["templates"]
+
+    def labelled(split: str) -> dict:
+        return {"concepts": {"shards": model[f"{split}_identities"], "classnames": model["identities_json"],
+                             "templates": templates["identities"]},
+                "utility": {"shards": model[f"{split}_objects"], "classnames": model["objects_json"],
+                            "templates": templates["objects"]}}
+
+    config = {
+        "model": {"class_path": "slug_pl.methods.SlugModule", "init_args": {
+            "family": {"class_path": "slug_pl.families.OpenClip",
+                       "init_args": {"model_name": "slug-tiny-vit", "pretrained": model["checkpoint"]}}}},
+        "data": {"class_path": "slug_pl.data.datamodule.SlugDataModule", "init_args": {
+            "forget": model["forget"], "retain": model["corpus"], "concepts": [model["concept"]],
+            "batch_size": 8, "retain_batch_size": 64,
+            "validation": labelled("val"), "test": labelled("test")}},
+        "search": dict(SEPARATING_SEARCH if search is None else search),
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "default_root_dir": str(folder)},
+    }
+    for section, values in overrides.items():
+        target = config[section]["init_args"] if section in ("data", "model") else config[section]
+        target.update(values)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def separating_fit(tmp_path_factory, separating_model):
+    """One ``slug-pl fit`` on the separating model with :data:`SEPARATING_SEARCH`, shared by the
+    end-to-end and the reference-gradient tests. Returns ``work`` (its folder), ``run`` (the run
+    directory), ``config`` and ``code`` (the exit status) and ``seconds``."""
+    from slug_pl.cli import main
+
+    work = tmp_path_factory.mktemp("separating_fit")
+    config = separating_config(work, separating_model)
+    t0 = time.perf_counter()
+    with one_thread():
+        code = main(["fit", "--config", str(config)])
+    return {"work": work, "run": work / "lightning_logs" / "version_0", "config": config, "code": code,
+            "seconds": time.perf_counter() - t0}
+
+
+def read_pairs(paths: list[str], preprocess) -> tuple["torch.Tensor", list[str]]:
+    """Every image–caption pair of tar shards in order, read with ``tarfile`` and PIL (independent
+    of slug_pl's readers): preprocessed images ``(N, 3, H, W)`` and captions (stripped)."""
+    import io
+    import tarfile
+
+    import torch
+    from PIL import Image
+
+    images, captions = [], []
+    for url in paths:
+        with tarfile.open(url) as tar:
+            fields: dict[str, dict[str, bytes]] = {}
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                fields.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for sample in fields.values():  # dicts keep the tar order
+            images.append(preprocess(Image.open(io.BytesIO(sample["png"])).convert("RGB")))
+            captions.append(sample["txt"].decode("utf-8").strip())
+    return torch.stack(images), captions
+
+
+def _per_class_top1(checkpoint: str, shards: str, classnames: list[str], templates: list[str]) -> list[float]:
+    """Zero-shot top-1 of each class on a labelled shard set (for picking the fixture's concept)."""
+    import torch
+
+    from slug_pl.data.labelled import LabelledSet
+    from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
+    from slug_pl.families.open_clip import OpenClip
+
+    family = OpenClip("slug-tiny-vit", pretrained=checkpoint)
+    model = family.load()
+    data = LabelledSet(shards, classnames, templates).load(family.image_transform(), "fixture")
+    predicted = (image_embeddings(family, model, data.images) @ class_embeddings(family, model, classnames, templates).T).argmax(-1)
+    hits = (predicted == data.labels).float()
+    return [hits[data.labels == c].mean().item() for c in range(len(classnames))]
 
 
 def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **overrides) -> Path:

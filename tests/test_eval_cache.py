@@ -56,3 +56,24 @@ def test_cached_logits_match_full_evaluation(setup, layer):
     block = family.tower_stages(model, tower).first_block(layer)
     if 0 < block:
         assert any(k[1] == tower and k[2] == block for k in cached._hidden), "hidden states were not cached"
+
+
+def test_evaluate_without_a_hint_scores_the_model_as_it_is_now(setup):
+    """``evaluate(model)`` (no ``edited`` hint) after the model changed in place scores the changed
+    model, as a fresh evaluator does: a before/after measurement with one evaluator must never
+    report the 'after' from the features cached 'before'."""
+    family, model, concepts, utility = setup
+    evaluator = Evaluator(family, concepts, ["person 0"], utility, batch_size=8)
+    layer = "visual.transformer.resblocks.1.mlp.c_proj.weight"
+    evaluator.evaluate(model)
+    torch.manual_seed(1)
+    grad = torch.randn_like(dict(model.named_parameters())[layer])
+    with stepped(model, layer, grad, 0.5):
+        reused = {name: evaluator.logits(model, name) for name in ("concepts", "utility")}
+        after = evaluator.evaluate(model)
+        fresh_evaluator = Evaluator(family, concepts, ["person 0"], utility, batch_size=8)
+        assert after == fresh_evaluator.evaluate(model)
+        for name in ("concepts", "utility"):
+            now = evaluator.logits(model, name)
+            assert torch.allclose(now, fresh_evaluator.logits(model, name), atol=1e-6)
+            assert (now - reused[name]).abs().max() > 1e-4  # the stale features really differed

@@ -41,6 +41,16 @@ TEXTS = ["a photo of Alice Moreau.", "A Close-up  photo of the   BICYCLE!", "it'
 START, END = 49406, 49407
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread: on shared cores two threads spin against other jobs (measured here: an
+    evaluation 40x slower with 2 threads than with 1 under a load of 9)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _photos() -> list[Image.Image]:
     """Two real 640x427 photos shipped with scikit-learn, and a crop of each (portrait shape)."""
     from sklearn.datasets import load_sample_images

@@ -1,4 +1,4 @@
-"""Membership inference: pair similarities and the logistic-regression attack (DESIGN.md §2)."""
+"""Membership inference: pair similarities and the logistic-regression attack (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,50 @@ def test_unequal_sizes_are_balanced_deterministically():
     # the larger side may be either one
     swapped = membership_inference(nonmembers[:30], members, n_splits=3, seeds=(0,))
     assert swapped["n"] == 30 and swapped["mean"] >= 99.0
+
+
+def test_accuracy_is_measured_on_held_out_folds():
+    """Two members (-3, +1) and two non-members (+3, -1): with n_splits = 2 each fold trains on one
+    member a and one non-member b and tests the other two. On two standardized points (±1) the
+    logistic regression is symmetric: it predicts "member" for x nearer to a than to b. So a
+    fold whose training pair is (-3, +3) scores 0 (+1 → non-member, -1 → member) and one whose
+    training pair is (-3, -1) or (+1, +3) scores 1/2; the folds come from the protocol's
+    StratifiedKFold. Fitting and scoring on the same samples would give 100 % (each fold's own
+    two points) or 50 % (all four: the threshold 0 of the symmetric data); held out, the hand
+    count below gives less.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    members, nonmembers = [-3.0, 1.0], [3.0, -1.0]
+    x = np.array(members + nonmembers)
+    y = np.array([1, 1, 0, 0])
+    seeds = (0, 1, 2, 3, 4)
+    accuracies = []
+    for seed in seeds:
+        for train, test in StratifiedKFold(2, shuffle=True, random_state=seed).split(x.reshape(-1, 1), y):
+            a, b = x[train][y[train] == 1][0], x[train][y[train] == 0][0]
+            predicted = (np.abs(x[test] - a) < np.abs(x[test] - b)).astype(int)
+            accuracies.append(100.0 * (predicted == y[test]).mean())
+    assert set(accuracies) == {0.0, 50.0}  # both kinds of folds occur
+    result = membership_inference(members, nonmembers, n_splits=2, seeds=seeds)
+    assert result["mean"] == pytest.approx(np.mean(accuracies)) and result["mean"] < 50.0
+    assert result["folds"] == 10
+
+
+def test_spread_is_the_population_std_over_all_folds_and_seeds():
+    """Four members (10, 11, 12 and one at -11.5 among the non-members), four non-members (-10 …
+    -13); n_splits = 4, so each fold tests one member and one non-member. The attack puts its
+    threshold between the clusters (the stray member cannot move it past three of each class), so
+    a fold scores 1/2 when it holds the stray member out and 1 otherwise: every seed gives the
+    measurements (50, 100, 100, 100) %, whatever the shuffle. Mean 87.5 %; population standard
+    deviation over the 4 × 3 measurements sqrt(3)/8 = 21.65 % (the sample standard deviation
+    would be 22.61 %, the spread of the seeds' means 0)."""
+    members, nonmembers = [10.0, 11.0, 12.0, -11.5], [-10.0, -11.0, -12.0, -13.0]
+    result = membership_inference(members, nonmembers, n_splits=4, seeds=(0, 1, 2))
+    assert result["folds"] == 12
+    assert result["mean"] == pytest.approx(87.5)
+    assert result["std"] == pytest.approx(100 * np.sqrt(3) / 8)
+    assert np.std([50.0, 100, 100, 100] * 3) == pytest.approx(100 * np.sqrt(3) / 8)
 
 
 def test_invalid_inputs():

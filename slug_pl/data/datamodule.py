@@ -1,7 +1,7 @@
 """The SLUG DataModule: forget and retain pair shards for the gradient pass, labelled concept and
 utility sets for validation (step search, ``validate``) and held-out test (final report, ``test``).
 
-Evaluation sets follow DESIGN.md §1: a *concept set* holds labelled images of the forgotten
+Evaluation sets follow docs/design.md §1: a *concept set* holds labelled images of the forgotten
 concept(s) and of other concepts over one class list (forget accuracy on the former, retain
 accuracy on the latter); a *utility set* is a general zero-shot benchmark.
 """
@@ -106,7 +106,7 @@ class SlugDataModule(LightningDataModule):
             eval_batch_size: images per batch in evaluation.
             mia_nonmembers: shards of image–caption pairs of the concept(s) the model never saw;
                 with them, membership inference (forget pairs vs these) is reported before and
-                after the edit (DESIGN.md §2).
+                after the edit (docs/design.md §2).
             bad_samples: what a forget/retain sample without image or caption, or with an image
                 that does not decode, does to the pass: ``"stop"`` (raise, naming shard and key) or
                 ``"skip"`` (leave it out; skipped samples are counted and listed in the gradient

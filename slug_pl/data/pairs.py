@@ -1,6 +1,6 @@
 """Image–caption pair streams for the gradient pass, exact under DDP and data-loader workers.
 
-The gradient pass needs *exact* averages (DESIGN.md §1): every sample counted once, and, for the
+The gradient pass needs *exact* averages (docs/design.md §1): every sample counted once, and, for the
 contrastive retain loss, every global batch holding the same samples whatever the number of
 devices. So the stream is defined on global sample indices, not on shards:
 

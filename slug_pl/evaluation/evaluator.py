@@ -10,8 +10,10 @@ candidate step. :meth:`Evaluator.evaluate` takes the name of the edited paramete
    there on and the head are recomputed (when the family provides
    :meth:`~slug_pl.families.base.ModelFamily.tower_stages` and the cache fits ``cache_bytes``).
 
-The caches belong to the *unedited* model: call :meth:`Evaluator.reset_cache` after the base
-model changes (e.g. when several concepts are edited one after another).
+The caches belong to the *unedited* model, the one last evaluated with ``edited=None``: every
+such call declares the model as it is the new reference, so it recomputes everything and refills
+the caches (a model changed in place, e.g. after an edit was applied, is never scored from stale
+features).
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ class Evaluator:
         was_training = model.training
         model.eval()
         out: dict[str, float] = {}
+        if edited is None:  # the model as it is becomes the reference: nothing cached is valid
+            self.reset_cache()
         try:
             for name, data in self.sets.items():
                 metric = ZeroShotAccuracy(len(data.classnames), sync_on_compute=False)

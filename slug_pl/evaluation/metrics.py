@@ -1,5 +1,5 @@
 """Zero-shot accuracy as a torchmetrics ``Metric`` (sum states: correct under DDP), and the
-forget / retain / utility summary of DESIGN.md §2.
+forget / retain / utility summary of docs/design.md §2.
 
 All accuracies are fractions in [0, 1].
 """

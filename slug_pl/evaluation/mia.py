@@ -1,4 +1,4 @@
-"""Membership inference (MIA), DESIGN.md §2.
+"""Membership inference (MIA), docs/design.md §2.
 
 The attack's only feature is the cosine similarity of each image–caption pair under the model.
 Members are the forget pairs, non-members an unseen set of pairs; a logistic regression tells them

@@ -2,7 +2,7 @@
 
 ``M[i, j]`` = mean over the images of concept ``i`` of ``cos(u(x), c_j)``, where ``c_j`` is the
 zero-shot class embedding of concept ``j`` (normalized mean of the normalized text embeddings over
-the templates, DESIGN.md §2). Before unlearning the diagonal stands out; after a successful edit
+the templates, docs/design.md §2). Before unlearning the diagonal stands out; after a successful edit
 the forgotten concept's diagonal entry drops while the other rows stay as they were.
 """
 

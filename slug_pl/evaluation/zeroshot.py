@@ -1,4 +1,4 @@
-"""Zero-shot classification, defined once (DESIGN.md §2).
+"""Zero-shot classification, defined once (docs/design.md §2).
 
 - class embedding = normalize(mean over templates of normalize(encode_text(template(class))));
 - logits = normalized image embedding @ class embeddings.T, shape ``(N, C)``;

@@ -165,7 +165,7 @@ class ModelFamily(ABC):
         )
 
     def is_rankable(self, name: str, param: torch.Tensor) -> bool:
-        """Whether a tensor takes part in the layer ranking (see DESIGN.md §1)."""
+        """Whether a tensor takes part in the layer ranking (see docs/design.md §1)."""
         if self.tower_of(name) is None:
             return False
         if any(re.search(p, name) for p in self.exclude):

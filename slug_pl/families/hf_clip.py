@@ -212,6 +212,9 @@ class HfClip(ModelFamily):
         return None  # logit_scale
 
     def tower_stages(self, model: nn.Module, tower: Tower) -> TowerStages:
+        """The tower split at its encoder layers, computing exactly what ``CLIPModel`` computes
+        (see the module docstring): stage 0 ends after ``pre_layrnorm`` (vision) or the embeddings
+        (text); text layers run with the causal mask; the head pools and projects."""
         return self._stages(model, tower, checkpointed=False)
 
     def enable_activation_checkpointing(self, model: nn.Module) -> None:
@@ -257,7 +260,7 @@ class HfClip(ModelFamily):
 def _eos_positions(text_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Per row, the position ``CLIPTextModel`` pools at: the first ``eos_token_id``, or (legacy
     configs with ``eos_token_id == 2``) the largest token id."""
-    ids = tokens.to(dtype=torch.int, device=tokens.device)
+    ids = tokens.int()
     if text_model.eos_token_id == 2:
         return ids.argmax(dim=-1)
     return (ids == text_model.eos_token_id).int().argmax(dim=-1)

@@ -102,10 +102,9 @@ class UnlearningModule(LightningModule):
             rank_zero_info(f"applied edit {self.edit}: {', '.join(e.name for e in edits)}")
         bad = non_finite(dict(self.clip.named_parameters()))
         if bad:
-            source = self.family.describe()
             edit = f" with the edit {self.edit}" if self.edit else ""
             raise FloatingPointError(
-                f"the model {source.get('model_name')} from {source.get('pretrained')}{edit} has NaN/inf "
+                f"the model {self.family.describe()}{edit} has NaN/inf "
                 f"weights in {len(bad)} tensor(s) (e.g. {bad[:3]}): the checkpoint is broken; use "
                 f"another checkpoint"
             )
