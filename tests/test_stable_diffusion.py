@@ -57,15 +57,6 @@ def sd2_shaped(tmp_path_factory, pipeline):
     return str(folder)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: on shared cores several threads spin against other jobs (~25x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def clip(tiny_hf_clip):
     family = HfClip(model_name=tiny_hf_clip)
@@ -110,13 +101,14 @@ def test_reads_exactly_the_text_tower_without_projection(pipeline, clip):
     _, model = clip
     target = StableDiffusion(pipeline, device="cpu")
     unread = {n for n, _ in model.named_parameters() if not target.reads(n)}
-    assert unread == {n for n, _ in model.named_parameters()
-                      if n.startswith(("vision_model.", "visual_projection.", "text_projection.")) or n == "logit_scale"}
+    other_towers = ("vision_model.", "visual_projection.", "text_projection.")
+    assert unread == {n for n, _ in model.named_parameters() if n.startswith(other_towers) or n == "logit_scale"}
 
 
 @pytest.mark.parametrize("clip_skip, guidance, sd2", [(None, 3.0, False), (1, 1.0, False), (1, 3.0, False),
                                                       (None, 3.0, True)])
-def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2_shaped, clip, clip_skip, guidance, sd2):
+def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2_shaped, clip, clip_skip, guidance,
+                                                                   sd2):
     """Perturb each CLIP tensor alone, mirror it into the pipeline, and compare what the UNet is
     fed (the prompt's states, and the empty prompt's under guidance > 1) with the unperturbed ones."""
     family, model = clip
@@ -226,7 +218,8 @@ def test_pair_check_names_the_first_tensor_that_differs(pipeline, clip, tmp_path
     _, model = clip
     shallow = CLIPModel(tiny_clip_config(hidden_size=64, layers=1, heads=2, projection_dim=32))
     shallow.load_state_dict({k: v for k, v in model.state_dict().items() if ".encoder.layers.1." not in k})
-    with pytest.raises(TargetMismatchError, match=r"has 'encoder\.layers\.1\.self_attn\.k_proj\.weight', which the CLIP"):
+    with pytest.raises(TargetMismatchError,
+                       match=r"has 'encoder\.layers\.1\.self_attn\.k_proj\.weight', which the CLIP"):
         target.check_pair(family, shallow)
 
 
@@ -277,7 +270,8 @@ def test_saved_edited_pipeline_reloads_and_draws_the_same_images(pipeline, clip,
     target.check_pair(family, model)
     original = generate(target.pipe)
     name = "text_model.encoder.layers.1.mlp.fc2.weight"
-    edit = make_edit(model, name, torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)), 0.5)
+    noise = torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
+    edit = make_edit(model, name, noise, 0.5)
     apply_edit(model, edit)
     target.transplant(model, [edit])
     edited = generate(target.pipe)
@@ -377,9 +371,14 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
     generation = summary["generation"]
     assert generation["prompts"] == 3 * 2 and generation["seeds"] == [0, 1]  # 3 concepts × 2 templates
     for side in ("before", "after"):
-        assert set(generation[side]) == {"forget_recognition", "retain_recognition", "clip_score"}
-        assert 0 <= generation[side]["forget_recognition"] <= 1 and 0 <= generation[side]["retain_recognition"] <= 1
-        assert 0 <= generation[side]["clip_score"] <= 100
+        scores = generation[side]
+        assert set(scores) == {"forget_recognition", "retain_recognition", "clip_score", "forget_clip_score",
+                               "retain_clip_score"}
+        assert 0 <= scores["forget_recognition"] <= 1 and 0 <= scores["retain_recognition"] <= 1
+        assert 0 <= scores["forget_clip_score"] <= 100 and 0 <= scores["retain_clip_score"] <= 100
+        # all prompts: 2 forget and 4 retain prompts, each drawn with 2 seeds
+        mean = (2 * scores["forget_clip_score"] + 4 * scores["retain_clip_score"]) / 6
+        assert scores["clip_score"] == pytest.approx(mean)
 
     # the choice: among the candidates scored on generations (all "remove" at threshold 1), the best retain
     chosen = summary["method"]["edits"][0]["layer"]
@@ -398,3 +397,98 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
     assert "## Generation (Stable Diffusion)" in report and (run / "generation_grid.png").is_file()
     ranking = (run / "ranking.csv").read_text()
     assert "text_model.encoder" in ranking and "vision_model" not in ranking  # towers: [text]
+
+
+def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
+    import csv
+
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
+    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
+                          search={"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
+                                  "target_value": 1.0, "save_checkpoint": False})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
+                                           "init_args": {"model_name": tiny_hf_clip}}
+    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
+        "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
+        "guidance": 3.0, "batch_size": 4, "search_on": "generation", "device": "cpu", "progress": False}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    generation = json.loads((run / "summary.json").read_text())["generation"]
+    assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert rows and all(r["layer"].startswith("text_model.") for r in rows)
+    # the search judged generations: the concept's 2 templates × 2 search seeds = 4 images, so its
+    # recognition is a multiple of 1/4; the 2 retained concepts (1 template × 2 seeds each) average
+    # halves: quarters too
+    for key in ("forget_top1", "retain_top1"):
+        assert all(4 * float(r[key]) == round(4 * float(r[key])) for r in rows)
+    assert not any(r.get("utility_top1") for r in rows)  # no utility set on the generation side
+
+
+def test_frozen_clip_judge_keeps_judging_with_the_unedited_text_tower(clip):
+    """During a generation-side step search the CLIP carries the candidate edit; the judge must
+    still be the unedited CLIP: class embeddings fixed before the edit, images through the
+    (unedited) vision tower."""
+    from PIL import Image
+
+    from slug_pl.evaluation.generation import ClipZeroShotJudge
+    from slug_pl.targets.stable_diffusion import FrozenClipJudge
+
+    family, model = clip
+    classes, templates = ["Alice Abara", "Bruno Bell", "Chen Wu"], ["a photo of {}.", "{} in a picture."]
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()) for _ in range(4)]
+    frozen, live = FrozenClipJudge(family, model, classes, templates), ClipZeroShotJudge(family, model, templates)
+    unedited = live.logits(images, classes)
+    assert torch.allclose(frozen.logits(images, classes), unedited, atol=1e-6)
+    assert torch.allclose(frozen.logits(images, classes[::-1]), unedited.flip(1), atol=1e-6)
+
+    name = "text_model.encoder.layers.1.mlp.fc2.weight"
+    apply_edit(model, make_edit(model, name, torch.randn(model.get_parameter(name).shape, generator=gen), 1.0))
+    assert not torch.allclose(live.logits(images, classes), unedited, atol=1e-3)  # the edited CLIP judges otherwise
+    assert torch.allclose(frozen.logits(images, classes), unedited, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, capsys):
+    """``slug-pl fit --config configs/demo_sd.yaml`` from a fresh directory (world, CLIP, pipeline
+    and classifier built there): on held-out seeds the forgotten identity is recognized in at most
+    10 % of its generations (from at least 90 %), the others lose at most 15 points on average
+    under both judges, and the CLIP score drops by at most 5 %."""
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(REPO / "configs" / "demo_sd.yaml"), "--trainer.enable_progress_bar", "false",
+                 "--model.target.init_args.progress", "false"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    build = json.loads((tmp_path / ".slug_cache/demo/sd_pipeline/slug_demo_sd.json").read_text())
+    assert build["recognition"]["min"] >= 0.9  # every identity drawn recognizably before any edit
+    assert code == 0
+    generation = summary["generation"]
+    assert generation["target"]["met"] is True
+    for name, judged in generation["judges"].items():
+        before, after = judged["before"], judged["after"]
+        assert before["forget_recognition"] >= 0.9, name
+        assert after["forget_recognition"] <= 0.1, name
+        assert before["retain_recognition"] - after["retain_recognition"] <= 0.15, name
+    assert len(generation["judges"]) == 2  # the CLIP and the classifier
+    b, a = generation["before"]["retain_clip_score"], generation["after"]["retain_clip_score"]
+    assert (b - a) / b <= 0.05  # the other identities' prompts
+    reloaded = StableDiffusionPipeline.from_pretrained(run / "edited_stable_diffusion", safety_checker=None)
+    assert reloaded.text_encoder.config.hidden_size == 96
+    with capsys.disabled():
+        print(f"\nSD demo: layer {summary['method']['edits'][0]['layer']}; " + "; ".join(
+            f"{n}: forget {r['before']['forget_recognition']:.3f} -> {r['after']['forget_recognition']:.3f}, "
+            f"retain {r['before']['retain_recognition']:.3f} -> {r['after']['retain_recognition']:.3f}"
+            for n, r in generation["judges"].items()) + f"; CLIP score {b:.2f} -> {a:.2f}")

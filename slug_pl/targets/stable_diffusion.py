@@ -67,6 +67,8 @@ from slug_pl.evaluation.generation import (
     image_grid,
     score_generation,
 )
+from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
+from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.record import pct, table
 from slug_pl.step_search import reverted
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
@@ -150,6 +152,52 @@ def order_by_generation(scores: Sequence[CandidateScore], threshold: float) -> l
     return removing + [i for i in range(len(scores)) if i not in removing]
 
 
+# ----------------------------------------------------------------------------- search on generations
+
+
+class FrozenClipJudge:
+    """Zero-shot judge with class embeddings fixed at construction (the CLIP as it is then,
+    unedited) and image embeddings from the CLIP as it is when called: exact for a CLIP whose
+    edits touch only the text tower, which is all a Stable Diffusion target reads."""
+
+    def __init__(self, family, clip: nn.Module, classnames: Sequence[str], templates: Sequence[str]):
+        self.family, self.clip = family, clip
+        self.name = f"clip-zeroshot:{family.describe().get('model_name')}"
+        self.classnames = list(classnames)
+        self.classes = class_embeddings(family, clip, self.classnames, list(templates))
+
+    @torch.no_grad()
+    def logits(self, images: Sequence, classnames: Sequence[str]) -> torch.Tensor:
+        columns = [self.classnames.index(c) for c in classnames]
+        batch = torch.stack([self.family.image_transform()(im) for im in images])
+        return (image_embeddings(self.family, self.clip, batch) @ self.classes[columns].T).cpu()
+
+
+class GenerationSearchJudge:
+    """The step search's judge with ``search_on: generation``: each evaluation transplants the
+    CLIP's current text tower into the pipeline, draws the candidate-scoring prompt sets
+    (search seeds) and scores them like zero-shot accuracy: ``forget_top1/5`` over the concept's
+    images, ``retain_top1/5`` the mean over the other concepts (fractions)."""
+
+    def __init__(self, target: "StableDiffusion", clip: nn.Module, datamodule, concept: str):
+        self.target = target
+        self.sets = target.prompt_sets(datamodule, [concept], search=True)
+        self.classnames, templates = target._concept_set(datamodule)
+        spec = target.judge_specs[0]
+        self.judge = (FrozenClipJudge(datamodule.family, clip, self.classnames, templates) if spec == "clip"
+                      else target.judges(datamodule.family, clip, templates)[0])
+
+    def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
+        self.target.mirror(model)
+        out: dict[str, float] = {}
+        for prompt_set, images in zip(self.sets, self.target.draw(self.sets)):
+            labels = torch.tensor([self.classnames.index(i.concept) for i in prompt_set.items()])
+            metric = ZeroShotAccuracy(len(self.classnames))
+            metric.update(self.judge.logits(images, self.classnames), labels)
+            out |= concept_summary(metric.compute(), [self.classnames.index(c) for c in prompt_set.forget])
+        return out
+
+
 # ----------------------------------------------------------------------------- the target
 
 
@@ -177,6 +225,7 @@ class StableDiffusion(DownstreamTarget):
         width: int | None = None,
         judges: list[str] = ("clip",),
         forget_threshold: float = 0.1,
+        search_on: str = "clip",
         grid_seeds: int = 4,
         device: str | None = None,
         dtype: str | None = None,
@@ -195,11 +244,13 @@ class StableDiffusion(DownstreamTarget):
             retain_concepts: the retained concepts drawn: a list, a number (the first ones of the
                 concept set's class list other than the forgotten), or None (all of them).
             seeds: held-out seeds of the final before/after report (each prompt with each seed).
-            search_seeds: seeds of the candidate scoring (:meth:`rank_candidates`); keep them
-                apart from ``seeds`` so the report is on fresh generations.
-            search_templates: the candidate scoring draws the first this many templates.
-            search_retain_concepts: the candidate scoring draws the first this many retained
-                concepts (None: the same as the report).
+            search_seeds: seeds of the search's generations (:meth:`rank_candidates`, and the
+                step search with ``search_on: generation``); keep them apart from ``seeds`` so
+                the report is on fresh generations.
+            search_templates: the search draws the retained concepts with the first this many
+                templates (the forgotten concepts with every template).
+            search_retain_concepts: the search draws the first this many retained concepts
+                (None: the same as the report).
             steps / guidance / batch_size / height / width: generation settings (DDIM or the
                 pipeline's scheduler steps, classifier-free guidance scale, prompts per call,
                 image size; None: the pipeline's).
@@ -209,6 +260,11 @@ class StableDiffusion(DownstreamTarget):
                 first decides (candidate choice, verdict); every one is reported.
             forget_threshold: the concept counts as removed from generations when the first
                 judge recognizes it in at most this fraction of its images.
+            search_on: what the step search measures: ``clip`` (the CLIP's zero-shot metrics, as
+                in the method; candidates then chosen by generations) or ``generation`` (the
+                search-seed generations themselves, judged by the first judge: ``forget_top1/5``
+                = recognition of the concept, ``retain_top1/5`` of the others; slower, and the
+                CLIP-side target is then a generation target).
             grid_seeds: images per row in the before/after grid.
             device / dtype: where the pipeline runs (default: CUDA when available) and its dtype
                 (``float16`` / ``bfloat16`` / ``float32``; default float16 on CUDA, else float32).
@@ -220,6 +276,8 @@ class StableDiffusion(DownstreamTarget):
             raise ValueError(f"target clip_skip must be a non-negative number of layers or null, got {clip_skip!r}")
         if not 0.0 <= forget_threshold <= 1.0:
             raise ValueError(f"target forget_threshold is a fraction in [0, 1], got {forget_threshold}")
+        if search_on not in ("clip", "generation"):
+            raise ValueError(f"target search_on must be 'clip' or 'generation', got {search_on!r}")
         if not judges:
             raise ValueError("target judges is empty: give 'clip' and/or classifier checkpoint folders")
         for name, value in (("steps", steps), ("batch_size", batch_size), ("search_templates", search_templates),
@@ -237,6 +295,7 @@ class StableDiffusion(DownstreamTarget):
                            "width": width}
         self.judge_specs = list(judges)
         self.forget_threshold = forget_threshold
+        self.search_on = search_on
         self.grid_seeds = grid_seeds
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_dtype(dtype, self.device)
@@ -391,8 +450,9 @@ class StableDiffusion(DownstreamTarget):
     def prompt_sets(self, datamodule, forget: Sequence[str], search: bool = False) -> list[PromptSet]:
         """The forget prompt set and the retain prompt set (one each; retain may be absent).
 
-        ``search``: the candidate-scoring sets (the first ``search_templates`` templates, the
-        first ``search_retain_concepts`` retained concepts, ``search_seeds``); else the report's.
+        ``search``: the search's sets (``search_seeds``; every forget template, the first
+        ``search_templates`` retain templates and the first ``search_retain_concepts`` retained
+        concepts); else the report's.
         """
         classnames, templates = self._concept_set(datamodule)
         unknown = [c for c in forget if c not in classnames]
@@ -412,8 +472,7 @@ class StableDiffusion(DownstreamTarget):
         forget_templates = self.forget_templates or templates
         retain_templates = self.retain_templates or forget_templates
         seeds = self.seeds
-        if search:
-            forget_templates = forget_templates[: self.search_templates]
+        if search:  # the forgotten concepts' prompts are few: all of them, so that no phrasing is missed
             retain_templates = retain_templates[: self.search_templates]
             retain = retain[: self.search_retain_concepts] if self.search_retain_concepts is not None else retain
             seeds = self.search_seeds
@@ -441,24 +500,40 @@ class StableDiffusion(DownstreamTarget):
                 out.append(self._judges[spec])
         return out
 
+    def search_judge(self, clip: nn.Module, datamodule, concept: str):
+        """With ``search_on: generation``, a :class:`GenerationSearchJudge` of ``concept``; else
+        None (the search runs on the CLIP's zero-shot metrics)."""
+        if self.search_on != "generation":
+            return None
+        return GenerationSearchJudge(self, clip, datamodule, concept)
+
     @staticmethod
     def score(images: Sequence[list], sets: Sequence[PromptSet], judge, family, clip: nn.Module) -> dict:
-        """``forget_recognition``, ``retain_recognition`` (fractions) and ``clip_score`` (0–100,
-        mean over every image) of drawn prompt sets, plus ``per_concept``."""
+        """Scores of drawn prompt sets (forget set first, then the retain set if any):
+        ``forget_recognition``, ``retain_recognition`` (fractions, see
+        :func:`~slug_pl.evaluation.generation.recognition`), ``clip_score`` (0–100, mean over
+        every image), ``forget_clip_score`` / ``retain_clip_score`` (over each set's images), and
+        ``per_concept``."""
         results = [score_generation(im, s, judge, family, clip) for im, s in zip(images, sets)]
         counts = [len(im) for im in images]
-        out = {
+        retain = results[1] if len(results) > 1 else {}
+        return {
             "forget_recognition": results[0]["forget_recognition"],
-            "retain_recognition": results[1]["retain_recognition"] if len(results) > 1 else None,
+            "retain_recognition": retain.get("retain_recognition"),
             "clip_score": sum(r["clip_score"] * n for r, n in zip(results, counts)) / sum(counts),
+            "forget_clip_score": results[0]["clip_score"],
+            "retain_clip_score": retain.get("clip_score"),
             "per_concept": {c: v for r in results for c, v in r["per_concept"].items()},
         }
-        return out
 
     # -- the search and the verdict ------------------------------------------------------------
-    def rank_candidates(self, clip: nn.Module, datamodule, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
+    def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
+                        edits: Sequence[LayerEdit]) -> list[int] | None:
         """Draw the candidate-scoring prompt sets with each edit transplanted alone; order by
-        :func:`order_by_generation` (judged by the first judge with the CLIP unedited)."""
+        :func:`order_by_generation` (judged by the first judge with the CLIP unedited). None
+        with ``search_on: generation``: the search itself chose by these generations."""
+        if self.search_on == "generation":
+            return None
         family = datamodule.family
         sets = self.prompt_sets(datamodule, [concept], search=True)
         drawn = []
@@ -479,7 +554,8 @@ class StableDiffusion(DownstreamTarget):
         self.candidate_scores[concept] = scores
         return order_by_generation(scores, self.forget_threshold)
 
-    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str], edits: Sequence[LayerEdit]) -> TargetReport:
+    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str],
+                 edits: Sequence[LayerEdit]) -> TargetReport:
         """Every forget and retain prompt with the held-out ``seeds``, before (edits reverted) and
         after; judged and CLIP-scored with the unedited CLIP. The pipeline carries the edits on
         return."""
@@ -500,7 +576,7 @@ class StableDiffusion(DownstreamTarget):
 
     def _report(self, sets: Sequence[PromptSet], judged: dict, before: list, after: list,
                 transplanted: list[str]) -> TargetReport:
-        keys = ("forget_recognition", "retain_recognition", "clip_score")
+        keys = ("forget_recognition", "retain_recognition", "clip_score", "forget_clip_score", "retain_clip_score")
         primary = next(iter(judged))
         b, a = judged[primary]["before"], judged[primary]["after"]
         met = a["forget_recognition"] <= self.forget_threshold
@@ -521,7 +597,9 @@ class StableDiffusion(DownstreamTarget):
             "per_concept": per_concept,
             "pipeline": str(self.pipeline),
             "transplanted": transplanted,
-            "settings": {**self.generation, "clip_skip": self.clip_skip, "device": str(self.device),
+            "settings": {**self.generation, "clip_skip": self.clip_skip, "search_on": self.search_on,
+                         "search_seeds": list(self.search_seeds),
+                         "forget_threshold": self.forget_threshold, "device": str(self.device),
                          "dtype": str(self.dtype).removeprefix("torch.")},
             "candidates": {c: [vars(s) | {"removes": s.removes(self.forget_threshold)} for s in scores]
                            for c, scores in self.candidate_scores.items()},
@@ -550,8 +628,12 @@ class StableDiffusion(DownstreamTarget):
                 bv, av = r["before"][k], r["after"][k]
                 rows.append([f"{k.replace('_', ' ')} ({name})", pct(bv), pct(av),
                              f"{100 * (av - bv):+.1f}" if bv is not None and av is not None else "–"])
-        bc, ac = block["before"]["clip_score"], block["after"]["clip_score"]
-        rows.append(["CLIP score (0–100, unedited CLIP)", f"{bc:.2f}", f"{ac:.2f}", f"{100 * (ac - bc) / bc:+.1f} %"])
+        for key, what in (("forget_clip_score", "forget prompts"), ("retain_clip_score", "retain prompts"),
+                          ("clip_score", "all prompts")):
+            bc, ac = block["before"][key], block["after"][key]
+            if bc is not None and ac is not None:
+                rows.append([f"CLIP score, {what} (0–100, unedited CLIP)", f"{bc:.2f}", f"{ac:.2f}",
+                             f"{100 * (ac - bc) / bc:+.1f} %" if bc else "–"])
         verdict = "**removed**" if block["target"]["met"] else "**NOT removed**"
         lines = [
             "## Generation (Stable Diffusion)", "",
@@ -559,6 +641,7 @@ class StableDiffusion(DownstreamTarget):
             f"(`{', '.join(block['transplanted'])}`; every other tensor unchanged). {block['prompts']} prompts, "
             f"seeds {block['seeds']}, {g['steps']} steps, guidance {g['guidance']:g}"
             + (f", clip skip {g['clip_skip']}" if g["clip_skip"] else "")
+            + f"; step search on {'generations' if g['search_on'] == 'generation' else 'the CLIP zero-shot metrics'}"
             + f". The concept is {verdict} from generations ({block['target']['rule']}, judge "
             f"`{block['judge']}`). Recognition in %: how often a judge names the prompt's concept.", "",
             *table(["metric", "before", "after", "change"], rows), "",
@@ -600,8 +683,8 @@ def transplant_edit_file(pipeline: str | os.PathLike, edit: str | os.PathLike, o
                                         f"(only the CLIP's text tower, text_model.*, is embedded)")
             tensor = mirror[theirs]
             if tensor.shape != e.original.shape or not torch.equal(e.original.to(tensor.dtype), tensor.detach()):
-                raise EditMismatchError(f"{edit}: the pipeline's {theirs!r} is not the original {e.name!r} the edit was "
-                                        f"computed on: the edit belongs to another CLIP (or was applied already)")
+                raise EditMismatchError(f"{edit}: the pipeline's {theirs!r} is not the original {e.name!r} the edit "
+                                        f"was computed on: the edit belongs to another CLIP (or was applied already)")
             tensor.copy_(e.edited.to(tensor.dtype))
             changed.append(theirs)
     target.save_pretrained(out)
