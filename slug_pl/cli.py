@@ -1,13 +1,16 @@
 """The ``slug-pl`` command: LightningCLI with ``fit`` (gradient pass + ranking + step search),
 ``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), plus the commands of
 :data:`EXTRA_COMMANDS` (``mine``: forget-set mining from caption shards; ``compare``: SLUG and the
-baselines on identical data, one table).
+baselines on identical data, one table; ``generate``: a forget set drawn by a Stable Diffusion
+pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP).
 
     slug-pl fit --config configs/demo.yaml
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
     slug-pl test --config configs/demo.yaml --json -        # only JSON on stdout
     slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
     slug-pl compare --config configs/demo_compare.yaml
+    slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
+    slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited
 
 Exit status: 0 done; 2 an anticipated error (bad config, missing file, ...: one line
 ``slug-pl <command>: error: <message>`` last on stderr, the traceback with ``--debug`` or
@@ -73,11 +76,25 @@ def _compare(words: list[str]) -> int:
     return compare_main(words)
 
 
+def _generate(words: list[str]) -> int:
+    from slug_pl.data.generated import main as generate_main
+
+    return generate_main(words)
+
+
+def _transplant(words: list[str]) -> int:
+    from slug_pl.targets.stable_diffusion import main as transplant_main
+
+    return transplant_main(words)
+
+
 #: Commands that are not LightningCLI's (each parses its own options). A new command is a
 #: function ``words -> exit status`` and one entry here; ``slug-pl --help`` lists it.
 EXTRA_COMMANDS: dict[str, Command] = {
     "mine": Command("mine a forget set: the pairs of caption shards whose caption names a concept", _mine),
     "compare": Command("run SLUG and the baselines on identical data and write one comparison table", _compare),
+    "generate": Command("draw a forget set with a Stable Diffusion pipeline (webdataset shards)", _generate),
+    "transplant": Command("copy a run's edit into the Stable Diffusion pipeline that embeds the CLIP", _transplant),
 }
 
 

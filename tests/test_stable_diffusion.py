@@ -1,0 +1,494 @@
+"""The Stable Diffusion target: which CLIP tensors a pipeline reads, the pair check, the
+transplant (exactly one tensor), the saved pipeline, ``slug-pl transplant`` / ``generate``, the
+final choice by generations, and a whole run on a tiny CLIP + pipeline.
+
+The tiny pipeline (tests/builders_downstream.py) embeds the text tower of the tiny random
+``CLIPModel`` of conftest (2 layers, width 64, 16 positions); it draws noise, which is enough to
+check what changes and what does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from builders_downstream import tiny_sd_pipeline
+from conftest import write_config
+from slug_pl.cli import main
+from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits
+from slug_pl.families import HfClip
+from slug_pl.targets import StableDiffusion, TargetMismatchError
+from slug_pl.targets.stable_diffusion import (
+    CandidateScore,
+    ClipSkipPipeline,
+    order_by_generation,
+    prompt_embeddings,
+)
+
+PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_hf_clip):
+    """A tiny pipeline whose text encoder is the tiny HF CLIP's text tower."""
+    return str(tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe", text_encoder_dir=tiny_hf_clip))
+
+
+@pytest.fixture(scope="module")
+def sd2_shaped(tmp_path_factory, pipeline):
+    """The same pipeline with the text encoder's last layer dropped, as Stable Diffusion 2.x embeds
+    OpenCLIP ViT-H/14 (23 of its 24 layers)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    config = pipe.text_encoder.config
+    config.num_hidden_layers -= 1
+    shorter = CLIPTextModel(config)
+    state = {k: v for k, v in pipe.text_encoder.state_dict().items() if not k.startswith("encoder.layers.1.")}
+    shorter.load_state_dict(state)
+    pipe.text_encoder = shorter
+    folder = tmp_path_factory.mktemp("sd2") / "pipe"
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture()
+def clip(tiny_hf_clip):
+    family = HfClip(model_name=tiny_hf_clip)
+    return family, family.load()
+
+
+def tensors(pipe) -> dict[str, torch.Tensor]:
+    """Every tensor of a pipeline's models, ``component.name`` -> a copy."""
+    return {f"{part}.{k}": v.detach().clone() for part in ("text_encoder", "unet", "vae")
+            for k, v in getattr(pipe, part).state_dict().items()}
+
+
+def differing(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def generate(pipe, seed: int = 0, prompts=PROMPTS) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    return pipe(prompt=list(prompts), num_inference_steps=2, guidance_scale=3.0, generator=generators,
+                output_type="pt").images
+
+
+# ------------------------------------------------------------------------------ names and reads
+
+
+def test_every_text_tensor_maps_to_the_pipeline_and_nothing_else_does(pipeline, clip):
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu")
+    target.load()
+    mirror = target.downstream_parameters()
+    mapped = {n: target.downstream_name(n) for n, _ in model.named_parameters()}
+    text = {n: m for n, m in mapped.items() if n.startswith("text_model.")}
+    assert sorted(text.values()) == sorted(mirror)  # one to one onto the text encoder
+    assert {n for n, m in mapped.items() if m is None} == {
+        n for n, _ in model.named_parameters() if not n.startswith("text_model.")}
+    assert mapped["text_model.encoder.layers.1.mlp.fc1.weight"] == "encoder.layers.1.mlp.fc1.weight"
+    assert mapped["text_projection.weight"] is None
+
+
+def test_reads_exactly_the_text_tower_without_projection(pipeline, clip):
+    _, model = clip
+    target = StableDiffusion(pipeline, device="cpu")
+    unread = {n for n, _ in model.named_parameters() if not target.reads(n)}
+    other_towers = ("vision_model.", "visual_projection.", "text_projection.")
+    assert unread == {n for n, _ in model.named_parameters() if n.startswith(other_towers) or n == "logit_scale"}
+
+
+@pytest.mark.parametrize("clip_skip, guidance, sd2", [(None, 3.0, False), (1, 1.0, False), (1, 3.0, False),
+                                                      (None, 3.0, True)])
+def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2_shaped, clip, clip_skip, guidance,
+                                                                   sd2):
+    """Perturb each CLIP tensor alone, mirror it into the pipeline, and compare what the UNet is
+    fed (the prompt's states, and the empty prompt's under guidance > 1) with the unperturbed ones."""
+    family, model = clip
+    target = StableDiffusion(sd2_shaped if sd2 else pipeline, clip_skip=clip_skip, guidance=guidance, device="cpu")
+    target.load()
+    target.check_pair(family, model)
+
+    def unet_input():
+        states = [prompt_embeddings(target.pipe, PROMPTS, clip_skip)]
+        if guidance > 1:
+            states.append(prompt_embeddings(target.pipe, [""] * len(PROMPTS)))
+        return torch.cat(states)
+
+    reference = unet_input()
+    gen = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        edit = make_edit(model, name, torch.randn(param.shape, generator=gen), 0.5)
+        apply_edit(model, edit)
+        target.mirror(model)
+        changed = not torch.equal(unet_input(), reference)
+        revert_edit(model, edit)
+        target.mirror(model)
+        assert changed == target.reads(name), name
+    if sd2:
+        assert not target.reads("text_model.encoder.layers.1.mlp.fc1.weight")  # the dropped layer
+        assert target.reads("text_model.final_layer_norm.weight")
+    if clip_skip:
+        assert target.reads("text_model.final_layer_norm.weight")  # diffusers normalizes the skipped state
+        assert target.reads("text_model.encoder.layers.1.mlp.fc1.weight") == (guidance > 1)
+
+
+def test_ranking_never_offers_a_tensor_the_pipeline_does_not_read(sd2_shaped, clip):
+    from slug_pl.ranking import candidates, layer_scores
+
+    family, model = clip
+    target = StableDiffusion(sd2_shaped, device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    forget = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    retain = {n: torch.randn(p.shape, generator=gen) for n, p in params.items()}
+    scores = layer_scores(family, params, forget, retain, readable=target.reads)
+    offered = [s.name for tower in ("vision", "text") for s in candidates(scores, tower, top_k=100, fronts=100)]
+    assert offered and all(target.reads(n) for n in offered)
+    unread_scored = [s for s in scores if not target.reads(s.name)]
+    assert unread_scored and all(s.front == 0 for s in unread_scored)  # shown, never on a front
+    assert any(s.name.startswith("text_model.encoder.layers.1.") for s in unread_scored)
+
+
+def test_clip_skip_embeddings_are_diffusers_rule(pipeline):
+    """Without clip skip: diffusers' own ``encode_prompt``. With ``clip_skip = 1`` on a 2-layer
+    encoder: the first layer's output through ``final_layer_norm`` — what a 1-layer encoder with
+    the same weights computes as its last hidden state."""
+    from transformers import CLIPTextModel
+
+    target = StableDiffusion(pipeline, device="cpu")
+    target.load()
+    pipe = target.pipe
+    ours = prompt_embeddings(pipe, PROMPTS)
+    theirs, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
+    assert torch.equal(ours, theirs)
+
+    config = pipe.text_encoder.config
+    config_1 = type(config).from_dict({**config.to_dict(), "num_hidden_layers": 1})
+    one_layer = CLIPTextModel(config_1).eval()
+    one_layer.load_state_dict({k: v for k, v in pipe.text_encoder.state_dict().items()
+                               if not k.startswith("encoder.layers.1.")})
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        reference = one_layer(ids).last_hidden_state
+    skipped = prompt_embeddings(pipe, PROMPTS, clip_skip=1)
+    assert torch.allclose(skipped, reference, atol=1e-6) and not torch.allclose(skipped, ours, atol=1e-3)
+
+    # the wrapper draws with those states, and the empty negative prompt at full depth
+    images = generate(ClipSkipPipeline(pipe, 1))
+    generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
+    negative, _ = pipe.encode_prompt([""] * len(PROMPTS), "cpu", 1, False)
+    direct = pipe(prompt_embeds=reference, negative_prompt_embeds=negative, num_inference_steps=2,
+                  guidance_scale=3.0, generator=generators, output_type="pt").images
+    assert torch.allclose(images, direct, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the pair check
+
+
+def test_pair_check_names_the_first_tensor_that_differs(pipeline, clip, tmp_path):
+    from transformers import CLIPModel
+
+    from slug_pl.demo.hf_clip import tiny_clip_config
+
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu")
+    target.check_pair(family, model)  # the CLIP the pipeline embeds: accepted
+    model = family.load()
+    with torch.no_grad():
+        model.text_model.encoder.layers[1].mlp.fc1.weight[0, 0] += 1e-3
+        model.text_projection.weight.add_(1.0)  # not embedded: irrelevant
+    with pytest.raises(TargetMismatchError, match=r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight' differs"):
+        target.check_pair(family, model)
+
+    torch.manual_seed(123)  # another CLIP of the same shape: its first text tensor already differs
+    other = CLIPModel(tiny_clip_config(hidden_size=64, layers=2, heads=2, projection_dim=32))
+    with pytest.raises(TargetMismatchError, match=r"'text_model\.embeddings\.token_embedding\.weight' differs"):
+        target.check_pair(family, other)
+
+    # a CLIP with the pipeline's weights but one layer fewer: the pipeline's second layer is not its
+    _, model = clip
+    shallow = CLIPModel(tiny_clip_config(hidden_size=64, layers=1, heads=2, projection_dim=32))
+    shallow.load_state_dict({k: v for k, v in model.state_dict().items() if ".encoder.layers.1." not in k})
+    with pytest.raises(TargetMismatchError,
+                       match=r"has 'encoder\.layers\.1\.self_attn\.k_proj\.weight', which the CLIP"):
+        target.check_pair(family, shallow)
+
+
+def test_pair_check_compares_in_the_pipelines_dtype(pipeline, clip):
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu", dtype="bfloat16")
+    target.check_pair(family, model)  # the bfloat16 pipeline holds the CLIP's weights rounded
+    with torch.no_grad():  # a change below bfloat16's resolution is invisible to the pipeline ...
+        model.text_model.final_layer_norm.weight[0] *= 1 + 2**-12
+    target.check_pair(family, model)
+    with torch.no_grad():  # ... a larger one is not
+        model.text_model.final_layer_norm.weight[0] *= 1.1
+    with pytest.raises(TargetMismatchError, match="final_layer_norm.weight"):
+        target.check_pair(family, model)
+
+
+# ------------------------------------------------------------------------------ transplant
+
+
+def test_transplant_changes_exactly_one_tensor_and_reverting_restores_all(pipeline, clip):
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu")
+    target.check_pair(family, model)
+    before = tensors(target.pipe)
+    name = "text_model.encoder.layers.0.self_attn.v_proj.weight"
+    edit = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.25)
+    apply_edit(model, edit)
+    assert target.transplant(model, [edit]) == ["encoder.layers.0.self_attn.v_proj.weight"]
+    after = tensors(target.pipe)
+    assert differing(before, after) == ["text_encoder.encoder.layers.0.self_attn.v_proj.weight"]
+    assert torch.equal(after["text_encoder.encoder.layers.0.self_attn.v_proj.weight"], edit.edited)
+    assert torch.equal(edit.edited, edit.original - 0.25)
+
+    revert_edit(model, edit)
+    target.transplant(model, [edit])
+    assert differing(before, tensors(target.pipe)) == []
+
+    vision = make_edit(model, "visual_projection.weight", torch.ones_like(model.visual_projection.weight), 0.1)
+    with pytest.raises(TargetMismatchError, match="no counterpart"):
+        target.transplant(model, [vision])
+
+
+def test_saved_edited_pipeline_reloads_and_draws_the_same_images(pipeline, clip, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu")
+    target.check_pair(family, model)
+    original = generate(target.pipe)
+    name = "text_model.encoder.layers.1.mlp.fc2.weight"
+    noise = torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
+    edit = make_edit(model, name, noise, 0.5)
+    apply_edit(model, edit)
+    target.transplant(model, [edit])
+    edited = generate(target.pipe)
+    assert not torch.equal(edited, original)  # the edit changes what is drawn
+
+    out = target.save_pretrained(tmp_path / "edited")
+    reloaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert torch.equal(generate(reloaded), edited)
+    assert differing(tensors(target.pipe), tensors(reloaded)) == []
+    with pytest.raises(FileExistsError):
+        target.save_pretrained(out)
+
+
+def test_transplant_command_writes_the_pipeline_with_one_tensor_changed(pipeline, clip, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    _, model = clip
+    name = "text_model.encoder.layers.1.self_attn.q_proj.weight"
+    edit = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.1)
+    save_edits(tmp_path / "edit.safetensors", [edit], {"concepts": ["x"]})
+    out = tmp_path / "edited"
+    assert main(["transplant", "--pipeline", pipeline, "--edit", str(tmp_path / "edit.safetensors"),
+                 "--out", str(out)]) == 0
+    original = tensors(StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None))
+    written = tensors(StableDiffusionPipeline.from_pretrained(out, safety_checker=None))
+    assert differing(original, written) == ["text_encoder.encoder.layers.1.self_attn.q_proj.weight"]
+    assert torch.equal(written["text_encoder.encoder.layers.1.self_attn.q_proj.weight"], edit.edited)
+
+    # an edit computed on other weights is refused, naming the tensor
+    apply_edit(model, edit)
+    again = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.1)
+    save_edits(tmp_path / "stale.safetensors", [again], {})
+    assert main(["transplant", "--pipeline", pipeline, "--edit", str(tmp_path / "stale.safetensors"),
+                 "--out", str(tmp_path / "never")]) == 2
+    assert "encoder.layers.1.self_attn.q_proj.weight" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------------------ generate
+
+
+def test_generate_command_writes_shards_usable_as_a_forget_set(pipeline, tiny_hf_clip, tmp_path):
+    from slug_pl.data.labelled import load_pairs
+    from slug_pl.data.shards import decode_image, iter_raw_samples
+
+    out = tmp_path / "forget"
+    prompt = "a photo of Alice Abara."
+    assert main(["generate", "--pipeline", pipeline, "--prompt", prompt, "--n", "3", "--out", str(out),
+                 "--steps", "2", "--seed", "7", "--device", "cpu"]) == 0
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    samples = list(iter_raw_samples(shards))
+    assert [json.loads(s.fields["json"])["seed"] for s in samples] == [7, 8, 9]
+    assert all(s.caption == prompt for s in samples)
+    assert all(decode_image(s).size == (32, 32) for s in samples)
+    family = HfClip(model_name=tiny_hf_clip)
+    images, tokens = load_pairs(shards, family.image_transform(), family.tokenize)[:2]
+    assert images.shape == (3, 3, 32, 32) and torch.equal(tokens[0], family.tokenize([prompt])[0])
+
+
+# ------------------------------------------------------------------------------ the final choice
+
+
+def test_order_by_generation_prefers_retain_among_edits_that_remove_the_concept():
+    scores = [CandidateScore("a", 1.0, 0.50, 0.95, 30.0),   # keeps most, but the concept is still drawn
+              CandidateScore("b", 1.0, 0.10, 0.70, 29.0),
+              CandidateScore("c", 1.0, 0.00, 0.80, 25.0),
+              CandidateScore("d", 1.0, 0.05, 0.80, 26.0)]  # ties c on retain, better CLIP score
+    assert order_by_generation(scores, threshold=0.1) == [3, 2, 1, 0]
+    assert order_by_generation(scores, threshold=0.0) == [2, 0, 1, 3]
+    assert order_by_generation(scores[:1], threshold=0.1) is None  # none removes it: CLIP-side order
+
+
+# ------------------------------------------------------------------------------ a whole run
+
+
+def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
+        tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
+    from diffusers import StableDiffusionPipeline
+
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
+    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
+                          search={"top_k": 2, "max_evals": 2, "towers": ["text"], "target_value": 1.0,
+                                  "save_checkpoint": False})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
+                                           "init_args": {"model_name": tiny_hf_clip}}
+    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
+        "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
+        "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
+        "progress": False}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    generation = summary["generation"]
+    assert generation["prompts"] == 3 * 2 and generation["seeds"] == [0, 1]  # 3 concepts × 2 templates
+    for side in ("before", "after"):
+        scores = generation[side]
+        assert set(scores) == {"forget_recognition", "retain_recognition", "clip_score", "forget_clip_score",
+                               "retain_clip_score"}
+        assert 0 <= scores["forget_recognition"] <= 1 and 0 <= scores["retain_recognition"] <= 1
+        assert 0 <= scores["forget_clip_score"] <= 100 and 0 <= scores["retain_clip_score"] <= 100
+        # all prompts: 2 forget and 4 retain prompts, each drawn with 2 seeds
+        mean = (2 * scores["forget_clip_score"] + 4 * scores["retain_clip_score"]) / 6
+        assert scores["clip_score"] == pytest.approx(mean)
+
+    # the choice: among the candidates scored on generations (all "remove" at threshold 1), the best retain
+    chosen = summary["method"]["edits"][0]["layer"]
+    candidates = generation["candidates"][concept]
+    assert len(candidates) == 2 and all(c["layer"].startswith("text_model.") for c in candidates)
+    order = order_by_generation([CandidateScore(c["layer"], c["step"], c["forget_recognition"],
+                                                c["retain_recognition"], c["clip_score"]) for c in candidates], 1.0)
+    assert chosen == candidates[order[0]]["layer"]
+
+    # the saved pipeline differs from the original in exactly the chosen tensor
+    original = tensors(StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None))
+    edited = tensors(StableDiffusionPipeline.from_pretrained(run / "edited_stable_diffusion", safety_checker=None))
+    assert differing(original, edited) == ["text_encoder." + chosen.removeprefix("text_model.")]
+    assert generation["transplanted"] == [chosen.removeprefix("text_model.")]
+    report = (run / "report.md").read_text()
+    assert "## Generation (Stable Diffusion)" in report and (run / "generation_grid.png").is_file()
+    ranking = (run / "ranking.csv").read_text()
+    assert "text_model.encoder" in ranking and "vision_model" not in ranking  # towers: [text]
+
+
+def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
+    import csv
+
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    monkeypatch.chdir(tmp_path)
+    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
+    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
+                          search={"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
+                                  "target_value": 1.0, "save_checkpoint": False})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
+                                           "init_args": {"model_name": tiny_hf_clip}}
+    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
+        "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
+        "guidance": 3.0, "batch_size": 4, "search_on": "generation", "device": "cpu", "progress": False}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    generation = json.loads((run / "summary.json").read_text())["generation"]
+    assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert rows and all(r["layer"].startswith("text_model.") for r in rows)
+    # the search judged generations: the concept's 2 templates × 2 search seeds = 4 images, so its
+    # recognition is a multiple of 1/4; the 2 retained concepts (1 template × 2 seeds each) average
+    # halves: quarters too
+    for key in ("forget_top1", "retain_top1"):
+        assert all(4 * float(r[key]) == round(4 * float(r[key])) for r in rows)
+    assert not any(r.get("utility_top1") for r in rows)  # no utility set on the generation side
+
+
+def test_frozen_clip_judge_keeps_judging_with_the_unedited_text_tower(clip):
+    """During a generation-side step search the CLIP carries the candidate edit; the judge must
+    still be the unedited CLIP: class embeddings fixed before the edit, images through the
+    (unedited) vision tower."""
+    from PIL import Image
+
+    from slug_pl.evaluation.generation import ClipZeroShotJudge
+    from slug_pl.targets.stable_diffusion import FrozenClipJudge
+
+    family, model = clip
+    classes, templates = ["Alice Abara", "Bruno Bell", "Chen Wu"], ["a photo of {}.", "{} in a picture."]
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()) for _ in range(4)]
+    frozen, live = FrozenClipJudge(family, model, classes, templates), ClipZeroShotJudge(family, model, templates)
+    unedited = live.logits(images, classes)
+    assert torch.allclose(frozen.logits(images, classes), unedited, atol=1e-6)
+    assert torch.allclose(frozen.logits(images, classes[::-1]), unedited.flip(1), atol=1e-6)
+
+    name = "text_model.encoder.layers.1.mlp.fc2.weight"
+    apply_edit(model, make_edit(model, name, torch.randn(model.get_parameter(name).shape, generator=gen), 1.0))
+    assert not torch.allclose(live.logits(images, classes), unedited, atol=1e-3)  # the edited CLIP judges otherwise
+    assert torch.allclose(frozen.logits(images, classes), unedited, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, capsys):
+    """``slug-pl fit --config configs/demo_sd.yaml`` from a fresh directory (world, CLIP, pipeline
+    and classifier built there): on held-out seeds the forgotten identity is recognized in at most
+    10 % of its generations (from at least 90 %), the others lose at most 15 points on average
+    under both judges, and the CLIP score drops by at most 5 %."""
+    from diffusers import StableDiffusionPipeline
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(REPO / "configs" / "demo_sd.yaml"), "--trainer.enable_progress_bar", "false",
+                 "--model.target.init_args.progress", "false"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    build = json.loads((tmp_path / ".slug_cache/demo/sd_pipeline/slug_demo_sd.json").read_text())
+    assert build["recognition"]["min"] >= 0.9  # every identity drawn recognizably before any edit
+    assert code == 0
+    generation = summary["generation"]
+    assert generation["target"]["met"] is True
+    for name, judged in generation["judges"].items():
+        before, after = judged["before"], judged["after"]
+        assert before["forget_recognition"] >= 0.9, name
+        assert after["forget_recognition"] <= 0.1, name
+        assert before["retain_recognition"] - after["retain_recognition"] <= 0.15, name
+    assert len(generation["judges"]) == 2  # the CLIP and the classifier
+    b, a = generation["before"]["retain_clip_score"], generation["after"]["retain_clip_score"]
+    assert (b - a) / b <= 0.05  # the other identities' prompts
+    reloaded = StableDiffusionPipeline.from_pretrained(run / "edited_stable_diffusion", safety_checker=None)
+    assert reloaded.text_encoder.config.hidden_size == 96
+    with capsys.disabled():
+        print(f"\nSD demo: layer {summary['method']['edits'][0]['layer']}; " + "; ".join(
+            f"{n}: forget {r['before']['forget_recognition']:.3f} -> {r['after']['forget_recognition']:.3f}, "
+            f"retain {r['before']['retain_recognition']:.3f} -> {r['after']['retain_recognition']:.3f}"
+            for n, r in generation["judges"].items()) + f"; CLIP score {b:.2f} -> {a:.2f}")
