@@ -253,3 +253,23 @@ def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **ov
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="session")
+def fresh_demo(tmp_path_factory):
+    """``slug-pl fit --config configs/demo.yaml`` run once per test session in a new process from an
+    empty folder, as on a new clone: the world is built and the demo CLIP trained there. The slow
+    tests that need a fresh demo share this one run (each build takes minutes on 2 cores).
+
+    Returns ``{"dir": the folder, "code": exit status, "console": stdout + stderr lines}`` (the
+    console at 100 columns, progress bars off)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    work = tmp_path_factory.mktemp("fresh_demo")
+    env = os.environ | {"PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
+    done = subprocess.run([sys.executable, "-m", "slug_pl.cli", "fit", "--config", str(repo / "configs" / "demo.yaml"),
+                           "--trainer.enable_progress_bar", "false"], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    return {"dir": work, "code": done.returncode, "console": (done.stdout + done.stderr).splitlines()}

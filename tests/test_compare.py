@@ -7,15 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_config
 
-from slug_pl.cli import main
 from slug_pl.compare import CompareConfig, MethodRun, fit_command, run_compare, target_arguments, write_outputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,24 +100,6 @@ def test_comparison_files_from_run_summaries(tmp_path):
 
 # -- end to end (slow) ---------------------------------------------------------------------------
 
-def _tiny_compare_config(tmp_path: Path, world, checkpoint, forget) -> Path:
-    shared = write_config(tmp_path, world, checkpoint, forget, trainer={"enable_progress_bar": False},
-                          data={"mia_nonmembers": world["test_identities"]})
-    methods = {"slug": None}
-    settings = {"ft": ("FtModule", {"lr": 1e-3}, 1), "ga": ("GaModule", {"lr": 1e-3}, 2),
-                "gaft": ("GaftModule", {"lr": 1e-3}, 2), "salun": ("SalunModule", {"lr": 1e-3}, 2),
-                "ssd": ("SsdModule", {"alpha": 1.0, "lambdas": [1.0, 0.1]}, 1)}
-    for name, (cls, init_args, epochs) in settings.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"model": {"class_path": f"slug_pl.methods.{cls}", "init_args": init_args},
-                                        "trainer": {"max_epochs": epochs}}))
-        methods[name] = path.name
-    config = tmp_path / "compare.yaml"
-    config.write_text(yaml.safe_dump({"shared": shared.name, "methods": methods, "target_metric": "forget_top5",
-                                      "target_value": 0.0, "out": str(tmp_path / "out")}, sort_keys=False))
-    return config
-
-
 def _check_comparison(out: Path) -> dict[str, dict]:
     """comparison.csv lists every method; every run's summary has the same before/after schema and
     measured the same original model. Returns the summaries by method."""
@@ -140,30 +121,21 @@ def _check_comparison(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_compare_runs_every_method_on_identical_data(tmp_path, small_world, tiny_checkpoint):
-    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
-    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", str(tmp_path / "forget")]) == 0
-    config = _tiny_compare_config(tmp_path, small_world, tiny_checkpoint, str(tmp_path / "forget" / "forget-000000.tar"))
-    code = main(["compare", "--config", str(config)])
-    assert code == 0
-    summaries = _check_comparison(tmp_path / "out")
-    assert summaries["slug"]["cost"]["edit_bytes"] < min(s["cost"]["edit_bytes"] for m, s in summaries.items()
-                                                         if m != "slug")  # one tensor vs many
-    assert summaries["ssd"]["method"]["candidates"][0]["lambda"] == 1.0
-    assert "mia" in summaries["ga"] and summaries["ga"]["target"]["rule"] == "forget_top5 <= 0"
-
-
-@pytest.mark.slow
-def test_compare_on_the_demo_from_a_fresh_clone(tmp_path):
+def test_compare_on_the_demo_from_a_fresh_clone(tmp_path, fresh_demo):
     """``slug-pl compare --config configs/demo_compare.yaml`` in a fresh clone of the committed
-    repository: the demo world and CLIP are built there (minutes), then all six methods run."""
+    repository, all six methods. The demo world and CLIP come from the session's fresh demo run
+    (built from an empty folder there: building them again would only repeat minutes of training)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    shutil.copytree(fresh_demo["dir"] / ".slug_cache", clone / ".slug_cache")
     env = dict(os.environ, PYTHONPATH=str(clone), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "slug_pl.cli", "compare", "--config", "configs/demo_compare.yaml",
                            "--", "--trainer.enable_progress_bar", "false"], cwd=clone, env=env)
     assert done.returncode == 0
     summaries = _check_comparison(clone / "comparisons" / "demo")
+    assert summaries["slug"]["cost"]["edit_bytes"] < min(s["cost"]["edit_bytes"] for m, s in summaries.items()
+                                                         if m != "slug")  # one tensor vs many
+    assert all("mia" in s and s["target"]["rule"] == "forget_top5 <= 0" for s in summaries.values())
     slug = summaries["slug"]
     assert slug["target"]["met"] and slug["after"]["forget_top1"] == 0.0
     assert slug["before"]["retain_top1"] - slug["after"]["retain_top1"] <= 0.05

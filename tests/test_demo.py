@@ -18,19 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The demo run from a fresh directory: the world and the model are built there, as on a new
-    clone. Returns (directory, exit code)."""
-    import os
-
-    work = tmp_path_factory.mktemp("demo")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        code = main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.enable_progress_bar", "false"])
-    finally:
-        os.chdir(old)
-    return work, code
+def demo(fresh_demo):
+    """The demo run from a fresh directory (the session's ``fresh_demo``: the world and the model
+    are built there, as on a new clone). Returns (directory, exit code)."""
+    return fresh_demo["dir"], fresh_demo["code"]
 
 
 def test_demo_unlearns_one_identity(demo, capsys):

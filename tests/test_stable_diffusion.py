@@ -460,6 +460,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the pipeline's build alone took 16 minutes on one shared core: `pytest -m heavy`
 def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, capsys):
     """``slug-pl fit --config configs/demo_sd.yaml`` from a fresh directory (world, CLIP, pipeline
     and classifier built there): on held-out seeds the forgotten identity is recognized in at most
