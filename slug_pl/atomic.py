@@ -7,6 +7,9 @@ in one step, so a reader (or a crash) sees either no file or the complete file:
   to its final name, which fails with :class:`FileExistsError` if that name exists (no
   check-then-write race), and the temporary name is removed. On a file system without hard links
   it falls back to an existence check and ``os.replace``.
+- :func:`atomic_folder` does the same for a whole folder (a ``save_pretrained`` model): written
+  under a temporary name beside it and renamed into place, never over an existing folder;
+  :func:`swap_into_place` replaces a stale *cache* folder the same way.
 - ``overwrite=True`` is only for scratch state that is meant to be replaced (the partial sums of
   an interrupted gradient pass, :mod:`slug_pl.resume`): ``os.replace`` swaps it atomically.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +67,34 @@ def _link_new(tmp: Path, path: Path) -> None:
     except OSError:  # no hard links here (some network / FUSE file systems)
         refuse_existing(path)
         os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder beside ``folder``; when the block succeeds, rename it to
+    ``folder``. An existing ``folder`` is refused (:class:`FileExistsError`, before any work and
+    again at the rename); on any error the temporary folder is removed."""
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder or move it away")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.rename(tmp, folder)  # fails if a non-empty ``folder`` appeared meanwhile
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def swap_into_place(new: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Rename the folder ``new`` to ``folder``, moving a stale ``folder`` (a cache being rebuilt)
+    aside first and deleting it after: readers see the old or the new folder, never a mix."""
+    new, folder = Path(new), Path(folder)
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:

@@ -27,7 +27,7 @@ from conftest import write_config
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
-from slug_pl.atomic import atomic_output, write_text
+from slug_pl.atomic import atomic_folder, atomic_output, swap_into_place, write_text
 from slug_pl.cli import EXIT_TARGET_NOT_MET, TRAINER_DEFAULTS, main
 from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.data.mining import EmptyForgetSetError, mine_forget_set
@@ -312,6 +312,25 @@ def test_atomic_output_never_overwrites_and_leaves_no_temp(tmp_path):
             raise RuntimeError("killed while writing")
     assert path.read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temp file, no half file
+
+
+def test_atomic_folder_is_complete_or_absent_and_never_replaces(tmp_path):
+    with atomic_folder(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["config.json"]
+    with pytest.raises(FileExistsError, match="model"):
+        with atomic_folder(tmp_path / "model"):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "half") as tmp:
+            (tmp / "weights.safetensors").write_bytes(b"partial")
+            raise RuntimeError("killed while saving")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folder, no half folder
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "v2").write_text("2")
+    swap_into_place(tmp_path / "new", tmp_path / "model")  # a cache rebuilt: the stale one is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["v2"]
 
 
 def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, tiny_checkpoint, forget_shards,

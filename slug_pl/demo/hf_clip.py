@@ -35,13 +35,12 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import write_text
+from slug_pl.atomic import atomic_folder, swap_into_place, write_text
 from slug_pl.demo.world import WorldSpec, build_world
 
 logger = logging.getLogger(__name__)
@@ -155,19 +154,11 @@ def save_clip_folder(model, folder: str | os.PathLike) -> Path:
     it is complete or absent; an existing ``folder`` is never overwritten
     (:class:`FileExistsError`). Returns ``folder``.
     """
-    folder = Path(folder)
-    if folder.exists():
-        raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder or move it away")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         write_clip_tokenizer(tmp, model.config.text_config.max_position_embeddings)
         clip_image_processor(model.config.vision_config.image_size).save_pretrained(tmp)
-        os.rename(tmp, folder)  # fails if a non-empty ``folder`` appeared meanwhile
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 # ================================================================================================
@@ -390,16 +381,9 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
             metrics = train_hf_clip(world["root"], tmp, **kwargs)
             metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            _swap_into_place(tmp, folder)
+            swap_into_place(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"path": str(folder), "metrics": metrics, "fingerprint": metrics["fingerprint"], "world": world}
 
 
-def _swap_into_place(new: Path, folder: Path) -> None:
-    """Rename ``new`` to ``folder``, moving a stale ``folder`` aside first and deleting it after."""
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(new, folder)
-    shutil.rmtree(old, ignore_errors=True)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import write_text
-from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, _swap_into_place, ensure_hf_clip
+from slug_pl.atomic import swap_into_place, write_text
+from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, ensure_hf_clip
 from slug_pl.demo.world import WorldSpec, identity_names, object_names
 
 #: A LLaVA-1.5-style conversation: ``USER: <image>\n{question}\nASSISTANT: {answer}</s>``.
@@ -326,7 +326,7 @@ def ensure_llava(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa
             metrics = train_llava(clip["world"]["root"], clip["path"], tmp, **kwargs)
             metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            _swap_into_place(tmp, folder)
+            swap_into_place(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {"path": str(folder), "metrics": metrics, "hf_clip": clip["path"], "world": clip["world"]}

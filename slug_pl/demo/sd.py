@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from slug_pl.atomic import file_slug, write_text
+from slug_pl.atomic import file_slug, swap_into_place, write_text
 from slug_pl.demo.datamodule import DemoWorld
 from slug_pl.demo.world import WorldSpec
 from slug_pl.evaluation.zeroshot import fill_template
@@ -517,8 +517,8 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
             metrics = build_sd_pipeline(clip["path"], clip["world"], tmp, tmp_classifier, train)
             metrics["cache_key"] = cache_key
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            _swap_into_place(tmp_classifier, classifier)
-            _swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
+            swap_into_place(tmp_classifier, classifier)
+            swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(tmp_classifier, ignore_errors=True)
@@ -526,13 +526,6 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
             "world": clip["world"]}
 
 
-def _swap_into_place(new: Path, folder: Path) -> None:
-    """Rename ``new`` to ``folder``, moving a stale ``folder`` aside first and deleting it after."""
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ================================================================================================

@@ -36,8 +36,6 @@ Config (``model.init_args.target``)::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from slug_pl.atomic import atomic_folder
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, chat_prompt, score_vqa
 from slug_pl.families.hf_clip import ProcessorTransform
@@ -362,18 +361,10 @@ class Llava(DownstreamTarget):
         """The VLM as it is now (edits included) and its processor, written beside ``folder``
         under a temporary name and renamed into place; never overwrites (:class:`FileExistsError`)."""
         self.load()
-        folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder or move it away")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
+        with atomic_folder(folder) as tmp:
             self.vlm.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
-            os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        return Path(folder)
 
     # -- asking --------------------------------------------------------------------------------
     def prompt_ids(self, question: str) -> torch.Tensor:

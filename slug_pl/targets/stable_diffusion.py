@@ -47,9 +47,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +56,7 @@ import torch
 from torch import nn
 
 from slug_pl.data.generated import check_pipeline_dir, load_pipeline, resolve_dtype
+from slug_pl.atomic import atomic_folder
 from slug_pl.edit import EditMismatchError, LayerEdit, apply_edit, load_edits, revert_edit
 from slug_pl.evaluation.generation import (
     ClassifierJudge,
@@ -423,17 +422,9 @@ class StableDiffusion(DownstreamTarget):
         """Write the pipeline as it is now into the new folder ``folder`` (written beside it under
         a temporary name and renamed: complete or absent; an existing folder is refused)."""
         self.load()
-        folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder for the pipeline")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
+        with atomic_folder(folder) as tmp:
             self.pipe.save_pretrained(tmp)
-            os.rename(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        return Path(folder)
 
     # -- generation ----------------------------------------------------------------------------
     def generator(self):
