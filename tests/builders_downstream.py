@@ -14,24 +14,14 @@ from pathlib import Path
 
 import torch
 
+from slug_pl.demo.llava import CHAT_TEMPLATE
+
 #: Side of the tiny pipeline's images, in pixels (latents are 16×16: two VAE levels).
 SD_IMAGE_SIZE = 32
 #: Side of the tiny LLaVA's input images, in pixels (4×4 patches of 8 pixels).
 LLAVA_IMAGE_SIZE = 32
-#: The user turn of the tiny LLaVA's chat template (LLaVA-1.5 style "USER: <image>\n... ASSISTANT:").
-LLAVA_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{{ '\\n' }}"
-    "{% else %}ASSISTANT: "
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "</s>{{ '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+#: The tiny LLaVA's chat template: the demo's (LLaVA-1.5 style "USER: <image>\n... ASSISTANT:").
+LLAVA_CHAT_TEMPLATE = CHAT_TEMPLATE
 
 
 def clip_tokenizer(context_length: int = 77):

@@ -464,14 +464,6 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(2**20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cached(folder: Path, classifier: Path, cache_key: dict) -> dict | None:
     try:
         saved = json.loads((folder / METRICS_FILE).read_text())
