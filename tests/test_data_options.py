@@ -214,3 +214,19 @@ def test_demo_world_accepts_the_data_options(tmp_path, capsys):
               "--data.init_args.retain_exclude_concepts", "true", "--print_config"])
     printed = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
     assert printed["bad_samples"] == "skip" and printed["retain_exclude_concepts"] is True
+
+
+def test_pair_set_follows_a_replaced_forget_set(small_world):
+    """A subclass's setup may replace ``forget`` after its parent's checks have read the pairs (the
+    SD demo swaps the mined photos for the pipeline's generated images): the pass must stream the
+    replacement, not the pairs cached before it."""
+    from slug_pl.data.shards import expand_urls
+
+    shards = list(expand_urls(small_world["corpus"]))
+    dm = SlugDataModule(forget=small_world["corpus"])
+    first = dm.pair_set("forget")
+    assert first.num_samples == 120 and dm.pair_set("forget") is first  # cached while unchanged
+    dm.forget = shards[:1]
+    replaced = dm.pair_set("forget")
+    assert replaced.urls == tuple(shards[:1]) and replaced.num_samples == 50
+    assert dm.fingerprint("forget")["num_samples"] == 50

@@ -25,6 +25,7 @@ from slug_pl.targets import StableDiffusion, TargetMismatchError
 from slug_pl.targets.stable_diffusion import (
     CandidateScore,
     ClipSkipPipeline,
+    combine_judges,
     order_by_generation,
     prompt_embeddings,
 )
@@ -344,6 +345,19 @@ def test_order_by_generation_prefers_retain_among_edits_that_remove_the_concept(
     assert order_by_generation(scores[:1], threshold=0.1) is None  # none removes it: CLIP-side order
 
 
+def test_combined_judges_remove_only_what_every_judge_misses():
+    """With several judges (the CLIP and a classifier), the concept counts as forgotten only when
+    every judge misses it: forget is the highest recognition, retain the mean; each judge's own
+    numbers stay readable. One judge is passed through unchanged."""
+    clip = {"forget_top1": 0.0, "forget_top5": 0.25, "retain_top1": 0.9, "retain_top5": 1.0}
+    classifier = {"forget_top1": 0.75, "forget_top5": 1.0, "retain_top1": 0.7, "retain_top5": 0.9}
+    both = combine_judges({"clip": clip, "sd_classifier": classifier})
+    assert both["forget_top1"] == 0.75 and both["forget_top5"] == 1.0  # the classifier still sees it
+    assert both["retain_top1"] == pytest.approx(0.8) and both["retain_top5"] == pytest.approx(0.95)
+    assert both["forget_top1[clip]"] == 0.0 and both["retain_top1[sd_classifier]"] == 0.7
+    assert combine_judges({"clip": clip}) == clip
+
+
 # ------------------------------------------------------------------------------ a whole run
 
 
@@ -402,7 +416,15 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
 def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
     import csv
 
-    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    from builders_downstream import TinyClassifier
+    from slug_pl.evaluation.generation import save_classifier
+
+    identities = json.loads(Path(small_world["identities_json"]).read_text())
+    concept = identities[0]
+    torch.manual_seed(0)
+    classifier = save_classifier(tmp_path / "judge", TinyClassifier(len(identities)),
+                                 "builders_downstream.TinyClassifier", {"num_classes": len(identities)}, identities,
+                                 image_size=(8, 8))
     monkeypatch.chdir(tmp_path)
     assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
     config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
@@ -413,7 +435,8 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
                                            "init_args": {"model_name": tiny_hf_clip}}
     raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
-        "guidance": 3.0, "batch_size": 4, "search_on": "generation", "device": "cpu", "progress": False}}
+        "guidance": 3.0, "batch_size": 4, "search_on": "generation", "judges": ["clip", str(classifier)],
+        "device": "cpu", "progress": False}}
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"
@@ -425,7 +448,15 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
     # recognition is a multiple of 1/4; the 2 retained concepts (1 template × 2 seeds each) average
     # halves: quarters too
     for key in ("forget_top1", "retain_top1"):
-        assert all(4 * float(r[key]) == round(4 * float(r[key])) for r in rows)
+        assert all(4 * float(r[f"{key}[{j}]"]) == round(4 * float(r[f"{key}[{j}]"])) for r in rows
+                   for j in ("clip", "judge"))
+    # both judges decide: forget is the highest of the two, retain their mean
+    for r in rows:
+        assert float(r["forget_top1"]) == max(float(r["forget_top1[clip]"]), float(r["forget_top1[judge]"]))
+        assert float(r["retain_top1"]) == pytest.approx((float(r["retain_top1[clip]"])
+                                                         + float(r["retain_top1[judge]"])) / 2, abs=1e-5)
+    assert generation["target"]["met"] == all(j["after"]["forget_recognition"] <= 0.1
+                                              for j in generation["judges"].values())
     assert not any(r.get("utility_top1") for r in rows)  # no utility set on the generation side
 
 

@@ -9,6 +9,7 @@ accuracy on the latter); a *utility set* is a general zero-shot benchmark.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -146,6 +147,7 @@ class SlugDataModule(LightningDataModule):
             raise ValueError("data.retain_exclude_concepts is an empty list: give names, true or false")
         self.retain_exclude_concepts = retain_exclude_concepts
         self._pair_sets: dict[str, PairSet] = {}
+        self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
 
     # -- model-family hooks --------------------------------------------------------------------
@@ -160,8 +162,14 @@ class SlugDataModule(LightningDataModule):
 
     # -- pairs ---------------------------------------------------------------------------------
     def pair_set(self, name: str) -> PairSet:
-        if name not in self._pair_sets:
-            spec = self.forget if name == "forget" else self.retain
+        """The ``forget`` or ``retain`` pairs as ``data.forget`` / ``data.retain`` name them now:
+        cached, and built anew when the attribute changed since (a subclass's ``setup`` may
+        replace the forget shards after its parent's checks have already read them)."""
+        spec = self.forget if name == "forget" else self.retain
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if name not in self._pair_sets or self._pair_set_keys.get(name) != key:
+            self._pair_sets.pop(name, None)
+            self._pair_set_keys[name] = key
             if isinstance(spec, dict):  # several concepts: the pass runs over all their pairs
                 spec = [u for c in self.concepts for u in expand_urls(spec[c])] if all(
                     c in spec for c in self.concepts) else self._missing_concepts(spec)

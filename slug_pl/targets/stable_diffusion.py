@@ -35,7 +35,9 @@ pipeline stays bit-identical. ``slug-pl transplant`` does the same offline, from
 method. Then each candidate layer's found edit is scored on generations (a small fixed prompt /
 seed set, :meth:`StableDiffusion.rank_candidates`): the final choice is the candidate with the
 best recognition of the retained concepts among those whose forget recognition is at most
-``forget_threshold``. :meth:`StableDiffusion.evaluate` then draws every forget and retain prompt
+``forget_threshold``. With several judges (the unedited CLIP and a classifier), the concept is
+removed only when *every* judge recognizes it at most that often, and retain recognition is the
+judges' mean (:func:`combine_judges`): a judge that still sees the concept is never outvoted. :meth:`StableDiffusion.evaluate` then draws every forget and retain prompt
 with held-out seeds before and after the edit and reports how often judges (the unedited CLIP
 zero-shot, and trained classifiers when configured) recognize the concept, the CLIP score, and a
 before/after image grid (summary block ``"generation"``).
@@ -172,29 +174,54 @@ class FrozenClipJudge:
         return (image_embeddings(self.family, self.clip, batch) @ self.classes[columns].T).cpu()
 
 
+def judge_label(spec: str) -> str:
+    """A judge's short name in metric names: ``clip``, or a classifier checkpoint's folder name."""
+    return "clip" if spec == "clip" else Path(spec).name
+
+
+def combine_judges(per_judge: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Several judges' metrics as one verdict: ``forget_*`` the **highest** over the judges (the
+    concept counts as removed only when every judge misses it), ``retain_*`` the **mean** (what an
+    edit keeps, as every judge sees it); each judge's own values follow as ``metric[judge]``."""
+    keys = list(next(iter(per_judge.values())))
+    out = {}
+    for k in keys:
+        values = [m[k] for m in per_judge.values() if k in m]
+        out[k] = max(values) if k.startswith("forget_") else sum(values) / len(values)
+    if len(per_judge) > 1:
+        out |= {f"{k}[{name}]": v for name, m in per_judge.items() for k, v in m.items()}
+    return out
+
+
 class GenerationSearchJudge:
     """The step search's judge with ``search_on: generation``: each evaluation transplants the
     CLIP's current text tower into the pipeline, draws the candidate-scoring prompt sets
-    (search seeds) and scores them like zero-shot accuracy: ``forget_top1/5`` over the concept's
-    images, ``retain_top1/5`` the mean over the other concepts (fractions)."""
+    (search seeds) and scores them with **every** configured judge like zero-shot accuracy:
+    ``forget_top1/5`` over the concept's images, ``retain_top1/5`` the mean over the other
+    concepts (fractions), combined over the judges by :func:`combine_judges` (forget: the
+    highest, retain: the mean; each judge's own as ``metric[judge]``)."""
 
     def __init__(self, target: "StableDiffusion", clip: nn.Module, datamodule, concept: str):
         self.target = target
         self.sets = target.prompt_sets(datamodule, [concept], search=True)
         self.classnames, templates = target._concept_set(datamodule)
-        spec = target.judge_specs[0]
-        self.judge = (FrozenClipJudge(datamodule.family, clip, self.classnames, templates) if spec == "clip"
-                      else target.judges(datamodule.family, clip, templates)[0])
+        live = target.judges(datamodule.family, clip, templates)
+        # the CLIP judge must stay the unedited CLIP while the search edits its text tower
+        self.judges = {judge_label(spec): (FrozenClipJudge(datamodule.family, clip, self.classnames, templates)
+                                           if spec == "clip" else judge)
+                       for spec, judge in zip(target.judge_specs, live)}
 
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
         self.target.mirror(model)
-        out: dict[str, float] = {}
+        per_judge: dict[str, dict[str, float]] = {name: {} for name in self.judges}
         for prompt_set, images in zip(self.sets, self.target.draw(self.sets)):
             labels = torch.tensor([self.classnames.index(i.concept) for i in prompt_set.items()])
-            metric = ZeroShotAccuracy(len(self.classnames))
-            metric.update(self.judge.logits(images, self.classnames), labels)
-            out |= concept_summary(metric.compute(), [self.classnames.index(c) for c in prompt_set.forget])
-        return out
+            forget_ids = [self.classnames.index(c) for c in prompt_set.forget]
+            for name, judge in self.judges.items():
+                metric = ZeroShotAccuracy(len(self.classnames))
+                metric.update(judge.logits(images, self.classnames), labels)
+                per_judge[name] |= concept_summary(metric.compute(), forget_ids)
+        return combine_judges(per_judge)
 
 
 # ----------------------------------------------------------------------------- the target
@@ -255,13 +282,15 @@ class StableDiffusion(DownstreamTarget):
                 image size; None: the pipeline's).
             judges: who recognizes concepts in generations: ``"clip"`` (the unedited CLIP,
                 zero-shot over the concept set's class names and templates) or a classifier
-                checkpoint folder (:class:`~slug_pl.evaluation.generation.ClassifierJudge`). The
-                first decides (candidate choice, verdict); every one is reported.
-            forget_threshold: the concept counts as removed from generations when the first
-                judge recognizes it in at most this fraction of its images.
+                checkpoint folder (:class:`~slug_pl.evaluation.generation.ClassifierJudge`). All of
+                them decide (:func:`combine_judges`: the search's forget metric is the highest
+                recognition over the judges, its retain metric the mean); the first is the
+                summary's headline ``before``/``after``; every one is reported.
+            forget_threshold: the concept counts as removed from generations when every judge
+                recognizes it in at most this fraction of its images.
             search_on: what the step search measures: ``clip`` (the CLIP's zero-shot metrics, as
                 in the method; candidates then chosen by generations) or ``generation`` (the
-                search-seed generations themselves, judged by the first judge: ``forget_top1/5``
+                search-seed generations themselves, judged by every judge: ``forget_top1/5``
                 = recognition of the concept, ``retain_top1/5`` of the others; slower, and the
                 CLIP-side target is then a generation target).
             grid_seeds: images per row in the before/after grid.
@@ -521,8 +550,9 @@ class StableDiffusion(DownstreamTarget):
     def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
                         edits: Sequence[LayerEdit]) -> list[int] | None:
         """Draw the candidate-scoring prompt sets with each edit transplanted alone; order by
-        :func:`order_by_generation` (judged by the first judge with the CLIP unedited). None
-        with ``search_on: generation``: the search itself chose by these generations."""
+        :func:`order_by_generation` (judged with the CLIP unedited by every judge, combined as
+        :func:`combine_judges` does: forget the highest, retain the mean). None with
+        ``search_on: generation``: the search itself chose by these generations."""
         if self.search_on == "generation":
             return None
         family = datamodule.family
@@ -536,12 +566,13 @@ class StableDiffusion(DownstreamTarget):
             finally:
                 revert_edit(clip, edit)
                 self.mirror(clip)
-        judge = self.judges(family, clip, self._concept_set(datamodule)[1])[0]
+        judges = self.judges(family, clip, self._concept_set(datamodule)[1])
         scores = []
         for edit, images in zip(edits, drawn):
-            s = self.score(images, sets, judge, family, clip)
-            scores.append(CandidateScore(edit.name, edit.step, s["forget_recognition"], s["retain_recognition"],
-                                         s["clip_score"]))
+            judged = [self.score(images, sets, judge, family, clip) for judge in judges]
+            retain = [s["retain_recognition"] for s in judged if s["retain_recognition"] is not None]
+            scores.append(CandidateScore(edit.name, edit.step, max(s["forget_recognition"] for s in judged),
+                                         sum(retain) / len(retain) if retain else None, judged[0]["clip_score"]))
         self.candidate_scores[concept] = scores
         return order_by_generation(scores, self.forget_threshold)
 
@@ -570,7 +601,7 @@ class StableDiffusion(DownstreamTarget):
         keys = ("forget_recognition", "retain_recognition", "clip_score", "forget_clip_score", "retain_clip_score")
         primary = next(iter(judged))
         b, a = judged[primary]["before"], judged[primary]["after"]
-        met = a["forget_recognition"] <= self.forget_threshold
+        met = all(r["after"]["forget_recognition"] <= self.forget_threshold for r in judged.values())
         per_concept = {c: {"forget": v["forget"], "images": v["images"],
                            "recognition_before": v["recognition"],
                            "recognition_after": a["per_concept"][c]["recognition"],
@@ -582,7 +613,7 @@ class StableDiffusion(DownstreamTarget):
             "seeds": list(self.seeds),
             "before": {k: b[k] for k in keys},
             "after": {k: a[k] for k in keys},
-            "target": {"rule": f"forget_recognition <= {self.forget_threshold:g}", "met": met},
+            "target": {"rule": f"forget_recognition <= {self.forget_threshold:g} under every judge", "met": met},
             "judges": {name: {"before": {k: r["before"][k] for k in keys[:2]},
                               "after": {k: r["after"][k] for k in keys[:2]}} for name, r in judged.items()},
             "per_concept": per_concept,
