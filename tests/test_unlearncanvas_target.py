@@ -254,3 +254,33 @@ def test_fit_writes_the_unlearncanvas_block_csv_rows_and_report(canvas, tmp_path
     assert "## UnlearnCanvas" in report and "published, not measured here" in report
     assert "| SLUG (style: Neon) |" in report and (run / "unlearncanvas_grid.png").is_file()
     assert block["data"]["split_fractions"] == list(SPLIT)
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_unlearncanvas_demo_unlearns_a_style(tmp_path, monkeypatch, capsys):
+    """``slug-pl fit --config configs/demo_unlearncanvas.yaml`` from a fresh directory (canvas,
+    classifiers, CLIP and pipeline built there): the issue's acceptance, UA of the unlearned style
+    at least 80 % with IRA and CRA each within 10 points of the unedited pipeline's, and time,
+    memory and storage in the results row."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(REPO / "configs" / "demo_unlearncanvas.yaml"),
+                 "--trainer.enable_progress_bar", "false", "--model.target.init_args.progress", "false"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    block = json.loads((run / "summary.json").read_text())["unlearncanvas"]
+    before, after = block["before"], block["after"]
+    with capsys.disabled():
+        print(f"\nUnlearnCanvas demo ({block['target']}): UA {before['UA']:.3f} -> {after['UA']:.3f}, IRA "
+              f"{before['IRA']:.3f} -> {after['IRA']:.3f}, CRA {before['CRA']:.3f} -> {after['CRA']:.3f}")
+    assert code == 0
+    assert block["kind"] == "style" and block["seeds"] == [188, 288, 588, 688, 888]
+    assert after["UA"] >= 0.8
+    assert before["IRA"] - after["IRA"] <= 0.10 and before["CRA"] - after["CRA"] <= 0.10
+    _, row = read_rows(run / "unlearncanvas.csv")
+    assert row.time_s > 0 and row.peak_memory_gb > 0 and row.storage_gb > 0

@@ -46,6 +46,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,6 +295,8 @@ class UnetTrainer:
         self.state_std = float(states.std())
         self.steps_done = 0
         self.last_loss = float("nan")
+        #: one record per round of :meth:`until_recognized`: steps so far, loss, min / mean recognition, seconds
+        self.rounds: list[dict] = []
 
     def round(self, steps: int) -> None:
         s, unet = self.s, self.unet.train()
@@ -320,6 +323,31 @@ class UnetTrainer:
         self.steps_done += steps
         self.last_loss = running / steps
         unet.eval()
+
+    def until_recognized(self, check: Callable[[], dict], what: str, one: str) -> dict:
+        """Train in rounds (``unet_steps``, then ``unet_round_steps`` each) until ``check()``'s
+        ``min`` (the lowest per-concept recognition, a fraction) reaches ``min_recognition`` or
+        the steps reach ``max_unet_steps`` (then a warning). ``check()`` returns ``min`` and
+        ``mean``; ``what`` / ``one`` name the concepts in the progress lines ("identities",
+        "identity"). Each round is recorded in :attr:`rounds`; returns the last check."""
+        s = self.s
+        steps = s.unet_steps
+        while True:
+            t1 = time.perf_counter()
+            self.round(steps)
+            result = check()
+            self.rounds.append({"steps": self.steps_done, "loss": self.last_loss, "min": result["min"],
+                                "mean": result["mean"], "seconds": time.perf_counter() - t1})
+            _say(f"demo SD: UNet {self.steps_done} steps (loss {self.last_loss:.4f}): {what} recognized in "
+                 f"{100 * result['mean']:.1f} % of generations (lowest {one} {100 * result['min']:.1f} %; "
+                 f"{time.perf_counter() - t1:.0f}s)")
+            if result["min"] >= s.min_recognition or self.steps_done >= s.max_unet_steps:
+                break
+            steps = min(s.unet_round_steps, s.max_unet_steps - self.steps_done)
+        if result["min"] < s.min_recognition:
+            _say(f"demo SD: WARNING: after {self.steps_done} UNet steps an {one} is recognized in only "
+                 f"{100 * result['min']:.1f} % of its generations (wanted {100 * s.min_recognition:.0f} %)")
+        return result
 
 
 def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, s: SdTraining) -> WorldClassifier:
@@ -418,22 +446,9 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
                                        scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         trainer = UnetTrainer(unet, latents, states, empty, s)
-        rounds, steps = [], s.unet_steps
-        while True:
-            t1 = time.perf_counter()
-            trainer.round(steps)
-            check = _recognition_check(pipe, str(clip_folder), world, s)
-            rounds.append({"steps": trainer.steps_done, "loss": trainer.last_loss, "min": check["min"],
-                           "mean": check["mean"], "seconds": time.perf_counter() - t1})
-            _say(f"demo SD: UNet {trainer.steps_done} steps (loss {trainer.last_loss:.4f}): identities "
-                 f"recognized in {100 * check['mean']:.1f} % of generations (lowest identity "
-                 f"{100 * check['min']:.1f} %; {time.perf_counter() - t1:.0f}s)")
-            if check["min"] >= s.min_recognition or trainer.steps_done >= s.max_unet_steps:
-                break
-            steps = min(s.unet_round_steps, s.max_unet_steps - trainer.steps_done)
-        if check["min"] < s.min_recognition:
-            _say(f"demo SD: WARNING: after {trainer.steps_done} UNet steps an identity is recognized in only "
-                 f"{100 * check['min']:.1f} % of its generations (wanted {100 * s.min_recognition:.0f} %)")
+        check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
+                                         "identities", "identity")
+        rounds = trainer.rounds
         pipe.save_pretrained(out)
 
         t2 = time.perf_counter()
