@@ -350,6 +350,29 @@ class UnetTrainer:
         return result
 
 
+def pipeline_trainer(vae, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str], s: SdTraining):
+    """A ``StableDiffusionPipeline`` of the trained ``vae``, the frozen ``text_encoder`` and a fresh
+    :func:`demo_unet` (DDIM, no safety checker), and the :class:`UnetTrainer` of that UNet on
+    ``latents`` (scaled VAE latent means) captioned by ``captions``."""
+    from diffusers import StableDiffusionPipeline
+
+    states = encode_prompts(text_encoder, tokenizer, list(captions))
+    empty = encode_prompts(text_encoder, tokenizer, [""])
+    unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe, UnetTrainer(unet, latents, states, empty, s)
+
+
+def vae_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The VAE's latent means of ``pixels`` (in [-1, 1]) times its ``scaling_factor``: what the
+    UNet is trained on."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(pixels[i:i + batch_size]).latent_dist.mean
+                          for i in range(0, len(pixels), batch_size)]) * vae.config.scaling_factor
+
+
 def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, s: SdTraining) -> WorldClassifier:
     """Train :class:`WorldClassifier` on ``pixels`` (in [-1, 1], i.e. normalized with mean and
     std 0.5) with random shifts of up to 2 pixels (AdamW, cosine)."""
@@ -419,8 +442,6 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
 
     Runs on one CPU thread (restored afterwards); the same settings give the same weights.
     """
-    from diffusers import StableDiffusionPipeline
-
     from slug_pl.evaluation.generation import save_classifier
 
     threads = torch.get_num_threads()
@@ -432,20 +453,13 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
         _say(f"demo SD: {len(data.captions)} image-caption pairs loaded ({time.perf_counter() - t0:.0f}s)")
 
         vae, vae_mse = train_vae(data.pixels, s)
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(data.pixels[i:i + 256]).latent_dist.mean
-                                 for i in range(0, len(data.pixels), 256)]) * vae.config.scaling_factor
+        latents = vae_latents(vae, data.pixels)
         t_vae = time.perf_counter() - t0
         _say(f"demo SD: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}, "
              f"scaling factor {vae.config.scaling_factor:.3f}; {t_vae:.0f}s)")
 
-        states = encode_prompts(text_encoder, tokenizer, data.captions)
-        empty = encode_prompts(text_encoder, tokenizer, [""])
-        unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        trainer = UnetTrainer(unet, latents, states, empty, s)
+        pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, data.captions, s)
+        unet = pipe.unet
         check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
                                          "identities", "identity")
         rounds = trainer.rounds

@@ -117,11 +117,8 @@ def train_canvas_pipeline(canvas_root: str | os.PathLike, clip_folder: str | os.
     pairs around the text tower of ``clip_folder``; save it to the new folder ``out``. ``judge``
     (a :class:`~slug_pl.evaluation.unlearncanvas.CanvasClassifier`) decides when the UNet has
     trained enough (:meth:`~slug_pl.demo.sd.UnetTrainer.until_recognized`)."""
-    from diffusers import StableDiffusionPipeline
-
     from slug_pl.data.unlearncanvas import UnlearnCanvasSet
-    from slug_pl.demo.sd import (UnetTrainer, demo_scheduler, demo_unet, encode_prompts, text_encoder_from_clip,
-                                 train_vae)
+    from slug_pl.demo.sd import pipeline_trainer, text_encoder_from_clip, train_vae, vae_latents
 
     t0 = time.perf_counter()
     data = UnlearnCanvasSet(str(canvas_root), split_fractions=DEMO_SPLIT).load()
@@ -129,24 +126,16 @@ def train_canvas_pipeline(canvas_root: str | os.PathLike, clip_folder: str | os.
     pixels = _pixels([i.path for i in train])
     text_encoder, tokenizer = text_encoder_from_clip(clip_folder)
     vae, vae_mse = train_vae(pixels, s)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean
-                             for i in range(0, len(pixels), 256)]) * vae.config.scaling_factor
+    latents = vae_latents(vae, pixels)
     t_vae = time.perf_counter() - t0
     _say(f"demo canvas SD: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}; {t_vae:.0f}s)")
-    states = encode_prompts(text_encoder, tokenizer, [data.caption(i) for i in train])
-    empty = encode_prompts(text_encoder, tokenizer, [""])
-    unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    trainer = UnetTrainer(unet, latents, states, empty, s)
+    pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, [data.caption(i) for i in train], s)
     styles, objects = list(data.layout.styles), list(data.layout.objects)
     check = trainer.until_recognized(lambda: _style_check(pipe, judge, styles, objects, s), "styles", "style")
     pipe.save_pretrained(out)
     return {"vae_mse": vae_mse, "vae_seconds": round(t_vae, 1), "unet_steps": trainer.steps_done,
             "unet_loss": trainer.last_loss, "rounds": trainer.rounds, "recognition": check,
-            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
