@@ -284,3 +284,32 @@ def test_unlearncanvas_demo_unlearns_a_style(tmp_path, monkeypatch, capsys):
     assert before["IRA"] - after["IRA"] <= 0.10 and before["CRA"] - after["CRA"] <= 0.10
     _, row = read_rows(run / "unlearncanvas.csv")
     assert row.time_s > 0 and row.peak_memory_gb > 0 and row.storage_gb > 0
+
+
+def test_fit_with_the_step_search_on_the_grid(canvas, tmp_path, monkeypatch, tiny_hf_clip, pipeline, classifiers):
+    """``search_on: generation``: every evaluation of the step search draws the search grid and
+    reports forget_top1 = 1 − UA and retain_top1 = (IRA + CRA) / 2 of it."""
+    monkeypatch.chdir(tmp_path)
+    config = canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers, search_on="generation")
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    block = json.loads((run / "summary.json").read_text())["unlearncanvas"]
+    assert block["settings"]["search_on"] == "generation" and block["candidates"] == {}
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert rows
+    for r in rows:
+        ua, ira, cra = float(r["UA"]), float(r["IRA"]), float(r["CRA"])
+        assert float(r["forget_top1"]) == pytest.approx(1 - ua)
+        assert float(r["retain_top1"]) == pytest.approx((ira + cra) / 2)
+        assert 2 * ua == round(2 * ua)  # the unlearned style's images: 2 objects (search_objects) × 1 seed
+
+
+def test_canvas_classifiers_can_also_train_on_other_views(canvas, tmp_path):
+    from slug_pl.demo.canvas import train_canvas_classifiers
+
+    result = train_canvas_classifiers(canvas, tmp_path / "judges", steps=2, views=lambda x: 1 - x,
+                                      views_name="negatives")
+    record = json.loads(Path(result["style"]["config"]).read_text())
+    assert record["trained_on"]["views"] == "negatives" and record["classnames"] == list(STYLES)
+    plain = train_canvas_classifiers(canvas, tmp_path / "plain", steps=2)
+    assert json.loads(Path(plain["object"]["config"]).read_text())["trained_on"]["views"] is None
