@@ -288,19 +288,26 @@ def test_unlearncanvas_demo_unlearns_a_style(tmp_path, monkeypatch, capsys):
 
 def test_fit_with_the_step_search_on_the_grid(canvas, tmp_path, monkeypatch, tiny_hf_clip, pipeline, classifiers):
     """``search_on: generation``: every evaluation of the step search draws the search grid and
-    reports forget_top1 = 1 − UA and retain_top1 = (IRA + CRA) / 2 of it."""
+    reports forget_grid_accuracy = 1 − UA and retain_grid_accuracy = (IRA + CRA) / 2 of it; the
+    run's held-out verdict of that target is read from the report's grid (held-out seeds)."""
     monkeypatch.chdir(tmp_path)
     config = canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers, search_on="generation")
+    raw = yaml.safe_load(config.read_text())
+    raw["search"] |= {"target_metric": "forget_grid_accuracy", "kept": ["IRA", "CRA"]}
+    config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"
-    block = json.loads((run / "summary.json").read_text())["unlearncanvas"]
+    summary = json.loads((run / "summary.json").read_text())
+    block = summary["unlearncanvas"]
     assert block["settings"]["search_on"] == "generation" and block["candidates"] == {}
+    held_out = summary["target"]["held_out"]
+    assert held_out["value"] == 1 - block["after"]["UA"] and held_out["images"] == block["after"]["n_UA"]
     rows = list(csv.DictReader((run / "search.csv").open()))
     assert rows
     for r in rows:
         ua, ira, cra = float(r["UA"]), float(r["IRA"]), float(r["CRA"])
-        assert float(r["forget_top1"]) == pytest.approx(1 - ua)
-        assert float(r["retain_top1"]) == pytest.approx((ira + cra) / 2)
+        assert float(r["forget_grid_accuracy"]) == pytest.approx(1 - ua)
+        assert float(r["retain_grid_accuracy"]) == pytest.approx((ira + cra) / 2)
         assert 2 * ua == round(2 * ua)  # the unlearned style's images: 2 objects (search_objects) × 1 seed
 
 

@@ -37,9 +37,11 @@ metrics over the run's labelled sets (docs/design.md §1); each candidate layer'
 then drawn on a small grid (``search_seeds``, the first ``search_objects`` objects, every style)
 and the final choice is the candidate with the highest (IRA + CRA) / 2 among those whose UA is at
 least ``ua_target`` (:func:`~slug_pl.targets.stable_diffusion.order_by_generation` with forget
-recognition = 1 − UA). With ``search_on: generation`` the step search itself judges that grid:
-``forget_top1`` = 1 − UA and ``retain_top1`` = (IRA + CRA) / 2 (use ``target_metric:
-forget_top1``).
+recognition = 1 − UA). With ``search_on: generation`` the step search itself judges that grid
+(:func:`grid_metrics`): use ``target_metric: forget_grid_accuracy`` (= 1 − UA, e.g. ``target_value:
+0.2`` for UA >= 80 %) and ``kept: [IRA, CRA]`` (the choice among candidates keeps the most of
+both). The run's held-out verdict of such a target is then read from the report's grid (the
+held-out ``seeds``).
 """
 
 from __future__ import annotations
@@ -83,10 +85,18 @@ def scores_dict(s: CanvasScores) -> dict:
             "in_domain": dict(s.in_domain), "cross_domain": dict(s.cross_domain)}
 
 
+def grid_metrics(s: CanvasScores) -> dict[str, float]:
+    """The metrics a step search and a run's verdict read from a grid's scores (fractions):
+    ``forget_grid_accuracy`` = 1 − UA (how often the unlearned concept is still recognized; the
+    forget target is ``forget_grid_accuracy <= value``), ``retain_grid_accuracy`` = (IRA + CRA) / 2,
+    and ``UA`` / ``IRA`` / ``CRA``."""
+    return {"forget_grid_accuracy": 1.0 - s.ua, "retain_grid_accuracy": (s.ira + s.cra) / 2, "UA": s.ua,
+            "IRA": s.ira, "CRA": s.cra}
+
+
 class CanvasSearchJudge:
     """The step search's judge with ``search_on: generation``: each evaluation transplants the
-    CLIP's current text tower and scores the search grid (``forget_top1`` = 1 − UA,
-    ``retain_top1`` = (IRA + CRA) / 2, and ``UA`` / ``IRA`` / ``CRA``; fractions)."""
+    CLIP's current text tower and scores the search grid (:func:`grid_metrics`)."""
 
     def __init__(self, target: "UnlearnCanvas", clip: nn.Module, datamodule):
         self.target, self.grid = target, datamodule.canvas_grid()
@@ -95,10 +105,8 @@ class CanvasSearchJudge:
 
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
         self.target.mirror(model)
-        s = score_images(self.classifier, self.target.draw_grid(self.prompts), self.prompts, self.grid.kind,
-                         self.grid.target)
-        return {"forget_top1": 1.0 - s.ua, "retain_top1": (s.ira + s.cra) / 2, "UA": s.ua, "IRA": s.ira,
-                "CRA": s.cra}
+        return grid_metrics(score_images(self.classifier, self.target.draw_grid(self.prompts), self.prompts,
+                                         self.grid.kind, self.grid.target))
 
 
 class UnlearnCanvas(StableDiffusion):
@@ -310,7 +318,9 @@ class UnlearnCanvas(StableDiffusion):
             "data": datamodule.record() if hasattr(datamodule, "record") else None,
         }
         figures = [self._figure(grid, prompts, before, after)]
-        return TargetReport("unlearncanvas", block, self._sections(block, rows), figures)
+        # the held-out verdict of a forget target on the grid (target_metric: forget_grid_accuracy)
+        return TargetReport("unlearncanvas", block, self._sections(block, rows), figures,
+                            after=grid_metrics(scored["after"]), forget_images=scored["after"].n_ua)
 
     def _figure(self, grid, prompts: Sequence[GridPrompt], before: torch.Tensor, after: torch.Tensor):
         """Rows: the unlearned concept with the first ``grid_objects`` of the other kind, then the
