@@ -8,7 +8,7 @@ the images behind each), the unlearning's time, peak memory and storage, the cho
 whether the issue's acceptance holds (UA >= 80 %, IRA and CRA each within 10 points of the
 unedited pipeline's).
 
-    python benchmarks/unlearncanvas_demo.py --styles Watercolor Neon --objects Apple Banana
+    python benchmarks/unlearncanvas_demo.py --styles Neon Pencil_Sketch --objects Apple Banana
     # writes benchmarks/results/unlearncanvas_demo.json and unlearncanvas_demo.md
 """
 
@@ -54,7 +54,7 @@ def accepted(block: dict) -> bool:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--styles", nargs="*", default=["Watercolor", "Neon"], help="styles to unlearn, one run each")
+    p.add_argument("--styles", nargs="*", default=["Neon", "Pencil_Sketch"], help="styles to unlearn, one run each")
     p.add_argument("--objects", nargs="*", default=["Apple", "Banana"], help="objects to unlearn, one run each")
     p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (canvas, classifiers, CLIP, pipeline)")
     args = p.parse_args(argv)
