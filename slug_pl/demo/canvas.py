@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,11 +365,18 @@ def _train_one(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ste
 def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                              split_fractions: tuple[float, float, float] = (0.75, 0.0, 0.25),
                              split_seed: int | None = 0, steps: int = 300, batch_size: int = 64,
-                             lr: float = 4e-3, width: int = 16, seed: int = 0) -> dict:
+                             lr: float = 4e-3, width: int = 16, seed: int = 0,
+                             views: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                             views_name: str | None = None) -> dict:
     """Train a :class:`CanvasCNN` for styles and one for objects on the training split of the
     canvas at ``root``; save ``out_dir/{style,object}.{json,safetensors}`` (never overwriting);
     load them back through :class:`~slug_pl.evaluation.unlearncanvas.CheckpointClassifier` and
     measure top-1 accuracy on the held-out test split.
+
+    ``views``: a function of the training images ``(N, 3, H, W)`` in [0, 1] that returns another
+    view of each (the same shape, e.g. a VAE's reconstructions, the look of generated images);
+    the classifiers then train on both, with the same labels. ``views_name`` names it in the
+    saved configs.
 
     Runs on one CPU thread (``torch.set_num_threads(1)``, restored afterwards). Returns
     ``{"style": {"config", "accuracy", "n_test"}, "object": {...}, "train_images", "time_s"}``.
@@ -388,17 +396,23 @@ def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike
         train = data.labelled("train", "style", _to_tensor)
         object_labels = torch.tensor([data.label(i, "object") for i in data.splits["train"]])
         out = Path(out_dir)
+        images = train.images
+        if views is not None:
+            images = torch.cat([images, views(images).clamp(0, 1)])
+            object_labels = torch.cat([object_labels, object_labels])
+        style_labels = train.labels.repeat(images.shape[0] // len(train.labels))
         configs = {}
-        for kind, labels, names in (("style", train.labels, data.layout.styles),
+        for kind, labels, names in (("style", style_labels, data.layout.styles),
                                     ("object", object_labels, data.layout.objects)):
-            model = _train_one(train.images, labels, len(names), steps, batch_size, lr, width, seed)
+            model = _train_one(images, labels, len(names), steps, batch_size, lr, width, seed)
             configs[kind] = save_task_classifier(
                 model, out / f"{kind}.json", task=kind, classnames=list(names),
                 arch={"library": "python", "name": "slug_pl.demo.canvas.CanvasCNN",
                       "kwargs": {"width": width}},
                 image_size=train.images.shape[-1], mean=_MEAN, std=_STD,
                 extra={"trained_on": {"root": str(root), "split_fractions": list(split_fractions),
-                                      "split_seed": split_seed, "steps": steps, "seed": seed}})
+                                      "split_seed": split_seed, "steps": steps, "seed": seed,
+                                      "views": views_name if views is not None else None}})
         judge = CheckpointClassifier(configs["style"], configs["object"])
         test = data.splits["test"]
         images = data.labelled("test", "style", _to_tensor).images

@@ -17,10 +17,10 @@ Everything here works offline:
   with its tokenizer and ``CLIPImageProcessor`` into one ``save_pretrained`` folder, which
   ``CLIPModel`` / ``CLIPTextModel`` / ``CLIPVisionModel`` / ``CLIPTokenizer`` /
   ``CLIPImageProcessor.from_pretrained(folder)`` read back.
-- :func:`train_hf_clip` trains a tiny ``CLIPModel`` on a demo world's corpus (a plain,
+- :func:`fit_hf_clip` trains a tiny ``CLIPModel`` on any image–caption pairs (a plain,
   deterministic torch loop like :mod:`slug_pl.demo.train`'s: AdamW, warmup + cosine, the
-  symmetric contrastive loss) and scores it on the held-out test sets through
-  :class:`slug_pl.families.HfClip`; :func:`ensure_hf_clip` builds the world and caches the
+  symmetric contrastive loss); :func:`train_hf_clip` runs it on a demo world's corpus and
+  scores it on the held-out test sets through :class:`slug_pl.families.HfClip`; :func:`ensure_hf_clip` builds the world and caches the
   trained folder under ``root/hf_clip``.
 """
 
@@ -218,6 +218,79 @@ def evaluate_hf_clip(world_root: str | os.PathLike, folder: str | os.PathLike, s
     return out
 
 
+def fit_hf_clip(
+    images: torch.Tensor,
+    captions: list[str],
+    config,
+    out_folder: str | os.PathLike,
+    epochs: int = 16,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.1,
+    warmup_fraction: float = 0.05,
+    seed: int = 0,
+    label: str = "demo HF CLIP",
+) -> dict:
+    """Train a ``CLIPModel(config)`` from random initialization on image–caption pairs and save
+    it with its tokenizer and image processor to ``out_folder`` (:func:`save_clip_folder`; never
+    overwrites). ``images``: preprocessed ``(N, 3, H, W)`` (the folder's image processor);
+    ``captions``: N texts. Returns ``train_seconds``, ``steps``, ``n_pairs`` and ``final_loss``
+    (the last epoch's mean loss).
+
+    AdamW (betas 0.9 / 0.98, eps 1e-6) on the symmetric contrastive loss with the model's logit
+    scale (clamped to at most 100), linear warmup over ``warmup_fraction`` of the steps, then
+    cosine decay to 0; the last partial batch of each epoch is dropped. Deterministic for a seed
+    on one thread (the caller sets the threads). ``label`` prefixes the progress lines.
+    """
+    from transformers import CLIPModel
+
+    from slug_pl.gradients import contrastive_loss
+
+    context_length = config.text_config.max_position_embeddings
+    tokens = clip_tokenizer(context_length)(captions, padding="max_length", truncation=True,
+                                            max_length=context_length, return_tensors="pt")["input_ids"]
+    n = images.shape[0]
+    steps_per_epoch = n // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
+    total = steps_per_epoch * epochs
+    warmup = max(1, round(warmup_fraction * total))
+    _say(f"{label}: {n} training pairs; {total} steps of batch {batch_size}")
+
+    torch.manual_seed(seed)
+    model = CLIPModel(config).train()
+    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    t1 = time.perf_counter()
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch_size : (step + 1) * batch_size]
+            image_features = model.get_image_features(pixel_values=images[idx]).pooler_output
+            text_features = model.get_text_features(input_ids=tokens[idx]).pooler_output
+            loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            running += loss.item()
+        _say(f"{label}: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
+             f"({time.perf_counter() - t1:.0f}s)")
+    train_seconds = time.perf_counter() - t1
+    save_clip_folder(model.eval(), out_folder)
+    return {"train_seconds": round(train_seconds, 2), "steps": total, "n_pairs": n,
+            "final_loss": running / steps_per_epoch}
+
+
 def train_hf_clip(
     world_root: str | os.PathLike,
     out_folder: str | os.PathLike,
@@ -235,25 +308,18 @@ def train_hf_clip(
     seed: int = 0,
 ) -> dict:
     """Train a tiny ``CLIPModel`` (random init, :func:`tiny_clip_config`) on the world's corpus
-    and save it with its tokenizer and image processor to ``out_folder`` (:func:`save_clip_folder`;
-    never overwrites). Returns the metrics: held-out zero-shot top-1 / top-5 on the test
-    identities and objects (fractions), training and data-loading time (s), steps, pairs and
-    the last epoch's mean loss.
+    (:func:`fit_hf_clip`) and save it with its tokenizer and image processor to ``out_folder``.
+    Returns the metrics: held-out zero-shot top-1 / top-5 on the test identities and objects
+    (fractions), training and data-loading time (s), steps, pairs and the last epoch's mean loss.
 
-    AdamW (betas 0.9 / 0.98, eps 1e-6) on the symmetric contrastive loss with the model's logit
-    scale (clamped to at most 100), linear warmup over ``warmup_fraction`` of the steps, then
-    cosine decay to 0; the last partial batch of each epoch is dropped. Runs on one CPU thread
-    (restored afterwards): the same seed gives bit-identical weights.
+    Runs on one CPU thread (restored afterwards): the same seed gives bit-identical weights.
 
     Measured with the defaults on the default world (2,800 pairs, 688 steps, ~100 CPU-seconds on
     an idle core): held-out top-1 1.00 on identities and 0.98 on objects. Fewer steps fall short
     on objects (8 epochs: 0.99 / 0.90; 12: 1.00 / 0.95).
     """
-    from transformers import CLIPModel
-
     from slug_pl.data.shards import expand_urls
     from slug_pl.families.hf_clip import ProcessorTransform
-    from slug_pl.gradients import contrastive_loss
 
     world_root = Path(world_root)
     spec = json.loads((world_root / "world.json").read_text())["spec"]
@@ -265,57 +331,14 @@ def train_hf_clip(
         t0 = time.perf_counter()
         urls = expand_urls(sorted(str(p) for p in (world_root / "corpus").glob("corpus-*.tar")))
         images, captions, _ = _load_pairs(urls, ProcessorTransform(clip_image_processor(spec["image_size"])))
-        tokens = clip_tokenizer(context_length)(captions, padding="max_length", truncation=True,
-                                                max_length=context_length, return_tensors="pt")["input_ids"]
-        n = images.shape[0]
         load_seconds = time.perf_counter() - t0
-        steps_per_epoch = n // batch_size
-        if steps_per_epoch < 1:
-            raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
-        total = steps_per_epoch * epochs
-        warmup = max(1, round(warmup_fraction * total))
-        _say(f"demo HF CLIP: {n} training pairs loaded in {load_seconds:.1f}s; {total} steps of batch {batch_size}")
-
-        torch.manual_seed(seed)
-        model = CLIPModel(config).train()
-        optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
-                                      fused=True)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: (s + 1) / warmup if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-        )
-        gen = torch.Generator().manual_seed(seed)
-        t1 = time.perf_counter()
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            running = 0.0
-            for step in range(steps_per_epoch):
-                idx = perm[step * batch_size : (step + 1) * batch_size]
-                image_features = model.get_image_features(pixel_values=images[idx]).pooler_output
-                text_features = model.get_text_features(input_ids=tokens[idx]).pooler_output
-                loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                running += loss.item()
-            _say(f"demo HF CLIP: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
-                 f"({time.perf_counter() - t1:.0f}s)")
-        train_seconds = time.perf_counter() - t1
-        save_clip_folder(model.eval(), out_folder)
+        _say(f"demo HF CLIP: {images.shape[0]} training pairs loaded in {load_seconds:.1f}s")
+        fitted = fit_hf_clip(images, captions, config, out_folder, epochs=epochs, batch_size=batch_size, lr=lr,
+                             weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
         metrics = evaluate_hf_clip(world_root, out_folder, split="test")
     finally:
         torch.set_num_threads(threads)
-    metrics.update({
-        "train_seconds": round(train_seconds, 2),
-        "load_seconds": round(load_seconds, 2),
-        "steps": total,
-        "n_pairs": n,
-        "final_loss": running / steps_per_epoch,
-    })
+    metrics.update(fitted, load_seconds=round(load_seconds, 2))
     _say("demo HF CLIP: held-out zero-shot top-1 identities {identities_top1:.3f} objects {objects_top1:.3f} "
          "(top-5 {identities_top5:.3f} / {objects_top5:.3f}) after {train_seconds:.0f}s".format(**metrics))
     return metrics

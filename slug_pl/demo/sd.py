@@ -46,6 +46,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,6 +295,8 @@ class UnetTrainer:
         self.state_std = float(states.std())
         self.steps_done = 0
         self.last_loss = float("nan")
+        #: one record per round of :meth:`until_recognized`: steps so far, loss, min / mean recognition, seconds
+        self.rounds: list[dict] = []
 
     def round(self, steps: int) -> None:
         s, unet = self.s, self.unet.train()
@@ -320,6 +323,54 @@ class UnetTrainer:
         self.steps_done += steps
         self.last_loss = running / steps
         unet.eval()
+
+    def until_recognized(self, check: Callable[[], dict], what: str, one: str) -> dict:
+        """Train in rounds (``unet_steps``, then ``unet_round_steps`` each) until ``check()``'s
+        ``min`` (the lowest per-concept recognition, a fraction) reaches ``min_recognition`` or
+        the steps reach ``max_unet_steps`` (then a warning). ``check()`` returns ``min`` and
+        ``mean``; ``what`` / ``one`` name the concepts in the progress lines ("identities",
+        "identity"). Each round is recorded in :attr:`rounds`; returns the last check."""
+        s = self.s
+        steps = s.unet_steps
+        while True:
+            t1 = time.perf_counter()
+            self.round(steps)
+            result = check()
+            self.rounds.append({"steps": self.steps_done, "loss": self.last_loss, "min": result["min"],
+                                "mean": result["mean"], "seconds": time.perf_counter() - t1})
+            _say(f"demo SD: UNet {self.steps_done} steps (loss {self.last_loss:.4f}): {what} recognized in "
+                 f"{100 * result['mean']:.1f} % of generations (lowest {one} {100 * result['min']:.1f} %; "
+                 f"{time.perf_counter() - t1:.0f}s)")
+            if result["min"] >= s.min_recognition or self.steps_done >= s.max_unet_steps:
+                break
+            steps = min(s.unet_round_steps, s.max_unet_steps - self.steps_done)
+        if result["min"] < s.min_recognition:
+            _say(f"demo SD: WARNING: after {self.steps_done} UNet steps an {one} is recognized in only "
+                 f"{100 * result['min']:.1f} % of its generations (wanted {100 * s.min_recognition:.0f} %)")
+        return result
+
+
+def pipeline_trainer(vae, text_encoder, tokenizer, latents: torch.Tensor, captions: list[str], s: SdTraining):
+    """A ``StableDiffusionPipeline`` of the trained ``vae``, the frozen ``text_encoder`` and a fresh
+    :func:`demo_unet` (DDIM, no safety checker), and the :class:`UnetTrainer` of that UNet on
+    ``latents`` (scaled VAE latent means) captioned by ``captions``."""
+    from diffusers import StableDiffusionPipeline
+
+    states = encode_prompts(text_encoder, tokenizer, list(captions))
+    empty = encode_prompts(text_encoder, tokenizer, [""])
+    unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe, UnetTrainer(unet, latents, states, empty, s)
+
+
+def vae_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The VAE's latent means of ``pixels`` (in [-1, 1]) times its ``scaling_factor``: what the
+    UNet is trained on."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(pixels[i:i + batch_size]).latent_dist.mean
+                          for i in range(0, len(pixels), batch_size)]) * vae.config.scaling_factor
 
 
 def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, s: SdTraining) -> WorldClassifier:
@@ -391,8 +442,6 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
 
     Runs on one CPU thread (restored afterwards); the same settings give the same weights.
     """
-    from diffusers import StableDiffusionPipeline
-
     from slug_pl.evaluation.generation import save_classifier
 
     threads = torch.get_num_threads()
@@ -404,36 +453,16 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
         _say(f"demo SD: {len(data.captions)} image-caption pairs loaded ({time.perf_counter() - t0:.0f}s)")
 
         vae, vae_mse = train_vae(data.pixels, s)
-        with torch.no_grad():
-            latents = torch.cat([vae.encode(data.pixels[i:i + 256]).latent_dist.mean
-                                 for i in range(0, len(data.pixels), 256)]) * vae.config.scaling_factor
+        latents = vae_latents(vae, data.pixels)
         t_vae = time.perf_counter() - t0
         _say(f"demo SD: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}, "
              f"scaling factor {vae.config.scaling_factor:.3f}; {t_vae:.0f}s)")
 
-        states = encode_prompts(text_encoder, tokenizer, data.captions)
-        empty = encode_prompts(text_encoder, tokenizer, [""])
-        unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        trainer = UnetTrainer(unet, latents, states, empty, s)
-        rounds, steps = [], s.unet_steps
-        while True:
-            t1 = time.perf_counter()
-            trainer.round(steps)
-            check = _recognition_check(pipe, str(clip_folder), world, s)
-            rounds.append({"steps": trainer.steps_done, "loss": trainer.last_loss, "min": check["min"],
-                           "mean": check["mean"], "seconds": time.perf_counter() - t1})
-            _say(f"demo SD: UNet {trainer.steps_done} steps (loss {trainer.last_loss:.4f}): identities "
-                 f"recognized in {100 * check['mean']:.1f} % of generations (lowest identity "
-                 f"{100 * check['min']:.1f} %; {time.perf_counter() - t1:.0f}s)")
-            if check["min"] >= s.min_recognition or trainer.steps_done >= s.max_unet_steps:
-                break
-            steps = min(s.unet_round_steps, s.max_unet_steps - trainer.steps_done)
-        if check["min"] < s.min_recognition:
-            _say(f"demo SD: WARNING: after {trainer.steps_done} UNet steps an identity is recognized in only "
-                 f"{100 * check['min']:.1f} % of its generations (wanted {100 * s.min_recognition:.0f} %)")
+        pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, data.captions, s)
+        unet = pipe.unet
+        check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
+                                         "identities", "identity")
+        rounds = trainer.rounds
         pipe.save_pretrained(out)
 
         t2 = time.perf_counter()

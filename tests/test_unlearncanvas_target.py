@@ -1,0 +1,322 @@
+"""The UnlearnCanvas data module and target: shards and concept sets of a style or object
+unlearning, UA / IRA / CRA of the prompt grid drawn by a pipeline before and after an edit (equal
+to :func:`canvas_scores` of an independent generation and classification), the recorded prompts
+and seeds, a rerun's identical numbers, and a whole ``fit`` that writes the summary block, the
+``unlearncanvas.csv`` rows and the report.
+
+Everything is tiny and random (tests/builders_downstream.py): the pipeline draws noise and the
+classifiers are fixed random linear maps of the mean colour, enough to check the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from builders_downstream import TinyClassifier, tiny_sd_pipeline
+from slug_pl.cli import main
+from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
+from slug_pl.edit import apply_edit, make_edit
+from slug_pl.evaluation.unlearncanvas import (
+    CSV_COLUMNS,
+    CheckpointClassifier,
+    canvas_scores,
+    classify,
+    prompt_grid,
+    read_rows,
+    save_task_classifier,
+)
+from slug_pl.families import HfClip
+from slug_pl.targets import UnlearnCanvas
+
+STYLES = ("Neon", "Pencil_Sketch", "Posterize")  # sorted: the reader's label order
+SPLIT = (0.5, 0.25, 0.25)  # 4 images per cell: 2 training, 1 validation, 1 test
+
+
+@pytest.fixture(scope="module")
+def canvas(tmp_path_factory) -> str:
+    """A synthetic canvas of 3 styles × 3 objects × 4 images (32 px)."""
+    from slug_pl.demo.canvas import CanvasSpec, build_canvas
+
+    spec = CanvasSpec(styles=STYLES, n_objects=3, images_per_cell=4)
+    return build_canvas(tmp_path_factory.mktemp("uc") / "canvas", spec)["root"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tiny_hf_clip) -> str:
+    return str(tiny_sd_pipeline(tmp_path_factory.mktemp("uc_sd") / "pipe", text_encoder_dir=tiny_hf_clip))
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory, canvas) -> tuple[str, str]:
+    """Fixed random style and object classifiers saved as checkpoints (JSON + safetensors)."""
+    from slug_pl.demo.canvas import CanvasSpec, canvas_objects
+
+    folder = tmp_path_factory.mktemp("uc_judges")
+    arch = {"library": "python", "name": "builders_downstream.TinyClassifier"}
+    out = []
+    for k, (task, names) in enumerate((("style", STYLES), ("object", canvas_objects(CanvasSpec(n_objects=3))))):
+        torch.manual_seed(10 + k)
+        model = TinyClassifier(len(names))
+        out.append(str(save_task_classifier(model, folder / f"{task}.json", task=task, classnames=list(names),
+                                            arch=arch, image_size=32)))
+    return out[0], out[1]
+
+
+def datamodule(canvas: str, tmp_path: Path, **kwargs) -> UnlearnCanvasDataModule:
+    kwargs = {"forget_style": "Neon", **kwargs}
+    return UnlearnCanvasDataModule(canvas, split_fractions=SPLIT, shards_dir=str(tmp_path / "shards"), **kwargs)
+
+
+# ------------------------------------------------------------------------------ the data module
+
+
+def test_data_module_writes_forget_retain_and_the_unlearned_kinds_concept_set(canvas, tmp_path):
+    from slug_pl.data.labelled import load_labelled_set
+    from slug_pl.data.shards import iter_raw_samples
+
+    dm = datamodule(canvas, tmp_path)
+    dm.prepare_data()
+    assert dm.concepts == ["Neon"]
+    forget = list(iter_raw_samples(dm.paths["forget"]))
+    retain = list(iter_raw_samples(dm.paths["retain"]))
+    assert len(forget) == 3 * 2 and len(retain) == 2 * 3 * 2  # training images: 2 per cell
+    assert {json.loads(s.fields["json"])["style"] for s in forget} == {"Neon"}
+    assert "Neon" not in {json.loads(s.fields["json"])["style"] for s in retain}
+    assert forget[0].caption == "A Apple image in Neon style."  # the benchmark's caption
+
+    folder = Path(dm.paths["folder"])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["split_fractions"] == list(SPLIT) and manifest["seed"] is None
+    assert manifest["kind"] == "style" and manifest["target"] == "Neon"
+    written = (folder / "shards.json").stat().st_mtime_ns
+    again = datamodule(canvas, tmp_path)
+    again.prepare_data()  # the same tree and split: the shards are reused
+    assert again.paths["folder"] == str(folder) and (folder / "shards.json").stat().st_mtime_ns == written
+
+    # a style unlearning's concept set is the styles, its utility set the objects
+    dm.setup("validate")
+    concepts = load_labelled_set(dm.suites["validation"].concepts, lambda im: torch.zeros(1), "v")
+    assert concepts.classnames == ["Neon", "Pencil Sketch", "Posterize"] and len(concepts.labels) == 9
+    assert dm.suites["validation"].utility.class_names("u") == ["Apple", "Banana", "Bicycle"]
+
+    objects = datamodule(canvas, tmp_path, forget_style=None, forget_object="Banana", seed=3)
+    objects.prepare_data()
+    objects.setup("validate")
+    assert objects.concepts == ["Banana"]
+    assert objects.suites["test"].concepts.class_names("t") == ["Apple", "Banana", "Bicycle"]
+    assert objects.canvas_grid().kind == "object" and objects.record()["split_seed"] == 3
+    assert objects.paths["folder"] != str(folder)
+
+
+def test_data_module_refuses_neither_or_both_targets(canvas, tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        datamodule(canvas, tmp_path, forget_style=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        datamodule(canvas, tmp_path, forget_object="Banana")
+
+
+# ------------------------------------------------------------------------------ the target
+
+
+def target_for(pipeline: str, classifiers: tuple[str, str], **kwargs) -> UnlearnCanvas:
+    settings = {"seeds": [3, 4], "steps": 2, "guidance": 3.0, "batch_size": 8, "device": "cpu", "progress": False}
+    return UnlearnCanvas(pipeline, *classifiers, **(settings | kwargs))
+
+
+def test_evaluation_is_canvas_scores_of_the_grid_drawn_before_and_after(canvas, tmp_path, pipeline, classifiers,
+                                                                         tiny_hf_clip):
+    """UA / IRA / CRA of the target equal canvas_scores of the same grid drawn independently (a
+    fresh pipeline, before and with the edited tensor) and classified by the same checkpoints;
+    the prompts and seeds are recorded and a second evaluation gives the same numbers."""
+    from diffusers import StableDiffusionPipeline
+
+    from slug_pl.evaluation.generation import generate_images
+
+    dm = datamodule(canvas, tmp_path)
+    dm.prepare_data()
+    family = HfClip(model_name=tiny_hf_clip)
+    clip = family.load()
+    target = target_for(pipeline, classifiers)
+    target.check_pair(family, clip)
+    name = "text_model.encoder.layers.1.mlp.fc2.weight"
+    edit = make_edit(clip, name, torch.randn(clip.get_parameter(name).shape, generator=torch.Generator().manual_seed(0)),
+                     2.0)
+    apply_edit(clip, edit)
+    target.transplant(clip, [edit])
+    report = target.evaluate(clip, dm, ["Neon"], [edit])
+    block = report.block
+    assert report.key == "unlearncanvas"
+    assert block["seeds"] == [3, 4] and block["prompts"] == 3 * 3 * 2
+    assert block["prompt_template"] == "A {object} image in {style} style."
+    assert block["styles"] == list(STYLES) and block["objects"] == ["Apple", "Banana", "Bicycle"]
+
+    prompts = prompt_grid(STYLES, ["Apple", "Banana", "Bicycle"], [3, 4])
+    judge = CheckpointClassifier(*classifiers)
+    fresh = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    for side in ("before", "after"):
+        if side == "after":
+            with torch.no_grad():
+                fresh.text_encoder.get_parameter(name.removeprefix("text_model.")).copy_(edit.edited)
+        images = generate_images(fresh, [p.text for p in prompts], [p.seed for p in prompts], steps=2, guidance=3.0,
+                                 batch_size=8, progress=False, output_type="pt")
+        pred_s, pred_o = classify(judge, images)
+        want = canvas_scores("style", "Neon", [p.style for p in prompts], [p.object for p in prompts], pred_s, pred_o)
+        got = block[side]
+        assert (got["UA"], got["IRA"], got["CRA"]) == (want.ua, want.ira, want.cra), side
+        assert (got["n_UA"], got["n_IRA"], got["n_CRA"]) == (6, 12, 12)
+        assert got["in_domain"] == want.in_domain and got["cross_domain"] == want.cross_domain
+
+    rerun = target.evaluate(clip, dm, ["Neon"], [edit]).block
+    assert {k: rerun[k] for k in ("before", "after")} == {k: block[k] for k in ("before", "after")}
+    assert block["cost"]["storage_gb"] == edit.edited.numel() * 4 / 2**30  # float32 pipeline
+    assert block["cost"]["time_s"] is None  # no run: nothing to time
+    assert block["rows"][1]["UA"] == block["after"]["UA"] and block["rows"][0]["method"] == "unedited pipeline"
+    assert report.figures[0][1] == "unlearncanvas_grid.png"
+
+
+def test_target_refuses_half_a_classifier_pair_and_a_data_module_without_a_grid(pipeline, classifiers):
+    with pytest.raises(ValueError, match="both style_classifier and object_classifier"):
+        UnlearnCanvas(pipeline, style_classifier=classifiers[0])
+    with pytest.raises(TypeError, match="UnlearnCanvasDataModule"):
+        UnlearnCanvas.grid_of(object())
+
+
+def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):
+    from slug_pl.data.canvas_datamodule import CanvasGrid
+
+    target = target_for(pipeline, classifiers, search_seeds=[7], search_objects=1)
+    grid = CanvasGrid("object", "Bicycle", STYLES, ("Apple", "Banana", "Bicycle"))
+    assert [(p.style, p.object, p.seed) for p in target.search_prompts(grid)] == [
+        (s, o, 7) for s in STYLES for o in ("Apple", "Bicycle")]
+    style_grid = CanvasGrid("style", "Neon", STYLES, ("Apple", "Banana", "Bicycle"))
+    assert {p.object for p in target.search_prompts(style_grid)} == {"Apple"}
+
+
+# ------------------------------------------------------------------------------ a whole run
+
+
+def canvas_config(tmp_path: Path, canvas: str, clip: str, pipeline: str, classifiers, **target) -> Path:
+    config = {
+        "model": {"class_path": "slug_pl.methods.SlugModule", "init_args": {
+            "family": {"class_path": "slug_pl.families.HfClip", "init_args": {"model_name": clip}},
+            "target": {"class_path": "slug_pl.targets.UnlearnCanvas", "init_args": {
+                "pipeline": pipeline, "style_classifier": classifiers[0], "object_classifier": classifiers[1],
+                "seeds": [3], "search_seeds": [5], "search_objects": 2, "steps": 2, "guidance": 3.0,
+                "batch_size": 16, "ua_target": 0.0, "device": "cpu", "progress": False, **target}}}},
+        "data": {"class_path": "slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule", "init_args": {
+            "root": canvas, "forget_style": "Neon", "split_fractions": list(SPLIT),
+            "shards_dir": str(tmp_path / "shards"), "batch_size": 4, "retain_batch_size": 8}},
+        "search": {"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
+                   "target_value": 1.0, "save_checkpoint": False},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_writes_the_unlearncanvas_block_csv_rows_and_report(canvas, tmp_path, monkeypatch, tiny_hf_clip,
+                                                                 pipeline, classifiers):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers))]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    block = summary["unlearncanvas"]
+    assert block["kind"] == "style" and block["target"] == "Neon" and block["seeds"] == [3]
+    assert block["verdict"] == {"rule": "UA >= 0", "met": True}
+
+    with open(run / "unlearncanvas.csv", newline="") as f:
+        assert tuple(next(csv.reader(f))) == CSV_COLUMNS
+    before, after = read_rows(run / "unlearncanvas.csv")
+    assert (before.method, after.method) == ("unedited pipeline", "SLUG")
+    assert (after.ua, after.ira, after.cra) == (block["after"]["UA"], block["after"]["IRA"], block["after"]["CRA"])
+    assert (before.ua, before.n_ua, before.n_ira) == (block["before"]["UA"], 3, 6)  # 1 seed: 3 objects, 2 styles × 3
+    chosen = summary["method"]["edits"][0]["layer"]
+    numel = HfClip(model_name=tiny_hf_clip).load().get_parameter(chosen).numel()
+    assert after.storage_gb == numel * 4 / 2**30  # one float32 tensor
+    assert after.time_s > 0 and after.peak_memory_gb > 0 and before.time_s is None
+
+    # the final choice: among the candidates drawn on the search grid (all reach UA >= 0), the
+    # best (IRA + CRA) / 2, ties in the CLIP-side order
+    candidates = block["candidates"]["Neon"]
+    assert len(candidates) == 2 and all(c["images"] == 3 * 2 for c in candidates)  # 3 styles × 2 objects
+    best = max(range(2), key=lambda i: ((candidates[i]["IRA"] + candidates[i]["CRA"]) / 2, -i))
+    assert chosen == candidates[best]["layer"]
+    assert block["transplanted"] == [chosen.removeprefix("text_model.")]
+
+    report = (run / "report.md").read_text()
+    assert "## UnlearnCanvas" in report and "published, not measured here" in report
+    assert "| SLUG (style: Neon) |" in report and (run / "unlearncanvas_grid.png").is_file()
+    assert block["data"]["split_fractions"] == list(SPLIT)
+
+
+# ------------------------------------------------------------------------------ the demo
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_unlearncanvas_demo_unlearns_a_style(tmp_path, monkeypatch, capsys):
+    """``slug-pl fit --config configs/demo_unlearncanvas.yaml`` from a fresh directory (canvas,
+    classifiers, CLIP and pipeline built there): the issue's acceptance, UA of the unlearned style
+    at least 80 % with IRA and CRA each within 10 points of the unedited pipeline's, and time,
+    memory and storage in the results row."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["fit", "--config", str(REPO / "configs" / "demo_unlearncanvas.yaml"),
+                 "--trainer.enable_progress_bar", "false", "--model.target.init_args.progress", "false"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    block = json.loads((run / "summary.json").read_text())["unlearncanvas"]
+    before, after = block["before"], block["after"]
+    with capsys.disabled():
+        print(f"\nUnlearnCanvas demo ({block['target']}): UA {before['UA']:.3f} -> {after['UA']:.3f}, IRA "
+              f"{before['IRA']:.3f} -> {after['IRA']:.3f}, CRA {before['CRA']:.3f} -> {after['CRA']:.3f}")
+    assert code == 0
+    assert block["kind"] == "style" and block["seeds"] == [188, 288, 588, 688, 888]
+    assert after["UA"] >= 0.8
+    assert before["IRA"] - after["IRA"] <= 0.10 and before["CRA"] - after["CRA"] <= 0.10
+    _, row = read_rows(run / "unlearncanvas.csv")
+    assert row.time_s > 0 and row.peak_memory_gb > 0 and row.storage_gb > 0
+
+
+def test_fit_with_the_step_search_on_the_grid(canvas, tmp_path, monkeypatch, tiny_hf_clip, pipeline, classifiers):
+    """``search_on: generation``: every evaluation of the step search draws the search grid and
+    reports forget_grid_accuracy = 1 − UA and retain_grid_accuracy = (IRA + CRA) / 2 of it; the
+    run's held-out verdict of that target is read from the report's grid (held-out seeds)."""
+    monkeypatch.chdir(tmp_path)
+    config = canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers, search_on="generation")
+    raw = yaml.safe_load(config.read_text())
+    raw["search"] |= {"target_metric": "forget_grid_accuracy", "kept": ["IRA", "CRA"]}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config)]) == 0
+    run = tmp_path / "lightning_logs" / "version_0"
+    summary = json.loads((run / "summary.json").read_text())
+    block = summary["unlearncanvas"]
+    assert block["settings"]["search_on"] == "generation" and block["candidates"] == {}
+    held_out = summary["target"]["held_out"]
+    assert held_out["value"] == 1 - block["after"]["UA"] and held_out["images"] == block["after"]["n_UA"]
+    rows = list(csv.DictReader((run / "search.csv").open()))
+    assert rows
+    for r in rows:
+        ua, ira, cra = float(r["UA"]), float(r["IRA"]), float(r["CRA"])
+        assert float(r["forget_grid_accuracy"]) == pytest.approx(1 - ua)
+        assert float(r["retain_grid_accuracy"]) == pytest.approx((ira + cra) / 2)
+        assert 2 * ua == round(2 * ua)  # the unlearned style's images: 2 objects (search_objects) × 1 seed
+
+
+def test_canvas_classifiers_can_also_train_on_other_views(canvas, tmp_path):
+    from slug_pl.demo.canvas import train_canvas_classifiers
+
+    result = train_canvas_classifiers(canvas, tmp_path / "judges", steps=2, views=lambda x: 1 - x,
+                                      views_name="negatives")
+    record = json.loads(Path(result["style"]["config"]).read_text())
+    assert record["trained_on"]["views"] == "negatives" and record["classnames"] == list(STYLES)
+    plain = train_canvas_classifiers(canvas, tmp_path / "plain", steps=2)
+    assert json.loads(Path(plain["object"]["config"]).read_text())["trained_on"]["views"] is None
