@@ -664,8 +664,9 @@ class StableDiffusion(DownstreamTarget):
             f"seeds {block['seeds']}, {g['steps']} steps, guidance {g['guidance']:g}"
             + (f", clip skip {g['clip_skip']}" if g["clip_skip"] else "")
             + f"; step search on {'generations' if g['search_on'] == 'generation' else 'the CLIP zero-shot metrics'}"
-            + f". The concept is {verdict} from generations ({block['target']['rule']}, judge "
-            f"`{block['judge']}`). Recognition in %: how often a judge names the prompt's concept.", "",
+            + f". The concept is {verdict} from generations ({block['target']['rule']}: "
+            + ", ".join(f"`{name}`" for name in block["judges"])
+            + "). Recognition in %: how often a judge names the prompt's concept.", "",
             *table(["metric", "before", "after", "change"], rows), "",
         ]
         for concept, scores in block["candidates"].items():
