@@ -235,7 +235,8 @@ def test_hidden_trainer_settings_still_apply(config, monkeypatch):
     assert trainer.num_sanity_val_steps == 0 and trainer.checkpoint_callback is None and trainer.max_epochs == 1
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_hf.yaml", "clip_vit_b32_laion.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_hf.yaml", "clip_vit_b32_laion.yaml", "demo_llava.yaml",
+                                  "demo_sd.yaml", "demo_unlearncanvas.yaml"])
 def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", str(REPO / "configs" / name), "--print_config"])
