@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slug_pl.atomic import write_text
+from slug_pl.atomic import swap_into_place, write_text
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.demo.canvas import CanvasSpec, build_canvas, train_canvas_classifiers
 from slug_pl.demo.sd import SdTraining
@@ -186,8 +186,6 @@ def ensure_canvas_demo(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec())
     """
     from importlib.metadata import version
 
-    from slug_pl.demo.hf_clip import _swap_into_place
-
     root = Path(root).expanduser().resolve()
     canvas = build_canvas(root / CANVAS_FOLDER, spec)
     folder = root / MODELS_FOLDER
@@ -210,10 +208,13 @@ def ensure_canvas_demo(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec())
             t0 = time.perf_counter()
             clip = train_canvas_clip(canvas["root"], tmp / "clip", spec.image_size)
             sd = train_canvas_pipeline(canvas["root"], tmp / "clip", tmp / "classifiers", tmp / "sd_pipeline")
-            metrics = {"cache_key": cache_key, "classifiers": sd.pop("classifiers"), "clip": clip, "sd": sd,
+            classifiers = sd.pop("classifiers")
+            for kind in ("style", "object"):  # recorded relative to the cache folder (tmp is renamed)
+                classifiers[kind]["config"] = Path(classifiers[kind]["config"]).relative_to(tmp).as_posix()
+            metrics = {"cache_key": cache_key, "classifiers": classifiers, "clip": clip, "sd": sd,
                        "total_seconds": round(time.perf_counter() - t0, 1)}
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            _swap_into_place(tmp, folder)
+            swap_into_place(tmp, folder)
         finally:
             torch.set_num_threads(threads)
             shutil.rmtree(tmp, ignore_errors=True)
