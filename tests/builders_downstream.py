@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from slug_pl.demo.llava import CHAT_TEMPLATE
+from slug_pl.demo.llava import CHAT_TEMPLATE, bpe_tokenizer
 
 #: Side of the tiny pipeline's images, in pixels (latents are 16×16: two VAE levels).
 SD_IMAGE_SIZE = 32
@@ -89,22 +89,9 @@ _LLAVA_TOKENIZER_TEXT = [
 
 def llava_tokenizer():
     """A small byte-level BPE tokenizer (vocabulary ~400) with ``<s>``, ``</s>``, ``<pad>`` and
-    ``<image>`` as special tokens, trained in memory with the ``tokenizers`` library; every input
-    prepends ``<s>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "</s>", "<pad>", "<image>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(_LLAVA_TOKENIZER_TEXT, trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", backend.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", padding_side="left")
+    ``<image>`` as special tokens, trained in memory on a few sentences (the demo's
+    :func:`~slug_pl.demo.llava.bpe_tokenizer`); every input prepends ``<s>``."""
+    return bpe_tokenizer(_LLAVA_TOKENIZER_TEXT, vocab_size=400)
 
 
 def tiny_llava(folder: str | os.PathLike, seed: int = 0) -> Path:

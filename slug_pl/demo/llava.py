@@ -56,12 +56,19 @@ BUILD_VERSION = 1
 
 def demo_tokenizer(names: list[str], objects: list[str], questions: list[str], vocab_size: int = 600):
     """A byte-level BPE tokenizer trained in memory on the chat template's words, ``questions``,
-    the identity ``names`` and the ``objects`` (so that a name is a few tokens); special tokens
-    :data:`SPECIAL_TOKENS`, ``<s>`` prepended to every input, left padding (for generation)."""
+    the identity ``names`` and the ``objects`` (so that a name is a few tokens); see
+    :func:`bpe_tokenizer`."""
+    text = ["USER: ASSISTANT:", *questions, *(f"{n}. {n}" for n in names), *(f"the {o}. {o}" for o in objects)]
+    return bpe_tokenizer(text, vocab_size)
+
+
+def bpe_tokenizer(text: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained in memory on ``text`` (the ``tokenizers`` library):
+    special tokens :data:`SPECIAL_TOKENS`, ``<s>`` prepended to every input, left padding (for
+    generation)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = ["USER: ASSISTANT:", *questions, *(f"{n}. {n}" for n in names), *(f"the {o}. {o}" for o in objects)]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
