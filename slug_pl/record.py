@@ -61,14 +61,15 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
 def held_out_verdict(target: ForgetTarget, result: BeforeAfter, downstream: dict | None = None,
                      downstream_images: int | None = None) -> dict | None:
     """Whether the forget target also holds on held-out test images (None without test sets, or
-    when neither the CLIP's metrics nor the ``downstream`` model's (``after`` on the same test
-    images, ``downstream_images`` of the forgotten concepts) hold the target metric)."""
+    when neither the ``downstream`` model's metrics (``after`` on held-out inputs,
+    ``downstream_images`` of the forgotten concepts) nor the CLIP's hold the target metric). A
+    downstream model that reports the target metric judged the search, so its measurement decides."""
     if result.evaluated_on != "test":
         return None
-    if target.metric in result.after:
-        after, images = result.after, result.forget_images
-    elif downstream and target.metric in downstream:
+    if downstream and target.metric in downstream:
         after, images = downstream, downstream_images if downstream_images is not None else result.forget_images
+    elif target.metric in result.after:
+        after, images = result.after, result.forget_images
     else:
         return None
     return {"met": bool(target.met(after)), "value": after[target.metric], "images": images}

@@ -440,8 +440,14 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"
-    generation = json.loads((run / "summary.json").read_text())["generation"]
+    summary = json.loads((run / "summary.json").read_text())
+    generation = summary["generation"]
     assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}
+    # the search judged generations, so the held-out verdict is the generations' (held-out seeds:
+    # the highest recognition of the concept over the judges, 2 templates × 1 seed), not the CLIP's
+    held = summary["target"]["held_out"]
+    assert held["value"] == max(j["after"]["forget_recognition"] for j in generation["judges"].values())
+    assert held["images"] == 2 and held["met"] == (held["value"] <= 1.0)
     rows = list(csv.DictReader((run / "search.csv").open()))
     assert rows and all(r["layer"].startswith("text_model.") for r in rows)
     # the search judged generations: the concept's 2 templates × 2 search seeds = 4 images, so its

@@ -626,7 +626,14 @@ class StableDiffusion(DownstreamTarget):
             "candidates": {c: [vars(s) | {"removes": s.removes(self.forget_threshold)} for s in scores]
                            for c, scores in self.candidate_scores.items()},
         }
-        return TargetReport("generation", block, self._sections(block), [self._grid(sets, before, after)], met)
+        held_out, forget_images = {}, None
+        if self.search_on == "generation":  # the search judged generations: so does the held-out verdict
+            held_out = combine_judges({name: {"forget_top1": r["after"]["forget_recognition"],
+                                              "retain_top1": r["after"]["retain_recognition"]}
+                                       for name, r in judged.items()})
+            forget_images = sum(v["images"] for v in b["per_concept"].values() if v["forget"])
+        return TargetReport("generation", block, self._sections(block), [self._grid(sets, before, after)],
+                            after=held_out, forget_images=forget_images)
 
     def _grid(self, sets: Sequence[PromptSet], before: list, after: list) -> tuple[str, str, object]:
         """Forget rows then retain rows: each concept's first prompt with the first ``grid_seeds``
