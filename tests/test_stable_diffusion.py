@@ -497,6 +497,35 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+def test_demo_build_trains_the_judge_in_a_second_process_as_it_would_here(small_world, tiny_hf_clip, tmp_path):
+    """The demo build trains its classifier judge in a spawned process alongside the UNet: the
+    saved judge must be the one this process trains from the same inputs (the portraits and their
+    reconstructions by the saved VAE), bit for bit, and score what the build reports."""
+    from diffusers import AutoencoderKL
+
+    from slug_pl.demo.sd import (SdTraining, WorldClassifier, _labelled_identities, build_sd_pipeline,
+                                 load_world_images, train_classifier)
+    from slug_pl.evaluation.generation import ClassifierJudge
+
+    s = SdTraining(vae_steps=4, unet_steps=4, max_unet_steps=4, classifier_steps=12, verify_seeds=(0,), verify_steps=2)
+    metrics = build_sd_pipeline(tiny_hf_clip, small_world, tmp_path / "pipe", tmp_path / "judge", s)
+
+    data = load_world_images(small_world)
+    portraits, labels = data.pixels[data.identity >= 0], data.identity[data.identity >= 0]
+    vae = AutoencoderKL.from_pretrained(tmp_path / "pipe" / "vae")
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(portraits).latent_dist.mean).sample.clamp(-1, 1)
+    here = train_classifier(torch.cat([portraits, recon]), torch.cat([labels, labels]), 20, s)
+    saved = ClassifierJudge.load(tmp_path / "judge")
+    assert isinstance(saved.module, WorldClassifier)
+    mine, theirs = here.state_dict(), saved.module.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    test_pixels, test_labels = _labelled_identities(small_world, "test")
+    with torch.no_grad():
+        accuracy = (here(test_pixels).argmax(-1) == test_labels).float().mean().item()
+    assert metrics["classifier_test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+
+
 @pytest.mark.heavy  # the pipeline's build alone took 16 minutes on one shared core: `pytest -m heavy`
 def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, capsys):
     """``slug-pl fit --config configs/demo_sd.yaml`` from a fresh directory (world, CLIP, pipeline

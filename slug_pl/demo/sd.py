@@ -43,10 +43,12 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,6 +396,18 @@ def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: in
     return model.eval().requires_grad_(False)
 
 
+def _train_classifier_judge(pixels: np.ndarray, labels: np.ndarray, num_classes: int, s: SdTraining,
+                            test_pixels: np.ndarray, test_labels: np.ndarray) -> tuple[dict, float, float]:
+    """:func:`train_classifier` in a process of its own (one thread): returns the classifier's
+    state dict as numpy arrays, its top-1 accuracy on ``test_pixels`` and the seconds it took."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model = train_classifier(torch.from_numpy(pixels), torch.from_numpy(labels), num_classes, s)
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(test_pixels)).argmax(-1) == torch.from_numpy(test_labels)).float().mean()
+    return {k: v.numpy() for k, v in model.state_dict().items()}, float(accuracy), time.perf_counter() - t0
+
+
 def _labelled_identities(world: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A world split's labelled portraits: pixels in [-1, 1] and labels."""
     from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
@@ -440,7 +454,8 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
     :func:`~slug_pl.demo.world.build_world` dict); save it to the new folder ``out`` and the
     classifier judge to the new folder ``classifier_out``. Returns the measurements.
 
-    Runs on one CPU thread (restored afterwards); the same settings give the same weights.
+    Runs on one CPU thread (restored afterwards), the classifier judge alongside the UNet in a
+    second process of one thread; the same settings give the same weights.
     """
     from slug_pl.evaluation.generation import save_classifier
 
@@ -458,29 +473,35 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
         _say(f"demo SD: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}, "
              f"scaling factor {vae.config.scaling_factor:.3f}; {t_vae:.0f}s)")
 
-        pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, data.captions, s)
-        unet = pipe.unet
-        check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
-                                         "identities", "identity")
-        rounds = trainer.rounds
-        pipe.save_pretrained(out)
-
+        # the classifier judge trains in a second process while the UNet trains here (its inputs
+        # are ready once the VAE is: the portraits and their reconstructions); one thread each
         t2 = time.perf_counter()
         portraits = data.pixels[data.identity >= 0]
         labels = data.identity[data.identity >= 0]
         with torch.no_grad():  # the decoder's look: reconstructions of the same portraits
             recon = torch.cat([vae.decode(vae.encode(portraits[i:i + 256]).latent_dist.mean).sample.clamp(-1, 1)
                                for i in range(0, len(portraits), 256)])
-        classifier = train_classifier(torch.cat([portraits, recon]), torch.cat([labels, labels]),
-                                      len(data.identities), s)
         test_pixels, test_labels = _labelled_identities(world, "test")
-        with torch.no_grad():
-            classifier_accuracy = (classifier(test_pixels).argmax(-1) == test_labels).float().mean().item()
-        save_classifier(classifier_out, classifier, f"{WorldClassifier.__module__}.{WorldClassifier.__name__}",
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            judge = pool.submit(_train_classifier_judge, torch.cat([portraits, recon]).numpy(),
+                                torch.cat([labels, labels]).numpy(), len(data.identities), s,
+                                test_pixels.numpy(), test_labels.numpy())
+            pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, data.captions, s)
+            unet = pipe.unet
+            check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
+                                             "identities", "identity")
+            rounds = trainer.rounds
+            pipe.save_pretrained(out)
+            state, classifier_accuracy, classifier_seconds = judge.result()
+        classifier = WorldClassifier(len(data.identities))
+        classifier.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        save_classifier(classifier_out, classifier.eval(), f"{WorldClassifier.__module__}.{WorldClassifier.__name__}",
                         {"num_classes": len(data.identities)}, data.identities,
                         image_size=tuple(data.pixels.shape[-2:]))
         _say(f"demo SD: classifier judge: {100 * classifier_accuracy:.1f} % on held-out portraits "
-             f"({time.perf_counter() - t2:.0f}s)")
+             f"({classifier_seconds:.0f}s in a second process, alongside the UNet; "
+             f"{time.perf_counter() - t2:.0f}s for both)")
     finally:
         torch.set_num_threads(threads)
     return {
