@@ -464,6 +464,15 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
     assert generation["target"]["met"] == all(j["after"]["forget_recognition"] <= 0.1
                                               for j in generation["judges"].values())
     assert not any(r.get("utility_top1") for r in rows)  # no utility set on the generation side
+    # each judge's per-concept recognition: its retain figure is their mean over the other concepts
+    # (the top-level per_concept is the first judge's)
+    first = next(iter(generation["judges"].values()))
+    assert {c: v["after"] for c, v in first["per_concept"].items()} == {
+        c: v["recognition_after"] for c, v in generation["per_concept"].items()}
+    for judged in generation["judges"].values():
+        others = [v for c, v in judged["per_concept"].items() if not generation["per_concept"][c]["forget"]]
+        for when in ("before", "after"):
+            assert judged[when]["retain_recognition"] == pytest.approx(sum(v[when] for v in others) / len(others))
 
 
 def test_frozen_clip_judge_keeps_judging_with_the_unedited_text_tower(clip):

@@ -615,7 +615,11 @@ class StableDiffusion(DownstreamTarget):
             "after": {k: a[k] for k in keys},
             "target": {"rule": f"forget_recognition <= {self.forget_threshold:g} under every judge", "met": met},
             "judges": {name: {"before": {k: r["before"][k] for k in keys[:2]},
-                              "after": {k: r["after"][k] for k in keys[:2]}} for name, r in judged.items()},
+                              "after": {k: r["after"][k] for k in keys[:2]},
+                              "per_concept": {c: {"before": v["recognition"],
+                                                  "after": r["after"]["per_concept"][c]["recognition"]}
+                                              for c, v in r["before"]["per_concept"].items()}}
+                       for name, r in judged.items()},
             "per_concept": per_concept,
             "pipeline": str(self.pipeline),
             "transplanted": transplanted,
