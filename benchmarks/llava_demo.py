@@ -122,8 +122,13 @@ def main(argv=None) -> int:
                 **clip_vs_vlm(run, edit["layer"]),
                 "found_step": summary["method"]["per_concept"][0]["found_step"],
                 "margins": margin_sweep(root, run, concept, args.margins),
+                "per_concept": {c: {"before": v["before"], "after": v["after"]}
+                                for c, v in vqa["per_concept"].items() if v["kind"] == "retain"},
             })
     built = {name: json.loads((root / name / "slug_demo.json").read_text()) for name in ("hf_clip", "llava")}
+    attributes = {a["name"]: a for a in json.loads((root / "world" / "attributes.json").read_text())}
+    for r in rows:
+        r["who_pays"] = who_pays(r, attributes)
     payload = {"rows": rows, "built": {k: {m: v.get(m) for m in ("identities_top1", "objects_top1",
                                                                     "identities_name_accuracy", "objects_name_accuracy",
                                                                     "train_seconds") if m in v}
@@ -131,6 +136,30 @@ def main(argv=None) -> int:
     write_table_results("llava_demo", COMMAND.format(n=args.identities), time.perf_counter() - t_start, payload,
                         markdown(rows, payload["built"], args.identities))
     return 0
+
+
+def who_pays(row: dict, attributes: dict[str, dict], threshold: float = 0.2) -> dict:
+    """The other identities whose name accuracy fell by at least ``threshold`` in this run, each
+    with the attributes it shares with the forgotten identity (the demo world draws every
+    identity from a few attributes: skin, hair, eyes, glasses, shirt, background), and for each of
+    the forgotten identity's attributes how many of those that fell and of those that kept their
+    accuracy share it (``"telling"``: the one shared most by the fallen relative to the rest)."""
+    mine = attributes[row["concept"]]
+    keys = [k for k in mine if k != "name"]
+    fell = {c: v["before"] - v["after"] for c, v in row["per_concept"].items() if v["before"] - v["after"] >= threshold}
+    kept = [c for c in row["per_concept"] if c not in fell]
+    by_attribute = [{"attribute": f"{k} {mine[k]}",
+                     "fell": sum(attributes[c][k] == mine[k] for c in fell), "of_fell": len(fell),
+                     "kept": sum(attributes[c][k] == mine[k] for c in kept), "of_kept": len(kept)} for k in keys]
+
+    def lift(a: dict) -> float:
+        return a["fell"] / max(a["of_fell"], 1) - a["kept"] / max(a["of_kept"], 1)
+
+    return {"fell": [{"identity": c, "drop": d,
+                      "shared": [f"{k} {mine[k]}" for k in keys if attributes[c][k] == mine[k]]}
+                     for c, d in sorted(fell.items(), key=lambda kv: -kv[1])],
+            "by_attribute": by_attribute,
+            "telling": max(by_attribute, key=lift) if fell else None}
 
 
 def pct(x) -> str:
@@ -193,6 +222,19 @@ def markdown(rows: list[dict], built: dict, n: int) -> list[str]:
         lines.append(f"| {margin['margin']:.2f} | {named:.1f} | {sum(m['forget_name_accuracy'] > 0 for _, m in swept)}"
                      f"/{len(swept)} | {_mean_drop(swept, 'retain_name_accuracy'):.1f} | "
                      f"{_mean_drop(swept, 'object_accuracy'):.1f} |")
+    lines += ["", "Who pays for the edit: the other identities whose name accuracy fell by 20 points or more, "
+              "with the attributes they share with the forgotten identity (the world draws each identity from "
+              "skin, hair colour and style, eyes, glasses, shirt and background):", "",
+              "| forgotten | identities that fell (drop in points: shared attributes) | the attribute shared most by "
+              "those that fell: among them / among the others that kept their accuracy |",
+              "|---|---|---|"]
+    for r in rows:
+        w = r["who_pays"]
+        fell = "; ".join(f"{f['identity']} (−{100 * f['drop']:.0f}: {', '.join(f['shared']) or 'none'})"
+                         for f in w["fell"]) or "none"
+        t = w["telling"]
+        telling = "–" if t is None else f"{t['attribute']}: {t['fell']} of {t['of_fell']} / {t['kept']} of {t['of_kept']}"
+        lines.append(f"| {r['concept']} | {fell} | {telling} |")
     lines += ["", "Example answers (before → after, the forgotten identity):", ""]
     for r in rows:
         for e in r["examples"]:

@@ -116,8 +116,15 @@ def markdown(command: str, build: dict, rows: list[dict]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     met = sum(r["accepted"] for r in rows)
     lines += ["", f"Acceptance (UA ≥ 80 %, IRA and CRA each within 10 points of the unedited pipeline's): met in "
-              f"{met} of {len(rows)} runs.", ""]
-    return lines
+              f"{met} of {len(rows)} runs.", "",
+              "Where the retained accuracy went: each other concept's accuracy before → after (%), in-domain "
+              "(the other concepts of the unlearned kind) and cross-domain (the other kind):", ""]
+    for r in rows:
+        b, a = r["unlearncanvas"]["before"], r["unlearncanvas"]["after"]
+        for domain in ("in_domain", "cross_domain"):
+            cells = ", ".join(f"{c} {_pct(b[domain][c])} → {_pct(a[domain][c])}" for c in b[domain])
+            lines.append(f"- {r['kind']} {r['name']}, {domain.replace('_', '-')}: {cells}")
+    return lines + [""]
 
 
 if __name__ == "__main__":
