@@ -273,3 +273,11 @@ def fresh_demo(tmp_path_factory):
                            "--trainer.enable_progress_bar", "false"], cwd=work, env=env, capture_output=True,
                           text=True, timeout=3600)
     return {"dir": work, "code": done.returncode, "console": (done.stdout + done.stderr).splitlines()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A heavy test is a slow one too, so that ``-m "not slow"`` (which replaces the default
+    ``-m 'not heavy'``) never picks up a pipeline build."""
+    for item in items:
+        if item.get_closest_marker("heavy") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
