@@ -163,7 +163,9 @@ def test_ctrl_c_in_the_pass_says_how_to_resume(config, tmp_path):
     stall = {"class_path": "stall_module.StallAfter", "init_args": {"batches": 2, "marker": str(marker)}}
     _edit(config, lambda d: d["trainer"].update(callbacks=[stall]))
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "slug_pl.cli", "fit", "--config", str(config),
+    # -X faulthandler: should the child hang after Ctrl-C (it did twice in full-suite runs, under
+    # load; never reproduced alone), SIGABRT makes it print every thread's stack for the failure
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "slug_pl.cli", "fit", "--config", str(config),
                              "--model.checkpoint_every", "1"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -172,7 +174,12 @@ def test_ctrl_c_in_the_pass_says_how_to_resume(config, tmp_path):
         assert time.monotonic() < deadline, "the pass did not reach batch 2"
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=600)  # a guard against a hang only: it once took > 120 s under heavy load
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the run did not exit within 300 s of Ctrl-C; its threads when aborted:\n{err[-6000:]}")
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     assert proc.returncode == EXIT_INTERRUPTED, err[-3000:]
     assert err.splitlines()[-1] == (
