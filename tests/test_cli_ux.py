@@ -163,11 +163,14 @@ def test_ctrl_c_in_the_pass_says_how_to_resume(config, tmp_path):
     stall = {"class_path": "stall_module.StallAfter", "init_args": {"batches": 2, "marker": str(marker)}}
     _edit(config, lambda d: d["trainer"].update(callbacks=[stall]))
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # -X faulthandler: should the child hang after Ctrl-C (it did twice in full-suite runs, under
-    # load; never reproduced alone), SIGABRT makes it print every thread's stack for the failure
+    # the child gets Ctrl-C's default action back: a suite run as a background job of a script
+    # (`cmd &`) ignores SIGINT, the child would inherit that and Python would then never raise
+    # KeyboardInterrupt (the test hung so twice). -X faulthandler: should it hang anyway, SIGABRT
+    # makes it print every thread's stack for the failure.
     proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "slug_pl.cli", "fit", "--config", str(config),
                              "--model.checkpoint_every", "1"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
