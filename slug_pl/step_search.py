@@ -95,6 +95,7 @@ class CandidateResult:
     tower: str
     evaluations: list[StepEvaluation]
     best: StepEvaluation | None
+    stopped: bool = False  # given up: a miss already kept less than an earlier candidate's edit
 
     @property
     def succeeded(self) -> bool:
@@ -139,6 +140,11 @@ class SearchSettings:
         beam_width: several concepts: partial edit sets kept, and candidates tried per set.
         concept_gradients: several concepts: forget gradients on the ``original`` or ``edited`` model.
         kept: the metrics whose sum a choice maximises (retain and utility top-1 by default).
+        stop_dominated: give up a candidate as soon as one of its steps misses the target while
+            keeping less than the best edit an earlier candidate found: every step that could
+            still meet the target is larger and, as long as what is kept falls with the step (as
+            in every measured trace), keeps less still, so it cannot win. Saves evaluations where
+            each is expensive (generations, a VLM's answers); off by default.
     """
 
     target: ForgetTarget = field(default_factory=ForgetTarget)
@@ -153,6 +159,7 @@ class SearchSettings:
     beam_width: int = 3
     concept_gradients: str = "original"
     kept: tuple[str, ...] = DEFAULT_KEPT
+    stop_dominated: bool = False
 
     def __post_init__(self):
         checks = [
@@ -189,6 +196,7 @@ def binary_step_search(
     max_evals: int,
     tolerance: float,
     lower: float = 0.0,
+    give_up: Callable[[dict[str, float]], bool] | None = None,
 ) -> tuple[list[tuple[float, dict, bool, bool]], int | None]:
     """Doubling then bisection on λ.
 
@@ -196,7 +204,8 @@ def binary_step_search(
     target, λ doubles; once one has, λ bisects between the largest miss (``lower`` at first: a
     step known to miss) and the smallest hit, until ``hi − lo <= tolerance · hi`` or ``max_evals``
     evaluations. A ``broken`` step (non-finite outputs) caps λ: the search bisects below it
-    instead of doubling past it.
+    instead of doubling past it. ``give_up(metrics)``, asked after each (unbroken) miss, ends the
+    search when it returns True.
 
     Returns every evaluation ``(λ, metrics, target_met, guard_ok)`` in order and the index of the
     smallest λ that met the target (None if none did).
@@ -215,6 +224,8 @@ def binary_step_search(
             cap = step if cap is None else min(cap, step)
         else:
             lo = step
+            if give_up is not None and give_up(metrics):
+                break
         if hi is None:
             step = step * 2.0 if cap is None else (lo + cap) / 2.0
         else:
@@ -289,8 +300,12 @@ class StepSearch:
 
     # -- 2. one layer ------------------------------------------------------------------------------
     def search_layer(self, model: nn.Module, judge: Judge, cand: LayerScore, forget_grad: torch.Tensor,
-                     before: dict[str, float], concept: str = "") -> CandidateResult:
-        """Doubling then bisection of λ for one candidate layer (model restored after each step)."""
+                     before: dict[str, float], concept: str = "", best_kept: float | None = None) -> CandidateResult:
+        """Doubling then bisection of λ for one candidate layer (model restored after each step).
+
+        ``best_kept``: what the best edit of the earlier candidates keeps; with
+        ``stop_dominated`` the search gives up on a miss that keeps no more than that.
+        """
         scale = cand.forget_grad_norm / cand.param_norm  # step_fraction = λ · scale
 
         def evaluate(step: float):
@@ -299,12 +314,24 @@ class StepSearch:
                                         cand.tower, step, step * scale, concept)
             return ev.metrics, ev.target_met, ev.guard_ok, ev.broken
 
+        dominated = {"yes": False}
+
+        def give_up(metrics: dict[str, float]) -> bool:
+            dominated["yes"] = kept(metrics, self.settings.kept) <= best_kept
+            return dominated["yes"]
+
         start = len(self.evaluations)
         _, best = binary_step_search(evaluate, self.settings.initial_step_fraction / scale,
-                                     self.settings.max_evals, self.settings.tolerance)
+                                     self.settings.max_evals, self.settings.tolerance,
+                                     give_up=give_up if self.settings.stop_dominated and best_kept is not None else None)
         mine = self.evaluations[start:]
-        result = CandidateResult(cand.name, cand.tower, mine, mine[best] if best is not None else None)
-        status = f"step {result.best.step:.4g}" if result.best else "target not reached"
+        result = CandidateResult(cand.name, cand.tower, mine, mine[best] if best is not None else None,
+                                 stopped=dominated["yes"])
+        if result.stopped:
+            status = (f"stopped: a miss kept {kept(mine[-1].metrics, self.settings.kept):.3f}, no more than "
+                      f"the best edit so far ({best_kept:.3f})")
+        else:
+            status = f"step {result.best.step:.4g}" if result.best else "target not reached"
         self.log(f"  {cand.tower:6s} {cand.name}: {len(mine)} evaluations, {status}")
         return result
 
@@ -369,11 +396,12 @@ class StepSearch:
         self.check_metric_names(before)
         if self.target.met(before):
             self.warn(f"the model already meets the target {self.target} for {concept!r}: nothing to unlearn")
-        results = [
-            self.search_layer(model, judge, cand, forget_grad[cand.name], before, concept)
-            for tower in self.settings.towers
-            for cand in candidates(scores, tower, self.settings.top_k, self.settings.fronts)
-        ]
+        results: list[CandidateResult] = []
+        for tower in self.settings.towers:
+            for cand in candidates(scores, tower, self.settings.top_k, self.settings.fronts):
+                found = [kept(r.best.metrics, self.settings.kept) for r in results if r.succeeded]
+                results.append(self.search_layer(model, judge, cand, forget_grad[cand.name], before, concept,
+                                                 best_kept=max(found) if found else None))
         ranked, target_met = self.choose(results)
         if target_met and self.rank_found is not None and len(ranked) > 1:
             found_edits = [make_edit(model, ev.layer, forget_grad[ev.layer], ev.step) for ev in ranked]

@@ -130,6 +130,28 @@ def test_the_margin_scales_the_applied_step():
     assert model.layers["va"].item() == THETA  # the search leaves the model unchanged
 
 
+def test_stop_dominated_gives_up_a_candidate_that_can_no_longer_win():
+    """"va" forgets at λ = 40 keeping retain + utility 0.84 + 1 = 1.84. "vb" (threshold 130, retain
+    falls 0.0025 per unit) misses at 10, 20, 40 keeping 1.975, 1.95, 1.9 and at 80 keeps 1.8 ≤ 1.84:
+    every step that could still forget is larger and keeps less, so with stop_dominated its search
+    ends there (4 evaluations, not 9). "vc" (threshold 50, 0.001 per unit) misses at 10-40 keeping
+    more than 1.84, so it goes on, forgets at 50 keeping 1.95 and is chosen, as without the rule."""
+    judge = Judge({"va": 40.0, "vb": 130.0, "vc": 50.0}, {"va": 0.004, "vb": 0.0025, "vc": 0.001})
+    full, (chosen_full,), _ = run(["va", "vb", "vc"], judge, max_evals=20, tolerance=0.05)
+    fast, (chosen_fast,), _ = run(["va", "vb", "vc"], judge, max_evals=20, tolerance=0.05, stop_dominated=True)
+    assert [ev.step for ev in _per_layer(fast, "vb")] == pytest.approx([10, 20, 40, 80])
+    assert len(_per_layer(full, "vb")) == 9
+    vb = [r for r in chosen_fast.results if r.layer == "layers.vb"][0]
+    assert vb.stopped and vb.best is None
+    assert [ev.step for ev in _per_layer(fast, "vc")] == [ev.step for ev in _per_layer(full, "vc")]
+    assert not [r for r in chosen_fast.results if r.layer == "layers.vc"][0].stopped
+    assert chosen_fast.edit.name == chosen_full.edit.name == "layers.vc"
+    assert chosen_fast.found.step == pytest.approx(chosen_full.found.step) == pytest.approx(50, rel=0.05)
+    # the first candidate has nothing to be compared with; off by default
+    assert not [r for r in chosen_fast.results if r.layer == "layers.va"][0].stopped
+    assert not any(r.stopped for r in chosen_full.results)
+
+
 def test_without_a_hit_the_closest_evaluation_is_reported():
     """Nothing reaches the threshold (10⁶) within the budget; forget_top5 = 1 − λ/10⁶ falls with λ:
     the closest evaluation is the largest step of the layer that got furthest, not the farthest."""

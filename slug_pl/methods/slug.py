@@ -477,6 +477,7 @@ class SlugSearch(Callback):
         fronts: int = 1,
         save_checkpoint: bool = True,
         kept: list[str] = DEFAULT_KEPT,
+        stop_dominated: bool = False,
     ):
         """
         Args:
@@ -503,10 +504,13 @@ class SlugSearch(Callback):
                 that the utility guard watches): the CLIP's ``retain_top1`` and ``utility_top1`` by
                 default; a downstream judge names its own (e.g. LLaVA's
                 ``retain_name_accuracy`` and ``object_accuracy``).
+            stop_dominated: give up a candidate once a step that misses the target keeps no more
+                than the best edit already found (larger steps keep less still); fewer
+                evaluations where each is expensive (generations, a VLM's answers).
         """
         self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
                                        max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
-                                       beam_width, concept_gradients, tuple(kept))
+                                       beam_width, concept_gradients, tuple(kept), stop_dominated)
         self.similarity_concepts = similarity_concepts
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None

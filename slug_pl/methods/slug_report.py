@@ -38,6 +38,7 @@ def method_block(settings: SearchSettings, outcomes: Sequence[Outcome], edits: S
                          "target_met": bool(o.target_met), "validation": core_metrics(o.validation)}
                         for o in outcomes],
         "candidates": [{"concept": o.concept, "layer": r.layer, "tower": r.tower, "evaluations": len(r.evaluations),
+                        "stopped_dominated": r.stopped,
                         "smallest_step": r.best.step if r.best else None,
                         "guard_ok": bool(r.best.guard_ok) if r.best else None,
                         "validation": core_metrics(r.best.metrics) if r.best else None}
@@ -76,12 +77,15 @@ def sections(method: dict, outcomes: Sequence[Outcome], module, settings: Search
               f"Each tower's Pareto front (high importance, low alignment), the first {settings.fronts} front(s), "
               f"capped at top-{settings.top_k} by importance; each searched by doubling then bisection of λ "
               f"(at most {settings.max_evals} evaluations). Chosen: the result meeting the target with the best "
-              f"{' + '.join(settings.kept)} on validation.", ""]
+              f"{' + '.join(settings.kept)} on validation."
+              + (" With stop_dominated, a candidate is given up once a step that misses the target keeps no more "
+                 "than the best edit already found." if settings.stop_dominated else ""), ""]
     rows = []
     for c in method["candidates"]:
         v = c["validation"] or {}
         rows.append([c["concept"], f"`{c['layer']}`", c["tower"], c["evaluations"],
-                     "not reached" if c["smallest_step"] is None else f"{c['smallest_step']:.4g}",
+                     (("given up (kept less than an earlier edit)" if c.get("stopped_dominated") else "not reached")
+                      if c["smallest_step"] is None else f"{c['smallest_step']:.4g}"),
                      pct(v.get("forget_top5")), pct(v.get("retain_top1")), pct(v.get("utility_top1")),
                      "–" if c["guard_ok"] is None else ("ok" if c["guard_ok"] else "rejected")])
     lines += table(["concept", "layer", "tower", "evaluations", "smallest step meeting target", "forget top-5",
