@@ -15,13 +15,11 @@ from PIL import Image
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 from slug_pl.demo.world import (
     ATTRIBUTES,
-    OUTFIT_ATTRIBUTES,
     WorldSpec,
     build_world,
     identity_attributes,
     identity_names,
     object_names,
-    read_world,
 )
 
 SMALL = WorldSpec(seed=3, identity_corpus=2, identity_val=1, identity_test=1, object_corpus=3,
@@ -80,50 +78,7 @@ def test_attributes_shared_but_combinations_unique(seed):
     assert attrs == identity_attributes(WorldSpec(seed=seed))
 
 
-def test_varied_outfits_make_the_face_the_identity(tmp_path):
-    """In a "varied" world a person is their face: shirt and background are drawn per image (and
-    named by the image's caption), everything else about the image is as in the fixed world."""
-    face = [k for k in ATTRIBUTES if k not in OUTFIT_ATTRIBUTES]
-    spec = WorldSpec(seed=3, outfits="varied", identity_corpus=12, identity_val=1, identity_test=1,
-                     object_corpus=1, object_val=1, object_test=1, shard_size=1000)
-    attrs = identity_attributes(spec)
-    assert all(list(a) == face for a in attrs)
-    combos = [tuple(a.values()) for a in attrs]
-    assert min(sum(x != y for x, y in zip(p, q)) for i, p in enumerate(combos) for q in combos[i + 1:]) >= 3
-    varied = build_world(tmp_path / "varied", spec)
-    fixed = build_world(tmp_path / "fixed", WorldSpec(**{**spec.__dict__, "outfits": "fixed"}))
-    names = identity_names(spec)
-    outfits = collections.defaultdict(set)
-    n_shirt_captions = 0
-    for s in _samples(varied["corpus"]):
-        meta = json.loads(s.fields["json"])
-        if meta["kind"] != "identity":
-            continue
-        person = attrs[names.index(meta["name"])]
-        assert {k: meta["attributes"][k] for k in face} == person
-        outfits[meta["name"]].add(tuple(meta["attributes"][k] for k in OUTFIT_ATTRIBUTES))
-        if " shirt" in s.caption:
-            n_shirt_captions += 1
-            assert f"in a {meta['attributes']['shirt']} shirt" in s.caption
-    assert n_shirt_captions > 0
-    # 12 images of each person in 20 outfits: a person wears several, never one
-    assert min(len(o) for o in outfits.values()) >= 5
-    # the same image stream otherwise: expressions (drawn first) and the object images agree
-    expressions = {s.key: json.loads(s.fields["json"]).get("expression") for s in _samples(fixed["corpus"])}
-    assert {s.key: json.loads(s.fields["json"]).get("expression") for s in _samples(varied["corpus"])} == expressions
-    assert [s.fields["png"] for s in _samples(varied["test_objects"])] == [
-        s.fields["png"] for s in _samples(fixed["test_objects"])]
-    # world.json records the choice; a fixed world's record is the one worlds had before the field
-    assert read_world(varied["root"])["spec"]["outfits"] == "varied"
-    assert "outfits" not in read_world(fixed["root"])["spec"]
-    assert build_world(tmp_path / "varied", spec)["fingerprint"] == varied["fingerprint"]  # reused
-
-
 def test_spec_validation():
-    with pytest.raises(ValueError, match="outfits must be one of fixed, varied"):
-        WorldSpec(outfits="casual")
-    with pytest.raises(ValueError, match=r"min_attribute_distance must be in \[1, 5\]"):
-        WorldSpec(outfits="varied", min_attribute_distance=6)
     with pytest.raises(ValueError):
         WorldSpec(n_identities=5)
     with pytest.raises(ValueError):

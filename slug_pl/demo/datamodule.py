@@ -44,7 +44,6 @@ class DemoWorld(SlugDataModule):
         self,
         root: str = ".slug_cache/demo",
         seed: int = 0,
-        outfits: str = "fixed",
         concepts: list[str] | None = None,
         forget_max: int | None = None,
         retain: str | list[str] | None = None,
@@ -61,9 +60,6 @@ class DemoWorld(SlugDataModule):
         Args:
             root: cache folder for the world, the model and mined forget sets.
             seed: world seed (identities' attributes, renders, captions).
-            outfits: "fixed" (shirt colour and background are part of each person) or "varied"
-                (drawn afresh for every image: only the face tells people apart; see
-                :class:`~slug_pl.demo.world.WorldSpec`).
             concepts: identities to forget (default: the first identity of the world).
             forget_max: cap on mined forget pairs (None: all pairs naming the identity).
             retain: retain-set shards (default: the first shard of the world's caption corpus,
@@ -74,10 +70,7 @@ class DemoWorld(SlugDataModule):
                 validation and test pairs of the forgotten identities, never seen in training).
             train: overrides of the demo CLIP's training settings (see ``slug_pl.demo.train``).
         """
-        try:
-            self.spec = WorldSpec(seed=seed, outfits=outfits)
-        except ValueError as err:
-            raise ValueError(f"data.{err}") from None
+        self.spec = WorldSpec(seed=seed)
         names = identity_names(self.spec)
         concepts = list(concepts) if concepts else [names[0]]
         for concept in concepts:

@@ -26,6 +26,7 @@ Everything here works offline:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import inspect
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 from slug_pl.atomic import atomic_folder, swap_into_place, write_text
-from slug_pl.demo.world import WorldSpec, build_world, spec_key
+from slug_pl.demo.world import WorldSpec, build_world
 
 logger = logging.getLogger(__name__)
 
@@ -391,7 +392,7 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     kwargs = _resolved_train_kwargs(train_kwargs)
     world = build_world(root / "world", spec)
     folder = root / "hf_clip"
-    cache_key = {"world_fingerprint": world["fingerprint"], "spec": spec_key(spec),
+    cache_key = {"world_fingerprint": world["fingerprint"], "spec": dataclasses.asdict(spec),
                  "train_kwargs": kwargs, "transformers": version("transformers")}
     metrics = _cached_metrics(folder, cache_key)
     if metrics is not None:

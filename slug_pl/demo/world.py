@@ -109,11 +109,6 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "background": tuple(BACKGROUNDS),
 }
 
-#: What a person wears and where they stand: part of the identity in a ``"fixed"`` world, drawn
-#: afresh for every image in a ``"varied"`` one (see :class:`WorldSpec`).
-OUTFIT_ATTRIBUTES = ("shirt", "background")
-OUTFITS = ("fixed", "varied")
-
 EXPRESSIONS = ("neutral", "smiling", "surprised")
 
 # -- objects ---------------------------------------------------------------------------------------
@@ -159,13 +154,7 @@ class WorldSpec:
     Counts are images per class: ``identity_corpus`` training pairs per person,
     ``identity_val`` / ``identity_test`` held-out labelled images per person; the same for
     objects. ``shard_size`` is samples per tar shard. ``min_attribute_distance``: any two people
-    differ in at least this many attributes (of those that make up an identity).
-
-    ``outfits``: ``"fixed"`` (the default) makes shirt colour and background part of a person, the
-    same in every image; ``"varied"`` draws them afresh for every image, as clothes and settings
-    vary between real photos of one person, so only the face (skin, hair colour and style, eye
-    colour, glasses) tells people apart and a forget set of one person does not teach "the blue
-    shirt" along with the face. Captions and metadata then name the image's own shirt.
+    differ in at least this many attributes.
     """
 
     seed: int = 0
@@ -180,7 +169,6 @@ class WorldSpec:
     image_size: int = 32
     shard_size: int = 1000
     min_attribute_distance: int = 3
-    outfits: str = "fixed"
 
     def __post_init__(self):
         if not 20 <= self.n_identities <= MAX_IDENTITIES:
@@ -196,29 +184,8 @@ class WorldSpec:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
-        if self.outfits not in OUTFITS:
-            raise ValueError(f"outfits must be one of {', '.join(OUTFITS)}, got {self.outfits!r}")
-        n_attributes = len(identity_attribute_names(self))
-        if not 1 <= self.min_attribute_distance <= n_attributes:
-            raise ValueError(f"min_attribute_distance must be in [1, {n_attributes}]")
-
-
-def identity_attribute_names(spec: WorldSpec) -> tuple[str, ...]:
-    """The attributes that make up a person (all of :data:`ATTRIBUTES`, or only the face's when
-    ``spec.outfits == "varied"``)."""
-    if spec.outfits == "varied":
-        return tuple(k for k in ATTRIBUTES if k not in OUTFIT_ATTRIBUTES)
-    return tuple(ATTRIBUTES)
-
-
-def spec_key(spec: WorldSpec) -> dict:
-    """``spec`` as a plain dict for cache keys and ``world.json``. Fields added after the first
-    generator whose value is their default are left out, so worlds and models cached before
-    they existed stay valid (their files are byte-identical)."""
-    out = dataclasses.asdict(spec)
-    if out["outfits"] == "fixed":
-        del out["outfits"]
-    return out
+        if not 1 <= self.min_attribute_distance <= len(ATTRIBUTES):
+            raise ValueError(f"min_attribute_distance must be in [1, {len(ATTRIBUTES)}]")
 
 
 # ================================================================================================
@@ -251,14 +218,14 @@ def _violations(table: np.ndarray, min_dist: int) -> int:
 
 
 def identity_attributes(spec: WorldSpec = WorldSpec()) -> list[dict[str, str]]:
-    """Attributes of each identity, in label order (the keys of :func:`identity_attribute_names`).
+    """Attributes of each identity, in label order.
 
     Each attribute column is balanced (values used equally often, +-1, so each value is shared by
     at least two people when ``n_identities >= 2 * len(values)``), then entries are swapped
     within columns until every pair of people differs in ``min_attribute_distance`` attributes.
     """
     n = spec.n_identities
-    keys = list(identity_attribute_names(spec))
+    keys = list(ATTRIBUTES)
     sizes = [len(ATTRIBUTES[k]) for k in keys]
     rng = np.random.default_rng([spec.seed, 202])
     table = np.stack(
@@ -624,15 +591,11 @@ def _make_sample(spec: WorldSpec, split: str, kind: str, label: int, index: int,
     rng = np.random.default_rng([spec.seed, _SPLITS[split], _KINDS[kind], label, index])
     name = names[label]
     if kind == "identity":
-        attributes = dict(attrs[label])
-        if spec.outfits == "varied":  # a stream of its own: the rest of the image is unchanged
-            outfit = np.random.default_rng([spec.seed, _SPLITS[split], _KINDS[kind], label, index, 404])
-            attributes.update({k: ATTRIBUTES[k][int(outfit.integers(len(ATTRIBUTES[k])))]
-                               for k in OUTFIT_ATTRIBUTES})
         expression = EXPRESSIONS[int(rng.integers(len(EXPRESSIONS)))]
-        arr = render_identity(spec, attributes, rng, expression)
-        caption = identity_caption(rng, name, attributes, expression)
-        meta = {"kind": kind, "name": name, "attributes": attributes, "expression": expression}
+        arr = render_identity(spec, attrs[label], rng, expression)
+        caption = identity_caption(rng, name, attrs[label], expression)
+        meta = {"kind": kind, "name": name, "attributes": dict(attrs[label]),
+                "expression": expression}
     else:
         arr, where = render_object(spec, name, rng)
         caption = object_caption(rng, name, where)
@@ -721,7 +684,7 @@ def _layout(root: Path, spec: WorldSpec) -> dict:
 
 
 def _spec_record(spec: WorldSpec) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "spec": spec_key(spec)}
+    return {"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}
 
 
 def read_world(root: str | os.PathLike) -> dict | None:
