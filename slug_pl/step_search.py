@@ -144,7 +144,9 @@ class SearchSettings:
             keeping less than the best edit an earlier candidate found: every step that could
             still meet the target is larger and, as long as what is kept falls with the step (as
             in every measured trace), keeps less still, so it cannot win. Saves evaluations where
-            each is expensive (generations, a VLM's answers); off by default.
+            each is expensive (generations, a VLM's answers); off by default. Never applied when a
+            downstream model re-orders the found edits (``StepSearch.rank_found``): it needs every
+            candidate's found edit.
     """
 
     target: ForgetTarget = field(default_factory=ForgetTarget)
@@ -399,7 +401,10 @@ class StepSearch:
         results: list[CandidateResult] = []
         for tower in self.settings.towers:
             for cand in candidates(scores, tower, self.settings.top_k, self.settings.fronts):
-                found = [kept(r.best.metrics, self.settings.kept) for r in results if r.succeeded]
+                # a candidate can be given up only when the choice is by what is kept; a downstream
+                # re-ordering (rank_found) judges every found edit by other measures
+                found = [kept(r.best.metrics, self.settings.kept) for r in results
+                         if r.succeeded and self.rank_found is None]
                 results.append(self.search_layer(model, judge, cand, forget_grad[cand.name], before, concept,
                                                  best_kept=max(found) if found else None))
         ranked, target_met = self.choose(results)

@@ -152,6 +152,24 @@ def test_stop_dominated_gives_up_a_candidate_that_can_no_longer_win():
     assert not any(r.stopped for r in chosen_full.results)
 
 
+def test_stop_dominated_leaves_every_candidate_to_a_downstream_reordering():
+    """With ``rank_found`` (a downstream model judges the found edits by its own measures) a
+    candidate that keeps less on validation may still win: nothing is given up, and every
+    candidate's found edit is offered to it."""
+    judge = Judge({"va": 40.0, "vb": 130.0, "vc": 50.0}, {"va": 0.004, "vb": 0.0025, "vc": 0.001})
+    model = Synthetic(["va", "vb", "vc"])
+    grads = {f"layers.{n}": torch.ones(1) for n in ("va", "vb", "vc")}
+    search = StepSearch(SearchSettings(top_k=5, max_evals=20, tolerance=0.05, stop_dominated=True),
+                        log=lambda m: None, warn=lambda m: None)
+    offered = []
+    search.rank_found = lambda concept, edits: offered.extend(e.name for e in edits) or [
+        [e.name for e in edits].index("layers.vb"), *[i for i, e in enumerate(edits) if e.name != "layers.vb"]]
+    (outcome,) = search.search_concept(model, Family(), judge, "c", grads, dict(grads))
+    assert len(_per_layer(search, "vb")) == 9 and not any(r.stopped for r in outcome.results)
+    assert sorted(offered) == ["layers.va", "layers.vb", "layers.vc"]
+    assert outcome.edit.name == "layers.vb"  # the downstream order decides
+
+
 def test_without_a_hit_the_closest_evaluation_is_reported():
     """Nothing reaches the threshold (10⁶) within the budget; forget_top5 = 1 − λ/10⁶ falls with λ:
     the closest evaluation is the largest step of the layer that got furthest, not the farthest."""
