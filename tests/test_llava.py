@@ -276,6 +276,8 @@ def test_search_on_the_clip_lets_the_vlm_rank_the_candidates(pair, datamodule):
     dm, names = datamodule
     target = target_of(folder, search_on_vlm=False, search_images_per_concept=1)
     assert target.search_judge(clip, dm, names[0]) is None
+    # the search then finds every candidate's edit for the VLM to order (never gives one up)
+    assert target.reorders_candidates and not target_of(folder).reorders_candidates
     w = dict(clip.named_parameters())[READ_LAYER]
     edits = [make_edit(clip, READ_LAYER, torch.randn_like(w), s) for s in (0.0, 0.5)]
     order = target.rank_candidates(clip, dm, names[0], edits)

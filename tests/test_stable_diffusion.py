@@ -98,6 +98,13 @@ def test_every_text_tensor_maps_to_the_pipeline_and_nothing_else_does(pipeline, 
     assert mapped["text_projection.weight"] is None
 
 
+def test_only_a_clip_side_search_leaves_the_choice_to_generations(pipeline):
+    """search_on: clip re-orders the found edits by generations (the search must find every
+    candidate's edit); search_on: generation chose by generations already."""
+    assert StableDiffusion(pipeline, device="cpu", search_on="clip").reorders_candidates
+    assert not StableDiffusion(pipeline, device="cpu", search_on="generation").reorders_candidates
+
+
 def test_reads_exactly_the_text_tower_without_projection(pipeline, clip):
     _, model = clip
     target = StableDiffusion(pipeline, device="cpu")

@@ -561,7 +561,7 @@ class SlugSearch(Callback):
 
         written: set[str] = set()
         search.on_ranked = ranked
-        if target is not None:
+        if target is not None and target.reorders_candidates:
             search.rank_found = lambda concept, edits: target.rank_candidates(model, datamodule, concept, edits)
         outcomes = search.search_concepts(model, family, judge_for, concepts, concept_gradient,
                                           pl_module.gradients["retain"], readable=pl_module.readable,

@@ -141,6 +141,12 @@ class DownstreamTarget(ABC):
         on the CLIP's own zero-shot metrics."""
         return None
 
+    @property
+    def reorders_candidates(self) -> bool:
+        """Whether :meth:`rank_candidates` re-orders the found edits by the downstream model's own
+        judgement (then the search must find every candidate's edit: no ``stop_dominated``)."""
+        return False
+
     def rank_candidates(self, clip: nn.Module, datamodule, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
         """Order (best first) of the candidate edits that met the target on the CLIP side, judged
         downstream (each ``edits[i]`` applied alone); None keeps the CLIP-side order."""

@@ -490,6 +490,10 @@ class Llava(DownstreamTarget):
         return VqaImages({k: v if k == concept else v[:cap] for k, v in full.identities.items() if k not in others},
                          {k: v[:cap] for k, v in full.objects.items()})
 
+    @property
+    def reorders_candidates(self) -> bool:
+        return not self.search_on_vlm
+
     def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
                         edits: Sequence[LayerEdit]) -> list[int] | None:
         """With the search on the CLIP (``search_on_vlm: false``): the candidates by the VLM's

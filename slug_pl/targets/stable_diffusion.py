@@ -547,6 +547,10 @@ class StableDiffusion(DownstreamTarget):
         }
 
     # -- the search and the verdict ------------------------------------------------------------
+    @property
+    def reorders_candidates(self) -> bool:
+        return self.search_on != "generation"
+
     def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
                         edits: Sequence[LayerEdit]) -> list[int] | None:
         """Draw the candidate-scoring prompt sets with each edit transplanted alone; order by
