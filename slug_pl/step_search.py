@@ -305,8 +305,8 @@ class StepSearch:
                      before: dict[str, float], concept: str = "", best_kept: float | None = None) -> CandidateResult:
         """Doubling then bisection of λ for one candidate layer (model restored after each step).
 
-        ``best_kept``: what the best edit of the earlier candidates keeps; with
-        ``stop_dominated`` the search gives up on a miss that keeps no more than that.
+        ``best_kept``: what the best edit of the earlier candidates keeps; the search gives up on a
+        miss that keeps no more than that (None: it never gives up).
         """
         scale = cand.forget_grad_norm / cand.param_norm  # step_fraction = λ · scale
 
@@ -316,19 +316,20 @@ class StepSearch:
                                         cand.tower, step, step * scale, concept)
             return ev.metrics, ev.target_met, ev.guard_ok, ev.broken
 
-        dominated = {"yes": False}
+        stopped = False
 
         def give_up(metrics: dict[str, float]) -> bool:
-            dominated["yes"] = kept(metrics, self.settings.kept) <= best_kept
-            return dominated["yes"]
+            nonlocal stopped
+            stopped = kept(metrics, self.settings.kept) <= best_kept
+            return stopped
 
         start = len(self.evaluations)
         _, best = binary_step_search(evaluate, self.settings.initial_step_fraction / scale,
                                      self.settings.max_evals, self.settings.tolerance,
-                                     give_up=give_up if self.settings.stop_dominated and best_kept is not None else None)
+                                     give_up=give_up if best_kept is not None else None)
         mine = self.evaluations[start:]
         result = CandidateResult(cand.name, cand.tower, mine, mine[best] if best is not None else None,
-                                 stopped=dominated["yes"])
+                                 stopped=stopped)
         if result.stopped:
             status = (f"stopped: a miss kept {kept(mine[-1].metrics, self.settings.kept):.3f}, no more than "
                       f"the best edit so far ({best_kept:.3f})")
@@ -398,15 +399,15 @@ class StepSearch:
         self.check_metric_names(before)
         if self.target.met(before):
             self.warn(f"the model already meets the target {self.target} for {concept!r}: nothing to unlearn")
+        # a candidate can be given up only when the choice is by what is kept; a downstream
+        # re-ordering (rank_found) judges every found edit by other measures
+        may_give_up = self.settings.stop_dominated and self.rank_found is None
         results: list[CandidateResult] = []
         for tower in self.settings.towers:
             for cand in candidates(scores, tower, self.settings.top_k, self.settings.fronts):
-                # a candidate can be given up only when the choice is by what is kept; a downstream
-                # re-ordering (rank_found) judges every found edit by other measures
-                found = [kept(r.best.metrics, self.settings.kept) for r in results
-                         if r.succeeded and self.rank_found is None]
+                found = [kept(r.best.metrics, self.settings.kept) for r in results if r.succeeded]
                 results.append(self.search_layer(model, judge, cand, forget_grad[cand.name], before, concept,
-                                                 best_kept=max(found) if found else None))
+                                                 best_kept=max(found) if may_give_up and found else None))
         ranked, target_met = self.choose(results)
         if target_met and self.rank_found is not None and len(ranked) > 1:
             found_edits = [make_edit(model, ev.layer, forget_grad[ev.layer], ev.step) for ev in ranked]

@@ -500,7 +500,7 @@ class Llava(DownstreamTarget):
         validation answers, each edit alone: lowest ``forget_name_accuracy`` first, then the most
         ``retain_name_accuracy + object_accuracy``. None (keep the order) when the search already
         ran on the VLM."""
-        if self.search_on_vlm:
+        if not self.reorders_candidates:
             return None
         images = self._search_images(datamodule, concept)
         keys = []

@@ -557,7 +557,7 @@ class StableDiffusion(DownstreamTarget):
         :func:`order_by_generation` (judged with the CLIP unedited by every judge, combined as
         :func:`combine_judges` does: forget the highest, retain the mean). None with
         ``search_on: generation``: the search itself chose by these generations."""
-        if self.search_on == "generation":
+        if not self.reorders_candidates:
             return None
         family = datamodule.family
         sets = self.prompt_sets(datamodule, [concept], search=True)

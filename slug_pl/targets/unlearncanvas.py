@@ -234,7 +234,7 @@ class UnlearnCanvas(StableDiffusion):
         """Draw the search grid with each candidate edit transplanted alone; best first among those
         with UA >= ``ua_target``, by (IRA + CRA) / 2 (None: none reaches it, or ``search_on:
         generation``, where the search itself chose by these generations)."""
-        if self.search_on == "generation":
+        if not self.reorders_candidates:
             return None
         grid = self.grid_of(datamodule)
         prompts = self.search_prompts(grid)
