@@ -220,7 +220,7 @@ def evaluate_hf_clip(world_root: str | os.PathLike, folder: str | os.PathLike, s
 
 def fit_hf_clip(
     images: torch.Tensor,
-    captions: list[str],
+    captions: list[str] | list[list[str]],
     config,
     out_folder: str | os.PathLike,
     epochs: int = 16,
@@ -234,8 +234,10 @@ def fit_hf_clip(
     """Train a ``CLIPModel(config)`` from random initialization on image–caption pairs and save
     it with its tokenizer and image processor to ``out_folder`` (:func:`save_clip_folder`; never
     overwrites). ``images``: preprocessed ``(N, 3, H, W)`` (the folder's image processor);
-    ``captions``: N texts. Returns ``train_seconds``, ``steps``, ``n_pairs`` and ``final_loss``
-    (the last epoch's mean loss).
+    ``captions``: N texts, or N lists of texts (the ways an image may be captioned: each epoch
+    pairs every image with one of its texts, drawn uniformly from the seeded generator, as a web
+    corpus describes one picture in many words). Returns ``train_seconds``, ``steps``, ``n_pairs``,
+    ``n_captions`` (distinct texts) and ``final_loss`` (the last epoch's mean loss).
 
     AdamW (betas 0.9 / 0.98, eps 1e-6) on the symmetric contrastive loss with the model's logit
     scale (clamped to at most 100), linear warmup over ``warmup_fraction`` of the steps, then
@@ -247,9 +249,18 @@ def fit_hf_clip(
     from slug_pl.gradients import contrastive_loss
 
     context_length = config.text_config.max_position_embeddings
-    tokens = clip_tokenizer(context_length)(captions, padding="max_length", truncation=True,
-                                            max_length=context_length, return_tensors="pt")["input_ids"]
+    variants = [[c] if isinstance(c, str) else list(c) for c in captions]
     n = images.shape[0]
+    if len(variants) != n or not all(variants):
+        raise ValueError(f"captions: need one text or a non-empty list of texts per image ({n} images), "
+                         f"got {len(variants)} entries")
+    texts = sorted({t for v in variants for t in v})
+    tokens = clip_tokenizer(context_length)(texts, padding="max_length", truncation=True,
+                                            max_length=context_length, return_tensors="pt")["input_ids"]
+    text_index = {t: i for i, t in enumerate(texts)}
+    choices = [torch.tensor([text_index[t] for t in v]) for v in variants]
+    single = all(len(v) == 1 for v in variants)
+    fixed = torch.stack([c[0] for c in choices])
     steps_per_epoch = n // batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {batch_size} is larger than the corpus ({n} pairs)")
@@ -270,11 +281,13 @@ def fit_hf_clip(
     t1 = time.perf_counter()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen)
+        caption_of = fixed if single else torch.stack(
+            [c[torch.randint(len(c), (), generator=gen)] for c in choices])
         running = 0.0
         for step in range(steps_per_epoch):
             idx = perm[step * batch_size : (step + 1) * batch_size]
             image_features = model.get_image_features(pixel_values=images[idx]).pooler_output
-            text_features = model.get_text_features(input_ids=tokens[idx]).pooler_output
+            text_features = model.get_text_features(input_ids=tokens[caption_of[idx]]).pooler_output
             loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -287,7 +300,7 @@ def fit_hf_clip(
              f"({time.perf_counter() - t1:.0f}s)")
     train_seconds = time.perf_counter() - t1
     save_clip_folder(model.eval(), out_folder)
-    return {"train_seconds": round(train_seconds, 2), "steps": total, "n_pairs": n,
+    return {"train_seconds": round(train_seconds, 2), "steps": total, "n_pairs": n, "n_captions": len(texts),
             "final_loss": running / steps_per_epoch}
 
 
