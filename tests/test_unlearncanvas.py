@@ -70,6 +70,22 @@ def test_caption_follows_the_benchmark():
     assert caption("Seed_Images", "Architectures") == "A Architectures image in Photo style."
 
 
+def test_the_demo_clip_reads_each_image_in_several_captions_none_an_evaluation_prompt():
+    """The demo canvas CLIP's captions of one cell: the benchmark's first, some naming the style
+    alone and some the object alone, and none equal to a zero-shot prompt the evaluation scores
+    with (the style or object phrase in STYLE_TEMPLATES / OBJECT_TEMPLATES)."""
+    from slug_pl.data.unlearncanvas import OBJECT_TEMPLATES, STYLE_TEMPLATES
+    from slug_pl.demo.unlearncanvas import CANVAS_CLIP_CAPTIONS
+
+    texts = [caption("Van_Gogh", "Bears", t) for t in CANVAS_CLIP_CAPTIONS]
+    assert texts[0] == caption("Van_Gogh", "Bears") and len(set(texts)) == len(texts)
+    assert any("Van Gogh" in t and "Bears" not in t for t in texts)
+    assert any("Bears" in t and "Van Gogh" not in t for t in texts)
+    assert all("Van Gogh" in t or "Bears" in t for t in texts)
+    prompts = {t.format("Van Gogh") for t in STYLE_TEMPLATES} | {t.format("Bears") for t in OBJECT_TEMPLATES}
+    assert {p.lower() for p in prompts}.isdisjoint(t.lower() for t in texts)
+
+
 def test_reader_splits_by_number_and_builds_forget_and_retain(tmp_path):
     root = make_tree(tmp_path / "uc")
     data = UnlearnCanvasSet(str(root), forget_style="Van_Gogh").load()
