@@ -29,8 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from slug_pl.atomic import refuse_existing, write_text
 from slug_pl.console import Console, InterruptHint, is_gradient_only
@@ -184,14 +187,17 @@ class SlugCLI(LightningCLI):
                 self.console.gradient_only()
             if not module.pass_sets():
                 self.console.pass_skipped()
+        self._claim_run_dir()
 
     def before_validate(self) -> None:
         self._refuse_existing_json()
         self.datamodule.check("validate")
+        self._claim_run_dir()
 
     def before_test(self) -> None:
         self._refuse_existing_json()
         self.datamodule.check("test")
+        self._claim_run_dir()
 
     def _refuse_used_run_dir(self) -> None:
         """A fit never writes into a folder of an earlier run (checked before the logger writes
@@ -208,6 +214,34 @@ class SlugCLI(LightningCLI):
                 f"the logger's version unset (each fit gets a new version_N) or choose another "
                 f"trainer.default_root_dir"
             )
+
+    def _claim_run_dir(self) -> None:
+        """Claim the run folder for this run alone, after every check and before anything is
+        written: its ``config.yaml`` is created exclusively (empty; Lightning's config saving
+        fills it). Two runs started in one folder at the same moment take the same ``version_N``
+        (the logger picks the next free number) and both pass :meth:`_refuse_used_run_dir`; only
+        one can create the file, and the other stops here, having written nothing.
+
+        Global rank 0 only (read from the launcher's environment: processes a DDP launcher starts
+        run this command too); a remote ``log_dir`` is not claimed."""
+        savers = [c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback)]
+        if rank_zero_only.rank != 0 or not savers or not savers[0].save_to_log_dir:
+            return
+        run = self.trainer.log_dir or self.trainer.default_root_dir
+        if not isinstance(get_filesystem(run), LocalFileSystem):
+            return
+        path = Path(run) / savers[0].config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x"):
+                pass
+        except FileExistsError:
+            raise FileExistsError(
+                f"the run folder {run} already has a {path.name}: another run took this folder (one started "
+                f"in the same folder at the same moment chooses the same version_N); this run stopped before "
+                f"writing anything. Run it again (it takes the next version_N), or give runs that start "
+                f"together their own trainer.default_root_dir"
+            ) from None
 
     def _refuse_existing_json(self) -> None:
         target = self.config[self.subcommand].get("json")
@@ -244,6 +278,21 @@ HIDDEN_TRAINER_OPTIONS = (
 )
 
 
+class SaveConfigIntoClaim(SaveConfigCallback):
+    """Lightning's config saving, which fills the empty ``config.yaml`` that
+    :meth:`SlugCLI._claim_run_dir` created for this run instead of refusing it as an earlier run's
+    (any other existing file is still refused). Every rank takes the same decision (rank 0's)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir and not self.overwrite:
+            path = os.path.join(trainer.log_dir, self.config_filename)  # log_dir: broadcast from rank 0
+            fs = get_filesystem(path)
+            claimed = trainer.is_global_zero and fs.isfile(path) and fs.size(path) == 0
+            if trainer.strategy.broadcast(claimed):
+                self.overwrite = True
+        super().setup(trainer, pl_module, stage)
+
+
 def run_cli(args: list[str] | None = None, callbacks: Sequence[Callback] = (), console: Console | None = None) -> SlugCLI:
     """Parse ``args``, build model, data and trainer, and run the command (LightningCLI)."""
     return SlugCLI(
@@ -253,6 +302,7 @@ def run_cli(args: list[str] | None = None, callbacks: Sequence[Callback] = (), c
         subclass_mode_data=True,
         trainer_defaults={**TRAINER_DEFAULTS, **CLI_TRAINER_DEFAULTS, "callbacks": list(callbacks)},
         seed_everything_default=0,
+        save_config_callback=SaveConfigIntoClaim,
         save_config_kwargs={"overwrite": False},
         args=args,
         console=console,

@@ -353,6 +353,41 @@ def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, 
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == ["gradients", "gradients/forget.safetensors"]
 
 
+def test_a_run_started_in_the_same_folder_at_the_same_moment_is_stopped(tmp_path, small_world, tiny_checkpoint,
+                                                                       forget_shards, monkeypatch, capsys):
+    """Two runs started together in one folder pick the same version_N and both pass the check
+    for an earlier run. Here the other run writes its config.yaml just after this run checked the
+    folder: this run stops with a message naming the folder, writes nothing there, and the other
+    run's file is untouched. A fit started afterwards takes the next version."""
+    from slug_pl.cli import SlugCLI
+
+    checked = SlugCLI._refuse_used_run_dir
+    other = "the other run's config\n"
+
+    def check_then_lose_the_race(cli):
+        checked(cli)
+        run = Path(cli.trainer.log_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(other)
+
+    config = write_config(tmp_path, small_world, tiny_checkpoint, forget_shards,
+                          trainer={"default_root_dir": str(tmp_path)})
+    monkeypatch.setattr(SlugCLI, "_refuse_used_run_dir", check_then_lose_the_race)
+    assert main(["fit", "--config", str(config)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert last.startswith(f"slug-pl fit: error: the run folder {run} already has a config.yaml: another run took "
+                           f"this folder")
+    assert "Traceback" not in last
+    assert [p.name for p in run.iterdir()] == ["config.yaml"] and (run / "config.yaml").read_text() == other
+
+    monkeypatch.setattr(SlugCLI, "_refuse_used_run_dir", checked)
+    main(["fit", "--config", str(config)])
+    assert (run / "config.yaml").read_text() == other
+    second = tmp_path / "lightning_logs" / "version_1"
+    assert "model:" in (second / "config.yaml").read_text() and (second / "summary.json").is_file()
+
+
 # -- the shared full run -------------------------------------------------------------------------
 
 
