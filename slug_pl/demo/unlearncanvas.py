@@ -59,8 +59,10 @@ DEMO_SPLIT = (0.9, 0.05, 0.05)
 #: The pipeline's training for the canvas (see the module docstring).
 CANVAS_SD_TRAINING = SdTraining(vae_steps=600, unet_steps=600, unet_round_steps=300, max_unet_steps=1500,
                                 min_recognition=0.8)
-#: The CLIP's training (arguments of :func:`slug_pl.demo.hf_clip.fit_hf_clip`).
-CANVAS_CLIP_TRAINING = {"epochs": 40, "batch_size": 64, "lr": 2e-3, "seed": 0}
+#: The CLIP's training (arguments of :func:`slug_pl.demo.hf_clip.fit_hf_clip`). With the caption
+#: variants below, 120 epochs reach 100 % / 85 % held-out zero-shot top-1 on styles / objects
+#: (40: 96.7 / 65.0 %); with the benchmark's caption alone, more epochs only overfit its 60 texts.
+CANVAS_CLIP_TRAINING = {"epochs": 120, "batch_size": 64, "lr": 2e-3, "seed": 0}
 #: The ways the CLIP's training captions an image (one drawn per image and epoch). Trained on the
 #: benchmark's single template alone (60 distinct texts), every tensor of its text tower carried
 #: style and object together, so no single-tensor edit could remove one and keep the other. None is
