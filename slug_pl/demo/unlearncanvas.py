@@ -45,6 +45,7 @@ from PIL import Image
 
 from slug_pl.atomic import swap_into_place, write_text
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
+from slug_pl.data.unlearncanvas import CAPTION_TEMPLATE
 from slug_pl.demo.canvas import CanvasSpec, build_canvas, train_canvas_classifiers
 from slug_pl.demo.sd import SdTraining
 
@@ -69,7 +70,7 @@ CANVAS_CLIP_TRAINING = {"epochs": 120, "batch_size": 64, "lr": 2e-3, "seed": 0}
 #: a zero-shot template of the evaluation (:data:`slug_pl.data.unlearncanvas.STYLE_TEMPLATES`,
 #: ``OBJECT_TEMPLATES``). The pipeline itself trains on the benchmark's captions only.
 CANVAS_CLIP_CAPTIONS = (
-    "A {object} image in {style} style.",
+    CAPTION_TEMPLATE,  # the benchmark's, which the pipeline trains on
     "a {object} drawn in {style} style",
     "{style} style artwork of a {object}.",
     "a {object}.",
