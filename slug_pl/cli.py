@@ -179,7 +179,7 @@ class SlugCLI(LightningCLI):
         gradient_only = is_gradient_only(module)
         if gradient_only and module.pass_sets() and not (isinstance(limit, float) and limit == 1.0):
             raise ValueError(
-                f"trainer.limit_train_batches is {limit}: the gradient pass "
+                f"trainer.limit_train_batches is {limit:g}: the gradient pass "
                 f"needs every batch of the forget and retain sets; leave it unset"
             )
         if self.console is not None:

@@ -226,7 +226,10 @@ class HfClip(ModelFamily):
         eval mode with gradients on, :meth:`encode_image` / :meth:`encode_text` run the tower
         stage by stage with every layer under ``torch.utils.checkpoint`` (``use_reentrant=False``).
         """
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers releases before the switch's rename (5.17 has only the old name)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _stages(self, model: nn.Module, tower: Tower, checkpointed: bool) -> TowerStages:
         run_layer = _checkpointed_layer if checkpointed else _plain_layer
@@ -242,7 +245,9 @@ class HfClip(ModelFamily):
         text = model.text_model
 
         def causal_block(x, layer):
-            mask = create_causal_mask(config=text.config, inputs_embeds=x, attention_mask=None, cache=None)
+            # (config, inputs_embeds, attention_mask, no cache): positional, as the cache argument's
+            # name changed between transformers 5 releases (past_key_values in 5.17, cache later)
+            mask = create_causal_mask(text.config, x, None, None)
             return run_layer(layer, x, mask, is_causal=True)
 
         def head(x, tokens):
@@ -290,7 +295,10 @@ def _checkpointed_layer(layer: nn.Module, x: torch.Tensor, mask, **kwargs) -> to
 def _recompute_here(model: nn.Module) -> bool:
     """Whether this family must checkpoint the layers itself: checkpointing is on, gradients are
     being recorded, and the model is in eval mode (where transformers does not checkpoint)."""
-    return model.is_activation_checkpointing and not model.training and torch.is_grad_enabled()
+    switch = getattr(model, "is_activation_checkpointing", None)
+    if switch is None:  # transformers releases before the rename (5.17): the old name
+        switch = model.is_gradient_checkpointing
+    return switch and not model.training and torch.is_grad_enabled()
 
 
 def _looks_like_path(name: str) -> bool:
