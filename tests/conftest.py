@@ -24,6 +24,41 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 
+def save_edited(target, clip, edit, folder) -> Path:
+    """``target.save_pretrained(folder)`` with ``edit`` applied to ``clip`` and transplanted; the
+    CLIP and the downstream model are restored afterwards."""
+    from slug_pl.edit import apply_edit, revert_edit
+
+    apply_edit(clip, edit)
+    try:
+        target.transplant(clip, [edit])
+        return target.save_pretrained(folder)
+    finally:
+        revert_edit(clip, edit)
+        target.transplant(clip, [edit])  # the unedited value back in the downstream model
+
+
+def changed_files(original: Path, copy: Path) -> list[Path]:
+    """The files (relative paths) whose bytes differ between ``original`` and ``copy``, which must
+    hold the same files."""
+    files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
+    return [f for f in files if (original / f).read_bytes() != (copy / f).read_bytes()]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: the CUDA variant of a test (skipped without a GPU); "
+                                       "`pytest -m gpu` runs only those")
+
+
+#: Run a test on the CPU and, where there is one, on a CUDA GPU (its ``device`` argument: ``"cpu"``
+#: or ``"cuda"``). The GPU variant is marked ``gpu`` (``pytest -m gpu`` runs only those, on a GPU
+#: machine) and skipped without CUDA.
+ON_CPU_AND_GPU = pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+
+
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory):
     """A demo world with few images per class (20 identities, 10 objects), built in seconds; its

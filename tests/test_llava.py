@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_config
+from conftest import ON_CPU_AND_GPU, changed_files, save_edited, write_config
 from slug_pl.cli import main
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet
@@ -212,6 +212,22 @@ def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
         reloaded.check_pair(family, clip)
 
 
+def test_saved_copy_of_a_bfloat16_vlm_changes_only_the_edited_tensor(pair, tmp_path):
+    """On a GPU the VLM runs in bfloat16; its saved copy keeps the files' dtype: only the weights
+    file changes, and in it only the edited tensor, to the CLIP's float32 value."""
+    from safetensors.torch import load_file
+
+    family, clip, folder = pair
+    target = target_of(folder, dtype="bfloat16")
+    edit = make_edit(clip, READ_LAYER, torch.randn_like(dict(clip.named_parameters())[READ_LAYER]), 0.3)
+    saved = save_edited(target, clip, edit, tmp_path / "edited")
+    assert changed_files(Path(folder), saved) == [Path("model.safetensors")]
+    before, after = load_file(folder / "model.safetensors"), load_file(saved / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == 1 and changed[0].endswith("vision_tower.encoder.layers.0.mlp.fc1.weight")
+    assert after[changed[0]].dtype == torch.float32 and torch.equal(after[changed[0]], edit.edited)
+
+
 # -- asking and judging -------------------------------------------------------------------------------
 
 def test_answers_equal_vqa_ask_on_the_images(pair):
@@ -303,20 +319,23 @@ def test_the_choice_maximises_the_configured_kept_metrics():
 
 # -- a fit run through the CLI ----------------------------------------------------------------------
 
-def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_clip, pair):
+@ON_CPU_AND_GPU
+def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_clip, pair, device):
+    """A whole run; on a GPU the VLM answers in bfloat16 and the gradient pass runs there."""
     _, _, folder = pair
     monkeypatch.chdir(tmp_path)
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
     target = {"class_path": "slug_pl.targets.Llava",
               "init_args": {"model": str(folder), "max_new_tokens": 3, "batch_size": 64, "progress": False,
-                            "search_images_per_concept": 1, "save_edited": True}}
+                            "search_images_per_concept": 1, "save_edited": True, "device": device}}
     config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
                           model={"family": {"class_path": "slug_pl.families.HfClip",
                                             "init_args": {"model_name": tiny_hf_clip}}, "target": target},
                           search={"top_k": 1, "max_evals": 2, "towers": ["vision"],
                                   "target_metric": "forget_name_accuracy", "target_value": 0.0,
-                                  "kept": ["retain_name_accuracy", "object_accuracy"]})
+                                  "kept": ["retain_name_accuracy", "object_accuracy"]},
+                          trainer={"accelerator": "gpu" if device == "cuda" else "cpu"})
     main(["fit", "--config", str(config)])
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from builders_downstream import tiny_sd_pipeline
-from conftest import write_config
+from conftest import ON_CPU_AND_GPU, changed_files, save_edited, write_config
 from slug_pl.cli import main
 from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits
 from slug_pl.families import HfClip
@@ -293,6 +293,30 @@ def test_saved_edited_pipeline_reloads_and_draws_the_same_images(pipeline, clip,
         target.save_pretrained(out)
 
 
+def test_saved_copy_of_a_half_precision_pipeline_changes_only_the_edited_tensor(pipeline, clip, tmp_path):
+    """On a GPU the pipeline runs in float16; its saved copy must not be: every file but the text
+    encoder's weights is copied byte for byte, and there only the edited tensor changes, to the
+    CLIP's float32 value (not the value rounded to the running dtype)."""
+    from diffusers import StableDiffusionPipeline
+
+    family, model = clip
+    target = StableDiffusion(pipeline, device="cpu", dtype="bfloat16")
+    target.check_pair(family, model)
+    name = "text_model.encoder.layers.1.mlp.fc1.weight"
+    noise = torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(3))
+    edit = make_edit(model, name, noise, 0.3)
+    out = save_edited(target, model, edit, tmp_path / "edited")
+    source = Path(pipeline)
+    assert changed_files(source, out) == [Path("text_encoder/model.safetensors")]
+    original = tensors(StableDiffusionPipeline.from_pretrained(source, safety_checker=None))
+    saved = tensors(StableDiffusionPipeline.from_pretrained(out, safety_checker=None))
+    assert differing(original, saved) == ["text_encoder.encoder.layers.1.mlp.fc1.weight"]
+    assert saved["text_encoder.encoder.layers.1.mlp.fc1.weight"].dtype == torch.float32
+    assert torch.equal(saved["text_encoder.encoder.layers.1.mlp.fc1.weight"], edit.edited)
+    # the running pipeline holds the edit rounded to bfloat16, which the copy does not
+    assert not torch.equal(edit.edited.to(torch.bfloat16).float(), edit.edited)
+
+
 def test_transplant_command_writes_the_pipeline_with_one_tensor_changed(pipeline, clip, tmp_path, capsys):
     from diffusers import StableDiffusionPipeline
 
@@ -368,8 +392,10 @@ def test_combined_judges_remove_only_what_every_judge_misses():
 # ------------------------------------------------------------------------------ a whole run
 
 
+@ON_CPU_AND_GPU
 def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
-        tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
+        tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline, device):
+    """A whole run; on a GPU the pipeline draws in float16 and the gradient pass runs there."""
     from diffusers import StableDiffusionPipeline
 
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
@@ -383,8 +409,9 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
                                            "init_args": {"model_name": tiny_hf_clip}}
     raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
-        "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
+        "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "device": device, "save_edited": True,
         "progress": False}}
+    raw["trainer"]["accelerator"] = "gpu" if device == "cuda" else "cpu"
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"

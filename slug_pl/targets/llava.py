@@ -52,6 +52,7 @@ from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, ch
 from slug_pl.families.hf_clip import ProcessorTransform
 from slug_pl.record import pct, table
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
+from slug_pl.targets.saved_copy import NoSafetensorsError, TensorChange, copy_with_tensors
 
 #: The naming question (the issue's wording; LLaVA-1.5 answers it with a sentence holding the name).
 QUESTION = DEFAULT_QUESTION
@@ -195,6 +196,7 @@ class Llava(DownstreamTarget):
         self._config = None
         self._tower_prefix = ""  # the VLM's name of the vision tower's tensors, e.g. "model.vision_tower."
         self._original: dict[str, torch.Tensor] = {}  # VLM name -> its value as loaded (tensors ever written)
+        self._written: dict[str, TensorChange] = {}  # VLM name -> the CLIP's value it holds now (float32)
         self._prompts: dict[str, torch.Tensor] = {}  # question -> prompt token ids (1-D)
         self._images: dict[str, VqaImages] = {}
 
@@ -349,22 +351,42 @@ class Llava(DownstreamTarget):
         for theirs, original in self._original.items():
             if theirs not in wanted:
                 params[theirs].copy_(original)
+        self._written = {}
         for theirs, value in wanted.items():
             self._original.setdefault(theirs, params[theirs].detach().clone())
             params[theirs].copy_(value.detach().to(params[theirs].device, params[theirs].dtype))
+            self._written[theirs] = TensorChange(self._original[theirs], value.detach().to("cpu", torch.float32).clone())
         return sorted(wanted)
 
     def transplant(self, clip: nn.Module, edits: Sequence[LayerEdit]) -> list[str]:
         return self.mirror(clip, [e.name for e in edits])
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """The VLM as it is now (edits included) and its processor, written beside ``folder``
-        under a temporary name and renamed into place; never overwrites (:class:`FileExistsError`)."""
+        """The VLM with its edits and its processor in the new folder ``folder``: a copy of the
+        model's folder (a hub id's cached snapshot) in which only the edited tensors change, each
+        stored in its file's dtype from the CLIP's float32 value, whatever dtype the VLM runs in
+        (:func:`~slug_pl.targets.saved_copy.copy_with_tensors`). A model stored without
+        safetensors is saved as it runs instead (``save_pretrained``, in its running dtype).
+        Complete or absent; never overwrites (:class:`FileExistsError`)."""
         self.load()
-        with atomic_folder(folder) as tmp:
-            self.vlm.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
+        changes = {theirs[len(self._tower_prefix):]: change for theirs, change in self._written.items()}
+        try:
+            copy_with_tensors(self._folder(), folder, changes)
+        except NoSafetensorsError:
+            with atomic_folder(folder) as tmp:
+                self.vlm.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
         return Path(folder)
+
+    def _folder(self) -> Path:
+        """The local folder the VLM was loaded from (for a hub id, its snapshot in the cache)."""
+        source = self._source()
+        if Path(source).is_dir():
+            return Path(source)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=self.revision, cache_dir=self.cache_dir,
+                                      local_files_only=True))
 
     # -- asking --------------------------------------------------------------------------------
     def prompt_ids(self, question: str) -> torch.Tensor:

@@ -73,6 +73,7 @@ from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.record import pct, table
 from slug_pl.step_search import reverted
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
+from slug_pl.targets.saved_copy import NoSafetensorsError, TensorChange, copy_with_tensors
 
 #: The CLIPModel prefix of the text tower; ``text_model.X`` is the pipeline text encoder's ``X``.
 CLIP_TEXT_PREFIX = "text_model."
@@ -332,6 +333,9 @@ class StableDiffusion(DownstreamTarget):
         self.pipe = None
         self._config: dict | None = None
         self._prefix = ""
+        #: text-encoder name -> (its value as loaded, the float32 value last copied in from the CLIP),
+        #: for every tensor ever written: what :meth:`save_pretrained` changes in the saved copy
+        self._written: dict[str, TensorChange] = {}
         self._judges: dict[str, object] = {}
         #: concept -> every candidate's scores on generations (filled by rank_candidates)
         self.candidate_scores: dict[str, list[CandidateScore]] = {}
@@ -428,10 +432,18 @@ class StableDiffusion(DownstreamTarget):
                 raise TargetMismatchError(
                     f"the edit of {edit.name!r} has no counterpart in the text encoder of {self.pipeline}: "
                     f"it cannot change a generation; edit a tensor the pipeline reads (search.towers [text])")
-            target = mirror[theirs]
-            target.copy_(clip_params[edit.name].detach().to(target.device, target.dtype))
+            self.write(theirs, clip_params[edit.name])
             changed.append(theirs)
         return changed
+
+    @torch.no_grad()
+    def write(self, theirs: str, value: torch.Tensor) -> None:
+        """Set the text encoder's ``theirs`` to ``value`` (cast to the pipeline's device and
+        dtype), remembering its loaded value and ``value`` in float32 for :meth:`save_pretrained`."""
+        target = dict(self.pipe.text_encoder.named_parameters())[theirs]
+        loaded = self._written[theirs].original if theirs in self._written else target.detach().cpu().clone()
+        self._written[theirs] = TensorChange(loaded, value.detach().to("cpu", torch.float32).clone())
+        target.copy_(value.detach().to(target.device, target.dtype))
 
     @torch.no_grad()
     def mirror(self, clip: nn.Module) -> list[str]:
@@ -441,18 +453,26 @@ class StableDiffusion(DownstreamTarget):
         clip_params = dict(clip.named_parameters())
         changed = []
         for theirs, target in self.downstream_parameters().items():
-            value = clip_params[CLIP_TEXT_PREFIX + theirs[len(self._prefix):]].detach().to(target.device, target.dtype)
-            if not torch.equal(value, target):
-                target.copy_(value)
+            value = clip_params[CLIP_TEXT_PREFIX + theirs[len(self._prefix):]]
+            if not torch.equal(value.detach().to(target.device, target.dtype), target):
+                self.write(theirs, value)
                 changed.append(theirs)
         return changed
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Write the pipeline as it is now into the new folder ``folder`` (written beside it under
-        a temporary name and renamed: complete or absent; an existing folder is refused)."""
+        """Write the pipeline with the tensors written into it (:meth:`write`) into the new folder
+        ``folder``: a copy of the pipeline folder in which only those tensors change, each stored
+        in its file's dtype from the CLIP's float32 value, whatever dtype the pipeline runs in
+        (:func:`~slug_pl.targets.saved_copy.copy_with_tensors`). A pipeline stored without
+        safetensors is saved as it runs instead (``save_pretrained``, in its running dtype).
+        Complete or absent; an existing folder is refused."""
         self.load()
-        with atomic_folder(folder) as tmp:
-            self.pipe.save_pretrained(tmp)
+        changes = {theirs[len(self._prefix):]: change for theirs, change in self._written.items()}
+        try:
+            copy_with_tensors(check_pipeline_dir(self.pipeline), folder, changes, within="text_encoder")
+        except NoSafetensorsError:
+            with atomic_folder(folder) as tmp:
+                self.pipe.save_pretrained(tmp)
         return Path(folder)
 
     # -- generation ----------------------------------------------------------------------------
@@ -700,7 +720,8 @@ class StableDiffusion(DownstreamTarget):
 def transplant_edit_file(pipeline: str | os.PathLike, edit: str | os.PathLike, out: str | os.PathLike,
                          dtype: str = "float32") -> list[str]:
     """Copy the tensors of a run's ``edit.safetensors`` into the Stable Diffusion pipeline
-    ``pipeline`` and save it to the new folder ``out``; returns the text-encoder names changed.
+    ``pipeline`` and save it to the new folder ``out`` (:meth:`StableDiffusion.save_pretrained`:
+    only the edited tensors change); returns the text-encoder names changed.
 
     Each edited tensor must map to the pipeline's text encoder and its original (the edit's
     ``original/<name>``) must equal the pipeline's tensor (in the pipeline's dtype), so an edit
@@ -721,7 +742,7 @@ def transplant_edit_file(pipeline: str | os.PathLike, edit: str | os.PathLike, o
             if tensor.shape != e.original.shape or not torch.equal(e.original.to(tensor.dtype), tensor.detach()):
                 raise EditMismatchError(f"{edit}: the pipeline's {theirs!r} is not the original {e.name!r} the edit "
                                         f"was computed on: the edit belongs to another CLIP (or was applied already)")
-            tensor.copy_(e.edited.to(tensor.dtype))
+            target.write(theirs, e.edited)
             changed.append(theirs)
     target.save_pretrained(out)
     return changed
@@ -733,7 +754,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--edit", required=True, metavar="FILE", help="a run's edit.safetensors")
     parser.add_argument("--out", required=True, metavar="DIR", help="new folder for the edited pipeline")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="dtype the pipeline is loaded and saved in (default float32)")
+                        help="dtype the pipeline is loaded in to check the edit (default float32); the saved "
+                             "copy keeps its files' own dtypes (a pipeline without safetensors files is saved "
+                             "in this dtype)")
     return parser
 
 
