@@ -7,6 +7,12 @@ batch, same process.
   retain batch to the end of the last, so Lightning's per-batch overhead and our accumulation are
   inside the measurement and data loading is outside both (as in docs/design.md §5).
 
+On a GPU the bare loop's batch stays on the device, while a run's batches come from host memory:
+``slug_pairs_per_s`` is ours fed from host memory as Lightning moves a run's batches (pinned, as
+the data module's loaders pin them on a GPU), ``slug_pageable_pairs_per_s`` from ordinary
+(pageable) host memory, and ``slug_resident_pairs_per_s`` with the batch already on the device:
+the pass's own overhead against the bare loop.
+
 Both use random-init weights and random inputs. Results go to ``benchmarks/results/`` as JSON with
 the command line that produced them.
 
@@ -103,7 +109,10 @@ class _Batches(IterableDataset):
                    "tokens": self.tokens, "valid": valid}
 
 
-def slug_pass(family, model, images, tokens, steps: int, warmup: int, device: str, precision: str) -> tuple[float, float | None]:
+def slug_pass(family, model, images, tokens, steps: int, warmup: int, device: str, precision: str,
+              feed: str = "pinned") -> tuple[float, float | None]:
+    """Our pass's pairs/s and peak GiB; ``feed`` (on a GPU): where the batches are, ``pinned`` or
+    ``pageable`` host memory, or ``resident`` on the device."""
     from lightning.pytorch import Callback, Trainer
     from torch.utils.data import DataLoader
 
@@ -116,7 +125,11 @@ def slug_pass(family, model, images, tokens, steps: int, warmup: int, device: st
                 self.t0 = time.perf_counter()
             self.t1 = time.perf_counter()
 
-    module = SlugModule(family)
+    class TimedPass(SlugModule):
+        def _write_gradient_files(self) -> None:
+            """No data module and no run folder here: the gradients stay in memory."""
+
+    module = TimedPass(family)
     module.clip = model
     timer = Timer()
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,6 +139,10 @@ def slug_pass(family, model, images, tokens, steps: int, warmup: int, device: st
                           use_distributed_sampler=False)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        if device == "cuda" and feed == "resident":
+            images, tokens = images.to(device), tokens.to(device)
+        elif device == "cuda" and feed == "pinned":
+            images, tokens = images.pin_memory(), tokens.pin_memory()
         trainer.fit(module, DataLoader(_Batches(images, tokens, warmup + steps), batch_size=None))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return images.shape[0] * steps / (timer.t1 - timer.t0), peak
@@ -154,16 +171,25 @@ def main(argv=None) -> int:
         family, model = build(name)
         images, tokens = random_batch(family, model, batch)
         bare, ours, peak = [], [], None
+        feeds = ["pageable", "resident"] if args.device == "cuda" else []
+        other = {feed: [] for feed in feeds}
         for _ in range(args.repeats):
             bare.append(bare_loop(model, images, tokens, args.steps, args.warmup, args.device, args.precision))
             rate, peak = slug_pass(family, model, images, tokens, args.steps, args.warmup, args.device, args.precision)
             ours.append(rate)
+            for feed in feeds:
+                other[feed].append(slug_pass(family, model, images, tokens, args.steps, args.warmup, args.device,
+                                             args.precision, feed)[0])
         med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         row = {"model": name, "batch": batch, "bare_pairs_per_s": med(bare), "slug_pairs_per_s": med(ours),
                "ratio": med(ours) / med(bare), "bare_runs": bare, "slug_runs": ours, "peak_gib": peak}
+        for feed, runs in other.items():
+            row |= {f"slug_{feed}_pairs_per_s": med(runs), f"ratio_{feed}": med(runs) / med(bare),
+                    f"slug_{feed}_runs": runs}
         rows.append(row)
         print(f"{name:16s} batch {batch:4d}: bare {row['bare_pairs_per_s']:8.1f} pairs/s, slug_pl "
-              f"{row['slug_pairs_per_s']:8.1f} pairs/s, ratio {row['ratio']:.3f}", flush=True)
+              f"{row['slug_pairs_per_s']:8.1f} pairs/s, ratio {row['ratio']:.3f}"
+              + "".join(f"; {feed} {row[f'ratio_{feed}']:.3f}" for feed in feeds), flush=True)
     result = {
         "command": "python benchmarks/gradient_pass.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": args.device,

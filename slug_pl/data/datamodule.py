@@ -240,6 +240,12 @@ class SlugDataModule(LightningDataModule):
             out["excluded_captions"] = pair_set.exclude.pattern
         return out
 
+    def _on_gpu(self) -> bool:
+        """Whether the batches go to a CUDA device: the loaders then pin them in host memory
+        (faster copies that overlap the computation)."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
         sets = [self.pair_set(name) for name in module.pass_sets()]  # what the method streams
@@ -248,7 +254,7 @@ class SlugDataModule(LightningDataModule):
         dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world,
                               start_batch=start, bad_samples=self.bad_samples)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False)
+                          persistent_workers=False, pin_memory=self._on_gpu())
 
     # -- checks before any work ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -314,7 +320,8 @@ class SlugDataModule(LightningDataModule):
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         rank, world = self._rank_world()
         return [
-            DataLoader(_LabelledBatches(data, name, self.eval_batch_size, rank, world), batch_size=None)
+            DataLoader(_LabelledBatches(data, name, self.eval_batch_size, rank, world), batch_size=None,
+                       pin_memory=self._on_gpu())
             for name, data in self.loaded_sets(stage).items()
         ]
 
