@@ -392,6 +392,24 @@ def test_combined_judges_remove_only_what_every_judge_misses():
 # ------------------------------------------------------------------------------ a whole run
 
 
+def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: dict, target: dict,
+           accelerator: str = "cpu") -> Path:
+    """Mine ``concept``'s forget set and run ``slug-pl fit`` with the tiny HF CLIP and a Stable
+    Diffusion target (``target``: its init_args) in ``tmp_path`` (the working folder); returns the
+    run folder."""
+    assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", "forget"]) == 0
+    config = write_config(tmp_path, world, "unused", "forget/forget-000000.tar",
+                          search={"towers": ["text"], "save_checkpoint": False, **search})
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
+                                           "init_args": {"model_name": clip_folder}}
+    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": target}
+    raw["trainer"]["accelerator"] = accelerator
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["fit", "--config", str(config)]) == 0
+    return tmp_path / "lightning_logs" / "version_0"
+
+
 @ON_CPU_AND_GPU
 def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
         tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline, device):
@@ -400,21 +418,10 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
 
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     monkeypatch.chdir(tmp_path)
-    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
-    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
-                          search={"top_k": 2, "max_evals": 2, "towers": ["text"], "target_value": 1.0,
-                                  "save_checkpoint": False})
-    raw = yaml.safe_load(config.read_text())
-    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
-                                           "init_args": {"model_name": tiny_hf_clip}}
-    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2, "target_value": 1.0}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "device": device, "save_edited": True,
-        "progress": False}}
-    raw["trainer"]["accelerator"] = "gpu" if device == "cuda" else "cpu"
-    config.write_text(yaml.safe_dump(raw))
-    assert main(["fit", "--config", str(config)]) == 0
-    run = tmp_path / "lightning_logs" / "version_0"
+        "progress": False}, accelerator="gpu" if device == "cuda" else "cpu")
     summary = json.loads((run / "summary.json").read_text())
     generation = summary["generation"]
     assert generation["prompts"] == 3 * 2 and generation["seeds"] == [0, 1]  # 3 concepts × 2 templates
@@ -447,6 +454,48 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
     assert "text_model.encoder" in ranking and "vision_model" not in ranking  # towers: [text]
 
 
+def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
+        tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
+    """protect_retained: the forget gradient is projected off what the retained prompts feed the
+    text encoder, so the edited pipeline encodes them as before (every position the UNet reads)
+    while the forgotten concept's prompts move; only projectable tensors are candidates."""
+    from diffusers import StableDiffusionPipeline
+
+    identities = json.loads(Path(small_world["identities_json"]).read_text())
+    concept = identities[0]
+    monkeypatch.chdir(tmp_path)
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2, "target_value": 1.0}, {
+        "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5], "steps": 2,
+        "guidance": 3.0, "batch_size": 8, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
+        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6})
+    summary = json.loads((run / "summary.json").read_text())
+    protected = summary["generation"]["protected"]
+    assert protected["prompts"] == 2 * 2 and protected["tolerance"] == 1e-6  # 2 retained concepts × 2 templates
+    assert protected["concepts"] == identities[1:3]
+    chosen = summary["method"]["edits"][0]["layer"]
+    assert chosen.endswith("_proj.weight") or chosen.endswith((".fc1.weight", ".fc2.weight", "embedding.weight"))
+    import csv
+
+    rows = list(csv.DictReader((run / "ranking.csv").open()))
+    editable = {r["name"] for r in rows if r["readable"] == "True"}
+    projectable = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".out_proj.weight", ".fc1.weight",
+                   ".fc2.weight", "_embedding.weight")
+    assert editable and all(name.endswith(projectable) for name in editable)  # only what can be projected
+    assert any(r["name"].endswith("layer_norm1.weight") and r["readable"] == "False" for r in rows)
+    retained = [t.format(c) for c in identities[1:3] for t in ("a photo of {}.", "{} in a picture.")]
+    original = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None)
+    edited = StableDiffusionPipeline.from_pretrained(run / "edited_stable_diffusion", safety_checker=None)
+    change = lambda prompts: float((prompt_embeddings(edited, prompts) - prompt_embeddings(original, prompts)).norm()
+                                   / prompt_embeddings(original, prompts).norm())  # noqa: E731
+    assert change(retained) < 1e-4
+    assert change([t.format(concept) for t in ("a photo of {}.", "{} in a picture.")]) > 10 * change(retained)
+    assert "projected off what the 4 retained prompts feed" in (run / "report.md").read_text()
+    with pytest.raises(ValueError, match="protect_retained"):
+        StableDiffusion(pipeline, protect_retained=0)
+    with pytest.raises(ValueError, match="protect_tolerance"):
+        StableDiffusion(pipeline, protect_retained=True, protect_tolerance=1.5)
+
+
 def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
     import csv
 
@@ -460,20 +509,11 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
                                  "builders_downstream.TinyClassifier", {"num_classes": len(identities)}, identities,
                                  image_size=(8, 8))
     monkeypatch.chdir(tmp_path)
-    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
-    config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
-                          search={"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
-                                  "target_value": 1.0, "save_checkpoint": False})
-    raw = yaml.safe_load(config.read_text())
-    raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
-                                           "init_args": {"model_name": tiny_hf_clip}}
-    raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": {
-        "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
-        "guidance": 3.0, "batch_size": 4, "search_on": "generation", "judges": ["clip", str(classifier)],
-        "device": "cpu", "progress": False}}
-    config.write_text(yaml.safe_dump(raw))
-    assert main(["fit", "--config", str(config)]) == 0
-    run = tmp_path / "lightning_logs" / "version_0"
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept,
+                 {"top_k": 2, "max_evals": 2, "target_metric": "forget_top1", "target_value": 1.0}, {
+                     "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
+                     "guidance": 3.0, "batch_size": 4, "search_on": "generation",
+                     "judges": ["clip", str(classifier)], "device": "cpu", "progress": False})
     summary = json.loads((run / "summary.json").read_text())
     generation = summary["generation"]
     assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}

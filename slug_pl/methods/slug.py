@@ -549,10 +549,20 @@ class SlugSearch(Callback):
             judge = target.search_judge(model, datamodule, concept) if target is not None else None
             return judge or Evaluator.for_concepts(family, datamodule, "validation", [concept])
 
+        # a target may keep the edit off what it must keep: the forget gradient projected, and only
+        # the tensors the projection covers as candidates (slug_pl.retain_projection)
+        projection = target.forget_gradient_projection(family, model, datamodule, concepts) if target else None
+        readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
+        if projection is not None:
+            run_forget = projection.apply(run_forget)
+            readable = lambda name, base=readable: base(name) and projection.covers(name)  # noqa: E731
+            rank_zero_info(f"forget gradient projected off the inputs of {projection.prompts} protected "
+                           f"prompts; {len(projection.describe()['rank'])} tensors can be edited")
+
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))
             extra_pairs["count"] += count
-            return grads
+            return projection.apply(grads) if projection is not None else grads
 
         def ranked(concept: str, scores) -> None:  # on disk as soon as it exists (kept if the search stops)
             if concept not in written:
@@ -564,8 +574,8 @@ class SlugSearch(Callback):
         if target is not None and target.reorders_candidates:
             search.rank_found = lambda concept, edits: target.rank_candidates(model, datamodule, concept, edits)
         outcomes = search.search_concepts(model, family, judge_for, concepts, concept_gradient,
-                                          pl_module.gradients["retain"], readable=pl_module.readable,
-                                          run_forget_grad=pl_module.gradients["forget"])
+                                          pl_module.gradients["retain"], readable=readable,
+                                          run_forget_grad=run_forget)
         for o in outcomes:
             apply_edit(model, o.edit)
         if len(concepts) > 1:

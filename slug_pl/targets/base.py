@@ -135,6 +135,12 @@ class DownstreamTarget(ABC):
         return self.name
 
     # -- the search and the verdict ------------------------------------------------------------
+    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+        """A projection of the forget gradient that keeps the edit off what the downstream model
+        must keep (:class:`slug_pl.retain_projection.InputProjection`: only the tensors it covers
+        are then candidates), or None: the method's forget gradient as it is."""
+        return None
+
     def search_judge(self, clip: nn.Module, datamodule, concept: str):
         """A judge (``evaluate(model, edited) -> metrics``) for the step search of ``concept``,
         measured on the downstream model with the CLIP's edit transplanted, or None to search

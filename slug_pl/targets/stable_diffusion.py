@@ -71,6 +71,7 @@ from slug_pl.evaluation.generation import (
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.record import pct, table
+from slug_pl.retain_projection import input_projection
 from slug_pl.step_search import reverted
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
 from slug_pl.targets.saved_copy import NoSafetensorsError, TensorChange, copy_with_tensors
@@ -258,6 +259,8 @@ class StableDiffusion(DownstreamTarget):
         dtype: str | None = None,
         save_edited: bool = False,
         progress: bool = True,
+        protect_retained: bool | int = False,
+        protect_tolerance: float = 0.05,
     ):
         """
         Args:
@@ -300,6 +303,17 @@ class StableDiffusion(DownstreamTarget):
             save_edited: also write the edited pipeline into the run folder
                 (``edited_stable_diffusion/``, a ``save_pretrained`` folder; the size of the model).
             progress: show a progress bar over generated images.
+            protect_retained: keep the edit off the retained concepts' prompts (the report's retain
+                prompts: ``retain_concepts`` × ``retain_templates``): the forget gradient of every
+                text-encoder weight is projected off the inputs those prompts feed it at every
+                position the UNet reads (:mod:`slug_pl.retain_projection`), so at the found step
+                their text states stay as they were; only linear weights and embedding tables
+                (what can be projected) are then candidates. A change to the method's update
+                direction, recorded in the run (``generation.protected``). A number protects only
+                the first that many retained concepts (the others then show what an unprotected
+                concept loses).
+            protect_tolerance: the projection drops input directions whose singular value is below
+                this fraction of the largest (0: the exact span).
         """
         if clip_skip is not None and (isinstance(clip_skip, bool) or clip_skip < 0):
             raise ValueError(f"target clip_skip must be a non-negative number of layers or null, got {clip_skip!r}")
@@ -330,6 +344,13 @@ class StableDiffusion(DownstreamTarget):
         self.dtype = resolve_dtype(dtype, self.device)
         self.save_edited = save_edited
         self.progress = progress
+        if not isinstance(protect_retained, bool) and protect_retained < 1:
+            raise ValueError(f"target protect_retained is true, false or a positive number of concepts, "
+                             f"got {protect_retained}")
+        if not 0.0 <= protect_tolerance < 1.0:
+            raise ValueError(f"target protect_tolerance is a fraction in [0, 1), got {protect_tolerance}")
+        self.protect_retained, self.protect_tolerance = protect_retained, protect_tolerance
+        self.protection: dict | None = None  # what forget_gradient_projection protected, for the record
         self.pipe = None
         self._config: dict | None = None
         self._prefix = ""
@@ -528,6 +549,27 @@ class StableDiffusion(DownstreamTarget):
                                     batch_size=g["batch_size"], height=g["height"], width=g["width"],
                                     progress=self.progress) for s in sets]
 
+    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+        """With ``protect_retained``: the projection off what the retained concepts' prompts feed
+        the text tower at every position (the UNet reads every position's state); else None."""
+        if not self.protect_retained:
+            return None
+        retained = [s for s in self.prompt_sets(datamodule, list(concepts)) if not s.forget]
+        kept = [c for s in retained for c in s.concepts]
+        if not isinstance(self.protect_retained, bool):
+            kept = kept[: self.protect_retained]
+        prompts = [p for s in retained for c in s.concepts if c in kept for p in s.prompts(c)]
+        if not prompts:
+            raise ValueError("target protect_retained is set but there is no retained concept to protect: "
+                             "the concept set holds only the forgotten concepts")
+        tokens = family.tokenize(prompts).to(next(clip.parameters()).device)
+        projection = input_projection(clip, CLIP_TEXT_PREFIX, lambda: family.encode_text(clip, tokens),
+                                      torch.ones(tokens.shape, dtype=torch.bool), len(prompts),
+                                      self.protect_tolerance)
+        self.protection = {"concepts": kept, "prompts": len(prompts), "tolerance": self.protect_tolerance,
+                           "tensors": len(projection.describe()["rank"])}
+        return projection
+
     def judges(self, family, clip: nn.Module, templates: Sequence[str]) -> list:
         """The configured judges (the CLIP one judges with ``clip`` as it is when called)."""
         out = []
@@ -653,6 +695,7 @@ class StableDiffusion(DownstreamTarget):
                          "dtype": str(self.dtype).removeprefix("torch.")},
             "candidates": {c: [vars(s) | {"removes": s.removes(self.forget_threshold)} for s in scores]
                            for c, scores in self.candidate_scores.items()},
+            "protected": self.protection,
         }
         held_out, forget_images = {}, None
         if self.search_on == "generation":  # the search judged generations: so does the held-out verdict
@@ -704,6 +747,13 @@ class StableDiffusion(DownstreamTarget):
             + "). Recognition in %: how often a judge names the prompt's concept.", "",
             *table(["metric", "before", "after", "change"], rows), "",
         ]
+        if block.get("protected"):
+            p = block["protected"]
+            lines += [f"The forget gradient was projected off what the {p['prompts']} retained prompts feed the "
+                      f"text encoder (`protect_retained`, tolerance {p['tolerance']:g}; {p['tensors']} tensors "
+                      f"could be edited): the edit leaves their text states unchanged up to that tolerance. "
+                      f"These are the retain prompts judged above, so their recognition is kept by construction; "
+                      f"concepts left out of the concept set are not protected.", ""]
         for concept, scores in block["candidates"].items():
             lines += [f"Candidates for {concept!r} scored on generations (search seeds; the choice is the best "
                       f"retain recognition among those that remove the concept):", "",

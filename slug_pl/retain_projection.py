@@ -1,0 +1,125 @@
+"""Keeping the edit off what must stay: the forget gradient projected off the inputs that the
+retained prompts feed each tensor.
+
+An edit ``ΔW`` of a linear layer changes its output for an input ``x`` by ``ΔW x``. If every row of
+``ΔW`` is orthogonal to the inputs ``x_1 … x_n`` that the retained prompts feed the layer, their
+outputs at that layer do not change; for an embedding table, whose input is a row index, the rows
+those prompts use stay as they are. So, with ``V`` an orthonormal basis of the span of those inputs
+(from an SVD keeping the singular values above ``tolerance`` × the largest), the projected forget
+gradient
+
+    g ← g − (g V) Vᵀ          (linear weights, g of shape (d_out, d_in), V of shape (d_in, r))
+    g[rows used by them] ← 0  (embedding tables)
+
+gives a single-layer edit that leaves every state of the retained prompts unchanged (up to the
+dropped singular directions), while still moving the forgotten concept's prompts, whose inputs lie
+partly outside that span. Used by downstream targets that know which prompts must stay (Stable
+Diffusion: the retained concepts' prompts; ``StableDiffusion(protect_retained=True)``). Biases and
+layer norms have no input to project off (their "input" is shared by every token): they are not
+covered, and only covered tensors are edit candidates when a projection is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class InputProjection:
+    """What the protected prompts feed each covered tensor.
+
+    Attributes:
+        bases: linear weight name -> orthonormal basis ``(d_in, r)`` of the protected inputs (float32).
+        rows: embedding weight name -> the row indices the protected prompts use (long).
+        prompts: how many protected prompts were encoded.
+        tolerance: singular values below this fraction of the largest were dropped.
+    """
+
+    bases: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
+    prompts: int
+    tolerance: float
+
+    def covers(self, name: str) -> bool:
+        """Whether the gradient of parameter ``name`` is projected (only those may be edited)."""
+        return name in self.bases or name in self.rows
+
+    def apply(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``grads`` with every covered tensor projected (new tensors; the others as they are)."""
+        out = dict(grads)
+        for name, basis in self.bases.items():
+            if name in out:
+                g = out[name]
+                v = basis.to(g.device, torch.float64)
+                flat = g.to(torch.float64)
+                out[name] = (flat - (flat @ v) @ v.T).to(g.dtype)
+        for name, rows in self.rows.items():
+            if name in out:
+                g = out[name].clone()
+                g[rows.to(g.device)] = 0
+                out[name] = g
+        return out
+
+    def describe(self) -> dict:
+        """For the run record: the prompts, the tolerance, and each covered tensor's protected rank."""
+        return {"prompts": self.prompts, "tolerance": self.tolerance,
+                "rank": {n: int(b.shape[1]) for n, b in self.bases.items()}
+                | {n: int(r.numel()) for n, r in self.rows.items()}}
+
+
+def orthonormal_span(inputs: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """An orthonormal basis ``(d, r)`` of the span of the rows of ``inputs`` ``(n, d)``, keeping the
+    singular directions whose singular value is above ``tolerance`` × the largest."""
+    _, s, vh = torch.linalg.svd(inputs.to(torch.float64), full_matrices=False)
+    keep = s > tolerance * s[0] if s.numel() and s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return vh[keep].T.to(torch.float32).contiguous()
+
+
+@torch.no_grad()
+def input_projection(model: nn.Module, prefix: str, encode: Callable[[], object], positions: torch.Tensor,
+                     prompts: int, tolerance: float = 0.05) -> InputProjection:
+    """Record what ``encode()`` (encoding the protected prompts) feeds every ``nn.Linear`` and
+    ``nn.Embedding`` whose name starts with ``prefix``, at the token positions ``positions``
+    (bool ``(B, T)``: the prompts' tokens the downstream model reads), and return the projection.
+
+    Linear inputs must be ``(B, T, d)``; an embedding's index input ``(B, T)`` or ``(1, T)``
+    (position ids, shared by the batch).
+    """
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance is a fraction of the largest singular value in [0, 1), got {tolerance}")
+    inputs: dict[str, list[torch.Tensor]] = {}
+    rows: dict[str, set[int]] = {}
+
+    def linear_hook(name):
+        def hook(module, args, output):
+            x = args[0]
+            inputs.setdefault(name, []).append(x[positions.to(x.device)].detach().cpu())
+        return hook
+
+    def embedding_hook(name):
+        def hook(module, args, output):
+            ids = args[0]
+            ids = ids.expand(positions.shape[0], -1) if ids.shape[0] == 1 else ids
+            rows.setdefault(name, set()).update(ids[positions.to(ids.device)].unique().tolist())
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if not name.startswith(prefix):
+            continue
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook(name + ".weight")))
+        elif isinstance(module, nn.Embedding):
+            handles.append(module.register_forward_hook(embedding_hook(name + ".weight")))
+    try:
+        encode()
+    finally:
+        for handle in handles:
+            handle.remove()
+    bases = {name: orthonormal_span(torch.cat(xs), tolerance) for name, xs in inputs.items()}
+    used = {name: torch.tensor(sorted(r), dtype=torch.long) for name, r in rows.items()}
+    return InputProjection(bases, used, prompts, tolerance)
