@@ -37,8 +37,9 @@ GRID_ROWS = 6
 MODES = ("generation", "clip")
 
 
-def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path) -> tuple[int, Path, float]:
-    """One demo run forgetting ``concept`` with the demo cache at ``root``; returns the exit
+def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path, protect: str = "off") -> tuple[int, Path, float]:
+    """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the
+    target's ``protect_retained``: ``off``, ``all`` or a number of concepts); returns the exit
     code, the run folder and the wall seconds."""
     t0 = time.perf_counter()
     code = slug_main(["fit", "--config", str(REPO / "configs" / "demo_sd.yaml"),
@@ -47,6 +48,8 @@ def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path) -> tupl
                       "--model.target.init_args.pipeline", str(root / "sd_pipeline"),
                       "--model.target.init_args.judges", json.dumps(["clip", str(root / "sd_classifier")]),
                       "--model.target.init_args.search_on", search_on,
+                      "--model.target.init_args.protect_retained",
+                      {"off": "false", "all": "true"}.get(protect, protect),
                       "--model.target.init_args.save_edited", "false", "--model.target.init_args.progress", "false",
                       "--trainer.default_root_dir", str(out_dir), "--trainer.enable_progress_bar", "false"])
     return code, out_dir / "lightning_logs" / "version_0", time.perf_counter() - t0
@@ -64,13 +67,20 @@ def main(argv=None) -> int:
     p.add_argument("--identities", type=int, default=3, help="identities (the world's first ones), one run each")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="step-search modes to run")
     p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIP, pipeline)")
+    p.add_argument("--protect", default="off",
+                   help="the target's protect_retained: off (SLUG's forget gradient as it is; sd_demo.md), all "
+                        "(projected off every retained prompt; sd_demo_protect_all.md) or N (the first N retained "
+                        "identities only: the others show what an unprotected identity loses)")
     args = p.parse_args(argv)
+    if args.protect not in ("off", "all") and not args.protect.isdigit():
+        p.error(f"--protect is off, all or a number, got {args.protect!r}")
+    stem = "sd_demo" if args.protect == "off" else f"sd_demo_protect_{args.protect}"
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for mode in args.modes:
         for concept in identity_names(WorldSpec())[: args.identities]:
             with tempfile.TemporaryDirectory() as tmp:
-                code, run, seconds = fit_sd_demo(root, concept, mode, Path(tmp))
+                code, run, seconds = fit_sd_demo(root, concept, mode, Path(tmp), args.protect)
                 summary = json.loads((run / "summary.json").read_text())
                 if grid is None:
                     grid = crop_rows(run / "generation_grid.png", GRID_ROWS)
@@ -87,10 +97,10 @@ def main(argv=None) -> int:
     build.pop("cache_key", None)
     command = ("python benchmarks/sd_demo.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if grid is not None:
-        with atomic_output(RESULTS / "sd_demo_grid.png", overwrite=True) as tmp_png:
+        with atomic_output(RESULTS / f"{stem}_grid.png", overwrite=True) as tmp_png:
             grid.save(tmp_png, format="PNG")
-    write_table_results("sd_demo", command, time.perf_counter() - t_start, {"build": build, "runs": rows},
-                        markdown(command, build, rows))
+    write_table_results(stem, command, time.perf_counter() - t_start, {"build": build, "runs": rows},
+                        markdown(command, build, rows, stem))
     return 0
 
 
@@ -243,7 +253,30 @@ def _mode_section(mode: str, rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def markdown(command: str, build: dict, rows: list[dict]) -> list[str]:
+def protection_lines(rows: list[dict]) -> list[str]:
+    """With ``protect_retained``: what was protected and, where only some identities were, what the
+    unprotected ones lost (each judge, mean over runs)."""
+    protected = [r["generation"].get("protected") for r in rows]
+    if not any(protected):
+        return ["SLUG's forget gradient as it is (`protect_retained: false`).", ""]
+    p = protected[0]
+    lines = [f"The forget gradient is projected off what the retained identities' prompts feed the text encoder "
+             f"(`protect_retained`, tolerance {p['tolerance']:g}): {len(p['concepts'])} identities protected, "
+             f"{p['prompts']} prompts, {p['tensors']} tensors editable.", ""]
+    judges = list(rows[0]["generation"]["judges"])
+    for j in judges:
+        split = {"protected": [], "unprotected": []}
+        for r, pr in zip(rows, protected):
+            for name, v in r["generation"]["judges"][j]["per_concept"].items():
+                if name != r["concept"]:
+                    split["protected" if name in pr["concepts"] else "unprotected"].append(v["after"] - v["before"])
+        parts = [f"{kind} identities {100 * statistics.mean(d):+.1f} points ({len(d)} identity-runs)"
+                 for kind, d in split.items() if d]
+        lines.append(f"- `{j}`: recognition change of the other identities, " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
+def markdown(command: str, build: dict, rows: list[dict], stem: str = "sd_demo") -> list[str]:
     g0 = rows[0]["generation"]
     s = g0["settings"]
     templates = g0["prompts"] // len(g0["per_concept"])
@@ -264,11 +297,12 @@ def markdown(command: str, build: dict, rows: list[dict]) -> list[str]:
              f"{s['search_seeds']}. Recognition: the fraction of a prompt's generations the judge names as the "
              f"prompt's identity (chance 5 %); others: mean over the {len(g0['per_concept']) - 1} other identities. "
              f"CLIP score: 100·cos(image, prompt) under the unedited CLIP, the other identities' prompts.", ""]
+    lines += protection_lines(rows)
     for mode in MODES:
         mine = [r for r in rows if r["mode"] == mode]
         if mine:
             lines += _mode_section(mode, mine)
-    lines += ["![before | after](sd_demo_grid.png)", "",
+    lines += [f"![before | after]({stem}_grid.png)", "",
               f"*{rows[0]['concept']}'s run ({rows[0]['mode']} search), held-out seeds: the forgotten identity's row "
               f"first, then the first {GRID_ROWS - 1} other identities (before | after).*"]
     return lines
