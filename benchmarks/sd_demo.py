@@ -67,14 +67,15 @@ def main(argv=None) -> int:
     p.add_argument("--identities", type=int, default=3, help="identities (the world's first ones), one run each")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="step-search modes to run")
     p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIP, pipeline)")
-    p.add_argument("--protect", default="off",
-                   help="the target's protect_retained: off (SLUG's forget gradient as it is; sd_demo.md), all "
-                        "(projected off every retained prompt; sd_demo_protect_all.md) or N (the first N retained "
-                        "identities only: the others show what an unprotected identity loses)")
+    p.add_argument("--protect", default="all",
+                   help="the target's protect_retained: all (the demo's setting: projected off every retained "
+                        "prompt; sd_demo.md), off (SLUG's forget gradient as it is; sd_demo_unprotected.md) or N "
+                        "(the first N retained identities only, sd_demo_protect_N.md: the others show what an "
+                        "unprotected identity loses)")
     args = p.parse_args(argv)
     if args.protect not in ("off", "all") and not args.protect.isdigit():
         p.error(f"--protect is off, all or a number, got {args.protect!r}")
-    stem = "sd_demo" if args.protect == "off" else f"sd_demo_protect_{args.protect}"
+    stem = {"all": "sd_demo", "off": "sd_demo_unprotected"}.get(args.protect, f"sd_demo_protect_{args.protect}")
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for mode in args.modes:
