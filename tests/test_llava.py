@@ -159,6 +159,10 @@ def test_check_pair_at_the_vlms_precision(pair):
     assert same_weights(w, w.to(torch.bfloat16)) and not same_weights(w, (w * 1.02).to(torch.bfloat16))
     # rounded twice (float32 -> float16 checkpoint -> bfloat16) is still the same weights
     assert same_weights(w, w.to(torch.float16).to(torch.bfloat16))
+    # weights below float16's normal range (2^-14) keep only an absolute step in a float16 checkpoint
+    small = torch.tensor([1e-6, 3e-7, -2e-6, 0.02])
+    assert same_weights(small, small.to(torch.float16).to(torch.bfloat16))
+    assert not same_weights(small, (small * 1.02).to(torch.bfloat16))
     assert not same_weights(w * 1.0001, w.detach().clone())  # float32 copies must be bit-equal
 
 

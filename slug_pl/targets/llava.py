@@ -46,13 +46,12 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from slug_pl.atomic import atomic_folder
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, chat_prompt, score_vqa
 from slug_pl.families.hf_clip import ProcessorTransform
 from slug_pl.record import pct, table
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
-from slug_pl.targets.saved_copy import NoSafetensorsError, TensorChange, copy_with_tensors
+from slug_pl.targets.saved_copy import TensorChange, same_weights, save_edited_copy
 
 #: The naming question (the issue's wording; LLaVA-1.5 answers it with a sentence holding the name).
 QUESTION = DEFAULT_QUESTION
@@ -85,20 +84,6 @@ class VqaImages:
 def group_by_concept(pixels: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str]) -> dict[str, torch.Tensor]:
     """Images of a labelled set per class name, in set order (classes without images left out)."""
     return {name: pixels[labels == label] for label, name in enumerate(classnames) if (labels == label).any()}
-
-
-def same_weights(clip_tensor: torch.Tensor, vlm_tensor: torch.Tensor) -> bool:
-    """Whether a CLIP tensor and the VLM's copy hold the same weights at the VLM's precision:
-    bit-equal in float32; within one rounding step of the VLM's dtype otherwise (a float32 CLIP
-    rounded to the float16 of a checkpoint and loaded as bfloat16 is rounded twice)."""
-    if clip_tensor.shape != vlm_tensor.shape:
-        return False
-    a = clip_tensor.detach().to(vlm_tensor.device, torch.float32)
-    b = vlm_tensor.detach().float()
-    if vlm_tensor.dtype == torch.float32:
-        return torch.equal(a, b)
-    info = torch.finfo(vlm_tensor.dtype)
-    return torch.allclose(b, a, rtol=info.eps, atol=info.tiny)
 
 
 class Llava(DownstreamTarget):
@@ -370,13 +355,12 @@ class Llava(DownstreamTarget):
         Complete or absent; never overwrites (:class:`FileExistsError`)."""
         self.load()
         changes = {theirs[len(self._tower_prefix):]: change for theirs, change in self._written.items()}
-        try:
-            copy_with_tensors(self._folder(), folder, changes)
-        except NoSafetensorsError:
-            with atomic_folder(folder) as tmp:
-                self.vlm.save_pretrained(tmp)
-                self.processor.save_pretrained(tmp)
-        return Path(folder)
+
+        def save_running(tmp: Path) -> None:
+            self.vlm.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+
+        return save_edited_copy(self._folder(), folder, changes, save_running)
 
     def _folder(self) -> Path:
         """The local folder the VLM was loaded from (for a hub id, its snapshot in the cache)."""

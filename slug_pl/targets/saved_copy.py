@@ -12,7 +12,7 @@ the run used.
 A tensor is found in the files by its name relative to the embedded tower (e.g.
 ``encoder.layers.3.self_attn.v_proj.weight``; a file key matches when it is that name or ends with
 ``"." + name``, so both older and newer key layouts are found) *and* by its value: the stored tensor
-must be the value the model loaded (bit-equal in float32, else within a rounding step). Every file
+must be the value the model loaded (:func:`same_weights`). Every file
 holding it is rewritten (e.g. a ``model.safetensors`` and its ``model.fp16.safetensors`` variant);
 a ``pytorch_model*.bin`` beside such a file would still hold the old value and is left out of the
 copy (loaders prefer safetensors anyway).
@@ -22,13 +22,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from slug_pl.atomic import atomic_folder
+
+
+#: The spacing of float16's subnormal numbers (2^-24): below 2^-14 a float16 copy of a weight is
+#: only this exact in absolute terms.
+FLOAT16_SUBNORMAL_STEP = 2.0**-24
 
 
 class NoSafetensorsError(ValueError):
@@ -44,17 +49,19 @@ class TensorChange:
     new: torch.Tensor
 
 
-def _same(stored: torch.Tensor, loaded: torch.Tensor) -> bool:
-    """Whether ``loaded`` holds ``stored``'s weights: bit-equal when both are float32, else within
-    one rounding step of the coarser dtype (a float32 file loaded in bfloat16 and its float16
-    variant are rounded differently)."""
-    if stored.shape != loaded.shape:
+def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two copies of a tensor hold the same weights, at the coarser precision of the two:
+    bit-equal when both are float32; otherwise within one rounding step of the coarser dtype, and
+    within one float16 subnormal step absolutely (a float32 CLIP rounded to a float16 checkpoint
+    and loaded as bfloat16 is rounded twice; weights below float16's normal range lose more than
+    a relative step there). Compared on ``b``'s device."""
+    if a.shape != b.shape:
         return False
-    a, b = stored.float(), loaded.detach().cpu().float()
-    if stored.dtype == loaded.dtype == torch.float32:
-        return torch.equal(a, b)
-    eps = max(torch.finfo(t.dtype).eps for t in (stored, loaded) if t.is_floating_point())
-    return torch.allclose(a, b, rtol=eps, atol=torch.finfo(torch.float16).tiny)
+    x, y = a.detach().to(b.device, torch.float32), b.detach().float()
+    if a.dtype == b.dtype == torch.float32:
+        return torch.equal(x, y)
+    eps = max(torch.finfo(t.dtype).eps for t in (a, b))
+    return torch.allclose(y, x, rtol=eps, atol=FLOAT16_SUBNORMAL_STEP)
 
 
 def _key_matches(key: str, name: str) -> bool:
@@ -77,7 +84,7 @@ def locate(folder: str | os.PathLike, changes: Mapping[str, TensorChange]) -> di
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 for name, change in changes.items():
-                    if _key_matches(key, name) and _same(f.get_tensor(key), change.original):
+                    if _key_matches(key, name) and same_weights(f.get_tensor(key), change.original):
                         found.setdefault(file, {})[key] = name
                         seen[name] += 1
     missing = [name for name, n in seen.items() if n == 0]
@@ -131,3 +138,17 @@ def copy_with_tensors(source: str | os.PathLike, folder: str | os.PathLike,
             else:
                 shutil.copyfile(path, dest)  # follows links (a hub cache's snapshot links to its blobs)
     return sorted(str(file.relative_to(source)) for file in found)
+
+
+def save_edited_copy(source: str | os.PathLike, folder: str | os.PathLike, changes: Mapping[str, TensorChange],
+                     save_running: Callable[[Path], None], within: str = "") -> Path:
+    """A downstream target's ``save_pretrained``: :func:`copy_with_tensors` of ``source`` into the
+    new folder ``folder``; when ``source`` keeps the weights in no safetensors file, the model as
+    it runs instead (``save_running(tmp)`` writes it into a temporary folder renamed into place;
+    in its running dtype). Complete or absent; never over an existing folder."""
+    try:
+        copy_with_tensors(source, folder, changes, within=within)
+    except NoSafetensorsError:
+        with atomic_folder(folder) as tmp:
+            save_running(tmp)
+    return Path(folder)

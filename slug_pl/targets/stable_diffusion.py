@@ -58,7 +58,6 @@ import torch
 from torch import nn
 
 from slug_pl.data.generated import check_pipeline_dir, load_pipeline, resolve_dtype
-from slug_pl.atomic import atomic_folder
 from slug_pl.edit import EditMismatchError, LayerEdit, apply_edit, load_edits, revert_edit
 from slug_pl.evaluation.generation import (
     ClassifierJudge,
@@ -74,7 +73,7 @@ from slug_pl.record import pct, table
 from slug_pl.retain_projection import input_projection
 from slug_pl.step_search import reverted
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
-from slug_pl.targets.saved_copy import NoSafetensorsError, TensorChange, copy_with_tensors
+from slug_pl.targets.saved_copy import TensorChange, save_edited_copy
 
 #: The CLIPModel prefix of the text tower; ``text_model.X`` is the pipeline text encoder's ``X``.
 CLIP_TEXT_PREFIX = "text_model."
@@ -489,12 +488,8 @@ class StableDiffusion(DownstreamTarget):
         Complete or absent; an existing folder is refused."""
         self.load()
         changes = {theirs[len(self._prefix):]: change for theirs, change in self._written.items()}
-        try:
-            copy_with_tensors(check_pipeline_dir(self.pipeline), folder, changes, within="text_encoder")
-        except NoSafetensorsError:
-            with atomic_folder(folder) as tmp:
-                self.pipe.save_pretrained(tmp)
-        return Path(folder)
+        return save_edited_copy(check_pipeline_dir(self.pipeline), folder, changes, self.pipe.save_pretrained,
+                                within="text_encoder")
 
     # -- generation ----------------------------------------------------------------------------
     def generator(self):
