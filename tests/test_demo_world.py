@@ -15,11 +15,13 @@ from PIL import Image
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 from slug_pl.demo.world import (
     ATTRIBUTES,
+    SHIRT_COLOURS,
     WorldSpec,
     build_world,
     identity_attributes,
     identity_names,
     object_names,
+    spec_record,
 )
 
 SMALL = WorldSpec(seed=3, identity_corpus=2, identity_val=1, identity_test=1, object_corpus=3,
@@ -85,6 +87,78 @@ def test_spec_validation():
         WorldSpec(n_objects=0)
     with pytest.raises(ValueError):
         WorldSpec(shard_size=0)
+    with pytest.raises(ValueError, match="unknown attribute.*'hat'"):
+        WorldSpec(varying=("shirt", "hat"))
+    with pytest.raises(ValueError, match="at least two fixed"):
+        WorldSpec(varying=tuple(ATTRIBUTES)[:-1])
+    with pytest.raises(ValueError, match=r"min_attribute_distance must be in \[1, 5\]"):
+        WorldSpec(varying=("shirt", "background"), min_attribute_distance=6)
+
+
+def test_spec_record_keeps_worlds_without_varying_attributes_as_they_were():
+    assert "varying" not in spec_record(WorldSpec())  # records and cache keys made before it existed
+    spec = WorldSpec(seed=2, varying=["shirt", "background"])  # a list, as YAML gives it
+    record = json.loads(json.dumps(spec_record(spec)))
+    assert record["varying"] == ["shirt", "background"]
+    assert WorldSpec(**record) == spec and spec.fixed == ("skin", "hair_colour", "hair_style",
+                                                          "eye_colour", "glasses")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_people_are_told_apart_by_their_fixed_attributes_when_others_vary(seed):
+    spec = WorldSpec(seed=seed, varying=("shirt", "background"))
+    attrs = identity_attributes(spec)
+    assert all(tuple(a) == spec.fixed for a in attrs)
+    for i in range(len(attrs)):
+        for j in range(i + 1, len(attrs)):
+            assert sum(attrs[i][k] != attrs[j][k] for k in spec.fixed) >= spec.min_attribute_distance
+    for key in spec.fixed:
+        assert min(collections.Counter(a[key] for a in attrs).values()) >= 2, key
+
+
+def _nearest_shirt(img: np.ndarray) -> str:
+    """The shirt colour nearest (in RGB direction) to the pixel below the chin, at the centre of
+    the shirt whatever the render's jitter of position and scale."""
+    pixel = img[30, 16].astype(float) / 255.0
+    cosine = {k: pixel @ np.asarray(c) / np.linalg.norm(pixel) / np.linalg.norm(c)
+              for k, c in SHIRT_COLOURS.items()}
+    return max(cosine, key=cosine.get)
+
+
+def test_varying_attributes_are_drawn_for_every_image(tmp_path):
+    spec = WorldSpec(**{**SMALL.__dict__, "identity_corpus": 6, "varying": ("shirt", "background")})
+    world = build_world(tmp_path / "w", spec)
+    names, attrs = identity_names(spec), identity_attributes(spec)
+    shirts = collections.defaultdict(set)
+    backgrounds = collections.Counter()
+    for s in _samples(world["corpus"]):
+        meta = json.loads(s.fields["json"])
+        if meta["kind"] != "identity":
+            continue
+        fixed = {k: meta["attributes"][k] for k in spec.fixed}
+        assert fixed == attrs[names.index(meta["name"])]  # the person ...
+        shirt = meta["attributes"]["shirt"]  # ... in this photo's clothes and place
+        shirts[meta["name"]].add(shirt)
+        backgrounds[meta["attributes"]["background"]] += 1
+        assert _nearest_shirt(np.asarray(decode_image(s))) == shirt  # drawn as recorded
+        if " shirt." in s.caption:
+            assert s.caption.endswith(f"in a {shirt} shirt.")
+    assert set(backgrounds) == set(ATTRIBUTES["background"])
+    assert sum(len(v) > 1 for v in shirts.values()) >= len(names) // 2  # people change shirts
+    # the attributes table lists what makes a person, and the record says what varies
+    table = json.loads((Path(world["root"]) / "attributes.json").read_text())
+    assert all(set(a) == {"name", *spec.fixed} for a in table)
+    assert json.loads(Path(world["world_json"]).read_text())["spec"]["varying"] == ["shirt", "background"]
+    # the same spec rebuilt is the same world, byte for byte
+    assert build_world(tmp_path / "again", spec)["fingerprint"] == world["fingerprint"]
+
+
+def test_the_shirt_check_reads_fixed_worlds_too(small_world):
+    names, attrs = identity_names(SMALL), identity_attributes(SMALL)
+    samples = [s for s in _samples(small_world["corpus"]) if json.loads(s.fields["json"])["kind"] == "identity"]
+    for s in samples:
+        name = json.loads(s.fields["json"])["name"]
+        assert _nearest_shirt(np.asarray(decode_image(s))) == attrs[names.index(name)]["shirt"]
 
 
 def test_layout_and_counts(small_world):

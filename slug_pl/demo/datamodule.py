@@ -55,6 +55,7 @@ class DemoWorld(SlugDataModule):
         bad_samples: str = "stop",
         mia_nonmembers: str | list[str] | None = None,
         train: dict | None = None,
+        varying: list[str] | None = None,
     ):
         """
         Args:
@@ -69,8 +70,11 @@ class DemoWorld(SlugDataModule):
             mia_nonmembers: non-member pairs for membership inference (default: the held-out
                 validation and test pairs of the forgotten identities, never seen in training).
             train: overrides of the demo CLIP's training settings (see ``slug_pl.demo.train``).
+            varying: attributes drawn afresh for every image rather than fixed per person, e.g.
+                ``[shirt, background]`` (see :class:`~slug_pl.demo.world.WorldSpec`); a world of
+                its own, so give it its own ``root``.
         """
-        self.spec = WorldSpec(seed=seed)
+        self.spec = WorldSpec(seed=seed, varying=tuple(varying or ()))
         names = identity_names(self.spec)
         concepts = list(concepts) if concepts else [names[0]]
         for concept in concepts:

@@ -26,7 +26,6 @@ Everything here works offline:
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import inspect
@@ -41,7 +40,7 @@ from pathlib import Path
 import torch
 
 from slug_pl.atomic import atomic_folder, swap_into_place, write_text
-from slug_pl.demo.world import WorldSpec, build_world
+from slug_pl.demo.world import WorldSpec, build_world, spec_record
 
 logger = logging.getLogger(__name__)
 
@@ -405,7 +404,7 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     kwargs = _resolved_train_kwargs(train_kwargs)
     world = build_world(root / "world", spec)
     folder = root / "hf_clip"
-    cache_key = {"world_fingerprint": world["fingerprint"], "spec": dataclasses.asdict(spec),
+    cache_key = {"world_fingerprint": world["fingerprint"], "spec": spec_record(spec),
                  "train_kwargs": kwargs, "transformers": version("transformers")}
     metrics = _cached_metrics(folder, cache_key)
     if metrics is not None:

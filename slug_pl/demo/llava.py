@@ -20,7 +20,6 @@ questions, the CLIP's image processor and a LLaVA-1.5-style chat template) into 
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import math
@@ -33,7 +32,7 @@ import torch
 
 from slug_pl.atomic import swap_into_place, write_text
 from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, ensure_hf_clip
-from slug_pl.demo.world import WorldSpec, identity_names, object_names
+from slug_pl.demo.world import WorldSpec, identity_names, object_names, spec_record
 
 #: A LLaVA-1.5-style conversation: ``USER: <image>\n{question}\nASSISTANT: {answer}</s>``.
 CHAT_TEMPLATE = (
@@ -321,7 +320,7 @@ def ensure_llava(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa
     clip = ensure_hf_clip(root, spec, clip_train_kwargs)
     folder = root / "llava"
     cache_key = {"world_fingerprint": clip["world"]["fingerprint"], "clip_fingerprint": clip["fingerprint"],
-                 "spec": dataclasses.asdict(spec), "train_kwargs": kwargs, "transformers": version("transformers"),
+                 "spec": spec_record(spec), "train_kwargs": kwargs, "transformers": version("transformers"),
                  "build_version": BUILD_VERSION}
     metrics = _cached_metrics(folder, cache_key)
     if metrics is not None:

@@ -60,7 +60,7 @@ from torch import nn
 
 from slug_pl.atomic import file_slug, swap_into_place, write_text
 from slug_pl.demo.datamodule import DemoWorld
-from slug_pl.demo.world import WorldSpec
+from slug_pl.demo.world import WorldSpec, spec_record
 from slug_pl.evaluation.zeroshot import fill_template
 
 logger = logging.getLogger(__name__)
@@ -545,7 +545,7 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
     folder, classifier = root / PIPELINE_FOLDER, root / CLASSIFIER_FOLDER
     settings = dataclasses.asdict(train)
     settings["verify_seeds"] = list(settings["verify_seeds"])
-    cache_key = {"clip_fingerprint": clip["fingerprint"], "spec": dataclasses.asdict(spec), "train": settings,
+    cache_key = {"clip_fingerprint": clip["fingerprint"], "spec": spec_record(spec), "train": settings,
                  "diffusers": version("diffusers"), "transformers": version("transformers")}
     metrics = _cached(folder, classifier, cache_key)
     if metrics is not None:

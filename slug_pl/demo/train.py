@@ -11,7 +11,6 @@ test sets are scored by zero-shot classification through the real loader
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
-from slug_pl.demo.world import WorldSpec, build_world
+from slug_pl.demo.world import WorldSpec, build_world, spec_record
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings, topk_hits
 
 logger = logging.getLogger(__name__)
@@ -300,7 +299,7 @@ def ensure_demo(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa:
     ckpt = root / "model" / f"{kwargs['model_name']}.safetensors"
     metrics_json = ckpt.with_suffix(".json")
     cache_key = {"world_fingerprint": world["fingerprint"],
-                 "spec": dataclasses.asdict(spec), "train_kwargs": kwargs,
+                 "spec": spec_record(spec), "train_kwargs": kwargs,
                  "model_config": _model_config(kwargs["model_name"])}
     metrics = None
     if ckpt.is_file() and metrics_json.is_file():

@@ -9,6 +9,9 @@ every attribute value is worn by several people, and any two people differ in at
 ``WorldSpec.min_attribute_distance`` attributes: a model has to learn *combinations* to tell
 people apart, never a single colour. Every image of a person is a fresh render with jitter in
 position, scale, lighting, colour cast, pixel noise and expression (neutral, smiling, surprised).
+``WorldSpec.varying`` names attributes that are *not* part of a person but drawn afresh for every
+image (``("shirt", "background")``: people change clothes and are photographed in different
+places, as in real photo collections); people are then told apart by the other attributes.
 
 **Objects.** A separate set of classes (apple, bicycle, lamp, ...), each a procedurally drawn
 shape and colour scheme, jittered, on varied backgrounds (table, wall, grass, gradient): the
@@ -154,7 +157,9 @@ class WorldSpec:
     Counts are images per class: ``identity_corpus`` training pairs per person,
     ``identity_val`` / ``identity_test`` held-out labelled images per person; the same for
     objects. ``shard_size`` is samples per tar shard. ``min_attribute_distance``: any two people
-    differ in at least this many attributes.
+    differ in at least this many of their fixed attributes. ``varying``: attributes drawn afresh
+    for every image instead of being part of a person (names from :data:`ATTRIBUTES`; default
+    none, every attribute is fixed per person).
     """
 
     seed: int = 0
@@ -169,8 +174,17 @@ class WorldSpec:
     image_size: int = 32
     shard_size: int = 1000
     min_attribute_distance: int = 3
+    varying: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "varying", tuple(self.varying))  # a list from JSON or YAML
+        unknown = [a for a in self.varying if a not in ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"varying: unknown attribute(s) {unknown}; the world's attributes are "
+                             f"{', '.join(ATTRIBUTES)}")
+        if len(set(self.varying)) != len(self.varying) or len(self.varying) > len(ATTRIBUTES) - 2:
+            raise ValueError(f"varying must name distinct attributes and leave at least two fixed per "
+                             f"person, got {list(self.varying)}")
         if not 20 <= self.n_identities <= MAX_IDENTITIES:
             raise ValueError(
                 f"n_identities must be in [20, {MAX_IDENTITIES}], got {self.n_identities}")
@@ -184,8 +198,25 @@ class WorldSpec:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
         if self.image_size < 8:
             raise ValueError(f"image_size must be >= 8, got {self.image_size}")
-        if not 1 <= self.min_attribute_distance <= len(ATTRIBUTES):
-            raise ValueError(f"min_attribute_distance must be in [1, {len(ATTRIBUTES)}]")
+        if not 1 <= self.min_attribute_distance <= len(self.fixed):
+            raise ValueError(f"min_attribute_distance must be in [1, {len(self.fixed)}] (the number "
+                             f"of fixed attributes)")
+
+    @property
+    def fixed(self) -> tuple[str, ...]:
+        """The attributes that make up a person (all but ``varying``), in :data:`ATTRIBUTES` order."""
+        return tuple(k for k in ATTRIBUTES if k not in self.varying)
+
+
+def spec_record(spec: WorldSpec) -> dict:
+    """``spec`` as a JSON-ready dict for world records and cache keys. ``varying`` appears only when
+    set, so the records (and caches) of worlds made before it existed stay valid."""
+    record = dataclasses.asdict(spec)
+    if spec.varying:
+        record["varying"] = list(spec.varying)
+    else:
+        del record["varying"]
+    return record
 
 
 # ================================================================================================
@@ -218,14 +249,14 @@ def _violations(table: np.ndarray, min_dist: int) -> int:
 
 
 def identity_attributes(spec: WorldSpec = WorldSpec()) -> list[dict[str, str]]:
-    """Attributes of each identity, in label order.
+    """Fixed attributes of each identity (``spec.fixed``), in label order.
 
     Each attribute column is balanced (values used equally often, +-1, so each value is shared by
     at least two people when ``n_identities >= 2 * len(values)``), then entries are swapped
     within columns until every pair of people differs in ``min_attribute_distance`` attributes.
     """
     n = spec.n_identities
-    keys = list(ATTRIBUTES)
+    keys = list(spec.fixed)
     sizes = [len(ATTRIBUTES[k]) for k in keys]
     rng = np.random.default_rng([spec.seed, 202])
     table = np.stack(
@@ -585,17 +616,24 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _varying_attributes(spec: WorldSpec, split: str, label: int, index: int) -> dict[str, str]:
+    """This image's draw of ``spec.varying`` (uniform over each attribute's values), from a stream of
+    its own so the rest of the render is drawn as in a world without varying attributes."""
+    rng = np.random.default_rng([spec.seed, _SPLITS[split], _KINDS["identity"], label, index, 404])
+    return {k: ATTRIBUTES[k][int(rng.integers(len(ATTRIBUTES[k])))] for k in spec.varying}
+
+
 def _make_sample(spec: WorldSpec, split: str, kind: str, label: int, index: int,
                  names: list[str], attrs: list[dict[str, str]] | None) -> dict:
     """Render one sample; its random stream depends only on (seed, split, kind, label, index)."""
     rng = np.random.default_rng([spec.seed, _SPLITS[split], _KINDS[kind], label, index])
     name = names[label]
     if kind == "identity":
+        attributes = {**attrs[label], **_varying_attributes(spec, split, label, index)}
         expression = EXPRESSIONS[int(rng.integers(len(EXPRESSIONS)))]
-        arr = render_identity(spec, attrs[label], rng, expression)
-        caption = identity_caption(rng, name, attrs[label], expression)
-        meta = {"kind": kind, "name": name, "attributes": dict(attrs[label]),
-                "expression": expression}
+        arr = render_identity(spec, attributes, rng, expression)
+        caption = identity_caption(rng, name, attributes, expression)
+        meta = {"kind": kind, "name": name, "attributes": attributes, "expression": expression}
     else:
         arr, where = render_object(spec, name, rng)
         caption = object_caption(rng, name, where)
@@ -684,7 +722,7 @@ def _layout(root: Path, spec: WorldSpec) -> dict:
 
 
 def _spec_record(spec: WorldSpec) -> dict:
-    return {"generator_version": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}
+    return {"generator_version": GENERATOR_VERSION, "spec": spec_record(spec)}
 
 
 def read_world(root: str | os.PathLike) -> dict | None:
@@ -763,7 +801,7 @@ def build_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> dict:
         test/identities-000000.tar, test/objects-000000.tar
         identities.json, objects.json       class names in label order
         templates.json                      {"identities": [...], "objects": [...]} prompt templates
-        attributes.json                     each identity's attributes
+        attributes.json                     each identity's fixed attributes (WorldSpec.fixed)
         world.json                          the spec, generator version and a content fingerprint
 
     Returns a dict of paths (str; shard sets as brace patterns ``expand_urls`` understands, and
