@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slug_pl.families import HfClip
-from slug_pl.retain_projection import input_projection, orthonormal_span
+from slug_pl.retain_projection import gram_span, input_projection, orthonormal_span
 
 PROTECTED = ["a photo of Alice Abara.", "a portrait of Bruno Bell."]
 OTHER = ["a photo of Quinn Lindqvist."]
@@ -79,3 +79,31 @@ def test_a_tolerance_drops_weak_directions(clip):
     assert loose.describe()["tolerance"] == 0.2 and loose.describe()["rank"][name] == loose.bases[name].shape[1]
     with pytest.raises(ValueError, match="tolerance"):
         projection_of(family, model, PROTECTED, tolerance=1.0)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.3])
+def test_the_gram_matrix_spans_what_the_inputs_span(tolerance):
+    """Inputs too many to keep (every patch of thousands of images) are kept as their Gram matrix:
+    the same protected span as the inputs' own SVD, rank-deficient inputs included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g) @ torch.randn(5, 12, generator=g) * torch.linspace(0.1, 3, 12)  # rank 5
+    direct, gram = orthonormal_span(x, tolerance), gram_span(x.double().T @ x.double(), tolerance)
+    assert gram.shape == direct.shape and gram.shape[1] == (5 if tolerance == 0 else gram.shape[1])
+    assert torch.allclose(gram @ gram.T, direct @ direct.T, atol=1e-5)  # the same projector
+
+
+def test_inputs_encoded_in_several_calls_give_the_same_projection(clip):
+    family, model = clip
+    tokens = family.tokenize(PROTECTED + OTHER)
+    every = torch.ones(tokens.shape, dtype=torch.bool)
+    at_once = input_projection(model, "text_model.", lambda: family.encode_text(model, tokens), every, 3, 0.1)
+
+    def in_two_calls():
+        family.encode_text(model, tokens[:2])
+        family.encode_text(model, tokens[2:])
+
+    in_parts = input_projection(model, "text_model.", in_two_calls, None, 3, 0.1)
+    assert at_once.bases.keys() == in_parts.bases.keys() and at_once.rows.keys() == in_parts.rows.keys()
+    for name, basis in at_once.bases.items():
+        assert torch.allclose(basis @ basis.T, in_parts.bases[name] @ in_parts.bases[name].T, atol=1e-5), name
+    assert all(torch.equal(at_once.rows[n], in_parts.rows[n]) for n in at_once.rows)
