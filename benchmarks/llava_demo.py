@@ -13,6 +13,11 @@ larger the step the VLM needed was. Finally the step margin: the found step (bef
 
     python benchmarks/llava_demo.py --identities 3
     # writes benchmarks/results/llava_demo.json and llava_demo.md
+    python benchmarks/llava_demo.py --identities 3 --protect off
+    # SLUG's own forget gradient (target protect_retained false): llava_demo_unprotected.json / .md
+    python benchmarks/llava_demo.py --identities 3 --varying shirt background
+    # a world where shirt and background change from photo to photo (its own cache,
+    # .slug_cache/demo_llava_varying): llava_demo_varying.json / .md
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from results_io import write_table_results
 from slug_pl.atomic import file_slug
 from slug_pl.cli import main as slug_main
 from slug_pl.data.labelled import LabelledSet
-from slug_pl.demo.world import WorldSpec, identity_names
+from slug_pl.demo.world import ATTRIBUTES, WorldSpec, identity_names
 from slug_pl.edit import stepped
 from slug_pl.families.hf_clip import HfClip, ProcessorTransform
 from slug_pl.gradients import load_tensors
@@ -41,11 +46,12 @@ REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python benchmarks/llava_demo.py --identities {n}"
 
 
-def fit_llava_demo(config: str, root: Path, concept: str, out_dir: str) -> tuple[int, Path, float]:
-    """One ``slug-pl fit`` of the LLaVA demo ``config`` on the cache at ``root``; returns the exit
-    code, the run folder and the wall seconds of the run."""
+def fit_llava_demo(config: str, root: Path, concept: str, out_dir: str,
+                   overrides: list[str] = ()) -> tuple[int, Path, float]:
+    """One ``slug-pl fit`` of the LLaVA demo ``config`` (plus command-line ``overrides``) on the
+    cache at ``root``; returns the exit code, the run folder and the wall seconds of the run."""
     t0 = time.perf_counter()
-    code = slug_main(["fit", "--config", config,
+    code = slug_main(["fit", "--config", config, *overrides,
                       "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
                       "--model.family.init_args.model_name", str(root / "hf_clip"),
                       "--model.target.init_args.model", str(root / "llava"),
@@ -74,12 +80,31 @@ def test_images(target: Llava, world: Path) -> VqaImages:
     return VqaImages(*(group_by_concept(s.images, s.labels, s.classnames) for s in sets.values()))
 
 
+def run_settings(run: Path) -> dict:
+    """What the run's resolved config says about the search: the step margin and whether the
+    judge also asked about the forget pairs."""
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    target = config["model"]["init_args"]["target"]["init_args"]
+    return {"step_margin": config["search"]["step_margin"],
+            "search_forget_pairs": bool(target.get("search_forget_pairs"))}
+
+
+def applied_direction(run: Path, layer: str, step: float):
+    """The direction the run stepped along, ``(θ − θ')/λ`` from its ``edit.safetensors``: SLUG's
+    forget gradient, or its projection when the target protected the retain images."""
+    tensors, _ = load_tensors(run / "edit.safetensors")
+    return (tensors[f"original/{layer}"].double() - tensors[layer].double()).div(step).float()
+
+
 def margin_sweep(root: Path, run: Path, concept: str, margins: list[float]) -> list[dict]:
-    """The VLM on the test images with the chosen layer's found step times each margin."""
+    """The VLM on the test images with the chosen layer's found step times each margin, along the
+    direction the run applied."""
     summary = json.loads((run / "summary.json").read_text())
     chosen = summary["method"]["per_concept"][0]
     layer, found = chosen["layer"], chosen["found_step"]
-    grads, _ = load_tensors(run / "gradients" / "forget.safetensors")
+    direction = applied_direction(run, layer, chosen["step"])
     family = HfClip(model_name=str(root / "hf_clip"))
     clip = family.load()
     target = Llava(str(root / "llava"), max_new_tokens=8, batch_size=128, progress=False, cpu_threads=1)
@@ -87,7 +112,7 @@ def margin_sweep(root: Path, run: Path, concept: str, margins: list[float]) -> l
     images = test_images(target, root / "world")
     out = []
     for margin in margins:
-        with stepped(clip, layer, grads[layer], found * margin):
+        with stepped(clip, layer, direction, found * margin):
             target.mirror(clip, [layer])
             with target.threads():
                 m = target.measure(images, [concept])
@@ -98,18 +123,30 @@ def margin_sweep(root: Path, run: Path, concept: str, margins: list[float]) -> l
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--identities", type=int, default=3, help="the world's first identities, one run each")
-    p.add_argument("--root", default=".slug_cache/demo_llava", help="the LLaVA demo's cache (world, CLIP, LLaVA)")
+    p.add_argument("--root", default=None, help="the LLaVA demo's cache (world, CLIP, LLaVA; default "
+                   ".slug_cache/demo_llava, or .slug_cache/demo_llava_varying with --varying)")
+    p.add_argument("--protect", choices=["on", "off"], default="on",
+                   help="off: SLUG's own forget gradient (the config's target protect_retained set false)")
+    p.add_argument("--varying", nargs="+", default=None, metavar="ATTRIBUTE",
+                   help="a world where these attributes are drawn afresh for every image (data varying)")
     p.add_argument("--config", default=str(REPO / "configs" / "demo_llava.yaml"))
     p.add_argument("--keep", default=None, help="keep each run's folder below this folder (default: deleted)")
     p.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.1, 1.2, 1.3])
     args = p.parse_args(argv)
-    root = Path(args.root).resolve()
+    overrides, stem, command = [], "llava_demo", COMMAND.format(n=args.identities)
+    if args.protect == "off":
+        overrides += ["--model.target.init_args.protect_retained", "false"]
+        stem, command = stem + "_unprotected", command + " --protect off"
+    if args.varying:
+        overrides += ["--data.init_args.varying", json.dumps(args.varying)]
+        stem, command = stem + "_varying", command + " --varying " + " ".join(args.varying)
+    root = Path(args.root or f".slug_cache/{'demo_llava_varying' if args.varying else 'demo_llava'}").resolve()
     rows = []
     t_start = time.perf_counter()
     for concept in identity_names(WorldSpec())[: args.identities]:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(args.keep) / file_slug(concept)) if args.keep else tmp
-            code, run, seconds = fit_llava_demo(args.config, root, concept, out)
+            code, run, seconds = fit_llava_demo(args.config, root, concept, out, overrides)
             summary = json.loads((run / "summary.json").read_text())
             edit = summary["method"]["edits"][0]
             vqa = summary["vqa"]
@@ -119,6 +156,8 @@ def main(argv=None) -> int:
                 "vqa_before": vqa["before"], "vqa_after": vqa["after"], "images": vqa["images"],
                 "clip_before": summary["before"], "clip_after": summary["after"],
                 "examples": vqa["examples"][:2], "seconds": seconds, "timings_s": summary["timings_s"],
+                "target_rule": summary["target"]["rule"], **run_settings(run),
+                "protected": {k: v for k, v in (vqa.get("protected") or {}).items() if k != "rank"} or None,
                 **clip_vs_vlm(run, edit["layer"]),
                 "found_step": summary["method"]["per_concept"][0]["found_step"],
                 "margins": margin_sweep(root, run, concept, args.margins),
@@ -127,21 +166,24 @@ def main(argv=None) -> int:
             })
     built = {name: json.loads((root / name / "slug_demo.json").read_text()) for name in ("hf_clip", "llava")}
     attributes = {a["name"]: a for a in json.loads((root / "world" / "attributes.json").read_text())}
+    varying = json.loads((root / "world" / "world.json").read_text())["spec"].get("varying", [])
     for r in rows:
         r["who_pays"] = who_pays(r, attributes)
     payload = {"rows": rows, "built": {k: {m: v.get(m) for m in ("identities_top1", "objects_top1",
                                                                     "identities_name_accuracy", "objects_name_accuracy",
                                                                     "train_seconds") if m in v}
                                        for k, v in built.items()}}
-    write_table_results("llava_demo", COMMAND.format(n=args.identities), time.perf_counter() - t_start, payload,
-                        markdown(rows, payload["built"], args.identities))
+    payload["varying"] = varying
+    write_table_results(stem, command, time.perf_counter() - t_start, payload,
+                        markdown(rows, payload["built"], command, varying))
     return 0
 
 
 def who_pays(row: dict, attributes: dict[str, dict], threshold: float = 0.2) -> dict:
     """The other identities whose name accuracy fell by at least ``threshold`` in this run, each
     with the attributes it shares with the forgotten identity (the demo world draws every
-    identity from a few attributes: skin, hair, eyes, glasses, shirt, background), and for each of
+    identity from a few attributes: skin, hair, eyes, glasses, and unless they vary per image,
+    shirt and background; ``attributes`` holds each identity's fixed ones), and for each of
     the forgotten identity's attributes how many of those that fell and of those that kept their
     accuracy share it (``"telling"``: the one shared most by the fallen relative to the rest)."""
     mine = attributes[row["concept"]]
@@ -175,17 +217,38 @@ def _mean_drop(pairs: list[tuple[dict, dict]], key: str) -> float:
     return statistics.mean(100 * (b[key] - a[key]) for b, a in pairs)
 
 
-def markdown(rows: list[dict], built: dict, n: int) -> list[str]:
+def world_sentence(varying: list[str]) -> str:
+    if not varying:
+        return ("The world: every person always wears the same shirt in front of the same background (a person is "
+                "skin, hair colour and style, eyes, glasses, shirt and background).")
+    return (f"The world: {' and '.join(varying)} are drawn afresh for every photo (people change clothes and "
+            "places), so a person is the rest: " + ", ".join(k.replace("_", " ") for k in ATTRIBUTES if k not in varying)
+            + ".")
+
+
+def settings_sentence(row: dict) -> str:
+    """The search and the update direction of a run, in words."""
+    judged = "its validation images" + (" and its forget pairs" if row["search_forget_pairs"] else "")
+    p = row["protected"]
+    direction = ("SLUG's forget gradient projected off the main directions (above "
+                 f"{p['tolerance']:g} × the largest singular value) of what {p['images']} retain images feed each "
+                 f"linear layer of the tower (`protect_retained`; {p['tensors']} tensors editable)" if p else
+                 "SLUG's own forget gradient")
+    return (f"The search runs on the VLM: forget target `{row['target_rule']}` on {judged}; it keeps the most "
+            f"`retain_name_accuracy + object_accuracy` on the other identities' and objects' validation images and "
+            f"applies the found step × `step_margin` {row['step_margin']:g}. Update direction: {direction}.")
+
+
+def markdown(rows: list[dict], built: dict, command: str, varying: list[str]) -> list[str]:
     llava, clip = built["llava"], built["hf_clip"]
     lines = ["# LLaVA demo: forgetting a name in a vision-language model (demo world)", "",
-             f"Command: `{COMMAND.format(n=n)}` (one `slug-pl fit --config configs/demo_llava.yaml` per identity, "
-             "on the cached world, CLIP and LLaVA; 2 shared CPU cores).", "",
+             f"Command: `{command}` (one `slug-pl fit --config configs/demo_llava.yaml` per identity with the "
+             "options the command names, on the cached world, CLIP and LLaVA; 2 shared CPU cores).", "",
+             world_sentence(varying), "",
              f"Before any edit the LLaVA names the held-out test identities {pct(llava.get('identities_name_accuracy'))} % "
              f"and objects {pct(llava.get('objects_name_accuracy'))} % of the time; its CLIP (6 blocks, width 128) "
-             f"scores {pct(clip.get('identities_top1'))} % / {pct(clip.get('objects_top1'))} % zero-shot top-1. The "
-             "search runs on the VLM (forget target `forget_name_or_top1 <= 0` on validation: the VLM does not name "
-             "the person and the CLIP does not rank the name first), keeps the most "
-             "`retain_name_accuracy + object_accuracy`, and applies the found step × `step_margin` 1.1.", "",
+             f"scores {pct(clip.get('identities_top1'))} % / {pct(clip.get('objects_top1'))} % zero-shot top-1. "
+             + settings_sentence(rows[0]), "",
              "Held-out test images, before → after (%): the VLM's name accuracy, and the CLIP's zero-shot top-1:", "",
              "| forgotten | edited layer | ‖λg‖/‖θ‖ | VLM forgotten | VLM others (mean) | VLM objects | "
              "CLIP forget | CLIP retain | CLIP utility | run (s) |",
@@ -212,7 +275,8 @@ def markdown(rows: list[dict], built: dict, n: int) -> list[str]:
         clip_step = "–" if r["clip_step"] is None else f"{r['clip_step']:.4g}"
         ratio = "–" if r["clip_step"] is None else f"{r['step'] / r['clip_step']:.2f}×"
         lines.append(f"| {r['concept']} | {clip_step} | {pct(r['vlm_named_there'])} | {ratio} |")
-    lines += ["", "The step margin: the found step × margin (the config applies 1.1), the VLM on the test images, "
+    lines += ["", f"The step margin: the found step × margin (the config applies {rows[0]['step_margin']:g}), along the "
+              "direction the run applied, the VLM on the test images, "
               "mean over the runs:", "",
               "| margin | forgotten identity named (%) | runs naming it at all | others drop (pts) | objects drop (pts) |",
               "|---|---|---|---|---|"]
@@ -223,8 +287,7 @@ def markdown(rows: list[dict], built: dict, n: int) -> list[str]:
                      f"/{len(swept)} | {_mean_drop(swept, 'retain_name_accuracy'):.1f} | "
                      f"{_mean_drop(swept, 'object_accuracy'):.1f} |")
     lines += ["", "Who pays for the edit: the other identities whose name accuracy fell by 20 points or more, "
-              "with the attributes they share with the forgotten identity (the world draws each identity from "
-              "skin, hair colour and style, eyes, glasses, shirt and background):", "",
+              "with the fixed attributes they share with the forgotten identity:", "",
               "| forgotten | identities that fell (drop in points: shared attributes) | the attribute shared most by "
               "those that fell: among them / among the others that kept their accuracy |",
               "|---|---|---|"]

@@ -21,18 +21,17 @@ from slug_pl.data.labelled import LabelledSet
 from slug_pl.demo.llava import build_llava, demo_tokenizer
 from slug_pl.edit import apply_edit, make_edit, revert_edit
 from slug_pl.evaluation import vqa
-from slug_pl.families.hf_clip import HfClip
+from slug_pl.families.hf_clip import HfClip, ProcessorTransform
 from slug_pl.step_search import CandidateResult, ForgetTarget, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets import Llava, TargetMismatchError
 from slug_pl.targets.llava import FORGET_BOTH, QUESTION, VQA_METRICS, same_weights
 
 REPO = Path(__file__).resolve().parent.parent
 READ_LAYER = "vision_model.encoder.layers.0.mlp.fc1.weight"  # block 0 of 2: read at vision_feature_layer -2
-#: The demo's promise on held-out test images (fractions): the forgotten identity named at most
-#: this often after the edit, the objects losing at most this much. The other identities lose at
-#: most 15 points *on average over identities* (benchmarks/results/llava_demo.md: 13.3 over the
-#: first three); one run may lose more (the first identity: 22.5), so one run is held to 25.
-FORGET_AFTER, OBJECT_DROP, RETAIN_DROP_ONE_RUN = 0.05, 0.10, 0.25
+#: Issue 12's promise on held-out test images (fractions): the forgotten identity named at most this
+#: often after the edit, the other identities (mean per identity) and the objects losing at most
+#: this much, in the run itself (benchmarks/results/llava_demo.md).
+FORGET_AFTER, RETAIN_DROP, OBJECT_DROP = 0.05, 0.15, 0.10
 
 
 def save_llava(clip_folder, folder, **kwargs) -> Path:
@@ -291,6 +290,32 @@ def test_judge_measures_the_vlm_with_the_clips_edit(pair, datamodule):
     assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
 
 
+def test_the_search_can_also_ask_about_the_forget_pairs(pair, small_world, tmp_path):
+    """``search_forget_pairs``: the judge's images of the forgotten person are its validation
+    images followed by the forget set's own, preprocessed the same way; the rest is unchanged."""
+    from slug_pl.data.shards import decode_image, iter_raw_samples
+
+    family, clip, folder = pair
+    names = json.loads(Path(small_world["identities_json"]).read_text())
+    assert main(["mine", "--shards", small_world["corpus"], "--name", names[0], "--out", str(tmp_path / "f")]) == 0
+    shards = sorted(str(p) for p in (tmp_path / "f").glob("*.tar"))
+    suite = EvalSuite(LabelledSet(small_world["val_identities"], small_world["identities_json"]),
+                      LabelledSet(small_world["val_objects"], small_world["objects_json"]))
+    dm = SlugDataModule(concepts=names[:1], forget={names[0]: shards}, validation=suite)
+    plain = target_of(folder, search_images_per_concept=1, clip_metrics=False).search_judge(clip, dm, names[0]).images
+    target = target_of(folder, search_images_per_concept=1, clip_metrics=False, search_forget_pairs=True)
+    wide = target.search_judge(clip, dm, names[0]).images
+    transform = ProcessorTransform(target.processor.image_processor)
+    forget = torch.stack([transform(decode_image(s)) for s in iter_raw_samples(shards)])
+    assert len(forget) >= 2
+    assert torch.equal(wide.identities[names[0]], torch.cat([plain.identities[names[0]], forget]))
+    assert all(torch.equal(wide.identities[k], v) for k, v in plain.identities.items() if k != names[0])
+    assert wide.objects.keys() == plain.objects.keys()
+    several = SlugDataModule(concepts=names[:2], forget=shards, validation=suite)
+    with pytest.raises(ValueError, match="mapping concept -> shards"):
+        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(clip, several, names[0])
+
+
 def test_search_on_the_clip_lets_the_vlm_rank_the_candidates(pair, datamodule):
     family, clip, folder = pair
     dm, names = datamodule
@@ -319,6 +344,46 @@ def test_the_choice_maximises_the_configured_kept_metrics():
     assert clip_side.choose(results)[0][0] is b
     with pytest.raises(ValueError, match="kept"):
         SearchSettings(kept=())
+
+
+def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world):
+    """With ``protect_retained`` the forget gradient of a read linear weight is projected off what
+    the retain images feed it: an edit along it leaves those images' states unchanged, and still
+    moves the forgotten person's images, which are never among the protected ones."""
+    from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
+
+    family, clip, folder = pair
+    transform = family.image_transform()
+    corpus = [s for s in iter_raw_samples(expand_urls(small_world["corpus"])) if s.caption]
+    forgotten = json.loads(corpus[0].fields["json"])["name"]  # the first retain pair names them
+    dm = SlugDataModule(concepts=[forgotten], retain=small_world["corpus"])
+    target = target_of(folder, protect_retained=True, protect_images=2, protect_tolerance=0.0)
+    projection = target.forget_gradient_projection(family, clip, dm, [forgotten])
+    assert target.protection["images"] == 2 and target.protection["tolerance"] == 0.0
+    assert projection.covers(READ_LAYER) and not projection.covers(READ_LAYER.replace("weight", "bias"))
+    assert not projection.covers("vision_model.embeddings.position_embedding.weight")
+    assert projection.bases[READ_LAYER].shape[1] == 2 * 17  # every patch and the class token of 2 images
+    protected = torch.stack([transform(decode_image(s)) for s in corpus if forgotten not in s.caption][:2])
+    theirs = torch.stack([transform(decode_image(s)) for s in corpus if forgotten in s.caption][:2])
+
+    def states(pixels):
+        with torch.no_grad():
+            return clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
+
+    param = clip.get_parameter(READ_LAYER)
+    g = torch.randn(param.shape, generator=torch.Generator().manual_seed(0))
+    step = projection.apply({READ_LAYER: g})[READ_LAYER]
+    before = states(protected), states(theirs)
+    with torch.no_grad():
+        original = param.detach().clone()
+        param.sub_(step * (0.5 * original.norm() / step.norm()))
+        after = states(protected), states(theirs)
+        param.copy_(original)
+    change = [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+    assert change[0] < 1e-4 and change[1] > 1e-2
+    assert target_of(folder).forget_gradient_projection(family, clip, dm, [forgotten]) is None  # off by default
+    with pytest.raises(ValueError, match="protect_tolerance"):
+        target_of(folder, protect_tolerance=1.0)
 
 
 # -- a fit run through the CLI ----------------------------------------------------------------------
@@ -386,7 +451,8 @@ def test_llava_demo_forgets_a_name(tmp_path, monkeypatch, capsys):
     assert code == 0 and summary["target"]["met"]
     before, after = summary["vqa"]["before"], summary["vqa"]["after"]
     assert before["forget_name_accuracy"] >= 0.9 and after["forget_name_accuracy"] <= FORGET_AFTER
-    assert before["retain_name_accuracy"] - after["retain_name_accuracy"] <= RETAIN_DROP_ONE_RUN
+    assert before["retain_name_accuracy"] - after["retain_name_accuracy"] <= RETAIN_DROP
+    assert summary["vqa"]["protected"]["images"] > 900  # the retain shard's pairs that do not name the person
     assert before["object_accuracy"] - after["object_accuracy"] <= OBJECT_DROP
     edited = target_of(run / "edited_llava")
     original = target_of(tmp_path / ".slug_cache/demo_llava/llava").downstream_parameters()

@@ -556,8 +556,8 @@ class SlugSearch(Callback):
         if projection is not None:
             run_forget = projection.apply(run_forget)
             readable = lambda name, base=readable: base(name) and projection.covers(name)  # noqa: E731
-            rank_zero_info(f"forget gradient projected off the inputs of {projection.prompts} protected "
-                           f"prompts; {len(projection.describe()['rank'])} tensors can be edited")
+            rank_zero_info(f"forget gradient projected off what {projection.prompts} protected inputs feed "
+                           f"each tensor; {len(projection.describe()['rank'])} tensors can be edited")
 
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))

@@ -15,8 +15,11 @@ The step is searched on the VLM itself (:class:`VqaJudge`): with the candidate e
 the VLM is asked to name the people and objects of the validation images; the search's forget
 target is ``forget_name_accuracy`` (e.g. ``<= 0``) and its choice keeps the most
 ``retain_name_accuracy + object_accuracy`` (``search.kept``). Measured on the demo's small LLaVA
-(``benchmarks/results/llava_demo.md``): at the step where the CLIP stops matching the identity, the
-VLM still named it up to 87 % of the time, and the steps applied were 1.3–1.7× larger. The CLIP's
+(``benchmarks/results/llava_demo_unprotected.md``): at the step where the CLIP stops matching the
+identity, the VLM still named it up to 73 % of the time, and the steps applied were 1.2–1.9×
+larger. ``search_forget_pairs`` adds the forget set's images of the person to the judge, and
+``protect_retained`` projects the forget gradient off the main directions of the retain images'
+inputs (:mod:`slug_pl.retain_projection`). The CLIP's
 own zero-shot metrics are recorded next to the VLM's (``clip_metrics``), with
 ``forget_name_or_top1`` (:data:`FORGET_BOTH`), a target for both at once: the VLM's answers on a
 few validation images alone can be silenced by a step that leaves the identity in the tower.
@@ -112,6 +115,10 @@ class Llava(DownstreamTarget):
         cache_dir: str | None = None,
         progress: bool = True,
         cpu_threads: int | None = None,
+        protect_retained: bool = False,
+        protect_tolerance: float = 0.3,
+        protect_images: int = 2000,
+        search_forget_pairs: bool = False,
     ):
         """
         Args:
@@ -147,6 +154,24 @@ class Llava(DownstreamTarget):
                 and the judge's CLIP metrics; restored afterwards); None leaves torch's setting. On
                 shared cores 1 is several times faster than 2 (measured: 200 answers of the demo
                 LLaVA in 1.5 s with 1 thread, 7.3 s with 2).
+            protect_retained: keep the edit off the main directions of what the retain set's
+                images feed the tower: the forget gradient of each linear weight of the encoder is
+                projected off the span of those inputs (every patch of up to ``protect_images``
+                retain images whose captions do not name a forgotten concept), keeping only the
+                directions above ``protect_tolerance`` × the largest singular value
+                (:mod:`slug_pl.retain_projection`). Only those linear weights are then candidates.
+                Not SLUG's gradient as it is: one tensor and one searched step still, along the
+                projected direction; ``summary.json``'s ``vqa.protected`` records it.
+            protect_tolerance: the fraction of the largest singular value above which an input
+                direction is protected. Images are not discrete like prompts: a small tolerance
+                protects nearly every direction, so the step that forgets grows until it breaks
+                fresh images; 0.3 protects the few directions shared by most images (colours,
+                layout) and leaves identity-specific ones.
+            protect_images: how many retain images are encoded for the projection.
+            search_forget_pairs: the search's judge also asks about the forget set's own images of
+                the concept: the person must go unnamed on those too. Fifteen validation images
+                leave a step that silences them but not every fresh image; the forget pairs
+                (60 per identity in the demo) make the boundary the search finds hold more widely.
         """
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"target max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
@@ -156,6 +181,14 @@ class Llava(DownstreamTarget):
                 raise ValueError(f"target {key} must be >= 1 or null (all images), got {value}")
         if dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"target dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+        if not 0.0 <= protect_tolerance < 1.0:
+            raise ValueError(f"target protect_tolerance is a fraction in [0, 1), got {protect_tolerance}")
+        if protect_images < 1:
+            raise ValueError(f"target protect_images must be >= 1, got {protect_images}")
+        self.protect_retained, self.protect_tolerance, self.protect_images = (protect_retained, protect_tolerance,
+                                                                              protect_images)
+        self.protection: dict | None = None  # what forget_gradient_projection protected, for the record
+        self.search_forget_pairs = search_forget_pairs
         self.model = model
         self.question = question
         self.object_question = object_question
@@ -473,6 +506,39 @@ class Llava(DownstreamTarget):
         return self._images[key]
 
     # -- the search and the verdict ------------------------------------------------------------
+    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+        """With ``protect_retained``: the projection off the main directions of what the retain
+        set's images (not naming a forgotten concept) feed the encoder's linear layers; else None."""
+        if not self.protect_retained:
+            return None
+        from slug_pl.data.mining import concept_pattern
+        from slug_pl.data.shards import decode_image, iter_raw_samples
+        from slug_pl.retain_projection import input_projection
+
+        names = concept_pattern(list(concepts))
+        transform, images = family.image_transform(), []
+        for sample in iter_raw_samples(list(datamodule.pair_set("retain").urls)):
+            if len(images) >= self.protect_images:
+                break
+            if sample.caption is not None and names.search(sample.caption):
+                continue
+            images.append(transform(decode_image(sample)))
+        if not images:
+            raise ValueError("target protect_retained is set but the retain set has no image whose caption leaves "
+                             "the forgotten concepts out: point data.retain at ordinary pairs")
+        pixels, device = torch.stack(images), next(clip.parameters()).device
+
+        def encode():
+            for start in range(0, len(pixels), self.batch_size):
+                family.encode_image(clip, pixels[start:start + self.batch_size].to(device))
+
+        projection = input_projection(clip, _CLIP_VISION + "encoder.", encode, None, len(images),
+                                      self.protect_tolerance)
+        ranks = projection.describe()["rank"]
+        self.protection = {"images": len(images), "tolerance": self.protect_tolerance, "tensors": len(ranks),
+                           "rank": ranks}
+        return projection
+
     def search_judge(self, clip: nn.Module, datamodule, concept: str):
         if not self.search_on_vlm:
             return None
@@ -493,8 +559,27 @@ class Llava(DownstreamTarget):
         left out: neither forgotten nor retained here) and of each object."""
         full, cap = self.images(datamodule, "validation"), self.search_images_per_concept
         others = [c for c in datamodule.concepts if c != concept]
-        return VqaImages({k: v if k == concept else v[:cap] for k, v in full.identities.items() if k not in others},
-                         {k: v[:cap] for k, v in full.objects.items()})
+        identities = {k: v if k == concept else v[:cap] for k, v in full.identities.items() if k not in others}
+        if self.search_forget_pairs:
+            identities[concept] = torch.cat([identities[concept], self._forget_images(datamodule, concept)])
+        return VqaImages(identities, {k: v[:cap] for k, v in full.objects.items()})
+
+    def _forget_images(self, datamodule, concept: str) -> torch.Tensor:
+        """The forget set's images of ``concept``, preprocessed by the VLM's image processor."""
+        from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
+
+        key = ("forget", concept)
+        if key not in self._images:
+            spec = datamodule.forget
+            if isinstance(spec, dict):
+                spec = spec[concept]
+            elif len(datamodule.concepts) > 1:
+                raise ValueError("target search_forget_pairs with several data.concepts needs data.forget as a "
+                                 "mapping concept -> shards")
+            transform = ProcessorTransform(self.processor.image_processor)
+            self._images[key] = torch.stack([transform(decode_image(sample))
+                                             for sample in iter_raw_samples(expand_urls(spec))])
+        return self._images[key]
 
     @property
     def reorders_candidates(self) -> bool:
@@ -547,6 +632,7 @@ class Llava(DownstreamTarget):
                                    "after": after["per_concept"][name]["accuracy"]}
                             for name, row in before["per_concept"].items()},
             "transplanted": written,
+            "protected": self.protection,
         }
         examples = self._examples(before["answers"], after["answers"], block["per_concept"])
         block["examples"] = examples
@@ -581,6 +667,12 @@ class Llava(DownstreamTarget):
                  f"({n['forget']} of the forgotten identities, {n['retain']} of others, {n['objects']} of objects). "
                  f"Question: “{block['question']}”; objects: “{block['object_question']}”. An answer counts "
                  f"when it contains the expected name (whole words, case-insensitive, aliases allowed).", ""]
+        if block.get("protected"):
+            p = block["protected"]
+            lines += [f"The forget gradient was projected off the main directions (above {p['tolerance']:g} of the "
+                      f"largest singular value) of what {p['images']} retain images feed the tower's linear layers "
+                      f"(`protect_retained`; {p['tensors']} tensors could be edited). The retain images are the "
+                      f"retain set's, not the images judged here.", ""]
         rows = []
         for key, label in zip(VQA_METRICS, ("forgotten identities", "other identities (mean per identity)",
                                              "objects")):
