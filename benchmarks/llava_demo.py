@@ -232,7 +232,7 @@ def settings_sentence(row: dict) -> str:
     p = row["protected"]
     direction = ("SLUG's forget gradient projected off the main directions (above "
                  f"{p['tolerance']:g} × the largest singular value) of what {p['images']} retain images feed each "
-                 f"linear layer of the tower (`protect_retained`; {p['tensors']} tensors editable)" if p else
+                 f"linear layer of the tower (`protect_retained`; {p['tensors']} tensors the VLM reads could be edited)" if p else
                  "SLUG's own forget gradient")
     return (f"The search runs on the VLM: forget target `{row['target_rule']}` on {judged}; it keeps the most "
             f"`retain_name_accuracy + object_accuracy` on the other identities' and objects' validation images and "

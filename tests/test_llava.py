@@ -311,6 +311,9 @@ def test_the_search_can_also_ask_about_the_forget_pairs(pair, small_world, tmp_p
     assert torch.equal(wide.identities[names[0]], torch.cat([plain.identities[names[0]], forget]))
     assert all(torch.equal(wide.identities[k], v) for k, v in plain.identities.items() if k != names[0])
     assert wide.objects.keys() == plain.objects.keys()
+    other = SlugDataModule(concepts=names[1:2], forget={names[0]: shards}, validation=suite)
+    with pytest.raises(ValueError, match="no shards for"):
+        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(clip, other, names[1])
     several = SlugDataModule(concepts=names[:2], forget=shards, validation=suite)
     with pytest.raises(ValueError, match="mapping concept -> shards"):
         target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(clip, several, names[0])
@@ -360,6 +363,9 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
     target = target_of(folder, protect_retained=True, protect_images=2, protect_tolerance=0.0)
     projection = target.forget_gradient_projection(family, clip, dm, [forgotten])
     assert target.protection["images"] == 2 and target.protection["tolerance"] == 0.0
+    # recorded: the covered tensors the VLM reads (block 0 of 2: q, k, v, out, fc1, fc2), the candidates
+    assert sorted(target.protection["rank"]) == sorted(n for n in projection.bases if target.reads(n))
+    assert target.protection["tensors"] == 6
     assert projection.covers(READ_LAYER) and not projection.covers(READ_LAYER.replace("weight", "bias"))
     assert not projection.covers("vision_model.embeddings.position_embedding.weight")
     assert projection.bases[READ_LAYER].shape[1] == 2 * 17  # every patch and the class token of 2 images

@@ -557,7 +557,8 @@ class SlugSearch(Callback):
             run_forget = projection.apply(run_forget)
             readable = lambda name, base=readable: base(name) and projection.covers(name)  # noqa: E731
             rank_zero_info(f"forget gradient projected off what {projection.prompts} protected inputs feed "
-                           f"each tensor; {len(projection.describe()['rank'])} tensors can be edited")
+                           f"each tensor; {len(projection.describe()['rank'])} tensors covered (candidates: those "
+                           f"among them the downstream model reads)")
 
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))

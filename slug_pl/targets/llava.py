@@ -534,9 +534,9 @@ class Llava(DownstreamTarget):
 
         projection = input_projection(clip, _CLIP_VISION + "encoder.", encode, None, len(images),
                                       self.protect_tolerance)
-        ranks = projection.describe()["rank"]
+        ranks = {name: rank for name, rank in projection.describe()["rank"].items() if self.reads(name)}
         self.protection = {"images": len(images), "tolerance": self.protect_tolerance, "tensors": len(ranks),
-                           "rank": ranks}
+                           "rank": ranks}  # the covered tensors the VLM reads: the candidates
         return projection
 
     def search_judge(self, clip: nn.Module, datamodule, concept: str):
@@ -572,6 +572,9 @@ class Llava(DownstreamTarget):
         if key not in self._images:
             spec = datamodule.forget
             if isinstance(spec, dict):
+                if concept not in spec:
+                    raise ValueError(f"target search_forget_pairs: data.forget has no shards for {concept!r}; its "
+                                     f"keys are {list(spec)}")
                 spec = spec[concept]
             elif len(datamodule.concepts) > 1:
                 raise ValueError("target search_forget_pairs with several data.concepts needs data.forget as a "
@@ -671,7 +674,7 @@ class Llava(DownstreamTarget):
             p = block["protected"]
             lines += [f"The forget gradient was projected off the main directions (above {p['tolerance']:g} of the "
                       f"largest singular value) of what {p['images']} retain images feed the tower's linear layers "
-                      f"(`protect_retained`; {p['tensors']} tensors could be edited). The retain images are the "
+                      f"(`protect_retained`; {p['tensors']} tensors the VLM reads could be edited). The retain images are the "
                       f"retain set's, not the images judged here.", ""]
         rows = []
         for key, label in zip(VQA_METRICS, ("forgotten identities", "other identities (mean per identity)",
