@@ -85,6 +85,12 @@ class InputProjection:
 GRAM_FLOOR = 1e-6
 
 
+def check_tolerance(tolerance: float, what: str = "tolerance") -> None:
+    """A projection's tolerance is a fraction of the largest singular value in [0, 1)."""
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"{what} is a fraction of the largest singular value in [0, 1), got {tolerance}")
+
+
 def orthonormal_span(inputs: torch.Tensor, tolerance: float) -> torch.Tensor:
     """An orthonormal basis ``(d, r)`` of the span of the rows of ``inputs`` ``(n, d)``, keeping the
     singular directions whose singular value is above ``tolerance`` × the largest (and above
@@ -119,8 +125,7 @@ def input_projection(model: nn.Module, prefix: str, encode: Callable[[], object]
     (position ids, shared by the batch). Linear inputs are kept as their Gram matrix (float64,
     ``d × d`` per layer), so any number of inputs fits in memory.
     """
-    if not 0.0 <= tolerance < 1.0:
-        raise ValueError(f"tolerance is a fraction of the largest singular value in [0, 1), got {tolerance}")
+    check_tolerance(tolerance)
     grams: dict[str, torch.Tensor] = {}
     rows: dict[str, set[int]] = {}
 

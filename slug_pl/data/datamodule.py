@@ -204,9 +204,9 @@ class SlugDataModule(LightningDataModule):
         missing = [c for c in self.concepts if c not in spec]
         raise ValueError(f"data.forget has no shards for concept(s) {missing}; its keys are {list(spec)}")
 
-    def concept_batches(self, concept: str) -> PairBatches:
-        """One concept's forget pairs as single-process batches (for the per-concept forget
-        gradients of a multi-concept search, computed on rank 0)."""
+    def concept_forget_urls(self, concept: str) -> tuple[str, ...]:
+        """The forget-set shards of one concept (``data.forget[concept]``, or ``data.forget`` itself
+        when the run has one concept)."""
         if isinstance(self.forget, dict):
             if concept not in self.forget:
                 self._missing_concepts(self.forget)
@@ -215,7 +215,12 @@ class SlugDataModule(LightningDataModule):
             spec = self.forget
         else:
             raise ValueError("with several data.concepts, give data.forget as a mapping concept -> shards")
-        urls = tuple(expand_urls(spec))
+        return tuple(expand_urls(spec))
+
+    def concept_batches(self, concept: str) -> PairBatches:
+        """One concept's forget pairs as single-process batches (for the per-concept forget
+        gradients of a multi-concept search, computed on rank 0)."""
+        urls = self.concept_forget_urls(concept)
         sizes = tuple(shard_sample_counts(urls))
         pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
         return PairBatches([pair_set], self.family.image_transform(), self.family.tokenize,

@@ -53,6 +53,7 @@ from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, chat_prompt, score_vqa
 from slug_pl.families.hf_clip import ProcessorTransform
 from slug_pl.record import pct, table
+from slug_pl.retain_projection import check_tolerance, input_projection
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
 from slug_pl.targets.saved_copy import TensorChange, same_weights, save_edited_copy
 
@@ -181,8 +182,7 @@ class Llava(DownstreamTarget):
                 raise ValueError(f"target {key} must be >= 1 or null (all images), got {value}")
         if dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"target dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
-        if not 0.0 <= protect_tolerance < 1.0:
-            raise ValueError(f"target protect_tolerance is a fraction in [0, 1), got {protect_tolerance}")
+        check_tolerance(protect_tolerance, "target protect_tolerance")
         if protect_images < 1:
             raise ValueError(f"target protect_images must be >= 1, got {protect_images}")
         self.protect_retained, self.protect_tolerance, self.protect_images = (protect_retained, protect_tolerance,
@@ -513,8 +513,6 @@ class Llava(DownstreamTarget):
             return None
         from slug_pl.data.mining import concept_pattern
         from slug_pl.data.shards import decode_image, iter_raw_samples
-        from slug_pl.retain_projection import input_projection
-
         names = concept_pattern(list(concepts))
         transform, images = family.image_transform(), []
         for sample in iter_raw_samples(list(datamodule.pair_set("retain").urls)):
@@ -566,22 +564,13 @@ class Llava(DownstreamTarget):
 
     def _forget_images(self, datamodule, concept: str) -> torch.Tensor:
         """The forget set's images of ``concept``, preprocessed by the VLM's image processor."""
-        from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
+        from slug_pl.data.shards import decode_image, iter_raw_samples
 
         key = ("forget", concept)
         if key not in self._images:
-            spec = datamodule.forget
-            if isinstance(spec, dict):
-                if concept not in spec:
-                    raise ValueError(f"target search_forget_pairs: data.forget has no shards for {concept!r}; its "
-                                     f"keys are {list(spec)}")
-                spec = spec[concept]
-            elif len(datamodule.concepts) > 1:
-                raise ValueError("target search_forget_pairs with several data.concepts needs data.forget as a "
-                                 "mapping concept -> shards")
             transform = ProcessorTransform(self.processor.image_processor)
-            self._images[key] = torch.stack([transform(decode_image(sample))
-                                             for sample in iter_raw_samples(expand_urls(spec))])
+            urls = list(datamodule.concept_forget_urls(concept))
+            self._images[key] = torch.stack([transform(decode_image(sample)) for sample in iter_raw_samples(urls)])
         return self._images[key]
 
     @property
@@ -674,8 +663,8 @@ class Llava(DownstreamTarget):
             p = block["protected"]
             lines += [f"The forget gradient was projected off the main directions (above {p['tolerance']:g} of the "
                       f"largest singular value) of what {p['images']} retain images feed the tower's linear layers "
-                      f"(`protect_retained`; {p['tensors']} tensors the VLM reads could be edited). The retain images are the "
-                      f"retain set's, not the images judged here.", ""]
+                      f"(`protect_retained`; {p['tensors']} tensors the VLM reads could be edited). The retain "
+                      f"images are the retain set's, not the images judged here.", ""]
         rows = []
         for key, label in zip(VQA_METRICS, ("forgotten identities", "other identities (mean per identity)",
                                              "objects")):

@@ -70,7 +70,7 @@ from slug_pl.evaluation.generation import (
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.record import pct, table
-from slug_pl.retain_projection import input_projection
+from slug_pl.retain_projection import check_tolerance, input_projection
 from slug_pl.step_search import reverted
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
 from slug_pl.targets.saved_copy import TensorChange, save_edited_copy
@@ -346,8 +346,7 @@ class StableDiffusion(DownstreamTarget):
         if not isinstance(protect_retained, bool) and protect_retained < 1:
             raise ValueError(f"target protect_retained is true, false or a positive number of concepts, "
                              f"got {protect_retained}")
-        if not 0.0 <= protect_tolerance < 1.0:
-            raise ValueError(f"target protect_tolerance is a fraction in [0, 1), got {protect_tolerance}")
+        check_tolerance(protect_tolerance, "target protect_tolerance")
         self.protect_retained, self.protect_tolerance = protect_retained, protect_tolerance
         self.protection: dict | None = None  # what forget_gradient_projection protected, for the record
         self.pipe = None
