@@ -25,7 +25,9 @@ this module writes them the same way for every method:
      "per_concept": {"<concept>": {...after...}},
      "mia": {"before": {"mean", "std", "n"}, "after": {...}} (when available),
      "cost": {"wall_s", "gradient_evals", "evaluations", "peak_mem_mb", "edit_bytes"},
-     "timings_s": {...}, "memory": {...}}
+     "timings_s": {...}, "memory": {...},
+     "devices": {"pass": "cuda:0", "after_pass": "cuda:0", "evaluation": "cuda:0",
+                 "downstream": "cuda:0", "precision": "bf16-mixed"}}
 """
 
 from __future__ import annotations
@@ -77,10 +79,13 @@ def held_out_verdict(target: ForgetTarget, result: BeforeAfter, downstream: dict
 
 def build_summary(*, method: dict, concepts: Sequence[str], model: dict, target: ForgetTarget, validation: dict,
                   validation_met: bool, result: BeforeAfter, cost: dict, timings: dict | None = None,
-                  memory: dict | None = None, extra: dict | None = None, held_out: dict | None = None) -> dict:
+                  memory: dict | None = None, extra: dict | None = None, held_out: dict | None = None,
+                  devices: dict | None = None) -> dict:
     """The ``summary.json`` of a run (see the module docstring); ``method`` must hold ``name``.
     ``held_out``: the target's verdict on held-out images when a downstream model measured it
-    (see :func:`held_out_verdict`); by default from the CLIP's metrics."""
+    (see :func:`held_out_verdict`); by default from the CLIP's metrics. ``devices``: where each
+    phase ran (``pass``, ``after_pass``: the search or selection, ``evaluation``, ``downstream``)
+    and the trainer's ``precision``."""
     if "name" not in method:
         raise ValueError("the method block of a run record needs a 'name'")
     summary = {
@@ -98,6 +103,7 @@ def build_summary(*, method: dict, concepts: Sequence[str], model: dict, target:
         "cost": cost,
         "timings_s": timings or {},
         "memory": memory,
+        "devices": devices or {},
     }
     if result.mia is not None:
         summary["mia"] = result.mia

@@ -71,6 +71,17 @@ def small_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def forget_shard(tmp_path_factory, small_world):
+    """The forget set of :func:`small_world`'s first identity, mined from its corpus (one shard's
+    path)."""
+    from slug_pl.data.mining import mine_forget_set
+
+    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
+    out = tmp_path_factory.mktemp("mined") / "forget"
+    return str(mine_forget_set(small_world["corpus"], [concept], out).output_shards[0])
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A random-init ``slug-tiny-vit`` saved as safetensors (the real open_clip loader reads it)."""
     import open_clip

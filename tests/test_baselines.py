@@ -32,14 +32,6 @@ SUMMARY_KEYS = {"schema", "method", "concepts", "model", "target", "validation",
 CORE = {"forget_top1", "forget_top5", "retain_top1", "utility_top1"}
 
 
-@pytest.fixture(scope="module")
-def forget_shard(tmp_path_factory, small_world):
-    out = tmp_path_factory.mktemp("forget")
-    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
-    assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", str(out)]) == 0
-    return str(out / "forget-000000.tar")
-
-
 def fit(tmp_path, monkeypatch, world, checkpoint_path, forget, class_path: str, max_epochs: int = 1, **init_args):
     """``slug-pl fit`` of a baseline on the tiny world; returns (exit code, run folder, the CLI)."""
     base = write_config(tmp_path, world, checkpoint_path, forget)

@@ -396,14 +396,15 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
 
 @ON_CPU_AND_GPU
 def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_clip, pair, device):
-    """A whole run; on a GPU the VLM answers in bfloat16 and the gradient pass runs there."""
+    """A whole run; on a GPU the VLM answers in bfloat16 and the pass, the search and the answers
+    run there."""
     _, _, folder = pair
     monkeypatch.chdir(tmp_path)
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     assert main(["mine", "--shards", small_world["corpus"], "--name", concept, "--out", "forget"]) == 0
     target = {"class_path": "slug_pl.targets.Llava",
               "init_args": {"model": str(folder), "max_new_tokens": 3, "batch_size": 64, "progress": False,
-                            "search_images_per_concept": 1, "save_edited": True, "device": device}}
+                            "search_images_per_concept": 1, "save_edited": True}}
     config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
                           model={"family": {"class_path": "slug_pl.families.HfClip",
                                             "init_args": {"model_name": tiny_hf_clip}}, "target": target},
@@ -414,6 +415,10 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     main(["fit", "--config", str(config)])
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())
+    # the search (on the VLM), the evaluation and the VLM (no device configured) ran where the pass ran
+    where = "cuda:0" if device == "cuda" else "cpu"
+    assert summary["devices"] | {"precision": None} == {"pass": where, "after_pass": where, "evaluation": where,
+                                                        "downstream": where, "precision": None}
     block = summary["vqa"]
     assert block["question"] == QUESTION
     for when in ("before", "after"):

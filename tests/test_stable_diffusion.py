@@ -413,16 +413,21 @@ def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: 
 @ON_CPU_AND_GPU
 def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
         tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline, device):
-    """A whole run; on a GPU the pipeline draws in float16 and the gradient pass runs there."""
+    """A whole run; on a GPU the pipeline draws in float16 and the pass, the search and the
+    generations run there."""
     from diffusers import StableDiffusionPipeline
 
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     monkeypatch.chdir(tmp_path)
     run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2, "target_value": 1.0}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
-        "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "device": device, "save_edited": True,
+        "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "save_edited": True,
         "progress": False}, accelerator="gpu" if device == "cuda" else "cpu")
     summary = json.loads((run / "summary.json").read_text())
+    # the search, the evaluation and the pipeline (no device configured) ran where the pass ran
+    where = "cuda:0" if device == "cuda" else "cpu"
+    assert summary["devices"] | {"precision": None} == {"pass": where, "after_pass": where, "evaluation": where,
+                                                        "downstream": where, "precision": None}
     generation = summary["generation"]
     assert generation["prompts"] == 3 * 2 and generation["seeds"] == [0, 1]  # 3 concepts × 2 templates
     for side in ("before", "after"):
@@ -642,3 +647,33 @@ def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, ca
             f"{n}: forget {r['before']['forget_recognition']:.3f} -> {r['after']['forget_recognition']:.3f}, "
             f"retain {r['before']['retain_recognition']:.3f} -> {r['after']['retain_recognition']:.3f}"
             for n, r in generation["judges"].items()) + f"; CLIP score {b:.2f} -> {a:.2f}")
+
+
+@pytest.mark.parametrize("still_seen_by", ["clip", "classifier"])
+def test_the_generation_verdict_needs_every_judge(monkeypatch, still_seen_by):
+    """The concept counts as removed from generations only when no judge recognizes it above the
+    threshold, whichever judge is listed first (the report's headline judge)."""
+    from slug_pl.evaluation.generation import PromptSet
+
+    target = StableDiffusion(pipeline="unused", judges=["clip", "models/classifier"], forget_threshold=0.1,
+                             search_on="generation")
+    monkeypatch.setattr(StableDiffusion, "_grid", lambda self, sets, before, after: ("grid", "grid.png", None))
+
+    def scores(forget: float) -> dict:
+        per_concept = {"Quinn": {"forget": True, "images": 8, "recognition": forget, "clip_score": 30.0},
+                       "Alice": {"forget": False, "images": 8, "recognition": 1.0, "clip_score": 30.0}}
+        return {"forget_recognition": forget, "retain_recognition": 1.0, "clip_score": 30.0,
+                "forget_clip_score": 30.0, "retain_clip_score": 30.0, "per_concept": per_concept}
+
+    judged = {name: {"before": scores(1.0), "after": scores(0.75 if name == still_seen_by else 0.0)}
+              for name in ("clip", "classifier")}
+    sets = [PromptSet(("Quinn",), ("Quinn",)), PromptSet(("Alice",), ())]
+    report = target._report(sets, judged, [], [], ["encoder.layers.0.mlp.fc1.weight"])
+    assert report.block["judge"] == "clip"  # the headline judge is the first
+    assert report.block["target"]["met"] is False
+    assert "**NOT removed**" in "\n".join(report.sections)
+    # the held-out verdict of a generation-judged search: the highest recognition over the judges
+    assert report.after["forget_top1"] == 0.75
+
+    cleared = {name: {"before": scores(1.0), "after": scores(0.0)} for name in ("clip", "classifier")}
+    assert target._report(sets, cleared, [], [], []).block["target"]["met"] is True

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -65,6 +66,32 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+@contextmanager
+def on_run_device(trainer, module: "UnlearningModule") -> Iterator[torch.device]:
+    """The work that follows a method's pass (SLUG's step search, a baseline's selection, the
+    before/after evaluation, the downstream model's judgement), on the device and in the
+    precision the pass ran in.
+
+    Lightning's teardown moves the LightningModule to the host *before* ``on_fit_end`` runs
+    (``Strategy.teardown`` calls ``lightning_module.cpu()``), so without this every evaluation
+    after a GPU pass ran on the CPU. Inside the block the module is back on
+    ``trainer.strategy.root_device`` and forward passes run in the precision plugin's context
+    (autocast for ``16-mixed`` / ``bf16-mixed``: the weights, and so every edit, stay float32; only
+    the matrix products run in half precision, as in the pass). On exit the module goes back to
+    the host and the accelerator's cache is freed, as Lightning's teardown intended.
+    """
+    device = trainer.strategy.root_device
+    module.to(device)
+    module.devices["after_pass"] = str(device)
+    try:
+        with trainer.precision_plugin.forward_context():
+            yield device
+    finally:
+        module.cpu()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 #: Where a finished run leaves its verdict in ``trainer.callback_metrics`` (1.0: target met).
 TARGET_MET_METRIC = "slug/target_met"
 
@@ -91,6 +118,8 @@ class UnlearningModule(LightningModule):
         self.target = target
         self.clip: nn.Module | None = None
         self.timings: dict[str, float] = {}
+        #: where each phase ran: ``{"pass": "cuda:0", "after_pass": "cuda:0", ...}`` (summary ``devices``)
+        self.devices: dict[str, str] = {}
         self.last_eval: dict[str, float] = {}
 
     # -- model ---------------------------------------------------------------------------------
@@ -117,9 +146,10 @@ class UnlearningModule(LightningModule):
         """Hook for a method to adapt the freshly loaded model (e.g. activation checkpointing)."""
 
     def check_target(self) -> None:
-        """Load the downstream target and refuse a CLIP that is not the one it embeds (before any
-        work); a no-op without a target."""
+        """Load the downstream target (on the run's device unless its config names one) and refuse
+        a CLIP that is not the one it embeds (before any work); a no-op without a target."""
         if self.target is not None:
+            self.target.use_run_device(self.trainer.strategy.root_device)
             self.target.load()
             self.target.check_pair(self.family, self.clip)
 
@@ -132,6 +162,9 @@ class UnlearningModule(LightningModule):
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
         # rank-0-only code (writing files) never calls it
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def on_train_start(self) -> None:
+        self.devices["pass"] = str(self.device)
 
     @property
     def run_dir(self) -> Path:
@@ -213,7 +246,9 @@ class UnlearningModule(LightningModule):
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
         sections, held_out = list(sections), None
+        self.devices["evaluation"] = str(next(self.clip.parameters()).device)
         if self.target is not None:  # the downstream model with the edit, judged its own way
+            self.devices["downstream"] = str(self.target.resolved_device())
             self.target.transplant(self.clip, edits)
             downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
             for caption, file, figure in downstream.figures:
@@ -234,7 +269,8 @@ class UnlearningModule(LightningModule):
         summary = build_summary(method=method, concepts=concepts, model=self.family.describe(), target=target,
                                 validation=validation, validation_met=validation_met, result=result, cost=cost,
                                 timings=dict(self.timings) | ({"total": total} if total is not None else {}),
-                                memory=memory, extra=extra, held_out=held_out)
+                                memory=memory, extra=extra, held_out=held_out,
+                                devices=dict(self.devices) | {"precision": str(trainer.precision)})
         record.write(summary, sections, remedy=remedy, result=result)
         # the verdict, also for the launching process of a spawned run (Lightning carries rank 0's
         # callback metrics back to it): the CLI's exit status reads it

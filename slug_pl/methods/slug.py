@@ -63,7 +63,7 @@ from slug_pl.gradients import (
     save_tensors,
     weights_fingerprint,
 )
-from slug_pl.methods.base import UnlearningModule, package_versions, peak_memory
+from slug_pl.methods.base import UnlearningModule, on_run_device, package_versions, peak_memory
 from slug_pl.methods import slug_report
 from slug_pl.ranking import pareto_figure, write_ranking_csv
 from slug_pl.record import RunRecord
@@ -535,6 +535,10 @@ class SlugSearch(Callback):
         # on_fit_end (not on_train_end) also runs when the pass is skipped (model.gradients_from)
         if not trainer.is_global_zero:  # rank 0 searches alone; no collective calls below
             return
+        with on_run_device(trainer, pl_module):
+            self._search(trainer, pl_module)
+
+    def _search(self, trainer: Trainer, pl_module: SlugModule) -> None:
         t0 = time.perf_counter()
         model, family, datamodule = pl_module.clip, pl_module.family, trainer.datamodule
         concepts = list(datamodule.concepts)

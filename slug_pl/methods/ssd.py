@@ -22,6 +22,7 @@ import time
 import torch
 
 from slug_pl.families.base import ModelFamily
+from slug_pl.methods.base import on_run_device
 from slug_pl.methods.trained import BaselineModule
 from slug_pl.record import table
 from slug_pl.targets.base import DownstreamTarget
@@ -138,16 +139,17 @@ class SsdModule(BaselineModule):
     def on_fit_end(self) -> None:
         if not self.trainer.is_global_zero:  # rank 0 sweeps alone, like SLUG's search
             return
-        t0 = time.perf_counter()
-        for i, lam in enumerate(self.lambdas, 1):
-            weights = self.dampened(lam)
-            self._load(weights)
-            changed = sum(int((weights[n] != self._original[n]).sum()) for n in weights)
-            self.consider(i, f"λ = {lam:.4g}", **{"lambda": lam, "dampened_weights": changed})
-            if self.stop_when_met and self.done:
-                break
-        self.timings["sweep"] = time.perf_counter() - t0
-        self.finish()
+        with on_run_device(self.trainer, self):
+            t0 = time.perf_counter()
+            for i, lam in enumerate(self.lambdas, 1):
+                weights = self.dampened(lam)
+                self._load(weights)
+                changed = sum(int((weights[n] != self._original[n]).sum()) for n in weights)
+                self.consider(i, f"λ = {lam:.4g}", **{"lambda": lam, "dampened_weights": changed})
+                if self.stop_when_met and self.done:
+                    break
+            self.timings["sweep"] = time.perf_counter() - t0
+            self.finish()
 
     # -- the record ----------------------------------------------------------------------------
     def method_block(self) -> dict:

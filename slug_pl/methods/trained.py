@@ -35,7 +35,7 @@ from slug_pl.edit import changed_tensors
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import contrastive_loss, forget_similarity_sum
-from slug_pl.methods.base import UnlearningModule
+from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods.selection import RULE, Checkpoint, checkpoint, preferred
 from slug_pl.record import RunRecord, pct, table
 from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
@@ -320,7 +320,8 @@ class TrainedModule(BaselineModule):
         if not self.trainer.is_global_zero:  # rank 0 holds the candidates and writes the record
             return
         self.timings["training"] = time.perf_counter() - self._t_fit  # validation after each epoch included
-        self.finish()
+        with on_run_device(self.trainer, self):
+            self.finish()
 
     # -- the record ----------------------------------------------------------------------------
     def method_block(self) -> dict:

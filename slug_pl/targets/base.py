@@ -78,6 +78,22 @@ class DownstreamTarget(ABC):
     #: Whether the run writes the edited downstream model into its folder (``edited_<name>/``,
     #: :meth:`save_pretrained`); a subclass sets it from its config.
     save_edited: bool = False
+    #: Where the downstream model runs, as configured (a torch device string); ``None`` or
+    #: ``"auto"``: the device of the run's CLIP pass (:meth:`use_run_device`), else CUDA when
+    #: available.
+    device: str | None = None
+
+    def use_run_device(self, device: torch.device | str) -> None:
+        """The device the run's CLIP pass runs on: the downstream model runs there too unless its
+        config names a device (called before :meth:`load`)."""
+        if self.device in (None, "auto"):
+            self.device = str(device)
+
+    def resolved_device(self) -> torch.device:
+        """The device the downstream model runs on (see :attr:`device`)."""
+        if self.device in (None, "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     # -- the downstream model ------------------------------------------------------------------
     @abstractmethod

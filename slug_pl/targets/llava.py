@@ -131,7 +131,8 @@ class Llava(DownstreamTarget):
             aliases: name -> other accepted names (e.g. ``{"Tom Cruise": ["Cruise"]}``).
             max_new_tokens: greedy decoding length of an answer.
             batch_size: images per ``generate`` call.
-            device: ``"auto"`` (CUDA when available, else CPU) or a torch device string.
+            device: ``"auto"`` (the device of the run's CLIP pass; outside a run CUDA when
+                available, else CPU) or a torch device string.
             dtype: ``"auto"`` (bfloat16 on a GPU, float32 on the CPU), ``"bfloat16"``,
                 ``"float16"`` or ``"float32"``.
             search_on_vlm: the step search runs on the VLM's name accuracy (:class:`VqaJudge`, on
@@ -245,8 +246,7 @@ class Llava(DownstreamTarget):
         return self._config
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
-            else torch.device(self.device)
+        device = self.resolved_device()
         if self.dtype == "auto":
             return device, torch.bfloat16 if device.type == "cuda" else torch.float32
         return device, getattr(torch, self.dtype)

@@ -297,7 +297,8 @@ class StableDiffusion(DownstreamTarget):
                 = recognition of the concept, ``retain_top1/5`` of the others; slower, and the
                 CLIP-side target is then a generation target).
             grid_seeds: images per row in the before/after grid.
-            device / dtype: where the pipeline runs (default: CUDA when available) and its dtype
+            device / dtype: where the pipeline runs (default: the device of the run's CLIP pass;
+                outside a run CUDA when available) and its dtype
                 (``float16`` / ``bfloat16`` / ``float32``; default float16 on CUDA, else float32).
             save_edited: also write the edited pipeline into the run folder
                 (``edited_stable_diffusion/``, a ``save_pretrained`` folder; the size of the model).
@@ -339,8 +340,8 @@ class StableDiffusion(DownstreamTarget):
         self.forget_threshold = forget_threshold
         self.search_on = search_on
         self.grid_seeds = grid_seeds
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = device
+        self._dtype = dtype
         self.save_edited = save_edited
         self.progress = progress
         if not isinstance(protect_retained, bool) and protect_retained < 1:
@@ -362,6 +363,11 @@ class StableDiffusion(DownstreamTarget):
     def describe(self) -> str:
         return f"the Stable Diffusion pipeline {self.pipeline}"
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The pipeline's dtype: as configured, else float16 on CUDA and float32 elsewhere."""
+        return resolve_dtype(self._dtype, str(self.resolved_device()))
+
     # -- the downstream model ------------------------------------------------------------------
     def load(self) -> None:
         if self.pipe is not None:
@@ -370,7 +376,7 @@ class StableDiffusion(DownstreamTarget):
         if self.clip_skip is not None and self.clip_skip >= layers:
             raise ValueError(f"target clip_skip {self.clip_skip} leaves no layer of the {layers}-layer text "
                              f"encoder of {self.pipeline}; use at most {layers - 1}")
-        self.pipe = load_pipeline(self.pipeline, self.device, self.dtype)
+        self.pipe = load_pipeline(self.pipeline, str(self.resolved_device()), self.dtype)
         names = [n for n, _ in self.pipe.text_encoder.named_parameters()]
         self._prefix = CLIP_TEXT_PREFIX if names and names[0].startswith(CLIP_TEXT_PREFIX) else ""
 
@@ -685,7 +691,7 @@ class StableDiffusion(DownstreamTarget):
             "transplanted": transplanted,
             "settings": {**self.generation, "clip_skip": self.clip_skip, "search_on": self.search_on,
                          "search_seeds": list(self.search_seeds),
-                         "forget_threshold": self.forget_threshold, "device": str(self.device),
+                         "forget_threshold": self.forget_threshold, "device": str(self.resolved_device()),
                          "dtype": str(self.dtype).removeprefix("torch.")},
             "candidates": {c: [vars(s) | {"removes": s.removes(self.forget_threshold)} for s in scores]
                            for c, scores in self.candidate_scores.items()},

@@ -217,7 +217,7 @@ class UnlearnCanvas(StableDiffusion):
         if self.style_classifier is None:
             return ZeroShotClassifier(datamodule.family, clip, grid.styles, grid.objects)
         if self._checkpoint is None:
-            self._checkpoint = CheckpointClassifier(self.style_classifier, self.object_classifier, self.device)
+            self._checkpoint = CheckpointClassifier(self.style_classifier, self.object_classifier, self.resolved_device())
         return self._checkpoint
 
     def classifier_name(self) -> dict[str, str]:
@@ -313,7 +313,7 @@ class UnlearnCanvas(StableDiffusion):
             "transplanted": [self.downstream_name(e.name) for e in edits],
             "settings": {**self.generation, "clip_skip": self.clip_skip, "search_on": self.search_on,
                          "search_seeds": list(self.search_seeds), "search_objects": self.search_objects,
-                         "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")},
+                         "device": str(self.resolved_device()), "dtype": str(self.dtype).removeprefix("torch.")},
             "candidates": self.candidate_grid,
             "data": datamodule.record() if hasattr(datamodule, "record") else None,
         }
