@@ -35,7 +35,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
 
-from slug_pl.atomic import refuse_existing, write_text
+from slug_pl.atomic import write_text
 from slug_pl.console import Console, InterruptHint, is_gradient_only
 from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
@@ -55,6 +55,20 @@ LIGHTNING_COMMANDS = {
     "validate": "zero-shot metrics on the validation sets, of the model or of the model with --model.edit",
     "test": "zero-shot metrics on the held-out test sets, of the model or of the model with --model.edit",
 }
+
+
+#: The first line of ``slug-pl fit|validate|test --help`` (argparse would list every option).
+COMMAND_USAGE = "slug-pl {command} --config CONFIG.yaml [--config MORE.yaml] [--<section>.<key> VALUE ...]"
+#: Under it: where the method's own keys are documented (the option list below is mostly the
+#: trainer's).
+WHERE_THE_KEYS_ARE = (
+    "A config has the sections model (the method, e.g. SLUG, with its family and target), data, search "
+    "(SLUG's step search: --search.* below) and trainer (Lightning's Trainer: --trainer.* below). The "
+    "method's own keys: 'slug-pl fit --model.help slug_pl.methods.SlugModule' (a baseline: "
+    "slug_pl.methods.GaModule, ...); a family's: '--model.family.help slug_pl.families.OpenClip' "
+    "(or HfClip); a target's: '--model.target.help slug_pl.targets.StableDiffusion' (or Llava, "
+    "UnlearnCanvas); the data's: '--data.help slug_pl.data.datamodule.SlugDataModule'. Every key with "
+    "its value: '--print_config'. Reference: docs/configuration.md.")
 
 
 @dataclass(frozen=True)
@@ -168,7 +182,18 @@ class SlugCLI(LightningCLI):
             raise
 
     # -- checks before any work ----------------------------------------------------------------
+    def _refuse_model_without_method(self) -> None:
+        """A ``model:`` section without ``class_path`` (the format before methods had classes)
+        builds the shared base, which can evaluate (validate / test) but has no method to fit:
+        say what to write instead."""
+        if type(self.model) is UnlearningModule:
+            raise ConfigError(
+                "the model section names no method: give its class_path and put its arguments under "
+                "init_args, e.g. 'model: {class_path: slug_pl.methods.SlugModule, init_args: {family: ...}}' "
+                "(SLUG; the baselines are slug_pl.methods.GaModule, FtModule, GaftModule, SalunModule, SsdModule)")
+
     def before_fit(self) -> None:
+        self._refuse_model_without_method()
         # the search: section is SLUG's step search; another method (a baseline) runs without it
         # and takes its forget target from its own model arguments
         if not isinstance(self.model, SlugModule):
@@ -190,12 +215,10 @@ class SlugCLI(LightningCLI):
         self._claim_run_dir()
 
     def before_validate(self) -> None:
-        self._refuse_existing_json()
         self.datamodule.check("validate")
         self._claim_run_dir()
 
     def before_test(self) -> None:
-        self._refuse_existing_json()
         self.datamodule.check("test")
         self._claim_run_dir()
 
@@ -243,10 +266,25 @@ class SlugCLI(LightningCLI):
                 f"together their own trainer.default_root_dir"
             ) from None
 
+    def before_instantiate_classes(self) -> None:
+        # before the model, the data or the trainer is built: the output file of --json
+        if self.subcommand in ("validate", "test"):
+            self._refuse_existing_json()
+
     def _refuse_existing_json(self) -> None:
         target = self.config[self.subcommand].get("json")
-        if target and target != "-":
-            refuse_existing(Path(target))
+        if not target or target == "-":
+            return
+        path = Path(target)
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"--json: {path} already exists and slug_pl never overwrites a file; give a new "
+                                  f"file name, or '-' to print the JSON on stdout")
+        parent = path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise PermissionError(f"--json: cannot create {path} ({parent} is not a writable folder); give a file "
+                                  f"in a folder you can write, or '-' for stdout")
 
     # -- validate / test: one table of the metrics, printed by main() ----------------------------
     def validate(self, **kwargs) -> None:
@@ -309,7 +347,9 @@ def run_cli(args: list[str] | None = None, callbacks: Sequence[Callback] = (), c
         parser_class=SlugArgumentParser,
         auto_configure_optimizers=False,  # no method takes LightningCLI's optimizer / scheduler
         parser_kwargs={"prog": "slug-pl", "description": DESCRIPTION,
-                       **{name: {"description": f"slug-pl {name}: {summary}"} for name, summary in LIGHTNING_COMMANDS.items()}},
+                       **{name: {"usage": COMMAND_USAGE.format(command=name),
+                                 "description": f"slug-pl {name}: {summary}.\n\n{WHERE_THE_KEYS_ARE}"}
+                          for name, summary in LIGHTNING_COMMANDS.items()}},
     )
 
 

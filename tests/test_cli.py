@@ -299,15 +299,6 @@ def test_validate_prints_each_metric_once(fitted, monkeypatch, capsys):
         assert float(top5.rstrip("%")) == pytest.approx(100 * metrics[f"{name}_top5"], abs=0.051)
 
 
-def test_existing_json_file_is_refused_before_any_work(fitted, monkeypatch, capsys):
-    monkeypatch.chdir(fitted.work)
-    target = fitted.work / "mine.json"
-    target.write_text("a user's file")
-    assert main(["test", "--config", str(fitted.config), "--json", str(target)]) == 2
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"slug-pl test: error: refusing to overwrite {target}")
-    assert target.read_text() == "a user's file"
-
-
 def test_missing_edit_file_is_named_as_an_edit(fitted, monkeypatch, capsys):
     monkeypatch.chdir(fitted.work)
     assert main(["validate", "--config", str(fitted.config), "--model.edit", "nope/edit.safetensors"]) == 2

@@ -19,16 +19,8 @@ from conftest import write_config
 
 from slug_pl.cli import EXIT_INTERRUPTED, EXTRA_COMMANDS, LIGHTNING_COMMANDS, main
 from slug_pl.console import interrupt_hint
-from slug_pl.data.mining import mine_forget_set
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def forget_shard(tmp_path_factory, small_world):
-    concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
-    out = tmp_path_factory.mktemp("mined") / "forget"
-    return str(mine_forget_set(small_world["corpus"], [concept], out).output_shards[0])
 
 
 @pytest.fixture
@@ -204,6 +196,48 @@ def test_interrupt_hint_after_the_pass_and_before_any_state(tmp_path):
                                                          "with --model.checkpoint_every N")
 
 
+def test_json_output_is_checked_before_anything_is_built(config, tmp_path, capsys, monkeypatch):
+    from slug_pl.families.open_clip import OpenClip
+
+    def never(self):
+        raise AssertionError("the model was loaded before --json was checked")
+
+    monkeypatch.setattr(OpenClip, "load", never)
+    taken = tmp_path / "metrics.json"
+    taken.write_text("{}")
+    assert main(["validate", "--config", str(config), "--json", str(taken)]) == 2
+    assert _last_error(capsys, "validate") == (f"--json: {taken} already exists and slug_pl never overwrites a file; "
+                                               f"give a new file name, or '-' to print the JSON on stdout")
+    assert taken.read_text() == "{}" and not (tmp_path / "runs").exists()
+
+
+def test_a_model_section_without_its_method_says_what_to_write(config, tmp_path, capsys):
+    """The format before methods had classes (model: {family: ...}) built the shared base and
+    ended in Lightning's 'No training_step() method defined', leaving an empty config.yaml."""
+    def old_format(data):
+        data["model"] = data["model"]["init_args"]
+
+    _edit(config, old_format)
+    assert main(["fit", "--config", str(config)]) == 2
+    message = _last_error(capsys)
+    assert message.startswith("the model section names no method: give its class_path") and \
+        "slug_pl.methods.SlugModule" in message
+    assert not (tmp_path / "runs").exists()  # no run folder behind a refused run
+
+
+def test_null_on_the_command_line_is_random_init(config, capsys):
+    """jsonargparse turns a null given to a nested class's option into the string 'None'; it used
+    to reach open_clip as a pretrained tag ('None' is not a known tag), in a 49-line traceback."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.family.init_args.pretrained", "null", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["family"]["init_args"]
+    from slug_pl.families.open_clip import OpenClip
+
+    family = OpenClip(**{k: v for k, v in printed.items() if k in ("model_name", "pretrained")})
+    assert family.pretrained is None
+    assert sum(p.numel() for p in family.load().parameters()) > 0  # random init, no tag looked up
+
+
 # -- 11. help ------------------------------------------------------------------------------------------
 
 
@@ -220,7 +254,15 @@ def test_fit_help_has_no_options_that_do_nothing(capsys):
         main(["fit", "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: slug-pl [options] fit")
+    assert out.startswith("usage: slug-pl fit --config CONFIG.yaml")
+    # the top says where the method's, the family's and the data's own keys are, and they answer
+    top = "".join(out.split("options:")[0].split())  # argparse wraps lines, even inside an option
+    for ask in ("--model.help slug_pl.methods.SlugModule", "--model.family.help slug_pl.families.OpenClip",
+                "--data.help slug_pl.data.datamodule.SlugDataModule", "--print_config"):
+        assert "".join(ask.split()) in top, ask
+    with pytest.raises(SystemExit):
+        main(["fit", *"--model.help slug_pl.methods.SlugModule".split()])
+    assert "--model.gradients_from" in capsys.readouterr().out
     for option in ("--optimizer", "--lr_scheduler", "--trainer.use_distributed_sampler", "--trainer.fast_dev_run",
                    "--trainer.num_sanity_val_steps", "--trainer.enable_checkpointing"):
         assert option not in out, option

@@ -44,6 +44,15 @@ DEFAULT_EXCLUDE = (
 )
 
 
+def optional_text(value: str | None) -> str | None:
+    """``value``, with the strings ``"None"`` and ``"null"`` read as None.
+
+    jsonargparse turns a null given on the command line to an option of a class nested in another
+    (``--model.family.init_args.pretrained null``) into the string ``"None"``, while the same null
+    in a config file arrives as None; families read both as None (random init, no cache folder)."""
+    return None if value in ("None", "null") else value
+
+
 @dataclass
 class TowerStages:
     """One tower split at its transformer blocks, for evaluation that recomputes only what an edit

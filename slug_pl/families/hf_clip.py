@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
-from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages
+from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages, optional_text
 
 #: The shared defaults plus Hugging Face's names of the position embeddings and of the ViT patch
 #: embedding (a convolution that plays the role of the text tower's token embedding).
@@ -78,8 +78,8 @@ class HfClip(ModelFamily):
         """
         super().__init__(exclude=exclude, include=include, image_mean=image_mean, image_std=image_std)
         self.model_name = model_name
-        self.revision = revision
-        self.cache_dir = cache_dir
+        self.revision = optional_text(revision)
+        self.cache_dir = optional_text(cache_dir)
         self._config_dict: dict | None = None
         self._tokenizer: CLIPTokenizer | None = None
         self._processor: CLIPImageProcessor | None = None

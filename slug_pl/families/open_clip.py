@@ -29,7 +29,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from torch import nn
 from torchvision.transforms import Normalize
 
-from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages
+from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages, optional_text
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
@@ -86,9 +86,9 @@ class OpenClip(ModelFamily):
         """
         super().__init__(exclude=exclude, include=include, image_mean=image_mean, image_std=image_std)
         self.model_name = model_name
-        self.pretrained = pretrained
-        self.model_config = model_config
-        self.cache_dir = cache_dir
+        self.pretrained = optional_text(pretrained)
+        self.model_config = optional_text(model_config)
+        self.cache_dir = optional_text(cache_dir)
         register_model_configs(model_config)
         self._tokenizer = None
         self._transform = None
