@@ -47,6 +47,20 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def method_row(seed: int, concept: str, run, row: dict) -> dict:
+    """One method's row of the table: its comparison-table ``row`` (metrics after the method,
+    fractions), the model's metrics before it (``before_*``, from the run's summary) and what it
+    cost: ``retain_drop`` / ``utility_drop`` = before − after top-1 (fractions; positive = accuracy
+    lost). A failed run keeps its table row only."""
+    out = {"seed": seed, "concept": concept, **row}
+    if not run.ok:
+        return out
+    before = dict(run.summary["before"], mia=run.summary.get("mia", {}).get("before", {}).get("mean"))
+    return out | {f"before_{k}": before.get(k) for k in BEFORE} | {
+        "retain_drop": before["retain_top1"] - row["retain_top1"],
+        "utility_drop": before["utility_top1"] - row["utility_top1"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -69,14 +83,7 @@ def main(argv=None) -> int:
                      "--trainer.enable_progress_bar", "false"]
             print(f"comparison_demo: seed {seed}, identity {concept!r}", flush=True)
             runs, table = run_compare(config, work / f"seed{seed}-{i}", extra=extra, command=command)
-            for run, r in zip(runs, table):
-                if not run.ok:
-                    rows.append({"seed": seed, "concept": concept, **r})
-                    continue
-                before = dict(run.summary["before"], mia=run.summary.get("mia", {}).get("before", {}).get("mean"))
-                rows.append({"seed": seed, "concept": concept, **r, **{f"before_{k}": before.get(k) for k in BEFORE},
-                             "retain_drop": before["retain_top1"] - r["retain_top1"],
-                             "utility_drop": before["utility_top1"] - r["utility_top1"]})
+            rows += [method_row(seed, concept, run, r) for run, r in zip(runs, table)]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     n_runs = len(args.seeds) * args.identities
     md = ["# SLUG and the baselines on the demo world", "", f"Command: `{command}` (the compare config: "

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import comparison_demo  # noqa: E402
 import llava_demo  # noqa: E402
 import sd_demo  # noqa: E402
 
@@ -49,3 +50,22 @@ def test_sd_who_pays_uses_every_judge_and_the_state_change_ratio():
     # Nadia: the judges' mean falls 1.0 -> 0.25; Aria: 1.0 -> 0.875 (12.5 points: kept)
     assert w["fell"] == [{"identity": "Nadia", "drop": pytest.approx(0.75), "state_change_ratio": pytest.approx(0.5)}]
     assert w["mean_ratio_fell"] == pytest.approx(0.5) and w["mean_ratio_kept"] == pytest.approx(0.1)
+
+
+def test_comparison_rows_count_lost_accuracy_as_a_positive_drop():
+    """The comparison table's drops are what a method cost: before − after, in points lost."""
+    class Run:
+        ok = True
+        summary = {"before": {"forget_top1": 1.0, "retain_top1": 0.95, "utility_top1": 0.99},
+                   "mia": {"before": {"mean": 70.0}}}
+
+    row = comparison_demo.method_row(0, "Quinn", Run(), {"method": "ga", "retain_top1": 0.80, "utility_top1": 1.0})
+    assert row["retain_drop"] == pytest.approx(0.15)   # 95 % -> 80 %: 15 points lost
+    assert row["utility_drop"] == pytest.approx(-0.01)  # 99 % -> 100 %: a point gained
+    assert row["before_retain_top1"] == 0.95 and row["before_mia"] == 70.0 and row["method"] == "ga"
+
+    class Failed:
+        ok = False
+
+    assert comparison_demo.method_row(1, "Alice", Failed(), {"method": "ft"}) == {
+        "seed": 1, "concept": "Alice", "method": "ft"}

@@ -154,3 +154,23 @@ def test_evaluator_leaves_the_runs_other_concepts_out_of_retain():
     alone = Evaluator(family, concepts, ["Ada"]).evaluate(model)
     excluding = Evaluator(family, concepts, ["Ada"], exclude_from_retain=["Bo"]).evaluate(model)
     assert alone["retain_top1"] == pytest.approx(0.5) and excluding["retain_top1"] == 1.0
+
+
+def test_a_concepts_judge_leaves_the_runs_other_forgotten_concepts_out_of_retain():
+    """The search's judge of one concept of a several-concept run (``Evaluator.for_concepts``):
+    the run's other forgotten concept is neither forgotten by this judge nor retained."""
+
+    class TwoConceptRun:  # what for_concepts reads of a data module
+        concepts = ["Ada", "Bo"]
+        eval_batch_size = 2
+
+        def loaded_sets(self, stage):
+            images, labels = images_and_labels()
+            images = images.clone()
+            images[1] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # Bo's image on Ada's axis: Bo 0, Cy 1
+            return {"concepts": LoadedSet("concepts", images, labels, CLASSES, TEMPLATES)}
+
+    family = TableFamily()
+    metrics = Evaluator.for_concepts(family, TwoConceptRun(), "validation", ["Ada"]).evaluate(family.load())
+    assert metrics["forget_top1"] == 1.0
+    assert metrics["retain_top1"] == 1.0  # Cy alone; counting Bo (0) as retained would give 0.5
