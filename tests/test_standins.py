@@ -324,3 +324,12 @@ def test_open_clip_family(standin):
     assert torch.equal(tokens, file.tokenize(["a photo of a cat"]))
     assert torch.allclose(folder.encode_text(a, tokens), file.encode_text(b, tokens))
     assert folder.image_normalization() == file.image_normalization()
+
+
+def test_command_line_builds_the_named_repositories(tmp_path, capsys):
+    assert si.main([str(tmp_path), si.SD3, si.FLUX]) == 0
+    out = capsys.readouterr().out
+    assert f"{si.SD3}: {tmp_path / 'stabilityai--stable-diffusion-3-medium-diffusers'}" in out
+    assert _model_index(tmp_path / "black-forest-labs--FLUX.1-dev")["_class_name"] == "FluxPipeline"
+    with pytest.raises(SystemExit):
+        si.main([str(tmp_path), "org/unknown"])
