@@ -327,3 +327,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("heavy") and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory):
+    """``standin(repo_id)``: the tiny stand-in of a hub repository in its own layout
+    (:mod:`slug_pl.testing.standins`), built once per session into one folder, so the pipelines
+    that embed one CLIP share its stand-in."""
+    from slug_pl.testing.standins import build
+
+    root = tmp_path_factory.mktemp("standins")
+    return lambda repo_id: build(root, repo_id)
