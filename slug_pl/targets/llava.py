@@ -324,8 +324,11 @@ class Llava(DownstreamTarget):
 
     def check_pair(self, family, clip: nn.Module) -> None:
         """Refuse a CLIP whose vision tower differs from the VLM's, naming the first tensor (the
-        comparison is at the VLM's precision: see :func:`same_weights`)."""
+        comparison is at the VLM's precision and its checkpoint's: llava-hf's checkpoints hold the
+        float32 CLIP rounded to float16, also when loaded as float32; see :func:`same_weights`)."""
         mirror = self.downstream_parameters()
+        stored = getattr(self.config(), "dtype", None)
+        stored = stored if isinstance(stored, torch.dtype) else None
         for name, param in clip.named_parameters():
             theirs = self.downstream_name(name) if family.tower_of(name) == "vision" else None
             if theirs is None:
@@ -334,7 +337,7 @@ class Llava(DownstreamTarget):
                 raise TargetMismatchError(
                     f"{self.describe()} has no tensor {theirs!r} (the CLIP's {name!r}): the CLIP is not the one "
                     f"this LLaVA embeds; pair it with the CLIP its vision tower comes from")
-            if not same_weights(param, self._original.get(theirs, mirror[theirs])):
+            if not same_weights(param, self._original.get(theirs, mirror[theirs]), stored):
                 raise TargetMismatchError(
                     f"the CLIP's {name!r} differs from {self.describe()}'s {theirs!r}: the CLIP "
                     f"({family.describe().get('model_name')}) is not the one this LLaVA embeds; use the CLIP its "

@@ -49,18 +49,21 @@ class TensorChange:
     new: torch.Tensor
 
 
-def same_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two copies of a tensor hold the same weights, at the coarser precision of the two:
-    bit-equal when both are float32; otherwise within one rounding step of the coarser dtype, and
-    within one float16 subnormal step absolutely (a float32 CLIP rounded to a float16 checkpoint
-    and loaded as bfloat16 is rounded twice; weights below float16's normal range lose more than
-    a relative step there). Compared on ``b``'s device."""
+def same_weights(a: torch.Tensor, b: torch.Tensor, stored: torch.dtype | None = None) -> bool:
+    """Whether two copies of a tensor hold the same weights, at the coarsest precision they passed
+    through: their own dtypes and ``stored``, the dtype one of them was stored in on the way (a
+    float16 checkpoint loaded as float32 holds float16 values). Bit-equal when all are float32;
+    otherwise within one rounding step of the coarsest dtype, and within one float16 subnormal
+    step absolutely (a float32 CLIP rounded to a float16 checkpoint and loaded as bfloat16 is
+    rounded twice; weights below float16's normal range lose more than a relative step there).
+    Compared on ``b``'s device."""
     if a.shape != b.shape:
         return False
     x, y = a.detach().to(b.device, torch.float32), b.detach().float()
-    if a.dtype == b.dtype == torch.float32:
+    dtypes = [a.dtype, b.dtype] + ([stored] if stored is not None else [])
+    if all(d == torch.float32 for d in dtypes):
         return torch.equal(x, y)
-    eps = max(torch.finfo(t.dtype).eps for t in (a, b))
+    eps = max(torch.finfo(d).eps for d in dtypes)
     return torch.allclose(y, x, rtol=eps, atol=FLOAT16_SUBNORMAL_STEP)
 
 
