@@ -38,6 +38,15 @@ def save_edited(target, clip, edit, folder) -> Path:
         target.transplant(clip, [edit])  # the unedited value back in the downstream model
 
 
+def run_context(datamodule, family, model, run_dir: Path | None = None):
+    """The :class:`~slug_pl.context.RunContext` a method would build for ``model`` of ``family``
+    on ``datamodule`` (given the family as a method's setup gives it)."""
+    from slug_pl.context import RunContext
+
+    datamodule.attach(family)
+    return RunContext(family, model, list(datamodule.concepts), datamodule, run_dir)
+
+
 def changed_files(original: Path, copy: Path) -> list[Path]:
     """The files (relative paths) whose bytes differ between ``original`` and ``copy``, which must
     hold the same files."""

@@ -236,7 +236,7 @@ def test_ssd_weights_for_a_lambda_do_not_depend_on_the_lambda_before(tmp_path, m
         with torch.no_grad():
             for name, w in module.dampened(c["lambda"]).items():
                 params[name].copy_(w)
-        judge = Evaluator.for_concepts(module.family, the_cli.datamodule, "validation", the_cli.datamodule.concepts)
+        judge = Evaluator.for_concepts(module.context, "validation", module.context.concepts)
         metrics = judge.evaluate(fresh)
         assert {k: metrics[k] for k in CORE} == pytest.approx(c["validation"], abs=1e-9)
     # dampening reads the original weights, never the model's current ones

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ON_CPU_AND_GPU, changed_files, save_edited, write_config
+from conftest import ON_CPU_AND_GPU, changed_files, run_context, save_edited, write_config
 from slug_pl.cli import main
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet
@@ -260,7 +260,7 @@ def test_judge_measures_the_vlm_with_the_clips_edit(pair, datamodule):
     dm, names = datamodule
     target = target_of(folder, clip_metrics=False, search_images_per_concept=2)
     before = vlm_state(target)
-    judge = target.search_judge(clip, dm, names[0])
+    judge = target.search_judge(run_context(dm, family, clip), names[0])
     # the other concept of the run is neither forgotten nor retained in this concept's judge
     assert sorted(judge.images.identities) == sorted(names[:1] + names[2:])
     # every image of the forgotten identity, the first 2 of every other identity and object
@@ -302,9 +302,9 @@ def test_the_search_can_also_ask_about_the_forget_pairs(pair, small_world, tmp_p
     suite = EvalSuite(LabelledSet(small_world["val_identities"], small_world["identities_json"]),
                       LabelledSet(small_world["val_objects"], small_world["objects_json"]))
     dm = SlugDataModule(concepts=names[:1], forget={names[0]: shards}, validation=suite)
-    plain = target_of(folder, search_images_per_concept=1, clip_metrics=False).search_judge(clip, dm, names[0]).images
+    plain = target_of(folder, search_images_per_concept=1, clip_metrics=False).search_judge(run_context(dm, family, clip), names[0]).images
     target = target_of(folder, search_images_per_concept=1, clip_metrics=False, search_forget_pairs=True)
-    wide = target.search_judge(clip, dm, names[0]).images
+    wide = target.search_judge(run_context(dm, family, clip), names[0]).images
     transform = ProcessorTransform(target.processor.image_processor)
     forget = torch.stack([transform(decode_image(s)) for s in iter_raw_samples(shards)])
     assert len(forget) >= 2
@@ -313,22 +313,22 @@ def test_the_search_can_also_ask_about_the_forget_pairs(pair, small_world, tmp_p
     assert wide.objects.keys() == plain.objects.keys()
     other = SlugDataModule(concepts=names[1:2], forget={names[0]: shards}, validation=suite)
     with pytest.raises(ValueError, match="no shards for"):
-        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(clip, other, names[1])
+        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(run_context(other, family, clip), names[1])
     several = SlugDataModule(concepts=names[:2], forget=shards, validation=suite)
     with pytest.raises(ValueError, match="mapping concept -> shards"):
-        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(clip, several, names[0])
+        target_of(folder, clip_metrics=False, search_forget_pairs=True).search_judge(run_context(several, family, clip), names[0])
 
 
 def test_search_on_the_clip_lets_the_vlm_rank_the_candidates(pair, datamodule):
     family, clip, folder = pair
     dm, names = datamodule
     target = target_of(folder, search_on_vlm=False, search_images_per_concept=1)
-    assert target.search_judge(clip, dm, names[0]) is None
+    assert target.search_judge(run_context(dm, family, clip), names[0]) is None
     # the search then finds every candidate's edit for the VLM to order (never gives one up)
     assert target.reorders_candidates and not target_of(folder).reorders_candidates
     w = dict(clip.named_parameters())[READ_LAYER]
     edits = [make_edit(clip, READ_LAYER, torch.randn_like(w), s) for s in (0.0, 0.5)]
-    order = target.rank_candidates(clip, dm, names[0], edits)
+    order = target.rank_candidates(run_context(dm, family, clip), names[0], edits)
     assert sorted(order) == [0, 1]
     assert target.differing(clip) == []  # CLIP and VLM restored
 
@@ -361,7 +361,7 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
     forgotten = json.loads(corpus[0].fields["json"])["name"]  # the first retain pair names them
     dm = SlugDataModule(concepts=[forgotten], retain=small_world["corpus"])
     target = target_of(folder, protect_retained=True, protect_images=2, protect_tolerance=0.0)
-    projection = target.forget_gradient_projection(family, clip, dm, [forgotten])
+    projection = target.forget_gradient_projection(run_context(dm, family, clip))
     assert target.protection["images"] == 2 and target.protection["tolerance"] == 0.0
     # recorded: the covered tensors the VLM reads (block 0 of 2: q, k, v, out, fc1, fc2), the candidates
     assert sorted(target.protection["rank"]) == sorted(n for n in projection.bases if target.reads(n))
@@ -387,7 +387,7 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
         param.copy_(original)
     change = [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
     assert change[0] < 1e-4 and change[1] > 1e-2
-    assert target_of(folder).forget_gradient_projection(family, clip, dm, [forgotten]) is None  # off by default
+    assert target_of(folder).forget_gradient_projection(run_context(dm, family, clip)) is None  # off by default
     with pytest.raises(ValueError, match="protect_tolerance"):
         target_of(folder, protect_tolerance=1.0)
 

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from builders_downstream import TinyClassifier, tiny_sd_pipeline
+from conftest import run_context
 from slug_pl.cli import main
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.edit import apply_edit, make_edit
@@ -149,7 +150,7 @@ def test_evaluation_is_canvas_scores_of_the_grid_drawn_before_and_after(canvas, 
                      2.0)
     apply_edit(clip, edit)
     target.transplant(clip, [edit])
-    report = target.evaluate(clip, dm, ["Neon"], [edit])
+    report = target.evaluate(run_context(dm, family, clip), [edit])
     block = report.block
     assert report.key == "unlearncanvas"
     assert block["seeds"] == [3, 4] and block["prompts"] == 3 * 3 * 2
@@ -172,7 +173,7 @@ def test_evaluation_is_canvas_scores_of_the_grid_drawn_before_and_after(canvas, 
         assert (got["n_UA"], got["n_IRA"], got["n_CRA"]) == (6, 12, 12)
         assert got["in_domain"] == want.in_domain and got["cross_domain"] == want.cross_domain
 
-    rerun = target.evaluate(clip, dm, ["Neon"], [edit]).block
+    rerun = target.evaluate(run_context(dm, family, clip), [edit]).block
     assert {k: rerun[k] for k in ("before", "after")} == {k: block[k] for k in ("before", "after")}
     assert block["cost"]["storage_gb"] == edit.edited.numel() * 4 / 2**30  # float32 pipeline
     assert block["cost"]["time_s"] is None  # no run: nothing to time
@@ -183,8 +184,10 @@ def test_evaluation_is_canvas_scores_of_the_grid_drawn_before_and_after(canvas, 
 def test_target_refuses_half_a_classifier_pair_and_a_data_module_without_a_grid(pipeline, classifiers):
     with pytest.raises(ValueError, match="both style_classifier and object_classifier"):
         UnlearnCanvas(pipeline, style_classifier=classifiers[0])
+    from slug_pl.context import RunContext
+
     with pytest.raises(TypeError, match="UnlearnCanvasDataModule"):
-        UnlearnCanvas.grid_of(object())
+        UnlearnCanvas.grid_of(RunContext(None, None, ["Neon"], object()))
 
 
 def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slug_pl.context import RunContext
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
@@ -160,8 +161,7 @@ def test_a_concepts_judge_leaves_the_runs_other_forgotten_concepts_out_of_retain
     """The search's judge of one concept of a several-concept run (``Evaluator.for_concepts``):
     the run's other forgotten concept is neither forgotten by this judge nor retained."""
 
-    class TwoConceptRun:  # what for_concepts reads of a data module
-        concepts = ["Ada", "Bo"]
+    class TwoConceptRun:  # what for_concepts reads of a run's data
         eval_batch_size = 2
 
         def loaded_sets(self, stage):
@@ -171,6 +171,8 @@ def test_a_concepts_judge_leaves_the_runs_other_forgotten_concepts_out_of_retain
             return {"concepts": LoadedSet("concepts", images, labels, CLASSES, TEMPLATES)}
 
     family = TableFamily()
-    metrics = Evaluator.for_concepts(family, TwoConceptRun(), "validation", ["Ada"]).evaluate(family.load())
+    model = family.load()
+    context = RunContext(family, model, ["Ada", "Bo"], TwoConceptRun())
+    metrics = Evaluator.for_concepts(context, "validation", ["Ada"]).evaluate(model)
     assert metrics["forget_top1"] == 1.0
     assert metrics["retain_top1"] == 1.0  # Cy alone; counting Bo (0) as retained would give 0.5

@@ -32,6 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from slug_pl.atomic import file_slug
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
@@ -63,6 +64,16 @@ class CanvasGrid:
     styles: tuple[str, ...]
     objects: tuple[str, ...]
     template: str = CAPTION_TEMPLATE
+
+
+@runtime_checkable
+class CanvasData(Protocol):
+    """What the UnlearnCanvas target needs of a run's data beyond :class:`~slug_pl.context.RunData`:
+    the prompt grid, and a record of where the canvas came from."""
+
+    def canvas_grid(self) -> CanvasGrid: ...
+
+    def record(self) -> dict: ...
 
 
 class UnlearnCanvasDataModule(SlugDataModule):

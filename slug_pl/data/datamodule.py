@@ -149,11 +149,35 @@ class SlugDataModule(LightningDataModule):
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
+        #: the model family whose transform and tokenizer the data uses (given by :meth:`attach`)
+        self.family = None
+        #: what ``fit`` streams: the pair sets in order and the global batch it starts at
+        self.pass_sets: tuple[str, ...] = ()
+        self.start_batch = 0
 
-    # -- model-family hooks --------------------------------------------------------------------
-    @property
-    def family(self):
-        return self.trainer.lightning_module.family
+    # -- what the method gives the data ----------------------------------------------------------
+    def attach(self, family, pass_sets: Sequence[str] = (), start_batch: int = 0, target=None) -> None:
+        """The method's side of the contract, given in its ``setup`` (after this module's own
+        ``setup``, before any batch): the model ``family`` (image transform, tokenizer), the pair
+        sets ``fit`` streams in order (checked here: they exist, read and are not empty), the
+        global batch the stream starts at (> 0 when a pass resumes) and the downstream ``target``
+        (a data module that builds the models it serves checks that the run loads them:
+        :meth:`check_models`)."""
+        self.family = family
+        self.pass_sets, self.start_batch = tuple(pass_sets), start_batch
+        for name in self.pass_sets:
+            self.pair_set(name)
+        self.check_models(family, target)
+
+    def check_models(self, family, target=None) -> None:
+        """Hook: a data module that builds the models it serves (the demos) refuses a run that
+        loads others, naming the option to set. Real data serves any model."""
+
+    def _family(self):
+        if self.family is None:
+            raise RuntimeError("the data module has no model family yet: the method gives it with "
+                               "SlugDataModule.attach(family, ...) before the data is used")
+        return self.family
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
@@ -223,15 +247,20 @@ class SlugDataModule(LightningDataModule):
         urls = self.concept_forget_urls(concept)
         sizes = tuple(shard_sample_counts(urls))
         pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
-        return PairBatches([pair_set], self.family.image_transform(), self.family.tokenize,
-                           bad_samples=self.bad_samples)
+        family = self._family()
+        return PairBatches([pair_set], family.image_transform(), family.tokenize, bad_samples=self.bad_samples)
+
+    def retain_urls(self) -> tuple[str, ...]:
+        """The retain-set shards, as given."""
+        return self.pair_set("retain").urls
 
     def mia_pairs(self):
         """``((member images, tokens), (non-member images, tokens))`` for membership inference:
         members are the forget pairs, non-members ``data.mia_nonmembers``; None without them."""
         if not self.mia_nonmembers:
             return None
-        transform, tokenize = self.family.image_transform(), self.family.tokenize
+        family = self._family()
+        transform, tokenize = family.image_transform(), family.tokenize
         members = load_pairs(list(self.pair_set("forget").urls), transform, tokenize)
         return members, load_pairs(self.mia_nonmembers, transform, tokenize)
 
@@ -252,20 +281,17 @@ class SlugDataModule(LightningDataModule):
         return trainer is not None and trainer.strategy.root_device.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
-        module = self.trainer.lightning_module
-        sets = [self.pair_set(name) for name in module.pass_sets()]  # what the method streams
+        sets = [self.pair_set(name) for name in self.pass_sets]  # what the method streams (attach)
         rank, world = self._rank_world()
-        start = getattr(module, "resume_position", 0) if sets else 0  # batches done before a resume
-        dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world,
-                              start_batch=start, bad_samples=self.bad_samples)
+        family = self._family()
+        dataset = PairBatches(sets, family.image_transform(), family.tokenize, rank, world,
+                              start_batch=self.start_batch if sets else 0, bad_samples=self.bad_samples)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=self._on_gpu())
 
     # -- checks before any work ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        pass_sets = module.pass_sets() if stage == "fit" and module is not None else ()
-        self.check(stage, pass_sets)
+        self.check(stage)  # the pair sets a fit streams are checked when the method attaches them
 
     def check(self, stage: str, pair_sets: Sequence[str] = ()) -> None:
         """Check what a ``stage`` run ("fit", "validate", "test") needs before any work: the
@@ -299,13 +325,17 @@ class SlugDataModule(LightningDataModule):
     def has_stage(self, stage: str) -> bool:
         return self.suites.get(stage) is not None
 
+    def eval_suite(self, stage: str) -> EvalSuite | None:
+        """The specs of ``stage``'s labelled sets (None when the config has none)."""
+        return self.suites.get(stage)
+
     def loaded_sets(self, stage: str) -> dict[str, LoadedSet]:
         """The decoded sets of ``stage`` ("validation" or "test"): ``concepts`` and ``utility``."""
         if stage not in self._loaded:
             suite = self.suites.get(stage)
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: give its concept (and utility) sets")
-            transform = self.family.image_transform()
+            transform = self._family().image_transform()
             sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts")}
             if suite.utility is not None:
                 sets["utility"] = suite.utility.load(transform, f"{stage}.utility")

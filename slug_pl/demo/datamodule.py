@@ -3,13 +3,12 @@
 and the validation and held-out test sets like any other :class:`SlugDataModule`.
 
 Everything lives under ``root`` (default ``.slug_cache/demo``, relative to the working
-directory). Which CLIP is trained follows the config's model family: an open_clip model at
-``<root>/model/<model_name>.safetensors`` (:func:`slug_pl.demo.train.ensure_demo`) for
-:class:`~slug_pl.families.OpenClip`, a Hugging Face ``CLIPModel`` folder at ``<root>/hf_clip``
-(:func:`slug_pl.demo.hf_clip.ensure_hf_clip`) for :class:`~slug_pl.families.HfClip`; with a
-:class:`~slug_pl.targets.Llava` target, also a LLaVA on that CLIP's vision tower at
-``<root>/llava`` (:func:`slug_pl.demo.llava.ensure_llava`). The family (and the target) must load
-what this module trains; a mismatch is reported with the path to put there.
+directory). What is trained is said by ``build``: ``open_clip`` (an open_clip model at
+``<root>/model/<model_name>.safetensors``, :func:`slug_pl.demo.train.ensure_demo`), ``hf_clip``
+(a Hugging Face ``CLIPModel`` folder at ``<root>/hf_clip``, :func:`slug_pl.demo.hf_clip.ensure_hf_clip`)
+or ``llava`` (that CLIP and a LLaVA on its vision tower at ``<root>/llava``,
+:func:`slug_pl.demo.llava.ensure_llava`). The run's family (and target) must load what this module
+trains; when the method attaches them a mismatch is reported with the path to put there.
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ class DemoWorld(SlugDataModule):
         mia_nonmembers: str | list[str] | None = None,
         train: dict | None = None,
         varying: list[str] | None = None,
+        build: str = "open_clip",
     ):
         """
         Args:
@@ -73,7 +73,12 @@ class DemoWorld(SlugDataModule):
             varying: attributes drawn afresh for every image rather than fixed per person, e.g.
                 ``[shirt, background]`` (see :class:`~slug_pl.demo.world.WorldSpec`); a world of
                 its own, so give it its own ``root``.
+            build: the models trained on the world: ``open_clip`` (the CLIP demo), ``hf_clip`` (a
+                Hugging Face CLIP) or ``llava`` (that CLIP and a LLaVA on its vision tower).
         """
+        if build not in BUILDS:
+            raise ValueError(f"data.build must be one of {list(BUILDS)}, got {build!r}")
+        self.build = build
         self.spec = WorldSpec(seed=seed, varying=tuple(varying or ()))
         names = identity_names(self.spec)
         concepts = list(concepts) if concepts else [names[0]]
@@ -93,21 +98,14 @@ class DemoWorld(SlugDataModule):
         self.paths: dict | None = None
         self._corpus_retain = retain is None
 
-    def _family(self):
-        return getattr(self.trainer.lightning_module, "family", None) if self.trainer else None
-
-    def _target(self):
-        return getattr(self.trainer.lightning_module, "target", None) if self.trainer else None
-
     def _ensure(self) -> dict:
-        """The world and the CLIP the config's family loads (and the LLaVA built on that CLIP when
-        the config's target is :class:`~slug_pl.targets.Llava`), built or read from the cache."""
-        if getattr(self._target(), "name", None) == "llava":
+        """The world and the models of ``build``, built or read from the cache."""
+        if self.build == "llava":
             from slug_pl.demo.llava import ensure_llava
 
             built = ensure_llava(self.root, self.spec, self.train_kwargs)
             return {**built["world"], "hf_clip": built["hf_clip"], "llava": built["path"], "metrics": built["metrics"]}
-        if getattr(self._family(), "family_name", "open_clip") == "hf_clip":
+        if self.build == "hf_clip":
             from slug_pl.demo.hf_clip import ensure_hf_clip
 
             built = ensure_hf_clip(self.root, self.spec, self.train_kwargs)
@@ -131,7 +129,6 @@ class DemoWorld(SlugDataModule):
     def setup(self, stage: str) -> None:
         if self.paths is None:  # prepare_data ran in another process (DDP): read the cache
             self.paths = self._ensure()
-        self._check_family_loads_the_demo_clip()
         p = self.paths
         self.forget = {c: [str(s) for s in sorted(self._forget_dir(c).glob("*.tar"))] for c in self.concepts}
         if self._corpus_retain:
@@ -156,7 +153,7 @@ class DemoWorld(SlugDataModule):
         same identities (never seen)."""
         if self.mia_nonmembers:
             return super().mia_pairs()
-        family = self.trainer.lightning_module.family
+        family = self._family()
         transform, tokenize = family.image_transform(), family.tokenize
         names = json.loads(Path(self.paths["identities_json"]).read_text())
         members = load_pairs([u for c in self.concepts for u in self.forget[c]], transform, tokenize)
@@ -166,24 +163,38 @@ class DemoWorld(SlugDataModule):
         return members, nonmembers
 
 
-    def _check_family_loads_the_demo_clip(self) -> None:
-        family = self._family()
+    def check_models(self, family, target=None) -> None:
+        """The run's family loads the CLIP this world trained (and a LLaVA target the LLaVA), or
+        ValueError naming the option and the path to put there."""
+        if self.paths is None:
+            return
         if "llava" in self.paths:
-            wanted, loaded = Path(self.paths["llava"]).resolve(), getattr(self._target(), "model", None)
-            if loaded is None or Path(loaded).expanduser().resolve() != wanted:
-                raise ValueError(f"the demo builds its LLaVA at {wanted}, but the target loads {loaded!r}; set "
-                                 f"model.init_args.target.init_args.model to {wanted}")
+            refuse_other_model("the demo builds its LLaVA", self.paths["llava"], target_source(target),
+                               "model.init_args.target.init_args.model")
         if "hf_clip" in self.paths:
-            wanted, loaded, key = Path(self.paths["hf_clip"]).resolve(), getattr(family, "model_name", None), "model_name"
+            refuse_other_model("the demo trains its CLIP", self.paths["hf_clip"], family.describe().get("model_name"),
+                               "model.init_args.family.init_args.model_name")
         else:
-            wanted, loaded, key = (Path(self.paths["checkpoint"]).resolve(), getattr(family, "pretrained", None),
-                                   "pretrained")
-        if loaded is None or Path(loaded).expanduser().resolve() != wanted:
-            hint = "" if "hf_clip" in self.paths else f" (and model_name to {self.paths['model_name']})"
-            raise ValueError(
-                f"the demo trains its CLIP at {wanted}, but the model family loads {loaded!r}; set "
-                f"model.init_args.family.init_args.{key} to {wanted}{hint}"
-            )
+            refuse_other_model("the demo trains its CLIP", self.paths["checkpoint"], family.describe().get("pretrained"),
+                               "model.init_args.family.init_args.pretrained",
+                               f" (and model_name to {self.paths['model_name']})")
+
+
+#: What a demo world can build (``DemoWorld(build=...)``).
+BUILDS = ("open_clip", "hf_clip", "llava")
+
+
+def target_source(target) -> str | None:
+    """The folder a downstream target loads (``describe_source()``), or None without a target."""
+    return None if target is None else target.source()
+
+
+def refuse_other_model(what: str, wanted: str | Path, loaded: str | None, option: str, hint: str = "") -> None:
+    """ValueError when the run loads ``loaded`` where a demo built ``wanted``: ``"<what> at
+    <wanted>, but the run loads <loaded>; set <option> to <wanted><hint>"``."""
+    wanted = Path(wanted).resolve()
+    if loaded is None or loaded == "None" or Path(loaded).expanduser().resolve() != wanted:
+        raise ValueError(f"{what} at {wanted}, but the run loads {loaded!r}; set {option} to {wanted}{hint}")
 
 
 def _templates(paths: dict, kind: str) -> list[str]:

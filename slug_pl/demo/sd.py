@@ -59,7 +59,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from slug_pl.atomic import file_slug, swap_into_place, write_text
-from slug_pl.demo.datamodule import DemoWorld
+from slug_pl.demo.datamodule import DemoWorld, refuse_other_model, target_source
 from slug_pl.demo.world import WorldSpec, spec_record
 from slug_pl.evaluation.zeroshot import fill_template
 
@@ -649,15 +649,15 @@ class StableDiffusionDemoWorld(DemoWorld):
                                     dtype="float32", progress=False)
                 rank_zero_info(f"demo SD: generated {g['n']} forget images of {prompt!r} into {out}")
 
+    def check_models(self, family, target=None) -> None:
+        super().check_models(family, target)
+        if self.paths is not None:
+            refuse_other_model("the demo builds its Stable Diffusion pipeline", self.paths["sd_pipeline"],
+                               target_source(target),
+                               "model.init_args.target (slug_pl.targets.StableDiffusion) init_args.pipeline")
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        target = self.trainer.lightning_module.target
-        wanted = Path(self.paths["sd_pipeline"]).resolve()
-        loaded = getattr(target, "pipeline", None)
-        if loaded is None or Path(loaded).expanduser().resolve() != wanted:
-            raise ValueError(f"the demo builds its Stable Diffusion pipeline at {wanted}, but the run's target "
-                             f"loads {loaded!r}; set model.init_args.target (slug_pl.targets.StableDiffusion) "
-                             f"init_args.pipeline to {wanted}")
         if self.forget_source == "generated":
             self.forget = {c: [str(p) for d in self._generated_dirs(c) for p in sorted(d.glob("*.tar"))]
                            for c in self.concepts}

@@ -48,6 +48,7 @@ from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.data.unlearncanvas import CAPTION_TEMPLATE
 from slug_pl.demo.canvas import CanvasSpec, build_canvas, train_canvas_classifiers
 from slug_pl.demo.sd import SdTraining
+from slug_pl.demo.datamodule import refuse_other_model, target_source
 
 #: Bump when the build changes (what is trained, or how): invalidates cached builds.
 BUILD_VERSION = 3
@@ -280,14 +281,12 @@ class UnlearnCanvasDemo(UnlearnCanvasDataModule):
     def setup(self, stage: str) -> None:
         if self.built is None:  # prepare_data ran in another process (DDP): read the cache
             self.built = ensure_canvas_demo(self.demo_root)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        for what, wanted, loaded, option in (
-                ("CLIP", self.built["clip"], getattr(getattr(module, "family", None), "model_name", None),
-                 "model.init_args.family.init_args.model_name"),
-                ("Stable Diffusion pipeline", self.built["pipeline"], getattr(getattr(module, "target", None),
-                                                                             "pipeline", None),
-                 "model.init_args.target.init_args.pipeline")):
-            if loaded is None or Path(loaded).expanduser().resolve() != Path(wanted).resolve():
-                raise ValueError(f"the UnlearnCanvas demo builds its {what} at {wanted}, but the run loads "
-                                 f"{loaded!r}; set {option} to {wanted}")
         super().setup(stage)
+
+    def check_models(self, family, target=None) -> None:
+        if self.built is None:
+            return
+        refuse_other_model("the UnlearnCanvas demo builds its CLIP", self.built["clip"],
+                           family.describe().get("model_name"), "model.init_args.family.init_args.model_name")
+        refuse_other_model("the UnlearnCanvas demo builds its Stable Diffusion pipeline", self.built["pipeline"],
+                           target_source(target), "model.init_args.target.init_args.pipeline")

@@ -68,12 +68,13 @@ class Evaluator:
         self._hidden: dict[tuple[str, str, int], list[torch.Tensor]] = {}  # (set, tower, block) -> batches
 
     @classmethod
-    def for_concepts(cls, family: ModelFamily, datamodule, stage: str, concepts: Sequence[str]) -> "Evaluator":
-        """The judge of ``concepts`` on a data module's ``stage`` ("validation" or "test") sets:
-        forget metrics over ``concepts``, retain over the concepts the run does not forget."""
-        sets = datamodule.loaded_sets(stage)
-        others = [c for c in datamodule.concepts if c not in concepts]
-        return cls(family, sets["concepts"], concepts, sets.get("utility"), datamodule.eval_batch_size,
+    def for_concepts(cls, context, stage: str, concepts: Sequence[str]) -> "Evaluator":
+        """The judge of ``concepts`` on the run's ``stage`` ("validation" or "test") sets
+        (``context``: a :class:`~slug_pl.context.RunContext`): forget metrics over ``concepts``,
+        retain over the concepts the run does not forget."""
+        sets = context.eval_sets(stage)
+        others = [c for c in context.concepts if c not in concepts]
+        return cls(context.family, sets["concepts"], concepts, sets.get("utility"), context.eval_batch_size,
                    exclude_from_retain=others)
 
     def reset_cache(self) -> None:

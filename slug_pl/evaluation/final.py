@@ -48,23 +48,23 @@ class BeforeAfter:
     extra: dict = field(default_factory=dict)
 
 
-def evaluate_before_after(family, model: nn.Module, datamodule, concepts: Sequence[str],
-                          edits: Sequence[LayerEdit], similarity_concepts: int = 8) -> BeforeAfter:
-    """Measure the model with ``edits`` applied (as it is) and without them (reverted inside).
+def evaluate_before_after(context, edits: Sequence[LayerEdit], similarity_concepts: int = 8) -> BeforeAfter:
+    """Measure the run's model (``context``: a :class:`~slug_pl.context.RunContext`) with
+    ``edits`` applied (as it is) and without them (reverted inside), for the run's concepts.
 
     ``similarity_concepts``: concepts shown in the similarity matrix (the forgotten ones first).
     """
-    concepts = list(concepts)
-    stage = "test" if datamodule.has_stage("test") else "validation"
-    every = Evaluator.for_concepts(family, datamodule, stage, concepts)
+    family, model, concepts = context.family, context.model, list(context.concepts)
+    stage = context.report_stage
+    every = Evaluator.for_concepts(context, stage, concepts)
     with reverted(model, edits):
         before = every.evaluate(model)
     after = every.evaluate(model)
-    per_concept = {c: Evaluator.for_concepts(family, datamodule, stage, [c]).evaluate(model) for c in concepts}
+    per_concept = {c: Evaluator.for_concepts(context, stage, [c]).evaluate(model) for c in concepts}
     data = every.sets["concepts"]
     forget_images = int(sum((data.labels == i).sum().item() for i in every.forget_ids))
 
-    pairs = datamodule.mia_pairs() if hasattr(datamodule, "mia_pairs") else None
+    pairs = context.mia_pairs()
     mia = None
     if pairs is not None:
         with reverted(model, edits):

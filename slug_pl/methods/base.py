@@ -22,6 +22,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from slug_pl.context import RunContext
 from slug_pl.edit import LayerEdit, apply_edit, load_edits
 from slug_pl.evaluation.final import BeforeAfter, evaluate_before_after
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary, utility_summary
@@ -121,6 +122,7 @@ class UnlearningModule(LightningModule):
         #: where each phase ran: ``{"pass": "cuda:0", "after_pass": "cuda:0", ...}`` (summary ``devices``)
         self.devices: dict[str, str] = {}
         self.last_eval: dict[str, float] = {}
+        self._context: RunContext | None = None
 
     # -- model ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -162,6 +164,25 @@ class UnlearningModule(LightningModule):
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that
         # rank-0-only code (writing files) never calls it
         self._run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        self._context = None
+        datamodule = self.trainer.datamodule
+        if datamodule is not None:  # the data's side of the contract: what it serves, for which model
+            datamodule.attach(self.family, self.pass_sets() if stage == "fit" else (),
+                              self.start_batch() if stage == "fit" else 0, self.target)
+
+    def start_batch(self) -> int:
+        """The global batch ``fit``'s stream starts at (> 0 when a method resumes its pass)."""
+        return 0
+
+    @property
+    def context(self) -> RunContext:
+        """The run as the search's judges, the downstream target and the record see it
+        (:class:`~slug_pl.context.RunContext`), built once the model is loaded."""
+        if self._context is None:
+            datamodule = self.trainer.datamodule
+            self._context = RunContext(self.family, self.clip, list(datamodule.concepts), datamodule, self.run_dir,
+                                       self.method_name, self.timings)
+        return self._context
 
     def on_train_start(self) -> None:
         self.devices["pass"] = str(self.device)
@@ -236,12 +257,10 @@ class UnlearningModule(LightningModule):
         peak memory and edit size are added here. ``remedy``: what to change when forgetting
         does not hold on held-out images. Returns the summary.
         """
-        trainer = self.trainer
-        datamodule = trainer.datamodule
-        concepts = list(datamodule.concepts)
+        trainer, context = self.trainer, self.context
+        concepts = list(context.concepts)
         record = RunRecord(self.run_dir, trainer.logger)
-        result: BeforeAfter = evaluate_before_after(self.family, self.clip, datamodule, concepts, edits,
-                                                    similarity_concepts)
+        result: BeforeAfter = evaluate_before_after(context, edits, similarity_concepts)
         sim_before, sim_after, shown = result.similarity
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
@@ -250,9 +269,11 @@ class UnlearningModule(LightningModule):
         if self.target is not None:  # the downstream model with the edit, judged its own way
             self.devices["downstream"] = str(self.target.resolved_device())
             self.target.transplant(self.clip, edits)
-            downstream: TargetReport = self.target.evaluate(self.clip, datamodule, concepts, edits)
+            downstream: TargetReport = self.target.evaluate(context, edits)
             for caption, file, figure in downstream.figures:
                 record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
+            for file, (header, rows) in downstream.tables.items():
+                record.csv(file, header, rows)
             if self.target.save_edited:
                 saved = self.target.save_pretrained(self.run_dir / f"edited_{self.target.name}")
                 downstream.block["saved_to"] = saved.name

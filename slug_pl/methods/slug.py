@@ -136,7 +136,7 @@ class SlugModule(UnlearningModule):
         #: after the pass: per set, the skipped samples (dicts set/index/shard/key/reason)
         self.skipped: dict[str, list[dict]] = {}
         self.gradient_files: dict[str, Path] = {}
-        #: global batch position the pass starts at (> 0 when resuming; read by the DataModule)
+        #: global batch position the pass starts at (> 0 when resuming; given to the data in setup)
         self.resume_position = 0
         self._resume_state: resume.PartialState | None = None
         self._resume_file: Path | None = None
@@ -229,13 +229,21 @@ class SlugModule(UnlearningModule):
             "precision": str(self.trainer.precision),
         }
 
-    def _find_resume_state(self) -> None:
+    def start_batch(self) -> int:
+        """With ``resume_from``: the global batch at which the interrupted pass saved its partial
+        state (this rank's file found now; loaded and checked in :meth:`on_fit_start`)."""
+        if not self.resume_from:
+            return 0
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        position, path = resume.find_partial(self.resume_from, rank, world)
+        self.resume_position, self._resume_file = resume.find_partial(self.resume_from, rank, world)
+        return self.resume_position
+
+    def _find_resume_state(self) -> None:
+        path = self._resume_file
         state = resume.load_partial(path)
         resume.check_compatible(state.compat, self._compat(), path)
-        self._resume_state, self._resume_file, self.resume_position = state, path, position
-        rank_zero_info(f"resuming the gradient pass at batch {position} from {path.parent}")
+        self._resume_state = state
+        rank_zero_info(f"resuming the gradient pass at batch {self.resume_position} from {path.parent}")
 
     def _restore(self, state: resume.PartialState) -> None:
         device = self.device
@@ -540,8 +548,8 @@ class SlugSearch(Callback):
 
     def _search(self, trainer: Trainer, pl_module: SlugModule) -> None:
         t0 = time.perf_counter()
-        model, family, datamodule = pl_module.clip, pl_module.family, trainer.datamodule
-        concepts = list(datamodule.concepts)
+        context = pl_module.context
+        model, family, concepts = context.model, context.family, list(context.concepts)
         record = RunRecord(pl_module.run_dir, trainer.logger)
         search = StepSearch(self.settings, on_evaluation=self._logger(record), log=rank_zero_info,
                             warn=rank_zero_warn)
@@ -550,12 +558,12 @@ class SlugSearch(Callback):
         target = pl_module.target
 
         def judge_for(concept: str):
-            judge = target.search_judge(model, datamodule, concept) if target is not None else None
-            return judge or Evaluator.for_concepts(family, datamodule, "validation", [concept])
+            judge = target.search_judge(context, concept) if target is not None else None
+            return judge or Evaluator.for_concepts(context, "validation", [concept])
 
         # a target may keep the edit off what it must keep: the forget gradient projected, and only
         # the tensors the projection covers as candidates (slug_pl.retain_projection)
-        projection = target.forget_gradient_projection(family, model, datamodule, concepts) if target else None
+        projection = target.forget_gradient_projection(context) if target else None
         readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
         if projection is not None:
             run_forget = projection.apply(run_forget)
@@ -565,7 +573,7 @@ class SlugSearch(Callback):
                            f"among them the downstream model reads)")
 
         def concept_gradient(concept: str) -> dict:
-            grads, count = forget_gradient(family, model, datamodule.concept_batches(concept))
+            grads, count = forget_gradient(family, model, context.forget_batches(concept))
             extra_pairs["count"] += count
             return projection.apply(grads) if projection is not None else grads
 
@@ -577,7 +585,7 @@ class SlugSearch(Callback):
         written: set[str] = set()
         search.on_ranked = ranked
         if target is not None and target.reorders_candidates:
-            search.rank_found = lambda concept, edits: target.rank_candidates(model, datamodule, concept, edits)
+            search.rank_found = lambda concept, edits: target.rank_candidates(context, concept, edits)
         outcomes = search.search_concepts(model, family, judge_for, concepts, concept_gradient,
                                           pl_module.gradients["retain"], readable=readable,
                                           run_forget_grad=run_forget)

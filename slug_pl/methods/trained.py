@@ -139,8 +139,7 @@ class BaselineModule(UnlearningModule):
     def judge(self) -> Evaluator:
         """SLUG's validation judge for this run's concepts (a fresh one: its caches belong to the
         model as it is now)."""
-        datamodule = self.trainer.datamodule
-        return Evaluator.for_concepts(self.family, datamodule, "validation", list(datamodule.concepts))
+        return Evaluator.for_concepts(self.context, "validation", list(self.context.concepts))
 
     def consider(self, index: int, label: str, **info) -> Checkpoint:
         """Score the model as it is now on validation (rank 0) and keep a CPU copy of its weights

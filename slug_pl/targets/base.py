@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slug_pl.context import RunContext
 from slug_pl.edit import LayerEdit
 
 
@@ -58,6 +59,8 @@ class TargetReport:
             run's forget target is checked on fresh images with them when the CLIP's own zero-shot
             metrics do not hold the target metric.
         forget_images: images of the forgotten concept(s) behind ``after``'s forget metrics.
+        tables: CSV files for the run folder, ``{file name: (header, rows)}`` (the record writes
+            them, e.g. UnlearnCanvas' ``unlearncanvas.csv``).
     """
 
     key: str
@@ -66,6 +69,7 @@ class TargetReport:
     figures: list[tuple[str, str, object]] = field(default_factory=list)
     after: dict[str, float] = field(default_factory=dict)
     forget_images: int | None = None
+    tables: dict[str, tuple[list[str], list[list]]] = field(default_factory=dict)
 
 
 class DownstreamTarget(ABC):
@@ -150,14 +154,18 @@ class DownstreamTarget(ABC):
     def describe(self) -> str:
         return self.name
 
+    @abstractmethod
+    def source(self) -> str:
+        """The folder (or hub id) the downstream model is loaded from, as configured."""
+
     # -- the search and the verdict ------------------------------------------------------------
-    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+    def forget_gradient_projection(self, context: RunContext):
         """A projection of the forget gradient that keeps the edit off what the downstream model
         must keep (:class:`slug_pl.retain_projection.InputProjection`: only the tensors it covers
         are then candidates), or None: the method's forget gradient as it is."""
         return None
 
-    def search_judge(self, clip: nn.Module, datamodule, concept: str):
+    def search_judge(self, context: RunContext, concept: str):
         """A judge (``evaluate(model, edited) -> metrics``) for the step search of ``concept``,
         measured on the downstream model with the CLIP's edit transplanted, or None to search
         on the CLIP's own zero-shot metrics."""
@@ -169,12 +177,12 @@ class DownstreamTarget(ABC):
         judgement (then the search must find every candidate's edit: no ``stop_dominated``)."""
         return False
 
-    def rank_candidates(self, clip: nn.Module, datamodule, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
+    def rank_candidates(self, context: RunContext, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
         """Order (best first) of the candidate edits that met the target on the CLIP side, judged
         downstream (each ``edits[i]`` applied alone); None keeps the CLIP-side order."""
         return None
 
     @abstractmethod
-    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str], edits: Sequence[LayerEdit]) -> TargetReport:
-        """Before (edits reverted) and after measurements of the downstream model (the CLIP
-        carries ``edits`` on entry and on return)."""
+    def evaluate(self, context: RunContext, edits: Sequence[LayerEdit]) -> TargetReport:
+        """Before (edits reverted) and after measurements of the downstream model, for the run's
+        concepts (the CLIP, ``context.model``, carries ``edits`` on entry and on return)."""

@@ -49,6 +49,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from slug_pl.context import RunContext
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION, DEFAULT_QUESTION, chat_prompt, score_vqa
 from slug_pl.families.hf_clip import ProcessorTransform
@@ -267,6 +268,9 @@ class Llava(DownstreamTarget):
 
     def describe(self) -> str:
         return f"the LLaVA model {self.model}"
+
+    def source(self) -> str:
+        return str(self.model)
 
     def _vlm_parameters(self) -> dict[str, nn.Parameter]:
         self.load()
@@ -491,13 +495,13 @@ class Llava(DownstreamTarget):
         result["answers"] = identity_answers | object_answers
         return result
 
-    def images(self, datamodule, stage: str) -> VqaImages:
-        """The data module's ``stage`` sets, preprocessed by the VLM's image processor (decoded
-        once per stage): the concept set's images per identity, the utility set's per object."""
+    def images(self, context: RunContext, stage: str) -> VqaImages:
+        """The run's ``stage`` sets, preprocessed by the VLM's image processor (decoded once per
+        stage): the concept set's images per identity, the utility set's per object."""
         key = stage
         if key not in self._images:
             self.load()
-            suite = datamodule.suites.get(stage)
+            suite = context.eval_suite(stage)
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: the LLaVA target asks about its concept and utility images")
             transform = ProcessorTransform(self.processor.image_processor)
@@ -509,16 +513,17 @@ class Llava(DownstreamTarget):
         return self._images[key]
 
     # -- the search and the verdict ------------------------------------------------------------
-    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+    def forget_gradient_projection(self, context: RunContext):
         """With ``protect_retained``: the projection off the main directions of what the retain
         set's images (not naming a forgotten concept) feed the encoder's linear layers; else None."""
         if not self.protect_retained:
             return None
         from slug_pl.data.mining import concept_pattern
         from slug_pl.data.shards import decode_image, iter_raw_samples
-        names = concept_pattern(list(concepts))
+        family, clip = context.family, context.model
+        names = concept_pattern(list(context.concepts))
         transform, images = family.image_transform(), []
-        for sample in iter_raw_samples(list(datamodule.pair_set("retain").urls)):
+        for sample in iter_raw_samples(list(context.retain_urls())):
             if len(images) >= self.protect_images:
                 break
             if sample.caption is not None and names.search(sample.caption):
@@ -540,10 +545,10 @@ class Llava(DownstreamTarget):
                            "rank": ranks}  # the covered tensors the VLM reads: the candidates
         return projection
 
-    def search_judge(self, clip: nn.Module, datamodule, concept: str):
+    def search_judge(self, context: RunContext, concept: str):
         if not self.search_on_vlm:
             return None
-        images = self._search_images(datamodule, concept)
+        images = self._search_images(context, concept)
         if concept not in images.identities:
             raise ValueError(f"the validation concept set has no images of {concept!r}: the LLaVA target cannot "
                              f"judge forgetting without them")
@@ -551,28 +556,28 @@ class Llava(DownstreamTarget):
         if self.clip_metrics:
             from slug_pl.evaluation.evaluator import Evaluator
 
-            clip_judge = Evaluator.for_concepts(datamodule.family, datamodule, "validation", [concept])
-        return VqaJudge(self, clip, images, [concept], clip_judge)
+            clip_judge = Evaluator.for_concepts(context, "validation", [concept])
+        return VqaJudge(self, context.model, images, [concept], clip_judge)
 
-    def _search_images(self, datamodule, concept: str) -> VqaImages:
+    def _search_images(self, context: RunContext, concept: str) -> VqaImages:
         """The validation images one concept's search asks about: all of the concept's, the first
         ``search_images_per_concept`` of each other identity (the run's other forgotten concepts
         left out: neither forgotten nor retained here) and of each object."""
-        full, cap = self.images(datamodule, "validation"), self.search_images_per_concept
-        others = [c for c in datamodule.concepts if c != concept]
+        full, cap = self.images(context, "validation"), self.search_images_per_concept
+        others = [c for c in context.concepts if c != concept]
         identities = {k: v if k == concept else v[:cap] for k, v in full.identities.items() if k not in others}
         if self.search_forget_pairs:
-            identities[concept] = torch.cat([identities[concept], self._forget_images(datamodule, concept)])
+            identities[concept] = torch.cat([identities[concept], self._forget_images(context, concept)])
         return VqaImages(identities, {k: v[:cap] for k, v in full.objects.items()})
 
-    def _forget_images(self, datamodule, concept: str) -> torch.Tensor:
+    def _forget_images(self, context: RunContext, concept: str) -> torch.Tensor:
         """The forget set's images of ``concept``, preprocessed by the VLM's image processor."""
         from slug_pl.data.shards import decode_image, iter_raw_samples
 
         key = ("forget", concept)
         if key not in self._images:
             transform = ProcessorTransform(self.processor.image_processor)
-            urls = list(datamodule.concept_forget_urls(concept))
+            urls = list(context.forget_urls(concept))
             self._images[key] = torch.stack([transform(decode_image(sample)) for sample in iter_raw_samples(urls)])
         return self._images[key]
 
@@ -580,15 +585,14 @@ class Llava(DownstreamTarget):
     def reorders_candidates(self) -> bool:
         return not self.search_on_vlm
 
-    def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
-                        edits: Sequence[LayerEdit]) -> list[int] | None:
+    def rank_candidates(self, context: RunContext, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
         """With the search on the CLIP (``search_on_vlm: false``): the candidates by the VLM's
         validation answers, each edit alone: lowest ``forget_name_accuracy`` first, then the most
         ``retain_name_accuracy + object_accuracy``. None (keep the order) when the search already
         ran on the VLM."""
         if not self.reorders_candidates:
             return None
-        images = self._search_images(datamodule, concept)
+        images, clip = self._search_images(context, concept), context.model
         keys = []
         for edit in edits:
             apply_edit(clip, edit)
@@ -602,12 +606,11 @@ class Llava(DownstreamTarget):
             keys.append((m["forget_name_accuracy"], -(m["retain_name_accuracy"] or 0) - (m["object_accuracy"] or 0)))
         return sorted(range(len(edits)), key=lambda i: keys[i])
 
-    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str],
-                 edits: Sequence[LayerEdit]) -> TargetReport:
+    def evaluate(self, context: RunContext, edits: Sequence[LayerEdit]) -> TargetReport:
         """Name accuracy on the held-out test sets (validation when there are none), the VLM as
         loaded (before) and with ``edits`` copied in (after); the VLM holds the edits on return."""
-        stage = "test" if datamodule.suites.get("test") is not None else "validation"
-        full, cap = self.images(datamodule, stage), self.test_images_per_concept
+        clip, concepts, stage = context.model, list(context.concepts), context.report_stage
+        full, cap = self.images(context, stage), self.test_images_per_concept
         images = VqaImages({k: v[:cap] for k, v in full.identities.items()},
                            {k: v[:cap] for k, v in full.objects.items()})
         with self.threads():
@@ -635,7 +638,7 @@ class Llava(DownstreamTarget):
         # top-1 with the edits, as it is, joins the VLM's answers for FORGET_BOTH)
         from slug_pl.evaluation.evaluator import Evaluator
 
-        clip_after = Evaluator.for_concepts(datamodule.family, datamodule, stage, list(concepts)).evaluate(clip)
+        clip_after = Evaluator.for_concepts(context, stage, concepts).evaluate(clip)
         held_out = {k: after[k] for k in VQA_METRICS if after[k] is not None} | clip_after
         if held_out.get("forget_name_accuracy") is not None and "forget_top1" in clip_after:
             held_out[FORGET_BOTH] = max(held_out["forget_name_accuracy"], clip_after["forget_top1"])

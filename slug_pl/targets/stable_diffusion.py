@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slug_pl.context import RunContext
 from slug_pl.data.generated import check_pipeline_dir, load_pipeline, resolve_dtype
 from slug_pl.edit import EditMismatchError, LayerEdit, apply_edit, load_edits, revert_edit
 from slug_pl.evaluation.generation import (
@@ -202,13 +203,14 @@ class GenerationSearchJudge:
     concepts (fractions), combined over the judges by :func:`combine_judges` (forget: the
     highest, retain: the mean; each judge's own as ``metric[judge]``)."""
 
-    def __init__(self, target: "StableDiffusion", clip: nn.Module, datamodule, concept: str):
+    def __init__(self, target: "StableDiffusion", context: RunContext, concept: str):
         self.target = target
-        self.sets = target.prompt_sets(datamodule, [concept], search=True)
-        self.classnames, templates = target._concept_set(datamodule)
-        live = target.judges(datamodule.family, clip, templates)
+        self.sets = target.prompt_sets(context, [concept], search=True)
+        self.classnames, templates = target._concept_set(context)
+        family, clip = context.family, context.model
+        live = target.judges(family, clip, templates)
         # the CLIP judge must stay the unedited CLIP while the search edits its text tower
-        self.judges = {judge_label(spec): (FrozenClipJudge(datamodule.family, clip, self.classnames, templates)
+        self.judges = {judge_label(spec): (FrozenClipJudge(family, clip, self.classnames, templates)
                                            if spec == "clip" else judge)
                        for spec, judge in zip(target.judge_specs, live)}
 
@@ -363,6 +365,9 @@ class StableDiffusion(DownstreamTarget):
     def describe(self) -> str:
         return f"the Stable Diffusion pipeline {self.pipeline}"
 
+    def source(self) -> str:
+        return str(self.pipeline)
+
     @property
     def dtype(self) -> torch.dtype:
         """The pipeline's dtype: as configured, else float16 on CUDA and float32 elsewhere."""
@@ -502,20 +507,20 @@ class StableDiffusion(DownstreamTarget):
         self.load()
         return self.pipe if self.clip_skip is None else ClipSkipPipeline(self.pipe, self.clip_skip)
 
-    def _concept_set(self, datamodule) -> tuple[list[str], list[str]]:
-        """The class names judges choose among and their zero-shot templates (the data module's
+    def _concept_set(self, context: RunContext) -> tuple[list[str], list[str]]:
+        """The class names judges choose among and their zero-shot templates (the run's
         validation concept set)."""
-        concept_set = datamodule.loaded_sets("validation")["concepts"]
+        concept_set = context.eval_sets("validation")["concepts"]
         return list(concept_set.classnames), list(concept_set.templates)
 
-    def prompt_sets(self, datamodule, forget: Sequence[str], search: bool = False) -> list[PromptSet]:
+    def prompt_sets(self, context: RunContext, forget: Sequence[str], search: bool = False) -> list[PromptSet]:
         """The forget prompt set and the retain prompt set (one each; retain may be absent).
 
         ``search``: the search's sets (``search_seeds``; every forget template, the first
         ``search_templates`` retain templates and the first ``search_retain_concepts`` retained
         concepts); else the report's.
         """
-        classnames, templates = self._concept_set(datamodule)
+        classnames, templates = self._concept_set(context)
         unknown = [c for c in forget if c not in classnames]
         if unknown:
             raise ValueError(f"the concepts {unknown} are not in the concept set's class list; the judges "
@@ -549,12 +554,13 @@ class StableDiffusion(DownstreamTarget):
                                     batch_size=g["batch_size"], height=g["height"], width=g["width"],
                                     progress=self.progress) for s in sets]
 
-    def forget_gradient_projection(self, family, clip: nn.Module, datamodule, concepts: Sequence[str]):
+    def forget_gradient_projection(self, context: RunContext):
         """With ``protect_retained``: the projection off what the retained concepts' prompts feed
         the text tower at every position (the UNet reads every position's state); else None."""
         if not self.protect_retained:
             return None
-        retained = [s for s in self.prompt_sets(datamodule, list(concepts)) if not s.forget]
+        family, clip = context.family, context.model
+        retained = [s for s in self.prompt_sets(context, list(context.concepts)) if not s.forget]
         kept = [c for s in retained for c in s.concepts]
         if not isinstance(self.protect_retained, bool):
             kept = kept[: self.protect_retained]
@@ -582,12 +588,12 @@ class StableDiffusion(DownstreamTarget):
                 out.append(self._judges[spec])
         return out
 
-    def search_judge(self, clip: nn.Module, datamodule, concept: str):
+    def search_judge(self, context: RunContext, concept: str):
         """With ``search_on: generation``, a :class:`GenerationSearchJudge` of ``concept``; else
         None (the search runs on the CLIP's zero-shot metrics)."""
         if self.search_on != "generation":
             return None
-        return GenerationSearchJudge(self, clip, datamodule, concept)
+        return GenerationSearchJudge(self, context, concept)
 
     @staticmethod
     def score(images: Sequence[list], sets: Sequence[PromptSet], judge, family, clip: nn.Module) -> dict:
@@ -613,16 +619,15 @@ class StableDiffusion(DownstreamTarget):
     def reorders_candidates(self) -> bool:
         return self.search_on != "generation"
 
-    def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
-                        edits: Sequence[LayerEdit]) -> list[int] | None:
+    def rank_candidates(self, context: RunContext, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
         """Draw the candidate-scoring prompt sets with each edit transplanted alone; order by
         :func:`order_by_generation` (judged with the CLIP unedited by every judge, combined as
         :func:`combine_judges` does: forget the highest, retain the mean). None with
         ``search_on: generation``: the search itself chose by these generations."""
         if not self.reorders_candidates:
             return None
-        family = datamodule.family
-        sets = self.prompt_sets(datamodule, [concept], search=True)
+        family, clip = context.family, context.model
+        sets = self.prompt_sets(context, [concept], search=True)
         drawn = []
         for edit in edits:
             apply_edit(clip, edit)
@@ -632,7 +637,7 @@ class StableDiffusion(DownstreamTarget):
             finally:
                 revert_edit(clip, edit)
                 self.mirror(clip)
-        judges = self.judges(family, clip, self._concept_set(datamodule)[1])
+        judges = self.judges(family, clip, self._concept_set(context)[1])
         scores = []
         for edit, images in zip(edits, drawn):
             judged = [self.score(images, sets, judge, family, clip) for judge in judges]
@@ -642,19 +647,18 @@ class StableDiffusion(DownstreamTarget):
         self.candidate_scores[concept] = scores
         return order_by_generation(scores, self.forget_threshold)
 
-    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str],
-                 edits: Sequence[LayerEdit]) -> TargetReport:
+    def evaluate(self, context: RunContext, edits: Sequence[LayerEdit]) -> TargetReport:
         """Every forget and retain prompt with the held-out ``seeds``, before (edits reverted) and
         after; judged and CLIP-scored with the unedited CLIP. The pipeline carries the edits on
         return."""
-        family = datamodule.family
-        sets = self.prompt_sets(datamodule, list(concepts))
+        family, clip = context.family, context.model
+        sets = self.prompt_sets(context, list(context.concepts))
         self.mirror(clip)  # the edits, as the CLIP carries them (already there after transplant)
         after = self.draw(sets)
         with reverted(clip, edits):
             self.mirror(clip)
             before = self.draw(sets)
-            templates = self._concept_set(datamodule)[1]
+            templates = self._concept_set(context)[1]
             judged = {}
             for judge in self.judges(family, clip, templates):
                 judged[judge.name] = {"before": self.score(before, sets, judge, family, clip),

@@ -27,7 +27,7 @@ GB here are 2**30 bytes.
 **The record** (:class:`~slug_pl.targets.base.TargetReport` with key ``"unlearncanvas"``): the
 summary block (scores before and after, per-concept accuracies, prompts, seeds, classifiers,
 cost, verdict ``UA >= ua_target``), two rows of ``unlearncanvas.csv`` in the run folder
-(:func:`~slug_pl.evaluation.unlearncanvas.write_row`: the unedited pipeline and the edited one),
+(written by the run record: the unedited pipeline and the edited one),
 and report sections with the rows next to the published rows of other methods
 (:func:`~slug_pl.evaluation.unlearncanvas.comparison_markdown`, quoted with their source and marked
 "published, not measured here").
@@ -54,6 +54,8 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import to_pil_image
 
+from slug_pl.context import RunContext
+from slug_pl.data.canvas_datamodule import CanvasData
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.generation import generate_images, image_grid
 from slug_pl.evaluation.unlearncanvas import (
@@ -69,7 +71,6 @@ from slug_pl.evaluation.unlearncanvas import (
     comparison_markdown,
     prompt_grid,
     score_images,
-    write_row,
 )
 from slug_pl.record import pct, table
 from slug_pl.step_search import reverted
@@ -98,10 +99,10 @@ class CanvasSearchJudge:
     """The step search's judge with ``search_on: generation``: each evaluation transplants the
     CLIP's current text tower and scores the search grid (:func:`grid_metrics`)."""
 
-    def __init__(self, target: "UnlearnCanvas", clip: nn.Module, datamodule):
-        self.target, self.grid = target, datamodule.canvas_grid()
+    def __init__(self, target: "UnlearnCanvas", context: RunContext):
+        self.target, self.grid = target, target.grid_of(context)
         self.prompts = target.search_prompts(self.grid)
-        self.classifier = target.classifier(datamodule, clip, self.grid)  # the unedited CLIP's
+        self.classifier = target.classifier(context, self.grid)  # the unedited CLIP's
 
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
         self.target.mirror(model)
@@ -185,13 +186,14 @@ class UnlearnCanvas(StableDiffusion):
 
     # -- what is drawn and who judges it -------------------------------------------------------
     @staticmethod
-    def grid_of(datamodule):
-        """The data module's :class:`~slug_pl.data.canvas_datamodule.CanvasGrid`."""
-        if not hasattr(datamodule, "canvas_grid"):
+    def grid_of(context: RunContext):
+        """The run's :class:`~slug_pl.data.canvas_datamodule.CanvasGrid` (its data must be an
+        UnlearnCanvas data module, which names the grid)."""
+        if not isinstance(context.data, CanvasData):
             raise TypeError(f"the UnlearnCanvas target needs an UnlearnCanvas data module "
                             f"(data.class_path: slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule), "
-                            f"got {type(datamodule).__name__}")
-        return datamodule.canvas_grid()
+                            f"got {type(context.data).__name__}")
+        return context.data.canvas_grid()
 
     def report_prompts(self, grid) -> list[GridPrompt]:
         """The report's answer set: every style × object prompt with every seed of ``seeds``."""
@@ -211,11 +213,11 @@ class UnlearnCanvas(StableDiffusion):
                                steps=g["steps"], guidance=g["guidance"], batch_size=g["batch_size"],
                                height=g["height"], width=g["width"], progress=self.progress, output_type="pt")
 
-    def classifier(self, datamodule, clip: nn.Module, grid):
+    def classifier(self, context: RunContext, grid):
         """The judge: the checkpoint classifiers (loaded once), or the CLIP zero-shot (the run's
         family) with class embeddings computed now (call it with the CLIP unedited)."""
         if self.style_classifier is None:
-            return ZeroShotClassifier(datamodule.family, clip, grid.styles, grid.objects)
+            return ZeroShotClassifier(context.family, context.model, grid.styles, grid.objects)
         if self._checkpoint is None:
             self._checkpoint = CheckpointClassifier(self.style_classifier, self.object_classifier, self.resolved_device())
         return self._checkpoint
@@ -226,19 +228,18 @@ class UnlearnCanvas(StableDiffusion):
         return {"style": str(self.style_classifier), "object": str(self.object_classifier)}
 
     # -- the search ----------------------------------------------------------------------------
-    def search_judge(self, clip: nn.Module, datamodule, concept: str):
-        return CanvasSearchJudge(self, clip, datamodule) if self.search_on == "generation" else None
+    def search_judge(self, context: RunContext, concept: str):
+        return CanvasSearchJudge(self, context) if self.search_on == "generation" else None
 
-    def rank_candidates(self, clip: nn.Module, datamodule, concept: str,
-                        edits: Sequence[LayerEdit]) -> list[int] | None:
+    def rank_candidates(self, context: RunContext, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
         """Draw the search grid with each candidate edit transplanted alone; best first among those
         with UA >= ``ua_target``, by (IRA + CRA) / 2 (None: none reaches it, or ``search_on:
         generation``, where the search itself chose by these generations)."""
         if not self.reorders_candidates:
             return None
-        grid = self.grid_of(datamodule)
+        grid, clip = self.grid_of(context), context.model
         prompts = self.search_prompts(grid)
-        judge = self.classifier(datamodule, clip, grid)  # before any edit: the unedited CLIP
+        judge = self.classifier(context, grid)  # before any edit: the unedited CLIP
         scores, rows = [], []
         for edit in edits:
             apply_edit(clip, edit)
@@ -257,36 +258,34 @@ class UnlearnCanvas(StableDiffusion):
         return order_by_generation(scores, self.forget_threshold)
 
     # -- the report ----------------------------------------------------------------------------
-    def cost(self, datamodule, clip: nn.Module, edits: Sequence[LayerEdit]) -> dict:
-        """Time, peak memory and storage of the unlearning (module docstring), or None where the
-        run does not tell (no trainer)."""
+    def cost(self, context: RunContext, edits: Sequence[LayerEdit]) -> dict:
+        """Time, peak memory and storage of the unlearning (module docstring): the method's
+        timings so far (None when it has none)."""
         from slug_pl.methods.base import peak_mem_mb, peak_memory
 
-        module = getattr(getattr(datamodule, "trainer", None), "lightning_module", None)
-        timings = dict(getattr(module, "timings", None) or {})
-        memory = peak_memory(next(clip.parameters()).device)
+        timings = dict(context.timings)
+        memory = peak_memory(next(context.model.parameters()).device)
         element = torch.empty(0, dtype=self.dtype).element_size()
         return {"time_s": sum(timings.values()) if timings else None,
                 "timings_s": timings,
                 "peak_memory_gb": peak_mem_mb(memory) / 1024,
                 "memory": memory,
                 "storage_gb": sum(e.edited.numel() for e in edits) * element / GIB,
-                "method": getattr(module, "method_name", "edit")}
+                "method": context.method}
 
-    def evaluate(self, clip: nn.Module, datamodule, concepts: Sequence[str],
-                 edits: Sequence[LayerEdit]) -> TargetReport:
-        """UA / IRA / CRA of the report's grid before (edits reverted) and after; writes the two
-        rows of ``unlearncanvas.csv`` into the run folder when there is a run. The pipeline
+    def evaluate(self, context: RunContext, edits: Sequence[LayerEdit]) -> TargetReport:
+        """UA / IRA / CRA of the report's grid before (edits reverted) and after, with the two rows
+        of ``unlearncanvas.csv`` (the record writes them into the run folder). The pipeline
         carries the edits on return."""
-        cost = self.cost(datamodule, clip, edits)
-        grid = self.grid_of(datamodule)
+        cost = self.cost(context, edits)
+        grid, clip, concepts = self.grid_of(context), context.model, list(context.concepts)
         prompts = self.report_prompts(grid)
         self.mirror(clip)
         after = self.draw_grid(prompts)
         with reverted(clip, edits):
             self.mirror(clip)
             before = self.draw_grid(prompts)
-            judge = self.classifier(datamodule, clip, grid)
+            judge = self.classifier(context, grid)
             scored = {"before": score_images(judge, before, prompts, grid.kind, grid.target),
                       "after": score_images(judge, after, prompts, grid.kind, grid.target)}
         self.mirror(clip)
@@ -294,10 +293,6 @@ class UnlearnCanvas(StableDiffusion):
         rows = [CanvasRow.from_scores("unedited pipeline", scored["before"]),
                 CanvasRow.from_scores(method, scored["after"], cost["time_s"], cost["peak_memory_gb"],
                                       cost["storage_gb"])]
-        run_dir = getattr(getattr(getattr(datamodule, "trainer", None), "lightning_module", None), "run_dir", None)
-        if run_dir is not None:
-            for row in rows:
-                write_row(Path(run_dir) / CSV_NAME, row)
         met = scored["after"].ua >= self.ua_target
         block = {
             "kind": grid.kind, "target": grid.target, "concepts": list(concepts),
@@ -306,7 +301,7 @@ class UnlearnCanvas(StableDiffusion):
             "seeds": list(self.seeds), "prompts": len(prompts),
             "before": scores_dict(scored["before"]), "after": scores_dict(scored["after"]),
             "rows": [dict(zip(CSV_COLUMNS, (getattr(r, f.name) for f in fields(r)))) for r in rows],
-            "csv": CSV_NAME if run_dir is not None else None,
+            "csv": CSV_NAME,
             "cost": {k: cost[k] for k in ("time_s", "timings_s", "peak_memory_gb", "storage_gb", "memory")},
             "verdict": {"rule": f"UA >= {self.ua_target:g}", "met": met},
             "pipeline": str(self.pipeline),
@@ -315,12 +310,13 @@ class UnlearnCanvas(StableDiffusion):
                          "search_seeds": list(self.search_seeds), "search_objects": self.search_objects,
                          "device": str(self.resolved_device()), "dtype": str(self.dtype).removeprefix("torch.")},
             "candidates": self.candidate_grid,
-            "data": datamodule.record() if hasattr(datamodule, "record") else None,
+            "data": context.data.record(),
         }
         figures = [self._figure(grid, prompts, before, after)]
         # the held-out verdict of a forget target on the grid (target_metric: forget_grid_accuracy)
         return TargetReport("unlearncanvas", block, self._sections(block, rows), figures,
-                            after=grid_metrics(scored["after"]), forget_images=scored["after"].n_ua)
+                            after=grid_metrics(scored["after"]), forget_images=scored["after"].n_ua,
+                            tables={CSV_NAME: (list(CSV_COLUMNS), [list(r.values()) for r in rows])})
 
     def _figure(self, grid, prompts: Sequence[GridPrompt], before: torch.Tensor, after: torch.Tensor):
         """Rows: the unlearned concept with the first ``grid_objects`` of the other kind, then the
