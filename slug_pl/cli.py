@@ -2,7 +2,9 @@
 ``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), plus the commands of
 :data:`EXTRA_COMMANDS` (``mine``: forget-set mining from caption shards; ``compare``: SLUG and the
 baselines on identical data, one table; ``generate``: a forget set drawn by a Stable Diffusion
-pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP).
+pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP;
+``convert-checkpoint``: a torch pickle checkpoint's weights as safetensors, the only weights format a
+classifier checkpoint is read from).
 
     slug-pl fit --config configs/demo.yaml
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
@@ -11,6 +13,7 @@ pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline
     slug-pl compare --config configs/demo_compare.yaml
     slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
     slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited
+    slug-pl convert-checkpoint uc_classifiers/style50.pth
 
 Exit status: 0 done; 2 an anticipated error (bad config, missing file, ...: one line
 ``slug-pl <command>: error: <message>`` last on stderr, the traceback with ``--debug`` or
@@ -91,6 +94,12 @@ def _transplant(words: list[str]) -> int:
     return transplant_main(words)
 
 
+def _convert_checkpoint(words: list[str]) -> int:
+    from slug_pl.convert import main as convert_main
+
+    return convert_main(words)
+
+
 #: Commands that are not LightningCLI's (each parses its own options). A new command is a
 #: function ``words -> exit status`` and one entry here; ``slug-pl --help`` lists it.
 EXTRA_COMMANDS: dict[str, Command] = {
@@ -98,6 +107,8 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "compare": Command("run SLUG and the baselines on identical data and write one comparison table", _compare),
     "generate": Command("draw a forget set with a Stable Diffusion pipeline (webdataset shards)", _generate),
     "transplant": Command("copy a run's edit into the Stable Diffusion pipeline that embeds the CLIP", _transplant),
+    "convert-checkpoint": Command("write a torch .pth checkpoint's weights as safetensors (once, on a trusted "
+                                  "machine)", _convert_checkpoint),
 }
 
 

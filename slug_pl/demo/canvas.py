@@ -407,7 +407,7 @@ def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike
             model = _train_one(images, labels, len(names), steps, batch_size, lr, width, seed)
             configs[kind] = save_task_classifier(
                 model, out / f"{kind}.json", task=kind, classnames=list(names),
-                arch={"library": "python", "name": "slug_pl.demo.canvas.CanvasCNN",
+                arch={"library": "slug_pl", "name": "slug_pl.demo.canvas.CanvasCNN",
                       "kwargs": {"width": width}},
                 image_size=train.images.shape[-1], mean=_MEAN, std=_STD,
                 extra={"trained_on": {"root": str(root), "split_fractions": list(split_fractions),
