@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -96,7 +95,8 @@ def test_an_unlearncanvas_classifier_json_cannot_call_torch_hub(tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     (hub / "hubconf.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
-                                    "def model(num_classes=2):\n    import torch\n    return torch.nn.Linear(1, num_classes)\n")
+                                    "import torch\n"
+                                    "def model(num_classes=2):\n    return torch.nn.Linear(1, num_classes)\n")
     save_file({"weight": torch.zeros(2, 1), "bias": torch.zeros(2)}, str(tmp_path / "style.safetensors"))
     record = {"task": "style", "classnames": ["A", "B"], "weights": "style.safetensors", "image_size": 8,
               "arch": {"library": "python", "name": "torch.hub.load",
@@ -110,3 +110,167 @@ def test_an_unlearncanvas_classifier_json_cannot_call_torch_hub(tmp_path):
     with pytest.raises(ValueError, match=r"up.json: weights '../secret.safetensors' climbs out"):
         load_task_classifier(tmp_path / "up.json")
     assert not marker.exists() and "hubconf" not in sys.modules
+
+
+# -------------------------------------------------------------------- 3. shard specs that run code
+
+
+def test_mine_refuses_a_pipe_shard_unless_the_user_opts_in(tmp_path, capsys):
+    shard = write_tar(tmp_path / "s.tar", {"k0.png": png(), "k0.txt": b"a photo of Ada"})
+    marker = tmp_path / "ran"
+    spec = f"pipe:touch {marker}; cat {shard}"
+    assert main(["mine", "--shards", spec, "--name", "Ada", "--out", str(tmp_path / "out")]) == 2
+    line = last_line(capsys)
+    assert line.startswith("slug-pl mine: error: --shards: shard 'pipe:touch") and "--allow-shard-commands" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # opted in, the spec is the user's own command: it runs
+    assert main(["mine", "--shards", spec, "--name", "Ada", "--out", str(tmp_path / "out"),
+                 "--allow-shard-commands"]) == 0
+    assert marker.exists() and (tmp_path / "out" / "forget-000000.tar").is_file()
+
+
+@pytest.mark.parametrize("command, where", [("fit", "data.retain"), ("validate", "validation.concepts: shards")])
+def test_a_config_shard_field_refuses_a_pipe_spec(tmp_path, small_world, tiny_checkpoint, capsys, command, where):
+    import yaml
+    from conftest import write_config
+
+    marker = tmp_path / "ran"
+    spec = f"pipe:touch {marker}"
+    config = write_config(tmp_path, small_world, tiny_checkpoint, small_world["corpus"],
+                          trainer={"default_root_dir": str(tmp_path / "runs")})
+    raw = yaml.safe_load(config.read_text())
+    data = raw["data"]["init_args"]
+    if command == "fit":
+        data["retain"] = spec
+    else:
+        data["validation"]["concepts"]["shards"] = spec
+    config.write_text(yaml.safe_dump(raw))
+    assert main([command, "--config", str(config)]) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"slug-pl {command}: error: {where}: shard 'pipe:touch")
+    assert "data.allow_shard_commands: true" in line
+    assert not marker.exists()
+
+
+# ------------------------------------------------- 6. names in shards and mapping files that escape
+
+
+@pytest.mark.parametrize("member", ["../../escape.png", "/tmp/escape.png"])
+def test_mine_refuses_a_shard_whose_member_names_leave_it(tmp_path, capsys, member):
+    shard = write_tar(tmp_path / "s.tar", {"ok.png": png(), "ok.txt": b"Ada at work",
+                                           member: png(), member[:-3] + "txt": b"Ada again"})
+    assert main(["mine", "--shards", str(shard), "--name", "Ada", "--out", str(tmp_path / "out")]) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"slug-pl mine: error: shard {shard}: member {member!r}")
+    assert "refuses this shard" in line and not (tmp_path / "out").exists()
+
+
+def test_an_identity_set_reads_no_image_outside_its_folder(tmp_path):
+    from slug_pl.data.layouts import IdentitySet
+    from slug_pl.safety import UnsafePathError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(png())
+    (tmp_path / "private.png").write_bytes(png((1, 2, 3)))
+    (images / "b.jpg").symlink_to(tmp_path / "private.png")
+    for listed, problem in (("../private.png", "climbs out"), ("b.jpg", "outside")):
+        (tmp_path / "ids.csv").write_text(f"a.jpg,Ada\n{listed},Bob\n")
+        with pytest.raises(UnsafePathError, match=rf"ids.csv: line 2: image '{listed}' .*{problem}"):
+            IdentitySet(str(images), str(tmp_path / "ids.csv")).load(lambda im: torch.zeros(1), "validation.concepts")
+
+
+# --------------------------------------------------------------- 8. members and captions too large
+
+
+def test_mine_reads_no_oversized_member(tmp_path, capsys):
+    """A .tar.gz of a few dozen KB that holds a 33 MiB member (zeros): its sample stops mining,
+    naming the shard, the key and the limit; with --bad-samples skip it is left out and listed,
+    and the other samples are mined."""
+    shard = tmp_path / "bomb.tar.gz"
+    with tarfile.open(shard, "w:gz") as tar, open("/dev/zero", "rb") as zeros:
+        for name, data in (("a.png", png()), ("a.txt", b"Ada at work")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("big.png")
+        info.size = 33 << 20
+        tar.addfile(info, zeros)
+        info = tarfile.TarInfo("big.txt")
+        info.size = 8
+        tar.addfile(info, io.BytesIO(b"Ada huge"))
+    assert shard.stat().st_size < 100_000
+    args = ["mine", "--shards", str(shard), "--name", "Ada", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"slug-pl mine: error: sample 'big' in {shard}: its png member has {33 << 20} bytes, "
+                           f"more than max_member_bytes ({32 << 20})")
+    assert "--bad-samples skip" in line and not (tmp_path / "out").exists()
+    assert main(args + ["--bad-samples", "skip"]) == 0
+    report = json.loads((tmp_path / "out" / "mining.json").read_text())
+    assert [(s["key"], s["shard"]) for s in report["skipped_samples"]] == [("big", str(shard))]
+    assert report["counts"]["written"] == 1
+
+
+def test_a_long_caption_is_a_bad_sample_never_tokenized(tmp_path):
+    from slug_pl.data.pairs import PairBatches, PairSet
+    from slug_pl.data.shards import BadSampleError
+
+    long_caption = b"Ada" + b"a" * 19_997  # 20,000 characters: read, counted, refused
+    huge_caption = b"x" * 50_000  # more bytes than 10,000 characters take: not even read
+    shard = write_tar(tmp_path / "pairs.tar", {
+        "a.png": png(), "a.txt": b"Ada at work", "b.png": png(), "b.txt": long_caption,
+        "c.png": png(), "c.txt": huge_caption})
+    seen: list[int] = []
+
+    def tokenize(captions):
+        seen.extend(len(c) for c in captions)
+        return torch.zeros(len(captions), 4, dtype=torch.long)
+
+    to_tensor = lambda image: torch.zeros(3, 2, 2)  # noqa: E731
+    pair_set = PairSet("forget", (str(shard),), 3, 3)
+    with pytest.raises(BadSampleError, match=r"sample 'b' in .*pairs.tar: its caption has 20000 characters, more "
+                                             r"than max_caption_chars \(10000\).*data.bad_samples: skip"):
+        list(PairBatches([pair_set], to_tensor, tokenize))
+    batches = list(PairBatches([pair_set], to_tensor, tokenize, bad_samples="skip"))
+    assert [(r["key"], r["reason"].split(",")[0]) for b in batches for r in b["skipped"]] == [
+        ("b", "its caption has 20000 characters"), ("c", "its caption has 50000 bytes")]
+    assert max(seen) <= 10_000
+
+
+# ---------------------------------------------------------------------- 9. decompression bombs
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header announces ``width`` x ``height`` pixels (a few dozen bytes: the image
+    data of a 1 x 1 image follows)."""
+    import zlib
+
+    data = png(size=(1, 1))
+    ihdr = bytearray(data[8:33])  # length, "IHDR", 13 bytes of header, CRC
+    ihdr[8:12], ihdr[12:16] = width.to_bytes(4, "big"), height.to_bytes(4, "big")
+    ihdr[21:25] = zlib.crc32(bytes(ihdr[4:21])).to_bytes(4, "big")
+    return data[:8] + bytes(ihdr) + data[33:]
+
+
+@pytest.mark.parametrize("side", [9000, 13000])  # 81 Mpx (below PIL's own bound), 169 Mpx (PIL only warns)
+def test_an_image_announcing_too_many_pixels_is_not_decoded(tmp_path, side):
+    from slug_pl.data.layouts import ImageFolderSet, LayoutError
+    from slug_pl.data.pairs import PairBatches, PairSet
+    from slug_pl.data.shards import BadSampleError
+
+    bomb = png_claiming(side, side)
+    shard = write_tar(tmp_path / "pairs.tar", {"a.png": png(), "a.txt": b"Ada", "bomb.png": bomb, "bomb.txt": b"Ada"})
+    to_tensor = lambda image: torch.zeros(3, 2, 2)  # noqa: E731
+    tokenize = lambda captions: torch.zeros(len(captions), 4, dtype=torch.long)  # noqa: E731
+    pair_set = PairSet("forget", (str(shard),), 2, 2)
+    pixels = rf"{side} x {side} = {side * side} pixels, more than max_image_pixels \({8192 * 8192}\)"
+    with pytest.raises(BadSampleError, match=rf"sample 'bomb' in .*pairs.tar: the image has {pixels}"):
+        list(PairBatches([pair_set], to_tensor, tokenize))
+    batches = list(PairBatches([pair_set], to_tensor, tokenize, bad_samples="skip"))
+    assert [r["key"] for b in batches for r in b["skipped"]] == ["bomb"]
+    assert sum(int(b["valid"].sum()) for b in batches) == 1
+    (tmp_path / "folder" / "cats").mkdir(parents=True)
+    (tmp_path / "folder" / "cats" / "bomb.png").write_bytes(bomb)
+    with pytest.raises(LayoutError, match=rf"image .*cats/bomb.png: the image has {pixels}"):
+        ImageFolderSet(str(tmp_path / "folder")).load(to_tensor, "validation.utility")
