@@ -180,6 +180,42 @@ def test_celeba_to_shards_copies_only_images_inside_the_folder(tmp_path, capsys,
     assert problem in line and not out.exists()
 
 
+# ----------------------------------------------------------- 5. a model folder that links elsewhere
+
+
+def test_an_edited_copy_refuses_a_link_out_of_the_model_folder(tmp_path):
+    from slug_pl.safety import UnsafePathError
+    from slug_pl.targets.saved_copy import TensorChange, copy_with_tensors
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weight = torch.ones(2, 2)
+    save_file({"encoder.w": weight}, str(model / "model.safetensors"))
+    credentials = tmp_path / "home" / "credentials"
+    credentials.parent.mkdir()
+    credentials.write_text("password")
+    (model / "tokenizer.json").symlink_to(credentials)
+    with pytest.raises(UnsafePathError, match=r"model folder .*model: tokenizer.json links to .*credentials, outside"):
+        copy_with_tensors(model, tmp_path / "out", {"encoder.w": TensorChange(weight, weight * 2)})
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    # a hub snapshot's links into its repository's blobs are the model's own files: copied as files
+    repo = tmp_path / "hub" / "models--org--clip"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({"encoder.w": weight}, str(repo / "blobs" / "sha-weights"))
+    (snapshot / "model.safetensors").symlink_to(repo / "blobs" / "sha-weights")
+    copy_with_tensors(snapshot, tmp_path / "copy", {"encoder.w": TensorChange(weight, weight * 2)})
+    copied = tmp_path / "copy" / "model.safetensors"
+    assert not copied.is_symlink() and torch.equal(load_file_tensor(copied, "encoder.w"), weight * 2)
+
+
+def load_file_tensor(path: Path, key: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))[key]
+
+
 # ------------------------------------------------- 6. names in shards and mapping files that escape
 
 
