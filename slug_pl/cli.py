@@ -44,6 +44,7 @@ from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
 from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
 from slug_pl.methods.base import TARGET_MET_METRIC
+from slug_pl.safety import links_under
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
 EXIT_TARGET_NOT_MET = 3
@@ -211,12 +212,20 @@ class SlugCLI(LightningCLI):
         self._claim_run_dir()
 
     def _refuse_used_run_dir(self) -> None:
-        """A fit never writes into a folder of an earlier run (checked before the logger writes
-        its first event file)."""
+        """A fit never writes into a folder of an earlier run, nor through a symbolic link (checked
+        before the logger writes its first event file): with a logger, any file or link in its
+        ``version_N`` folder (a dangling link too: Lightning would write its ``hparams.yaml``
+        through it), or that folder being a link, is refused."""
         trainer = self.trainer
         run = Path(trainer.log_dir or trainer.default_root_dir)
         versioned = trainer.logger is not None  # else the run writes into default_root_dir itself
-        earlier = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) if versioned and run.is_dir() else []
+        if versioned and run.is_symlink():
+            raise FileExistsError(f"the run folder {run} is a symbolic link (to {run.resolve()}); slug_pl "
+                                  f"writes no run through a link. Remove it, or leave the logger's version unset")
+        earlier = []
+        if versioned and run.is_dir():
+            files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+            earlier = sorted(files | {p.relative_to(run).as_posix() for p in links_under(run)})
         if earlier or (run / "config.yaml").exists():
             earlier = earlier or ["config.yaml"]
             shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")

@@ -244,6 +244,48 @@ def test_an_identity_set_reads_no_image_outside_its_folder(tmp_path):
             IdentitySet(str(images), str(tmp_path / "ids.csv")).load(lambda im: torch.zeros(1), "validation.concepts")
 
 
+# --------------------------------------------------- 7. run folders and caches that links could steer
+
+
+def test_a_fit_writes_nothing_through_a_dangling_link_in_its_run_folder(tmp_path, small_world, tiny_checkpoint,
+                                                                       capsys):
+    from conftest import write_config
+
+    run = tmp_path / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    outside = tmp_path / "elsewhere" / "hparams.yaml"
+    outside.parent.mkdir()
+    (run / "hparams.yaml").symlink_to(outside)  # dangling
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+              "init_args": {"save_dir": str(tmp_path), "version": 0}}
+    forget = small_world["val_identities"]
+    config = write_config(tmp_path, small_world, tiny_checkpoint, forget,
+                          trainer={"default_root_dir": str(tmp_path), "logger": logger})
+    assert main(["fit", "--config", str(config)]) == 2
+    line = last_line(capsys)
+    assert line.startswith(f"slug-pl fit: error: the run folder {run} holds an earlier run (hparams.yaml)")
+    assert not outside.exists() and [p.name for p in run.iterdir()] == ["hparams.yaml"]
+
+
+def test_temporary_folders_have_names_nobody_can_plant_a_link_at(tmp_path):
+    import os
+
+    from slug_pl.atomic import swap_into_place, temp_folder_beside
+
+    cache = tmp_path / "cache"
+    planted = tmp_path / "elsewhere"
+    planted.mkdir()
+    for guess in (f".cache.tmp-{os.getpid()}", f".cache.old-{os.getpid()}"):
+        (tmp_path / guess).symlink_to(planted)
+    first, second = temp_folder_beside(cache), temp_folder_beside(cache)
+    assert first != second and not first.is_symlink() and first.parent == tmp_path
+    (first / "v1").write_text("1")
+    swap_into_place(first, cache)
+    (second / "v2").write_text("2")
+    swap_into_place(second, cache)  # the stale cache moves aside to a fresh name, then goes
+    assert [p.name for p in cache.iterdir()] == ["v2"] and list(planted.iterdir()) == []
+
+
 # --------------------------------------------------------------- 8. members and captions too large
 
 
