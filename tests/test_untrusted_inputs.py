@@ -380,3 +380,31 @@ def test_an_image_announcing_too_many_pixels_is_not_decoded(tmp_path, side):
     (tmp_path / "folder" / "cats" / "bomb.png").write_bytes(bomb)
     with pytest.raises(LayoutError, match=rf"image .*cats/bomb.png: the image has {pixels}"):
         ImageFolderSet(str(tmp_path / "folder")).load(to_tensor, "validation.utility")
+
+
+# ------------------------------------------------------------- 10. arguments checked before work
+
+
+def test_generate_checks_its_arguments_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["generate", "--prompt", "a photo of Ada", "--out", str(out)]
+    assert main(base + ["--pipeline", str(tmp_path / "missing"), "--n", "10000000"]) == 2
+    assert last_line(capsys).startswith(f"slug-pl generate: error: pipeline folder not found: {tmp_path / 'missing'}")
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    assert main(base + ["--pipeline", str(tmp_path / "pipe"), "--n", "2", "--seed", str(2**63 - 1)]) == 2
+    assert "must lie in 0..9223372036854775807" in last_line(capsys)
+    assert not out.exists()
+
+
+def test_data_num_workers_is_bounded_by_the_cores(tmp_path, small_world, tiny_checkpoint, capsys):
+    from conftest import write_config
+
+    from slug_pl.data.datamodule import usable_cores
+
+    config = write_config(tmp_path, small_world, tiny_checkpoint, small_world["corpus"],
+                          data={"num_workers": 100_000}, trainer={"default_root_dir": str(tmp_path / "runs")})
+    assert main(["fit", "--config", str(config)]) == 2
+    assert last_line(capsys) == (f"slug-pl fit: error: data.num_workers must be between 0 and the {usable_cores()} CPU "
+                                 f"cores this process may use (each worker reads the whole pair stream), got 100000")
+    assert not (tmp_path / "runs").exists()
