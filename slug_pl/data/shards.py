@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import braceexpand
-import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
 from slug_pl.data.limits import DEFAULT_RULES, InputLimitError, InputRules
@@ -165,7 +165,7 @@ class _Gathering:
 def _open_shard(url: str) -> BinaryIO:
     """A local shard as a file; a spec with a scheme (only once allowed) by webdataset's openers
     (a shell for ``pipe:``, curl for ``http://`` ...)."""
-    return open(url, "rb") if command_of(url) is None else wds.gopen(url)
+    return open(url, "rb") if command_of(url) is None else gopen(url)
 
 
 def _shard_samples(url: str, stream: BinaryIO, rules: InputRules) -> Iterator[RawSample]:
