@@ -271,7 +271,8 @@ class SlugDataModule(LightningDataModule):
             return None
         transform, tokenize = self.family.image_transform(), self.family.tokenize
         members = load_pairs(list(self.pair_set("forget").urls), transform, tokenize, rules=self.input_rules)
-        return members, load_pairs(self.mia_nonmembers, transform, tokenize, rules=self.input_rules)
+        nonmembers = expand_urls(self.mia_nonmembers, self.input_rules, "data.mia_nonmembers")
+        return members, load_pairs(nonmembers, transform, tokenize, rules=self.input_rules)
 
     def global_batch_size(self, name: str) -> int:
         return self.pair_set(name).global_batch_size
