@@ -71,6 +71,35 @@ def test_a_classifier_folder_cannot_name_code_to_call(tmp_path):
     assert not marker.exists()
 
 
+def test_the_projects_own_classifier_checkpoints_still_load(tmp_path):
+    """The SD demo's judge (WorldClassifier, by class_path) and a timm one (by arch) load back
+    from their folders and give the saved module's logits."""
+    from slug_pl.demo.sd import WorldClassifier
+    from slug_pl.evaluation.architectures import ArchSpec, build_classifier
+    from slug_pl.evaluation.generation import CLASSIFIER_JSON, ClassifierJudge, save_classifier
+
+    torch.manual_seed(0)
+    images = [Image.new("RGB", (12, 12), (250, 10, 10)), Image.new("RGB", (12, 12), (10, 10, 250))]
+    world = WorldClassifier(num_classes=3, width=8).eval()
+    folder = save_classifier(tmp_path / "world", world, "slug_pl.demo.sd.WorldClassifier",
+                             {"num_classes": 3, "width": 8}, ["a", "b", "c"], image_size=(16, 16))
+    judge = ClassifierJudge.load(folder)
+    with torch.no_grad():
+        expected = world(torch.stack([judge.preprocess(im) for im in images]))
+    torch.testing.assert_close(judge.logits(images, ["a", "b", "c"]), expected)
+    arch = {"library": "torchvision", "name": "resnet18"}
+    net = build_classifier(ArchSpec.from_record(arch, "test"), 2).eval()
+    folder = save_classifier(tmp_path / "resnet", net, "unused", {}, ["x", "y"], image_size=(32, 32))
+    spec = json.loads((folder / CLASSIFIER_JSON).read_text())
+    del spec["class_path"], spec["init_args"]
+    (folder / CLASSIFIER_JSON).unlink()
+    (folder / CLASSIFIER_JSON).write_text(json.dumps({**spec, "arch": arch}))
+    judge = ClassifierJudge.load(folder)
+    with torch.no_grad():
+        expected = net(torch.stack([judge.preprocess(im) for im in images]))
+    torch.testing.assert_close(judge.logits(images, ["x", "y"]), expected)
+
+
 def test_a_classifier_folder_reads_no_weights_through_a_link_out(tmp_path):
     from builders_downstream import TinyClassifier
 
