@@ -10,6 +10,8 @@ in one step, so a reader (or a crash) sees either no file or the complete file:
 - :func:`atomic_folder` does the same for a whole folder (a ``save_pretrained`` model): written
   under a temporary name beside it and renamed into place, never over an existing folder;
   :func:`swap_into_place` replaces a stale *cache* folder the same way.
+- Temporary names are unpredictable (:func:`temp_folder_beside`, ``tempfile``): a folder shared
+  with others cannot hold a link planted in advance at the name a run will write to.
 - ``overwrite=True`` is only for scratch state that is meant to be replaced (the partial sums of
   an interrupted gradient pass, :mod:`slug_pl.resume`): ``os.replace`` swaps it atomically.
 """
@@ -77,8 +79,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder or move it away")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = temp_folder_beside(folder)
     try:
         yield tmp
         os.rename(tmp, folder)  # fails if a non-empty ``folder`` appeared meanwhile
@@ -86,15 +87,27 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def temp_folder_beside(folder: str | os.PathLike) -> Path:
+    """A new empty folder beside ``folder`` (created exclusively, readable by its owner only, with
+    an unpredictable name ``.<name>.<random>.tmp``): where an artifact or a cache is written before
+    it is renamed into place. A name nobody can guess is one nobody can plant a link at."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+
+
 def swap_into_place(new: str | os.PathLike, folder: str | os.PathLike) -> None:
     """Rename the folder ``new`` to ``folder``, moving a stale ``folder`` (a cache being rebuilt)
-    aside first and deleting it after: readers see the old or the new folder, never a mix."""
+    aside first (to a :func:`temp_folder_beside` name) and deleting it after: readers see the old
+    or the new folder, never a mix."""
     new, folder = Path(new), Path(folder)
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():
-        os.rename(folder, old)
-    os.rename(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    old = temp_folder_beside(folder)
+    try:
+        if folder.exists():
+            os.rename(folder, old)  # onto the empty folder just made
+        os.rename(new, folder)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:

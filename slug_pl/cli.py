@@ -2,7 +2,9 @@
 ``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), plus the commands of
 :data:`EXTRA_COMMANDS` (``mine``: forget-set mining from caption shards; ``compare``: SLUG and the
 baselines on identical data, one table; ``generate``: a forget set drawn by a Stable Diffusion
-pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP).
+pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP;
+``convert-checkpoint``: a torch pickle checkpoint's weights as safetensors, the only weights format a
+classifier checkpoint is read from).
 
     slug-pl fit --config configs/demo.yaml
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
@@ -11,6 +13,7 @@ pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline
     slug-pl compare --config configs/demo_compare.yaml
     slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
     slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited
+    slug-pl convert-checkpoint uc_classifiers/style50.pth
 
 Exit status: 0 done; 2 an anticipated error (bad config, missing file, ...: one line
 ``slug-pl <command>: error: <message>`` last on stderr, the traceback with ``--debug`` or
@@ -41,6 +44,7 @@ from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
 from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
 from slug_pl.methods.base import TARGET_MET_METRIC
+from slug_pl.safety import links_under
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
 EXIT_TARGET_NOT_MET = 3
@@ -105,6 +109,12 @@ def _transplant(words: list[str]) -> int:
     return transplant_main(words)
 
 
+def _convert_checkpoint(words: list[str]) -> int:
+    from slug_pl.convert import main as convert_main
+
+    return convert_main(words)
+
+
 #: Commands that are not LightningCLI's (each parses its own options). A new command is a
 #: function ``words -> exit status`` and one entry here; ``slug-pl --help`` lists it.
 EXTRA_COMMANDS: dict[str, Command] = {
@@ -112,6 +122,8 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "compare": Command("run SLUG and the baselines on identical data and write one comparison table", _compare),
     "generate": Command("draw a forget set with a Stable Diffusion pipeline (webdataset shards)", _generate),
     "transplant": Command("copy a run's edit into the Stable Diffusion pipeline that embeds the CLIP", _transplant),
+    "convert-checkpoint": Command("write a torch .pth checkpoint's weights as safetensors (once, on a trusted "
+                                  "machine)", _convert_checkpoint),
 }
 
 
@@ -223,12 +235,20 @@ class SlugCLI(LightningCLI):
         self._claim_run_dir()
 
     def _refuse_used_run_dir(self) -> None:
-        """A fit never writes into a folder of an earlier run (checked before the logger writes
-        its first event file)."""
+        """A fit never writes into a folder of an earlier run, nor through a symbolic link (checked
+        before the logger writes its first event file): with a logger, any file or link in its
+        ``version_N`` folder (a dangling link too: Lightning would write its ``hparams.yaml``
+        through it), or that folder being a link, is refused."""
         trainer = self.trainer
         run = Path(trainer.log_dir or trainer.default_root_dir)
         versioned = trainer.logger is not None  # else the run writes into default_root_dir itself
-        earlier = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) if versioned and run.is_dir() else []
+        if versioned and run.is_symlink():
+            raise FileExistsError(f"the run folder {run} is a symbolic link (to {run.resolve()}); slug_pl "
+                                  f"writes no run through a link. Remove it, or leave the logger's version unset")
+        earlier = []
+        if versioned and run.is_dir():
+            files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+            earlier = sorted(files | {p.relative_to(run).as_posix() for p in links_under(run)})
         if earlier or (run / "config.yaml").exists():
             earlier = earlier or ["config.yaml"]
             shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")

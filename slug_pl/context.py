@@ -18,6 +18,7 @@ from typing import Protocol
 from torch import nn
 
 from slug_pl.data.labelled import LoadedSet
+from slug_pl.data.limits import InputRules
 from slug_pl.data.pairs import PairBatches
 from slug_pl.families.base import ModelFamily
 
@@ -26,6 +27,7 @@ class RunData(Protocol):
     """What a run's data offers the parts after the pass (``SlugDataModule`` implements it)."""
 
     eval_batch_size: int
+    input_rules: InputRules
 
     def has_stage(self, stage: str) -> bool: ...
 
@@ -89,6 +91,12 @@ class RunContext:
     @property
     def eval_batch_size(self) -> int:
         return self.data.eval_batch_size
+
+    @property
+    def input_rules(self) -> InputRules:
+        """The limits every file the run reads is held to (:mod:`slug_pl.data.limits`): a part
+        that reads the run's shards itself reads them under these."""
+        return self.data.input_rules
 
     # -- pairs -------------------------------------------------------------------------------------
     def forget_urls(self, concept: str) -> tuple[str, ...]:

@@ -68,9 +68,16 @@ def test_expand_missing_shard_names_it(three_shards):
         expand_urls([])
 
 
-def test_expand_passes_remote_urls_through():
-    assert expand_urls("s3://bucket/shard-{0..1}.tar") == ["s3://bucket/shard-0.tar", "s3://bucket/shard-1.tar"]
-    assert expand_urls("pipe:cat /x/y.tar") == ["pipe:cat /x/y.tar"]
+def test_expand_passes_remote_urls_through_only_when_allowed():
+    from slug_pl.data.limits import InputRules
+    from slug_pl.safety import UnsafePathError
+
+    allowed = InputRules(allow_shard_commands=True)
+    assert expand_urls("s3://bucket/shard-{0..1}.tar", allowed) == ["s3://bucket/shard-0.tar", "s3://bucket/shard-1.tar"]
+    assert expand_urls("pipe:cat /x/y.tar", allowed) == ["pipe:cat /x/y.tar"]
+    for spec in ("pipe:cat /x/y.tar", "https://host/shard.tar", "s3://bucket/shard.tar"):
+        with pytest.raises(UnsafePathError, match="data.allow_shard_commands: true"):
+            expand_urls(spec, source="data.retain")
 
 
 # -- iter_raw_samples / count_samples ------------------------------------------------------------

@@ -682,7 +682,7 @@ def test_start_batch_skips_without_decoding(tmp_path, family, monkeypatch):
     import slug_pl.data.pairs as pairs
 
     decoded, real = [], pairs.decode_image
-    monkeypatch.setattr(pairs, "decode_image", lambda s: decoded.append(s.key) or real(s))
+    monkeypatch.setattr(pairs, "decode_image", lambda s, rules: decoded.append(s.key) or real(s, rules))
     for start in (0, 2, 3, 5, len(full)):
         decoded.clear()
         tail = list(PairBatches(sets, family.image_transform(), family.tokenize, start_batch=start))

@@ -387,6 +387,7 @@ def _image_for(style: str, obj: str) -> torch.Tensor:
 
 
 def test_scores_through_checkpoint_classifiers(tmp_path):
+    # "python": the library name earlier demo builds wrote; it looks the project class up
     arch = {"library": "python", "name": "slug_pl.demo.canvas.CanvasCNN", "kwargs": {"width": 4}}
     for task, names in (("style", ["A", "B", "C"]), ("object", ["x", "y"])):
         save_task_classifier(_colour_cnn(task, len(names)), tmp_path / f"{task}.json", task=task,
@@ -405,26 +406,57 @@ def test_scores_through_checkpoint_classifiers(tmp_path):
 @pytest.mark.parametrize("arch", [{"library": "timm", "name": "test_vit"},
                                   {"library": "torchvision", "name": "resnet18"}])
 def test_library_checkpoints_load_in_the_benchmark_format(tmp_path, arch):
-    """timm / torchvision heads load from a ``{"model_state_dict": ...}`` .pth (the benchmark's
-    classifier files) and give the logits of the model that was saved, on (x - 0.5) / 0.5 input."""
-    from slug_pl.evaluation.unlearncanvas import build_arch
+    """timm / torchvision heads saved as the benchmark saves its classifiers (a
+    ``{"model_state_dict": ...}`` .pth) load once ``slug-pl convert-checkpoint`` has written their
+    weights as safetensors, and give the logits of the model that was saved, on (x - 0.5) / 0.5
+    input; the .pth itself is refused with the command that converts it."""
+    from slug_pl.cli import main
+    from slug_pl.evaluation.architectures import ArchSpec, build_classifier
 
     torch.manual_seed(0)
-    model = build_arch(arch, 3).eval()
+    model = build_classifier(ArchSpec.from_record(arch, "test"), 3).eval()
     size = 32 if arch["library"] == "torchvision" else model.default_cfg["input_size"][-1]
-    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "style.pth")
-    (tmp_path / "style.json").write_text(json.dumps({
-        "task": "style", "classnames": ["A", "B", "C"], "arch": arch, "weights": "style.pth",
-        "image_size": size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}))
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "style50.pth")
+    record = {"task": "style", "classnames": ["A", "B", "C"], "arch": arch, "weights": "style50.pth",
+              "image_size": size, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (tmp_path / "pickle.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="convert-checkpoint .*style50.pth"):
+        load_task_classifier(tmp_path / "pickle.json")
+    assert main(["convert-checkpoint", str(tmp_path / "style50.pth")]) == 0
+    (tmp_path / "style.json").write_text(json.dumps({**record, "weights": "style50.safetensors"}))
     loaded = load_task_classifier(tmp_path / "style.json")
     x = torch.rand(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(loaded.logits(x), model((x - 0.5) / 0.5), atol=1e-5)
-    bad = json.loads((tmp_path / "style.json").read_text())
-    bad["classnames"] = ["A", "B"]
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    (tmp_path / "bad.json").write_text(json.dumps({**record, "weights": "style50.safetensors",
+                                                    "classnames": ["A", "B"]}))
     with pytest.raises(ValueError, match="do not fit"):
         load_task_classifier(tmp_path / "bad.json")
+
+
+def test_the_benchmark_classifier_layout_loads(tmp_path):
+    """The UnlearnCanvas classifiers' layout: accuracy.py builds timm's
+    ``vit_large_patch16_224.augreg_in21k`` and replaces its head by ``Linear(1024, classes)``; the
+    allow-list builds that name with that head (on the meta device: no memory for 300 M
+    weights). A tagged ViT of the same family then goes the whole way: .pth with
+    model_state_dict -> convert -> load, every tensor as saved."""
+    from slug_pl.convert import convert_checkpoint
+    from slug_pl.evaluation.architectures import ArchSpec, build_classifier
+
+    with torch.device("meta"):
+        large = build_classifier(ArchSpec.from_record(
+            {"library": "timm", "name": "vit_large_patch16_224.augreg_in21k"}, "test"), 51)
+    assert (large.head.in_features, large.head.out_features) == (1024, 51)
+    arch = {"library": "timm", "name": "vit_tiny_patch16_224.augreg_in21k", "kwargs": {"img_size": 32}}
+    model = build_classifier(ArchSpec.from_record(arch, "test"), 4)
+    torch.save({"model_state_dict": model.state_dict()}, tmp_path / "cls.pth")
+    convert_checkpoint(tmp_path / "cls.pth")
+    (tmp_path / "object.json").write_text(json.dumps({
+        "task": "object", "classnames": ["Bears", "Birds", "Cats", "Dogs"], "arch": arch,
+        "weights": "cls.safetensors", "image_size": 32}))
+    loaded = load_task_classifier(tmp_path / "object.json").model.state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_zero_shot_classifier_is_clip_zero_shot_over_phrases(tiny_checkpoint):

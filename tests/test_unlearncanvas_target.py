@@ -59,7 +59,7 @@ def classifiers(tmp_path_factory, canvas) -> tuple[str, str]:
     from slug_pl.demo.canvas import CanvasSpec, canvas_objects
 
     folder = tmp_path_factory.mktemp("uc_judges")
-    arch = {"library": "python", "name": "builders_downstream.TinyClassifier"}
+    arch = {"library": "slug_pl", "name": "builders_downstream.TinyClassifier"}
     out = []
     for k, (task, names) in enumerate((("style", STYLES), ("object", canvas_objects(CanvasSpec(n_objects=3))))):
         torch.manual_seed(10 + k)

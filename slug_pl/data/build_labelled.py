@@ -37,7 +37,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from slug_pl.data.layouts import IMAGE_SUFFIXES, LayoutError, imagenet_wnids, read_identity_map
+from slug_pl.data.layouts import IMAGE_SUFFIXES, IdentityEntry, LayoutError, identity_image, imagenet_wnids, read_identity_map
+from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES
 from slug_pl.errors import did_you_mean
 
 _TAR_MTIME = 0.0
@@ -77,9 +78,10 @@ def new_output_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_labelled_shards(images: Sequence[LabelledImage], folder: Path, prefix: str,
-                          shard_size: int = 1000) -> list[Path]:
+                          shard_size: int = 1000, max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> list[Path]:
     """Write ``images`` in order as ``<prefix>-000000.tar``, ... (``shard_size`` samples each) in
-    ``folder``: the file's bytes under its suffix (``.JPEG`` -> ``jpeg``) and ``cls``."""
+    ``folder``: the file's bytes under its suffix (``.JPEG`` -> ``jpeg``) and ``cls``. An image
+    file above ``max_bytes`` is refused (a reader would not read it either)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     keys = [i.key for i in images]
@@ -92,6 +94,9 @@ def write_labelled_shards(images: Sequence[LabelledImage], folder: Path, prefix:
         with wds.TarWriter(str(shards[-1]), encoder=False, mtime=_TAR_MTIME) as sink:
             for image in images[start : start + shard_size]:
                 ext = image.path.suffix.lower().lstrip(".")
+                if image.path.stat().st_size > max_bytes:
+                    raise ValueError(f"image {image.path} has {image.path.stat().st_size} bytes, more than "
+                                     f"the {max_bytes} a shard member may hold (max_member_bytes)")
                 sink.write({"__key__": image.key, ext: image.path.read_bytes(), "cls": str(image.label).encode()})
     return shards
 
@@ -136,6 +141,7 @@ def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, 
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     entries = read_identity_map(identities)
+    listed = {e.filename: e for e in entries}
     id_to_name = {e.filename: e.identity for e in read_identity_map(names)} if names is not None else None
     by_name: dict[str, list[str]] = {}
     for e in entries:
@@ -157,12 +163,24 @@ def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, 
     validation, test = [], []
     for label, name in enumerate(classnames):
         files = sorted(by_name[name], key=lambda f: _rank(seed, f))
-        missing = [f for f in files[:need] if not (folder / f).is_file()]
+        paths = {f: _listed_image(folder, Path(identities), listed[f]) for f in files[:need]}
+        missing = [f for f in files[:need] if not paths[f].is_file()]
         if missing:
             raise FileNotFoundError(f"{identities} lists {missing[0]!r} (identity {name!r}), missing in {folder}")
         for split, chosen in ((validation, files[: per_identity[0]]), (test, files[per_identity[0] : need])):
-            split += [LabelledImage(Path(f).stem, folder / f, label) for f in sorted(chosen)]
+            split += [LabelledImage(Path(f).stem, paths[f], label) for f in sorted(chosen)]
     return IdentitySplits(classnames, validation, test)
+
+
+def _listed_image(folder: Path, identities: Path, entry: IdentityEntry) -> Path:
+    """The image file an identity-list entry names: inside ``folder`` and with an image suffix
+    (else an error naming the list and the entry)."""
+    path = identity_image(folder, identities, entry)
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        where = f"line {entry.line}" if entry.line is not None else f"entry {entry.filename!r}"
+        raise LayoutError(f"{identities} {where}: {entry.filename!r} is not an image file name (expected "
+                          f"one of {', '.join(IMAGE_SUFFIXES)})")
+    return path
 
 
 # -- ImageNet -------------------------------------------------------------------------------------

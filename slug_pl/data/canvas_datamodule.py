@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from slug_pl.atomic import file_slug
+from slug_pl.atomic import file_slug, temp_folder_beside
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet
 from slug_pl.data.unlearncanvas import (
@@ -143,9 +143,7 @@ class UnlearnCanvasDataModule(SlugDataModule):
         data = self.canvas.load()
         folder = self._shards_folder(data)
         if not (folder / DONE_FILE).is_file():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = temp_folder_beside(folder)
             try:
                 result = data.write_shards(tmp, self.shard_size)
                 (tmp / DONE_FILE).write_text(json.dumps({"counts": result["counts"]}, indent=1) + "\n")

@@ -18,10 +18,17 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from slug_pl.data.labelled import LoadedSet, load_pairs
 from slug_pl.data.layouts import EvalSet
+from slug_pl.data.limits import (
+    DEFAULT_MAX_CAPTION_CHARS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    InputRules,
+)
 from slug_pl.data.mining import EmptyForgetSetError, concept_pattern
 from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, kept_sample_counts, shard_sample_counts
 from slug_pl.data.shards import ShardError, expand_urls
@@ -45,6 +52,14 @@ class EvalSuite:
 
     concepts: EvalSet
     utility: EvalSet | None = None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def quick_fingerprint(path: str) -> dict[str, object]:
@@ -95,6 +110,10 @@ class SlugDataModule(LightningDataModule):
         bad_samples: str = "stop",
         mia_nonmembers: str | list[str] | None = None,
         retain_exclude_concepts: bool | list[str] = False,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        allow_shard_commands: bool = False,
     ):
         """
         Args:
@@ -105,7 +124,9 @@ class SlugDataModule(LightningDataModule):
             batch_size: global batch size of the forget pass (does not change the result).
             retain_batch_size: global batch size of the contrastive retain loss (defaults to
                 ``batch_size``; it *does* define the loss).
-            num_workers: data-loader worker processes per device.
+            num_workers: data-loader worker processes per device (more than the CPU cores this
+                process may use are reduced to that number, with a warning: each worker reads the
+                whole pair stream; the batches are the same with any number).
             validation: labelled sets for the step search and ``validate``.
             test: held-out labelled sets for the final before/after report and ``test``.
             eval_batch_size: images per batch in evaluation.
@@ -123,14 +144,30 @@ class SlugDataModule(LightningDataModule):
                 ``["Elon Musk", "Musk"]``). The retain set is then exactly the other pairs, on any
                 number of devices (see :mod:`slug_pl.data.pairs`). Default ``false``: the retain
                 shards as given.
+            max_member_bytes: the largest tar member read, in bytes (default 32 MiB); a sample
+                with a larger one is a bad sample (``bad_samples``).
+            max_caption_chars: the longest caption used, in characters (default 10,000); a sample
+                with a longer one is a bad sample.
+            max_image_pixels: the most pixels (width × height) an image may announce before it
+                is decoded (default 8192 × 8192, at most PIL's own bound); a sample with more is a
+                bad sample, an evaluation image with more an error.
+            allow_shard_commands: let shard specs that webdataset opens by running a program
+                (``pipe:<command>`` with a shell, ``http://`` with curl, ``gs://`` with gsutil)
+                through. Default ``false``: such a spec is refused before any work. Only for
+                shard lists you wrote yourself. See docs/inputs.md.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
                             ("eval_batch_size", eval_batch_size)):
             if value is not None and (isinstance(value, bool) or value < 1):
                 raise ValueError(f"data.{name} must be a positive integer, got {value}")
-        if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"data.num_workers must be a number of worker processes >= 0, got {num_workers}")
+        cores = usable_cores()
+        if num_workers > cores:  # a config written for a larger machine: the stream is the same with fewer
+            rank_zero_warn(f"data.num_workers {num_workers} is more than the {cores} CPU cores this process may "
+                           f"use (each worker reads the whole pair stream); using {cores}")
+            num_workers = cores
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_samples!r}")
         self.forget = forget
@@ -146,6 +183,11 @@ class SlugDataModule(LightningDataModule):
         if not isinstance(retain_exclude_concepts, bool) and not retain_exclude_concepts:
             raise ValueError("data.retain_exclude_concepts is an empty list: give names, true or false")
         self.retain_exclude_concepts = retain_exclude_concepts
+        try:
+            self.input_rules = InputRules(max_member_bytes, max_caption_chars, max_image_pixels,
+                                          allow_shard_commands)
+        except ValueError as err:
+            raise ValueError(f"data.{err}") from err
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
@@ -195,13 +237,14 @@ class SlugDataModule(LightningDataModule):
             self._pair_sets.pop(name, None)
             self._pair_set_keys[name] = key
             if isinstance(spec, dict):  # several concepts: the pass runs over all their pairs
-                spec = [u for c in self.concepts for u in expand_urls(spec[c])] if all(
+                spec = [u for c in self.concepts for u in expand_urls(spec[c], self.input_rules, f"data.{name}")] if all(
                     c in spec for c in self.concepts) else self._missing_concepts(spec)
             if spec is None:
                 raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
-            urls = tuple(expand_urls(spec))
+            urls = tuple(expand_urls(spec, self.input_rules, f"data.{name}"))
             exclude = self.retain_exclusion() if name == "retain" else None
-            sizes = tuple(shard_sample_counts(urls) if exclude is None else kept_sample_counts(urls, exclude))
+            sizes = tuple(shard_sample_counts(urls) if exclude is None else
+                          kept_sample_counts(urls, exclude, self.input_rules))
             if sum(sizes) == 0:
                 error = EmptyForgetSetError if name == "forget" else ShardError
                 left_out = f" once pairs matching {exclude.pattern!r} are left out" if exclude is not None else ""
@@ -239,7 +282,7 @@ class SlugDataModule(LightningDataModule):
             spec = self.forget
         else:
             raise ValueError("with several data.concepts, give data.forget as a mapping concept -> shards")
-        return tuple(expand_urls(spec))
+        return tuple(expand_urls(spec, self.input_rules, "data.forget"))
 
     def concept_batches(self, concept: str) -> PairBatches:
         """One concept's forget pairs as single-process batches (for the per-concept forget
@@ -248,7 +291,8 @@ class SlugDataModule(LightningDataModule):
         sizes = tuple(shard_sample_counts(urls))
         pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
         family = self._family()
-        return PairBatches([pair_set], family.image_transform(), family.tokenize, bad_samples=self.bad_samples)
+        return PairBatches([pair_set], family.image_transform(), family.tokenize, bad_samples=self.bad_samples,
+                           rules=self.input_rules)
 
     def retain_urls(self) -> tuple[str, ...]:
         """The retain-set shards, as given."""
@@ -261,8 +305,9 @@ class SlugDataModule(LightningDataModule):
             return None
         family = self._family()
         transform, tokenize = family.image_transform(), family.tokenize
-        members = load_pairs(list(self.pair_set("forget").urls), transform, tokenize)
-        return members, load_pairs(self.mia_nonmembers, transform, tokenize)
+        members = load_pairs(list(self.pair_set("forget").urls), transform, tokenize, rules=self.input_rules)
+        nonmembers = expand_urls(self.mia_nonmembers, self.input_rules, "data.mia_nonmembers")
+        return members, load_pairs(nonmembers, transform, tokenize, rules=self.input_rules)
 
     def global_batch_size(self, name: str) -> int:
         return self.pair_set(name).global_batch_size
@@ -285,7 +330,8 @@ class SlugDataModule(LightningDataModule):
         rank, world = self._rank_world()
         family = self._family()
         dataset = PairBatches(sets, family.image_transform(), family.tokenize, rank, world,
-                              start_batch=self.start_batch if sets else 0, bad_samples=self.bad_samples)
+                              start_batch=self.start_batch if sets else 0, bad_samples=self.bad_samples,
+                              rules=self.input_rules)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=self._on_gpu())
 
@@ -310,7 +356,7 @@ class SlugDataModule(LightningDataModule):
             suite = self.suites.get(eval_stage)
             if suite is None:
                 continue
-            classnames = suite.concepts.class_names(f"{eval_stage}.concepts")
+            classnames = suite.concepts.class_names(f"{eval_stage}.concepts", self.input_rules)
             for concept in self.concepts:
                 if concept not in classnames:
                     raise ValueError(
@@ -319,7 +365,7 @@ class SlugDataModule(LightningDataModule):
                         f"exactly as there"
                     )
             if suite.utility is not None:
-                suite.utility.class_names(f"{eval_stage}.utility")
+                suite.utility.class_names(f"{eval_stage}.utility", self.input_rules)
 
     # -- labelled sets -------------------------------------------------------------------------
     def has_stage(self, stage: str) -> bool:
@@ -336,9 +382,9 @@ class SlugDataModule(LightningDataModule):
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: give its concept (and utility) sets")
             transform = self._family().image_transform()
-            sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts")}
+            sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts", self.input_rules)}
             if suite.utility is not None:
-                sets["utility"] = suite.utility.load(transform, f"{stage}.utility")
+                sets["utility"] = suite.utility.load(transform, f"{stage}.utility", self.input_rules)
             self._loaded[stage] = sets
         return self._loaded[stage]
 

@@ -35,13 +35,15 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from slug_pl.evaluation.generation import check_seeds, iter_image_batches
+from slug_pl.evaluation.generation import iter_image_batches
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "generated"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _TAR_MTIME = 0.0  # fixed member mtime: the same inputs give byte-identical shards
+#: The largest seed a torch generator takes.
+MAX_SEED = 2**63 - 1
 
 
 class GenerateError(ValueError):
@@ -126,15 +128,15 @@ def generate_forget_set(
     for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps), ("shard_size", shard_size)):
         if isinstance(value, bool) or int(value) < 1:
             raise GenerateError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        seeds = check_seeds(range(seed0, seed0 + n))
-    except ValueError as err:
-        raise GenerateError(str(err)) from err
+    if isinstance(seed0, bool) or seed0 < 0 or seed0 + n > MAX_SEED + 1:
+        raise GenerateError(f"the seeds {seed0}..{seed0 + n - 1} must lie in 0..{MAX_SEED} (a torch generator's "
+                            f"seed): give a smaller --seed or --n")
+    pipeline_path = check_pipeline_dir(pipeline_dir)  # every argument checked before any work
     out = Path(out)
     final_dir = _check_output(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
-    pipeline_path = check_pipeline_dir(pipeline_dir)
+    seeds = range(seed0, seed0 + n)  # distinct and valid by the check above; never a list of n
     pipe = load_pipeline(pipeline_path, device, torch_dtype)
 
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,10 @@ def generate_forget_set(
     counts: list[int] = []
     writer = None
     try:
-        batches = iter_image_batches(pipe, [prompt] * n, seeds, steps, guidance, batch_size, height, width)
+        batches = (images for start in range(0, n, batch_size)
+                   for images in iter_image_batches(pipe, [prompt] * len(seeds[start:start + batch_size]),
+                                                    seeds[start:start + batch_size], steps, guidance,
+                                                    batch_size, height, width))
         with tqdm(total=n, desc="generating", unit="img", disable=not progress) as bar:
             index = 0
             for images in batches:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from slug_pl.data.limits import DEFAULT_RULES, InputRules
 from slug_pl.data.shards import ShardError, decode_image, expand_urls, iter_raw_samples
 from slug_pl.data.subsets import stratified_sample
 
@@ -67,14 +68,14 @@ class LabelledSet:
     max_samples: int | None = None
     subset_seed: int = 0
 
-    def class_names(self, name: str) -> list[str]:
+    def class_names(self, name: str, rules: InputRules = DEFAULT_RULES) -> list[str]:
         """The class list in label order, read without decoding an image (checks the shards exist)."""
-        expand_urls(self.shards)
+        expand_urls(self.shards, rules, f"{name}: shards")
         return read_name_list(self.classnames, f"{name} class-name")
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
-        """Decode and preprocess the shards (see :func:`load_labelled_set`)."""
-        return load_labelled_set(self, transform, name)
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+        """Decode and preprocess the shards under ``rules`` (see :func:`load_labelled_set`)."""
+        return load_labelled_set(self, transform, name, rules)
 
 
 @dataclass
@@ -91,15 +92,17 @@ class LoadedSet:
         return LoadedSet(name, self.images[mask], self.labels[mask], self.classnames, self.templates)
 
 
-def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> LoadedSet:
-    """Decode and preprocess every sample of ``spec``; labels are checked against the class list."""
+def load_labelled_set(spec: LabelledSet, transform: Callable, name: str,
+                      rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+    """Decode and preprocess every sample of ``spec`` under ``rules``; labels are checked against
+    the class list."""
     classnames = read_name_list(spec.classnames, f"{name} class-name")
     templates = read_name_list(spec.templates, f"{name} template")
-    urls = expand_urls(spec.shards)
-    keep = _stratified_indices(urls, len(classnames), spec.max_samples, spec.subset_seed) \
+    urls = expand_urls(spec.shards, rules, f"{name}: shards")
+    keep = _stratified_indices(urls, len(classnames), spec.max_samples, spec.subset_seed, rules) \
         if spec.max_samples is not None else None
     images, labels = [], []
-    for index, sample in enumerate(iter_raw_samples(urls)):
+    for index, sample in enumerate(iter_raw_samples(urls, rules)):
         if keep is not None and index not in keep:
             continue
         if sample.label is None:
@@ -112,20 +115,21 @@ def load_labelled_set(spec: LabelledSet, transform: Callable, name: str) -> Load
                 f"sample {sample.key!r} in {sample.shard} has label {sample.label}, outside the "
                 f"{len(classnames)} class names of set {name!r}"
             )
-        images.append(transform(decode_image(sample)))
+        images.append(transform(decode_image(sample, rules)))
         labels.append(sample.label)
     if not images:
         raise ShardError(f"labelled set {name!r} has no samples ({spec.shards})")
     return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates)
 
 
-def _stratified_indices(urls: Sequence[str], num_classes: int, count: int, seed: int) -> set[int]:
+def _stratified_indices(urls: Sequence[str], num_classes: int, count: int, seed: int,
+                        rules: InputRules) -> set[int]:
     """Stream positions of a stratified subset of ``count`` samples (labels read, nothing decoded;
     samples without a valid label are kept so that loading reports them)."""
     keys: list[list[str]] = [[] for _ in range(num_classes)]
     positions: list[list[int]] = [[] for _ in range(num_classes)]
     unlabelled = set()
-    for index, sample in enumerate(iter_raw_samples(urls)):
+    for index, sample in enumerate(iter_raw_samples(urls, rules)):
         if sample.label is None or not 0 <= sample.label < num_classes:
             unlabelled.add(index)
             continue
@@ -136,21 +140,24 @@ def _stratified_indices(urls: Sequence[str], num_classes: int, count: int, seed:
 
 
 def load_pairs(shards: str | Sequence[str], transform: Callable, tokenize: Callable,
-               label: int | None = None, max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image–caption pairs decoded into memory: images ``(N, 3, H, W)``, tokens ``(N, L)``.
+               label: int | None = None, max_samples: int | None = None,
+               rules: InputRules = DEFAULT_RULES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image–caption pairs decoded into memory under ``rules``: images ``(N, 3, H, W)``, tokens
+    ``(N, L)``.
 
     ``label`` keeps only samples with that ``cls`` label (e.g. one concept's held-out images);
-    samples without a caption are an error naming shard and key.
+    samples without a caption, or above a limit, are an error naming shard and key.
     """
     images, captions = [], []
-    for sample in iter_raw_samples(expand_urls(shards)):
+    for sample in iter_raw_samples(expand_urls(shards, rules), rules):
         if max_samples is not None and len(images) >= max_samples:
             break
         if label is not None and sample.label != label:
             continue
+        image = decode_image(sample, rules)  # names a broken limit first
         if sample.caption is None:
             raise ShardError(f"sample {sample.key!r} in {sample.shard} has no caption ('txt')")
-        images.append(transform(decode_image(sample)))
+        images.append(transform(image))
         captions.append(sample.caption)
     if not images:
         raise ShardError(f"no image–caption pairs in {shards}" + (f" with label {label}" if label is not None else ""))

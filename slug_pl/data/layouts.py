@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from PIL import Image
 
 from slug_pl.data.labelled import (
     DEFAULT_TEMPLATES,
@@ -43,7 +42,9 @@ from slug_pl.data.labelled import (
     LoadedSet,
     read_name_list,
 )
+from slug_pl.data.limits import DEFAULT_RULES, InputLimitError, InputRules
 from slug_pl.data.subsets import stratified_sample, stratified_subset
+from slug_pl.safety import resolve_inside
 
 #: File suffixes (case-insensitive) read as images by the folder layouts.
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp")
@@ -112,34 +113,38 @@ def _templates(value: str | Sequence[str] | None, default: Sequence[str], what: 
     return templates
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, hidden entries skipped), sorted by path."""
+def _files_under(folder: Path, root: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, hidden entries skipped), sorted by path; a link
+    that leads outside the set's ``root`` is refused (:class:`~slug_pl.safety.UnsafePathError`)."""
     files = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            resolve_inside(root, path.relative_to(root).as_posix(), f"image folder {root}", "file")
             files.append(path)
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _decode(path: Path, transform: Callable) -> torch.Tensor:
+def _decode(path: Path, transform: Callable, rules: InputRules) -> torch.Tensor:
     try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
+        rgb = rules.open_rgb(path)
+    except InputLimitError as err:
+        raise LayoutError(f"image {path}: {err}") from err
     except Exception as err:
         raise LayoutError(f"image {path} does not decode: {err}") from err
     return transform(rgb)
 
 
-def _load_images(paths: Sequence[Path], transform: Callable) -> torch.Tensor:
-    """Decode and preprocess ``paths`` in order (threads for large sets: PIL releases the GIL)."""
+def _load_images(paths: Sequence[Path], transform: Callable, rules: InputRules = DEFAULT_RULES) -> torch.Tensor:
+    """Decode (under ``rules``) and preprocess ``paths`` in order (threads for large sets: PIL
+    releases the GIL)."""
     if len(paths) < _PARALLEL_FROM:
-        return torch.stack([_decode(p, transform) for p in paths])
+        return torch.stack([_decode(p, transform, rules) for p in paths])
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return torch.stack(list(pool.map(lambda p: _decode(p, transform), paths, chunksize=32)))
+        return torch.stack(list(pool.map(lambda p: _decode(p, transform, rules), paths, chunksize=32)))
 
 
 # -- ImageNet-style / generic class folders -----------------------------------------------------
@@ -251,14 +256,14 @@ class ImageFolderSet:
             raise LayoutError(f"set {name!r}: {root} has no class folders{hint}")
         return root, folders
 
-    def class_names(self, name: str) -> list[str]:
+    def class_names(self, name: str, rules: InputRules = DEFAULT_RULES) -> list[str]:
         """The class list in label order, read without decoding an image (checks the folder)."""
         root, folders = self._class_folders(name)
         return self._class_names(root, [d.name for d in folders])[0]
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
         root, folders = self._class_folders(name)
-        files = [_files_under(d) for d in folders]
+        files = [_files_under(d, root) for d in folders]
         empty = [d.name for d, f in zip(folders, files) if not f]
         if empty:
             raise LayoutError(
@@ -284,7 +289,7 @@ class ImageFolderSet:
                 f"set {name!r}: no images left from {root} after subset_fraction="
                 f"{self.subset_fraction} / max_samples={self.max_samples}"
             )
-        return LoadedSet(name, _load_images(paths, transform), torch.tensor(labels), classnames,
+        return LoadedSet(name, _load_images(paths, transform, rules), torch.tensor(labels), classnames,
                          templates)
 
 
@@ -390,6 +395,13 @@ def read_identity_map(path: str | os.PathLike) -> list[IdentityEntry]:
     return list(entries.values())
 
 
+def identity_image(folder: Path, mapping_path: Path, entry: IdentityEntry) -> Path:
+    """The image an identity-mapping entry names, inside ``folder`` (else
+    :class:`~slug_pl.safety.UnsafePathError` naming the mapping file and the entry)."""
+    what = f"line {entry.line}: image" if entry.line is not None else "entry"
+    return resolve_inside(folder, entry.filename, str(mapping_path), what)
+
+
 @dataclass
 class IdentitySet:
     """A CelebA-style identity set: an image folder and a file mapping image → identity name.
@@ -438,11 +450,11 @@ class IdentitySet:
                 raise LayoutError(f"set {name!r}: the class list names {dup[:3]} more than once")
         return folder, mapping_path, entries, classnames
 
-    def class_names(self, name: str) -> list[str]:
+    def class_names(self, name: str, rules: InputRules = DEFAULT_RULES) -> list[str]:
         """The class list in label order, read without decoding an image (checks folder and file)."""
         return self._classes(name)[3]
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
         folder, mapping_path, entries, classnames = self._classes(name)
         index = {c: i for i, c in enumerate(classnames)}
         templates = _templates(self.templates, DEFAULT_TEMPLATES, f"{name} template")
@@ -483,15 +495,16 @@ class IdentitySet:
             selected = kept
         if not selected:
             raise LayoutError(f"set {name!r}: no images selected from {mapping_path}")
-        missing = [e for e in selected if not (folder / e.filename).is_file()]
+        paths = [identity_image(folder, mapping_path, e) for e in selected]
+        missing = [(e, p) for e, p in zip(selected, paths) if not p.is_file()]
         if missing:
-            e = missing[0]
+            e, path = missing[0]
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise LayoutError(
                 f"{_where(mapping_path, e.line, e.filename)} lists image {e.filename!r}, which is "
-                f"missing: {folder / e.filename}{more}"
+                f"missing: {path}{more}"
             )
-        images = _load_images([folder / e.filename for e in selected], transform)
+        images = _load_images(paths, transform, rules)
         labels = torch.tensor([index[e.identity] for e in selected])
         return LoadedSet(name, images, labels, classnames, templates)
 

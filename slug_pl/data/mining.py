@@ -7,11 +7,15 @@ webdataset shards, every field's bytes unchanged under the original key, togethe
 
 - ``manifest.jsonl``: one line per written sample, ``{"key", "source_shard", "caption",
   "output_shard"}`` (``output_shard`` is the file name inside the output directory);
-- ``mining.json``: names, regular expression, counts, inputs and outputs.
+- ``mining.json``: names, regular expression, counts, inputs and outputs, and the samples left
+  out for breaking a limit (``skipped_samples``, under ``bad_samples="skip"``).
 
-Safety rules: input shards are only read; the output directory must be new (or empty) and must not
-hold any input shard; everything is written into a temporary directory beside the output and renamed
-into place at the end, so an interrupted run leaves no half-written output.
+Safety rules: input shards are only read, under :class:`~slug_pl.data.limits.InputRules` (a shard
+whose member names leave it is refused, a sample above a size limit stops the mining or, with
+``bad_samples="skip"``, is left out; a shard spec that runs a program needs the opt-in); the
+output directory must be new (or empty) and must not hold any input shard; everything is written
+into a temporary directory beside the output and renamed into place at the end, so an interrupted
+run leaves no half-written output.
 
 Command line::
 
@@ -34,7 +38,14 @@ from pathlib import Path
 
 import webdataset as wds
 
-from slug_pl.data.shards import ShardError, expand_urls, iter_raw_samples
+from slug_pl.data.limits import (
+    DEFAULT_MAX_CAPTION_CHARS,
+    DEFAULT_MAX_MEMBER_BYTES,
+    DEFAULT_RULES,
+    InputRules,
+)
+from slug_pl.data.shards import ShardError, bad_sample_error, expand_urls, iter_raw_samples
+from slug_pl.safety import command_of
 
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "mining.json"
@@ -68,6 +79,7 @@ class MiningResult:
     max_count: int | None
     truncated: bool
     inputs: list[str] = field(default_factory=list)
+    skipped_samples: list[dict] = field(default_factory=list)
 
 
 def _clean_names(names: Sequence[str]) -> list[str]:
@@ -103,16 +115,12 @@ def concept_pattern(names: Sequence[str]) -> re.Pattern:
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
 
 
-def _is_local(url: str) -> bool:
-    return not ("://" in url or url.startswith("pipe:"))
-
-
 def _check_output_dir(output_dir: Path, urls: Sequence[str]) -> Path:
     """Refuse an output that overlaps an input or already holds files; return it resolved."""
     resolved = output_dir.expanduser().resolve()
     clashes = []
     for url in urls:
-        if not _is_local(url):
+        if command_of(url) is not None:  # not a local file
             continue
         shard = Path(url).expanduser().resolve()
         if shard == resolved or resolved in shard.parents or shard in resolved.parents:
@@ -144,6 +152,8 @@ def mine_forget_set(
     shard_size: int = 10000,
     prefix: str = "forget",
     allow_empty: bool = False,
+    rules: InputRules = DEFAULT_RULES,
+    bad_samples: str = "stop",
 ) -> MiningResult:
     """Select samples whose caption names the concept and write them as new shards.
 
@@ -151,6 +161,9 @@ def mine_forget_set(
     :func:`slug_pl.data.shards.expand_urls`). Samples lacking an image or a caption are skipped
     and counted. The scan stops once ``max_count`` samples are written. Output shards hold at most
     ``shard_size`` samples each and are named ``<prefix>-000000.tar``, ``<prefix>-000001.tar``, ….
+    Shards are read under ``rules``; a sample above one of its limits stops the mining
+    (``bad_samples="stop"``: :class:`~slug_pl.data.shards.BadSampleError` naming shard and key) or
+    is left out and listed (``"skip"``).
 
     Raises :class:`ShardError` (a ValueError) for a missing or unreadable shard, ValueError for
     bad arguments or an output that overlaps an input or a key written twice,
@@ -165,10 +178,12 @@ def mine_forget_set(
         raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a plain file-name prefix, got {prefix!r}")
+    if bad_samples not in ("stop", "skip"):
+        raise ValueError(f"bad_samples must be 'stop' or 'skip', got {bad_samples!r}")
     shard_size = int(shard_size)
     max_count = None if max_count is None else int(max_count)
 
-    urls = expand_urls(shards)
+    urls = expand_urls(shards, rules, "--shards")
     output_dir = Path(output_dir)
     final_dir = _check_output_dir(output_dir, urls)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -178,12 +193,19 @@ def mine_forget_set(
     truncated = False
     shard_names: list[str] = []
     seen_keys: dict[str, str] = {}
+    left_out: list[dict] = []
     writer: wds.TarWriter | None = None
     in_current = 0
     try:
         with open(tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as manifest:
-            for sample in iter_raw_samples(urls):
+            for sample in iter_raw_samples(urls, rules):
                 scanned += 1
+                if sample.problem is not None:
+                    if bad_samples == "stop":
+                        raise bad_sample_error(sample, f"{sample.problem}; leave such samples out with "
+                                                       f"--bad-samples skip, or raise the limit", hint=False)
+                    left_out.append({"shard": sample.shard, "key": sample.key, "reason": sample.problem})
+                    continue
                 if sample.image is None or sample.caption is None:
                     skipped += 1
                     continue
@@ -246,6 +268,7 @@ def mine_forget_set(
             },
             "max_count": max_count,
             "truncated": truncated,
+            "skipped_samples": left_out,
             "shard_size": shard_size,
             "inputs": list(urls),
             "outputs": list(shard_names),
@@ -287,6 +310,7 @@ def mine_forget_set(
         max_count=max_count,
         truncated=truncated,
         inputs=list(urls),
+        skipped_samples=left_out,
     )
 
 
@@ -321,12 +345,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--allow-empty", action="store_true",
         help="write an empty forget set instead of failing when nothing matches",
     )
+    parser.add_argument("--max-member-bytes", type=int, default=DEFAULT_MAX_MEMBER_BYTES,
+                        help="the largest tar member read, in bytes (default: %(default)s)")
+    parser.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS,
+                        help="the longest caption read, in characters (default: %(default)s)")
+    parser.add_argument("--bad-samples", choices=("stop", "skip"), default="stop",
+                        help="a sample above a limit stops mining (stop, the default) or is left out "
+                             "and listed in mining.json (skip)")
+    parser.add_argument("--allow-shard-commands", action="store_true",
+                        help="let --shards specs run programs (pipe:<command> with a shell, http:// "
+                             "with curl, ...); only for specs you wrote yourself")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Run mining for parsed ``args``; print a one-line summary. Returns 0, or 2 on bad input."""
     try:
+        rules = InputRules(max_member_bytes=args.max_member_bytes, max_caption_chars=args.max_caption_chars,
+                           allow_shard_commands=args.allow_shard_commands)
         result = mine_forget_set(
             args.shards,
             list(args.name) + list(args.alias),
@@ -335,11 +371,15 @@ def run(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             prefix=args.prefix,
             allow_empty=args.allow_empty,
+            rules=rules,
+            bad_samples=args.bad_samples,
         )
     except (ShardError, ValueError, FileExistsError) as err:
         print(f"slug-pl mine: error: {err}", file=sys.stderr)
         return 2
     stop = f", stopped at --max-count {result.max_count}" if result.truncated else ""
+    if result.skipped_samples:
+        stop += f", {len(result.skipped_samples)} left out above a limit (listed in {REPORT_NAME})"
     print(
         f"wrote {result.written} of {result.scanned} scanned samples to {result.output_dir} "
         f"({len(result.output_shards)} shard(s), {result.skipped_missing_fields} skipped for a "

@@ -15,16 +15,18 @@ devices. So the stream is defined on global sample indices, not on shards:
 Each rank and worker reads the full tar stream but decodes only its own samples; uneven shard
 counts are therefore harmless.
 
-**Bad samples** (``bad_samples``): a sample without an image or a caption, or whose image does
-not decode, either stops the pass (``"stop"``, the default: :class:`BadSampleError` naming shard
+**Bad samples** (``bad_samples``): a sample without an image or a caption, one above a limit of
+:class:`~slug_pl.data.limits.InputRules` (member bytes, caption characters, image pixels), or
+one whose image does not decode, either stops the pass (``"stop"``, the default: :class:`BadSampleError` naming shard
 and key) or is *skipped* (``"skip"``). A skipped sample keeps its global index and its place in
 its batch but becomes a padding row (``valid = False``): batch boundaries, and so the retain
 loss's global batches, stay those of the full stream, every rank agrees on the batches, and the
 counts (the sums of ``valid`` over all ranks, reduced once at the end of the pass) are exact.
 Each skipped sample is reported once, by the rank that owns its position, in the batch's
-``skipped`` list (dicts ``set``, ``index``, ``shard``, ``key``, ``reason``). Missing fields are
-seen by every rank from the tar stream, so under ``"stop"`` every rank stops on the same sample;
-an image that does not decode is only seen by the rank that decodes it.
+``skipped`` list (dicts ``set``, ``index``, ``shard``, ``key``, ``reason``). Missing fields and
+members or captions above a limit are seen by every rank from the tar stream, so under
+``"stop"`` every rank stops on the same sample; an image that does not decode, or has too many
+pixels, is only seen by the rank that decodes it.
 
 **Excluded samples** (``PairSet.exclude``, e.g. ``data.retain_exclude_concepts``): samples whose
 caption matches are left out *before* numbering, by every rank and worker alike (each reads the
@@ -50,6 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from slug_pl.data.limits import DEFAULT_RULES, InputRules
 from slug_pl.data.shards import (
     BadSampleError,
     RawSample,
@@ -57,8 +60,9 @@ from slug_pl.data.shards import (
     bad_sample_error,
     decode_image,
     iter_raw_samples,
-    missing_field,
+    member_key,
     unreadable_shard_message,
+    unusable,
 )
 
 BAD_SAMPLE_POLICIES = ("stop", "skip")
@@ -84,11 +88,9 @@ def _count_shard(url: str) -> int:
         with tarfile.open(url, "r:*") as tar:
             keys = set()
             for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                prefix = member.name[: len(member.name) - len(base)]
-                keys.add(prefix + base.split(".", 1)[0])
+                found = member_key(url, member)  # refuses a member name that leaves the shard
+                if found is not None:
+                    keys.add(found[0])
             plain = isinstance(tar.fileobj, io.BufferedReader)  # not compressed: offsets are bytes
             if plain and keys and tar.offset >= os.path.getsize(url):
                 raise tarfile.ReadError(f"no end-of-archive marker after {len(keys)} samples: truncated")
@@ -97,10 +99,11 @@ def _count_shard(url: str) -> int:
     return len(keys)
 
 
-def kept_sample_counts(urls: Sequence[str], exclude: re.Pattern) -> list[int]:
+def kept_sample_counts(urls: Sequence[str], exclude: re.Pattern, rules: InputRules = DEFAULT_RULES) -> list[int]:
     """Samples of each shard whose caption does not match ``exclude`` (samples without a caption
     are kept: they are bad samples, reported by the stream)."""
-    return [sum(1 for sample in iter_raw_samples([url]) if not _excluded(sample, exclude)) for url in urls]
+    return [sum(1 for sample in iter_raw_samples([url], rules) if not _excluded(sample, exclude))
+            for url in urls]
 
 
 def _excluded(sample: RawSample, exclude: re.Pattern | None) -> bool:
@@ -148,6 +151,7 @@ class PairBatches(IterableDataset):
         world_size: int = 1,
         start_batch: int = 0,
         bad_samples: str = "stop",
+        rules: InputRules = DEFAULT_RULES,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -164,6 +168,7 @@ class PairBatches(IterableDataset):
         self.world_size = world_size
         self.start_batch = start_batch
         self.bad_samples = bad_samples
+        self.rules = rules
         self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
@@ -193,22 +198,21 @@ class PairBatches(IterableDataset):
                 continue
             if self.bad_samples == "stop":  # every rank sees the same stream: all stop together
                 for sample in batch:
-                    if (reason := missing_field(sample)) is not None:
+                    if (reason := unusable(sample)) is not None:
                         raise bad_sample_error(sample, reason)
             own = [(k * B + j, batch[j]) for j in self._local_positions(size_k)]
             out = self._collate(pair_set.name, k, own, math.ceil(size_k / self.world_size))
             out["last"] = k == pair_set.num_batches - 1
             yield out
 
-    @staticmethod
-    def _samples_from(pair_set: PairSet, start: int) -> Iterator[RawSample]:
+    def _samples_from(self, pair_set: PairSet, start: int) -> Iterator[RawSample]:
         """The raw samples of ``pair_set`` from global index ``start`` on, nothing decoded."""
         first_shard, skip = 0, start
         if len(pair_set.shard_sizes) == len(pair_set.urls):  # pass over whole shards unopened
             while first_shard < len(pair_set.urls) and skip >= pair_set.shard_sizes[first_shard]:
                 skip -= pair_set.shard_sizes[first_shard]
                 first_shard += 1
-        samples = iter_raw_samples(pair_set.urls[first_shard:])
+        samples = iter_raw_samples(pair_set.urls[first_shard:], self.rules)
         if pair_set.exclude is not None:  # every rank and worker leaves out the same samples
             samples = (s for s in samples if not _excluded(s, pair_set.exclude))
         return itertools.islice(samples, skip, None)
@@ -226,10 +230,10 @@ class PairBatches(IterableDataset):
     def _load(self, name: str, index: int, sample: RawSample) -> tuple[torch.Tensor, str] | dict:
         """The transformed image and caption of a sample, or (policy ``skip``) its skip record
         (``set``, ``index``: global sample index in the set, ``shard``, ``key``, ``reason``)."""
-        reason, cause = missing_field(sample), None
+        reason, cause = unusable(sample), None
         if reason is None:
             try:
-                image = self.image_transform(decode_image(sample))
+                image = self.image_transform(decode_image(sample, self.rules))
             except BadSampleError as err:
                 reason, cause = err.reason, err
         if reason is None:
@@ -265,9 +269,9 @@ class PairBatches(IterableDataset):
         transformed, else of the first image of any set that decodes."""
         if self._shape is None:
             for pair_set in self.sets:
-                for sample in iter_raw_samples(pair_set.urls):
+                for sample in iter_raw_samples(pair_set.urls, self.rules):
                     try:
-                        self._shape = tuple(self.image_transform(decode_image(sample)).shape)
+                        self._shape = tuple(self.image_transform(decode_image(sample, self.rules)).shape)
                         return self._shape
                     except BadSampleError:
                         continue

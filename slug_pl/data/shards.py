@@ -9,21 +9,32 @@ sample, the extension names the field. slug_pl reads these fields:
 
 Everything here reads; nothing writes. Shards are read in the order given, samples in tar order, so
 a stream is deterministic.
+
+A shard is a downloaded file, read under :class:`~slug_pl.data.limits.InputRules`: a member
+name that leaves the shard (absolute, ``..``) makes the whole shard refused; a member, caption or
+image above a limit makes its sample a bad sample (:attr:`RawSample.problem`; the member is not
+read); a spec that would run a program (``pipe:``, ``http://`` ...) is refused without the opt-in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import io
 import os
 import re
+import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
-import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from slug_pl.data.limits import DEFAULT_RULES, InputLimitError, InputRules
+from slug_pl.safety import command_of, member_name_problem, refuse_command
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
@@ -57,7 +68,9 @@ class RawSample:
 
     ``image`` is the encoded image bytes (None if the sample has none), ``caption`` the text (None if
     absent), ``label`` the integer class (None if absent). ``fields`` keeps every field's raw bytes so
-    a sample can be written back unchanged (forget-set mining does).
+    a sample can be written back unchanged (forget-set mining does). ``problem``: why the sample
+    cannot be used whatever it holds (a member or caption above a limit, which was then not
+    read), or None.
     """
 
     shard: str
@@ -66,13 +79,17 @@ class RawSample:
     caption: str | None
     label: int | None
     fields: dict[str, bytes]
+    problem: str | None = None
 
 
-def expand_urls(spec: str | Sequence[str]) -> list[str]:
+def expand_urls(spec: str | Sequence[str], rules: InputRules = DEFAULT_RULES,
+                source: str = "shard list") -> list[str]:
     """Expand brace patterns (``data/{000..009}.tar``), globs and lists into an ordered shard list.
 
-    Local paths are checked to exist; a missing one raises :class:`ShardError` naming it. URLs with a
-    scheme (``pipe:``, ``s3://``, ``http://``) are passed through to webdataset unchecked.
+    Local paths are checked to exist; a missing one raises :class:`ShardError` naming it. A spec
+    that webdataset would open by running a program (``pipe:``, ``http://``, ``gs://`` ...) is
+    refused (:class:`~slug_pl.safety.UnsafePathError` naming ``source`` and the opt-in option)
+    unless ``rules.allow_shard_commands``; then it is passed through unchecked.
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
@@ -80,7 +97,9 @@ def expand_urls(spec: str | Sequence[str]) -> list[str]:
     urls: list[str] = []
     for item in specs:
         for url in braceexpand.braceexpand(os.path.expanduser(str(item))):
-            if "://" in url or url.startswith("pipe:"):
+            if command_of(url) is not None:
+                if not rules.allow_shard_commands:
+                    refuse_command(url, source)
                 urls.append(url)
             elif any(c in url for c in "*?["):
                 matches = sorted(glob.glob(url))
@@ -107,29 +126,87 @@ def _first_image(sample: dict) -> bytes | None:
     return None
 
 
-def iter_raw_samples(urls: Sequence[str]) -> Iterator[RawSample]:
-    """Yield every sample of ``urls`` in order, undecoded.
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
+
+
+def member_key(shard: str, member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """``(sample key, field)`` of a regular tar member of ``shard`` (webdataset's convention: the
+    key is the path up to the first dot of the file name), or None for a member that is no
+    sample field (a folder, a link, metadata, a name without an extension). Raises
+    :class:`ShardError` naming the shard and the member when its name leaves the shard."""
+    if (problem := member_name_problem(member.name)) is not None:
+        raise ShardError(f"shard {shard}: member {member.name!r} {problem}; a shard's members must stay "
+                         f"inside it, so slug_pl refuses this shard (re-create it, or leave it out)")
+    if not member.isreg() or _META.match(member.name):
+        return None
+    key, suffix = base_plus_ext(member.name)
+    return None if key is None else (key, suffix.lower())
+
+
+@dataclass
+class _Gathering:
+    """The members of one sample read so far."""
+
+    key: str
+    fields: dict[str, bytes] = field(default_factory=dict)
+    problem: str | None = None
+
+    def sample(self, shard: str, rules: InputRules) -> RawSample:
+        caption = self.fields.get(CAPTION_KEY)
+        label = self.fields.get(LABEL_KEY)
+        text = caption.decode("utf-8").strip() if caption is not None else None
+        problem = self.problem or (rules.caption_problem(text) if text is not None else None)
+        return RawSample(shard=shard, key=self.key, image=_first_image(self.fields),
+                         caption=None if problem else text,
+                         label=int(label.decode("utf-8").strip()) if label is not None else None,
+                         fields=self.fields, problem=problem)
+
+
+def _open_shard(url: str) -> BinaryIO:
+    """A local shard as a file; a spec with a scheme (only once allowed) by webdataset's openers
+    (a shell for ``pipe:``, curl for ``http://`` ...)."""
+    return open(url, "rb") if command_of(url) is None else gopen(url)
+
+
+def _shard_samples(url: str, stream: BinaryIO, rules: InputRules) -> Iterator[RawSample]:
+    """The samples of one open shard, in tar order; members above a limit are passed over unread."""
+    gathering: _Gathering | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            found = member_key(url, member)
+            tar.members = []  # a stream: keep no headers
+            if found is None:
+                continue
+            key, suffix = found
+            if gathering is None or key != gathering.key:
+                if gathering is not None:
+                    yield gathering.sample(url, rules)
+                gathering = _Gathering(key)
+            if suffix in gathering.fields:
+                raise ShardError(f"shard {url}: sample {key!r} holds the field {suffix!r} twice")
+            too_big = rules.member_problem(suffix, member.size)
+            if too_big is not None:
+                gathering.problem = gathering.problem or too_big
+                continue
+            gathering.fields[suffix] = tar.extractfile(member).read()
+    if gathering is not None:
+        yield gathering.sample(url, rules)
+
+
+def iter_raw_samples(urls: Sequence[str], rules: InputRules = DEFAULT_RULES) -> Iterator[RawSample]:
+    """Yield every sample of ``urls`` in order, undecoded, read under ``rules``.
 
     Errors in reading a shard are re-raised as :class:`ShardError` naming the shard.
     """
     for url in urls:
-        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+        if not rules.allow_shard_commands:
+            refuse_command(url, "shard list")  # a spec that would run a program
         try:
-            for sample in pipeline:
-                fields = {k: v for k, v in sample.items() if not k.startswith("__")}
-                caption = sample.get(CAPTION_KEY)
-                label = sample.get(LABEL_KEY)
-                yield RawSample(
-                    shard=url,
-                    key=sample["__key__"],
-                    image=_first_image(sample),
-                    caption=caption.decode("utf-8").strip() if caption is not None else None,
-                    label=int(label.decode("utf-8").strip()) if label is not None else None,
-                    fields=fields,
-                )
+            with contextlib.closing(_open_shard(url)) as stream:
+                yield from _shard_samples(url, stream, rules)
         except ShardError:
             raise
-        except Exception as err:  # tarfile, IO and decoding errors of webdataset
+        except Exception as err:  # tarfile, IO and decoding errors
             raise ShardError(unreadable_shard_message(url, err)) from err
 
 
@@ -141,8 +218,11 @@ def unreadable_shard_message(url: str, err: BaseException) -> str:
             f"re-download it, or leave it out of the shard list")
 
 
-def missing_field(sample: RawSample) -> str | None:
-    """Why a pair sample cannot be used before decoding (no image / no caption), else None."""
+def unusable(sample: RawSample) -> str | None:
+    """Why a pair sample cannot be used before decoding (a limit broken, no image, no caption),
+    else None."""
+    if sample.problem is not None:
+        return sample.problem
     if sample.image is None:
         return f"no image (expected one of {', '.join(IMAGE_KEYS)})"
     if sample.caption is None:
@@ -157,13 +237,17 @@ def bad_sample_error(sample: RawSample, reason: str, hint: bool = True) -> BadSa
                           sample.key, reason)
 
 
-def decode_image(sample: RawSample) -> Image.Image:
-    """Decode a sample's image to RGB; raises :class:`BadSampleError` naming shard and key."""
+def decode_image(sample: RawSample, rules: InputRules = DEFAULT_RULES) -> Image.Image:
+    """Decode a sample's image to RGB under ``rules`` (pixels); raises :class:`BadSampleError`
+    naming shard and key."""
+    if sample.problem is not None:
+        raise bad_sample_error(sample, sample.problem, hint=False)
     if sample.image is None:
         raise bad_sample_error(sample, f"no image (expected one of {', '.join(IMAGE_KEYS)})", hint=False)
     try:
-        with Image.open(io.BytesIO(sample.image)) as img:
-            return img.convert("RGB")
+        return rules.open_rgb(sample.image)
+    except InputLimitError as err:
+        raise bad_sample_error(sample, str(err), hint=False) from err
     except Exception as err:
         # no object addresses in the reason: skip lists must be the same in every run
         detail = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image bytes", str(err))

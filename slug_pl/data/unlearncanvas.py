@@ -73,6 +73,8 @@ from PIL import Image
 from slug_pl.atomic import atomic_output, write_text
 from slug_pl.data.labelled import LoadedSet
 from slug_pl.data.layouts import IMAGE_SUFFIXES, LayoutError, _load_images
+from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_RULES, InputRules
+from slug_pl.safety import resolve_inside
 
 #: The 50 styles of the benchmark's published unlearning experiments (const.py, "50 style version").
 UC_STYLES = (
@@ -163,11 +165,14 @@ def _require_folder(path: Path, what: str, hint: str) -> None:
         raise LayoutError(f"{path} is a file where a {what} folder should be: {hint}")
 
 
-def _read_cell(folder: Path, style: str, obj: str) -> tuple[tuple[CanvasImage, ...], list[Path]]:
-    """A cell's images sorted by number, and the non-image files skipped."""
+def _read_cell(root: Path, style: str, obj: str) -> tuple[tuple[CanvasImage, ...], list[Path]]:
+    """A cell's images sorted by number, and the non-image files skipped; a link that leads out
+    of the tree ``root`` is refused (:class:`~slug_pl.safety.UnsafePathError`)."""
+    folder = root / style / obj
     images: dict[int, CanvasImage] = {}
     skipped = []
     for path in _visible(folder):
+        resolve_inside(root, path.relative_to(root).as_posix(), f"UnlearnCanvas tree {root}", "file")
         if path.is_dir():
             raise LayoutError(f"{path} is a folder inside the (style, object) cell {folder}; a cell "
                               f"holds only its images, named by number (1.jpg, 2.jpg, ...)")
@@ -249,7 +254,7 @@ def read_layout(root: str | os.PathLike, styles: Sequence[str] | None = None,
     cells, skipped = {}, []
     for s in style_names:
         for o in object_names:
-            cells[s, o], junk = _read_cell(root / s / o, s, o)
+            cells[s, o], junk = _read_cell(root, s, o)
             skipped += junk
     if skipped:
         warnings.warn(f"{len(skipped)} non-image file(s) in the cells of {root} are skipped, e.g. "
@@ -452,16 +457,16 @@ class CanvasData:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
     def labelled(self, split: str, kind: str, transform: Callable,
-                 name: str | None = None) -> LoadedSet:
-        """Every image of ``split`` decoded and labelled by ``kind`` (style or object) as a
-        :class:`LoadedSet`: class names are phrases ("Van Gogh"), templates
+                 name: str | None = None, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+        """Every image of ``split`` decoded (under ``rules``) and labelled by ``kind`` (style or
+        object) as a :class:`LoadedSet`: class names are phrases ("Van Gogh"), templates
         :data:`STYLE_TEMPLATES` / :data:`OBJECT_TEMPLATES`."""
         images = self._split(split)
         if not images:
             raise LayoutError(f"the {split} split of {self.layout.root} is empty")
         templates = STYLE_TEMPLATES if kind == "style" else OBJECT_TEMPLATES
         labels = torch.tensor([self.label(img, kind) for img in images])
-        return LoadedSet(name or f"{split}_{kind}s", _load_images([i.path for i in images], transform),
+        return LoadedSet(name or f"{split}_{kind}s", _load_images([i.path for i in images], transform, rules),
                          labels, self.classnames(kind), list(templates))
 
     def manifest(self) -> dict:
@@ -551,8 +556,8 @@ class CanvasLabelledSet:
     kind: str = "style"
     split: str = "validation"
 
-    def load(self, transform: Callable, name: str) -> LoadedSet:
-        return self.canvas.load().labelled(self.split, self.kind, transform, name)
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+        return self.canvas.load().labelled(self.split, self.kind, transform, name, rules)
 
 
 # ================================================================================================
@@ -562,8 +567,12 @@ class CanvasLabelledSet:
 _SHARD_KEYS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
 
-def _image_bytes(path: Path) -> bytes:
-    """The file's bytes, after checking that they decode (the error names the file)."""
+def _image_bytes(path: Path, max_bytes: int = DEFAULT_MAX_MEMBER_BYTES) -> bytes:
+    """The file's bytes, after checking that they are at most ``max_bytes`` (what a shard member
+    may hold) and decode (the error names the file)."""
+    if path.stat().st_size > max_bytes:
+        raise LayoutError(f"image {path} has {path.stat().st_size} bytes, more than the {max_bytes} a "
+                          f"shard member may hold (max_member_bytes)")
     data = path.read_bytes()
     try:
         with Image.open(io.BytesIO(data)) as img:

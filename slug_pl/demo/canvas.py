@@ -44,6 +44,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from slug_pl.atomic import swap_into_place, temp_folder_beside
 from slug_pl.demo.world import WorldSpec, object_names, render_object
 
 logger = logging.getLogger(__name__)
@@ -277,10 +278,7 @@ def build_canvas(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec()) -> di
     if root.exists() and (read_canvas(root) is None and any(root.iterdir())):
         raise FileExistsError(f"{root} exists and is not a synthetic canvas (no canvas.json); "
                               f"choose another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_folder_beside(root)
     logger.info("synthetic canvas: building %s", root)
     try:
         fingerprint = _build_into(tmp, spec)
@@ -288,12 +286,7 @@ def build_canvas(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec()) -> di
             if _matches(root, spec):  # built concurrently by another process
                 shutil.rmtree(tmp)
                 return _result(root, spec, read_canvas(root)["fingerprint"], built=False)
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.rename(root, old)
-            os.rename(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        swap_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -407,7 +400,7 @@ def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike
             model = _train_one(images, labels, len(names), steps, batch_size, lr, width, seed)
             configs[kind] = save_task_classifier(
                 model, out / f"{kind}.json", task=kind, classnames=list(names),
-                arch={"library": "python", "name": "slug_pl.demo.canvas.CanvasCNN",
+                arch={"library": "slug_pl", "name": "slug_pl.demo.canvas.CanvasCNN",
                       "kwargs": {"width": width}},
                 image_size=train.images.shape[-1], mean=_MEAN, std=_STD,
                 extra={"trained_on": {"root": str(root), "split_fractions": list(split_fractions),

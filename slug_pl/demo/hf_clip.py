@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import atomic_folder, swap_into_place, write_text
+from slug_pl.atomic import atomic_folder, swap_into_place, temp_folder_beside, write_text
 from slug_pl.demo.world import WorldSpec, build_world, spec_record
 
 logger = logging.getLogger(__name__)
@@ -410,8 +410,7 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     if metrics is not None:
         _say(f"demo HF CLIP: reusing {folder}")
     else:
-        tmp = root / f".hf_clip.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_folder_beside(folder)
         try:
             metrics = train_hf_clip(world["root"], tmp, **kwargs)
             metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import swap_into_place, write_text
+from slug_pl.atomic import swap_into_place, temp_folder_beside, write_text
 from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, ensure_hf_clip
 from slug_pl.demo.world import WorldSpec, identity_names, object_names, spec_record
 
@@ -326,8 +326,7 @@ def ensure_llava(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa
     if metrics is not None:
         _say(f"demo LLaVA: reusing {folder}")
     else:
-        tmp = root / f".llava.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_folder_beside(folder)
         try:
             metrics = train_llava(clip["world"]["root"], clip["path"], tmp, **kwargs)
             metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from slug_pl.atomic import file_slug, swap_into_place, write_text
+from slug_pl.atomic import file_slug, swap_into_place, temp_folder_beside, write_text
 from slug_pl.demo.datamodule import DemoWorld, refuse_other_model, target_source
 from slug_pl.demo.world import WorldSpec, spec_record
 from slug_pl.evaluation.zeroshot import fill_template
@@ -551,10 +551,7 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
     if metrics is not None:
         _say(f"demo SD: reusing {folder}")
     else:
-        tmp = root / f".{PIPELINE_FOLDER}.tmp-{os.getpid()}"
-        tmp_classifier = root / f".{CLASSIFIER_FOLDER}.tmp-{os.getpid()}"
-        for path in (tmp, tmp_classifier):
-            shutil.rmtree(path, ignore_errors=True)
+        tmp, tmp_classifier = temp_folder_beside(folder), temp_folder_beside(classifier)
         try:
             metrics = build_sd_pipeline(clip["path"], clip["world"], tmp, tmp_classifier, train)
             metrics["cache_key"] = cache_key

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from slug_pl.atomic import atomic_output, write_text
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 from slug_pl.demo.world import WorldSpec, build_world, spec_record
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings, topk_hits
@@ -219,13 +220,11 @@ def train_demo_clip(
     train_seconds = time.perf_counter() - t1
     model.eval()
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}.safetensors")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    # one metadata key: safetensors writes several keys in no fixed order (not byte-reproducible)
-    save_file(state, str(tmp), metadata={
-        "slug_pl_demo": json.dumps({"model_name": model_name, "seed": seed}, sort_keys=True)})
-    os.replace(tmp, out_path)
+    with atomic_output(out_path, overwrite=True) as tmp:  # a cache: replaced when rebuilt
+        # one metadata key: safetensors writes several keys in no fixed order (not byte-reproducible)
+        save_file(state, str(tmp), metadata={
+            "slug_pl_demo": json.dumps({"model_name": model_name, "seed": seed}, sort_keys=True)})
 
     metrics = evaluate_demo_clip(world_root, out_path, model_name=model_name, split="test")
     metrics.update({
@@ -250,9 +249,7 @@ def train_demo_clip(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n", overwrite=True)
 
 
 def _model_config(model_name: str) -> dict | None:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slug_pl.atomic import swap_into_place, write_text
+from slug_pl.atomic import swap_into_place, temp_folder_beside, write_text
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.data.unlearncanvas import CAPTION_TEMPLATE
 from slug_pl.demo.canvas import CanvasSpec, build_canvas, train_canvas_classifiers
@@ -223,8 +223,7 @@ def ensure_canvas_demo(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec())
     if metrics is not None and metrics.get("cache_key") == cache_key:
         _say(f"demo canvas: reusing {folder}")
     else:
-        tmp = root / f".{MODELS_FOLDER}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_folder_beside(folder)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # far faster than 2 on shared cores, and deterministic
         try:

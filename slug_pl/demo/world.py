@@ -42,6 +42,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from slug_pl.atomic import swap_into_place, temp_folder_beside
+
 logger = logging.getLogger(__name__)
 
 #: Bump when the renderer, captions or layout change: invalidates cached worlds.
@@ -812,11 +814,7 @@ def build_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> dict:
         logger.info("demo world: reusing %s", root)
         return {**_layout(root, spec), "fingerprint": read_world(root)["fingerprint"],
                 "built": False}
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = temp_folder_beside(root)
     logger.info("demo world: building %s", root)
     try:
         fingerprint = _build_into(tmp, spec)
@@ -825,12 +823,7 @@ def build_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> dict:
                 shutil.rmtree(tmp)
                 return {**_layout(root, spec), "fingerprint": read_world(root)["fingerprint"],
                         "built": False}
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.rename(root, old)
-            os.rename(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, root)
+        swap_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

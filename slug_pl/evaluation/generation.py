@@ -20,7 +20,6 @@ retain = mean over the other concepts of their per-concept recognition.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,6 +39,7 @@ from slug_pl.atomic import atomic_output, write_text
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, fill_template, image_embeddings
 from slug_pl.families.base import ModelFamily
+from slug_pl.safety import read_descriptor, resolve_inside
 
 DEFAULT_TEMPLATES = ("a photo of {}.",)
 DEFAULT_SEEDS = (0, 1, 2, 3)
@@ -279,7 +279,9 @@ def save_classifier(folder: str | os.PathLike, module: nn.Module, class_path: st
                     image_size: tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
                     std: Sequence[float] = (0.5, 0.5, 0.5)) -> Path:
     """Write a classifier checkpoint folder readable by :meth:`ClassifierJudge.load` (new files
-    only). ``class_path(**init_args)`` must rebuild ``module``; see :class:`ClassifierJudge`."""
+    only). ``class_path`` names a classifier class of
+    :mod:`slug_pl.evaluation.architectures` (a project class or a registered one) and
+    ``class_path(**init_args)`` must rebuild ``module``; see :class:`ClassifierJudge`."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -299,13 +301,19 @@ class ClassifierJudge:
 
     - ``classifier.json``: ``{"format": "slug_pl-classifier/1", "class_path": "pkg.module.Class",
       "init_args": {...}, "classnames": [...], "image_size": [H, W], "mean": [3 floats],
-      "std": [3 floats]}``;
+      "std": [3 floats]}``; instead of ``class_path`` and ``init_args``, ``"arch": {"library":
+      "timm" | "torchvision" | "slug_pl", "name": ..., "kwargs": {...}}`` (its outputs: one per
+      class name);
     - ``classifier.safetensors``: the module's ``state_dict``.
 
-    The module is rebuilt as ``Class(**init_args)`` (the class must be importable) and maps images
-    ``(B, 3, H, W)`` — RGB resized to ``image_size`` (bicubic), scaled to [0, 1], normalized by
-    ``mean``/``std`` — to logits ``(B, len(classnames))``. :meth:`logits` keeps the columns of the
-    requested class names, so top-1 is chosen among those classes only (as for the CLIP judge).
+    The folder is data, never code: ``class_path`` is looked up among the project's classifier
+    classes (and those registered by the user's own code), ``arch`` among timm's and
+    torchvision's architectures, with typed arguments
+    (:mod:`slug_pl.evaluation.architectures`); the weights are read from safetensors only.
+    The module maps images ``(B, 3, H, W)`` — RGB resized to ``image_size`` (bicubic), scaled to
+    [0, 1], normalized by ``mean``/``std`` — to logits ``(B, len(classnames))``. :meth:`logits`
+    keeps the columns of the requested class names, so top-1 is chosen among those classes only
+    (as for the CLIP judge).
     """
 
     def __init__(self, module: nn.Module, classnames: Sequence[str], image_size: tuple[int, int],
@@ -318,7 +326,7 @@ class ClassifierJudge:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu") -> "ClassifierJudge":
-        from safetensors.torch import load_file
+        from slug_pl.evaluation.architectures import ArchSpec, build_classifier, load_weights
 
         folder = Path(folder)
         spec_path, weights_path = folder / CLASSIFIER_JSON, folder / CLASSIFIER_WEIGHTS
@@ -327,23 +335,19 @@ class ClassifierJudge:
                 raise FileNotFoundError(f"classifier checkpoint {folder} lacks {path.name}: a checkpoint "
                                         f"folder holds {CLASSIFIER_JSON} and {CLASSIFIER_WEIGHTS} "
                                         f"(write one with slug_pl.evaluation.generation.save_classifier)")
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        missing = [k for k in ("class_path", "classnames", "image_size", "mean", "std") if k not in spec]
-        if spec.get("format") != CLASSIFIER_FORMAT or missing:
+            resolve_inside(folder, path.name, str(folder), "checkpoint file")
+        spec = read_descriptor(spec_path, "classifier checkpoint")
+        described = "arch" in spec or "class_path" in spec
+        missing = [k for k in ("classnames", "image_size", "mean", "std") if k not in spec]
+        if spec.get("format") != CLASSIFIER_FORMAT or missing or not described:
             raise ValueError(f"{spec_path} is not a {CLASSIFIER_FORMAT} file (format "
-                             f"{spec.get('format')!r}, missing keys {missing})")
-        module_name, _, class_name = spec["class_path"].rpartition(".")
-        try:
-            module_class = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"{spec_path}: class_path {spec['class_path']!r} cannot be imported "
-                             f"({err}); install the package that defines it") from err
-        module = module_class(**spec.get("init_args", {}))
-        try:
-            module.load_state_dict(load_file(str(weights_path)))
-        except RuntimeError as err:
-            raise ValueError(f"{weights_path} does not fit {spec['class_path']}(**init_args) of "
-                             f"{spec_path}: {' '.join(str(err).split())}") from err
+                             f"{spec.get('format')!r}, missing keys {missing + ([] if described else ['class_path'])})")
+        if "arch" in spec:
+            module = build_classifier(ArchSpec.from_record(spec["arch"], str(spec_path)), len(spec["classnames"]))
+        else:
+            module = build_classifier(ArchSpec("slug_pl", spec["class_path"], spec.get("init_args", {}),
+                                               str(spec_path)))
+        load_weights(module, weights_path, str(spec_path))
         return cls(module.to(device), spec["classnames"], spec["image_size"], spec["mean"], spec["std"],
                    name=f"classifier:{folder.name}")
 

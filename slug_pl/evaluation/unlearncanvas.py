@@ -41,9 +41,13 @@ values in [0, 1] to (style logits ``(N, S)``, object logits ``(N, O)``) and name
 
     {"task": "style", "classnames": [... 51 names, sorted, Seed_Images included ...],
      "arch": {"library": "timm", "name": "vit_large_patch16_224"},
-     "weights": "style50.pth", "image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+     "weights": "style50.safetensors", "image_size": 224, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
-(the benchmark's ``.pth`` files hold ``{"model_state_dict": ...}``, which is read as such).
+The JSON is data (an allowed architecture by name, :mod:`slug_pl.evaluation.architectures`) and
+the weights are safetensors. The benchmark ships its classifiers as torch pickles (``.pth``
+holding ``{"model_state_dict": ...}``); convert each once, on a trusted machine, with
+``slug-pl convert-checkpoint style50.pth`` (:mod:`slug_pl.convert`, which reads them with
+``weights_only=True`` and writes ``style50.safetensors``).
 :class:`ZeroShotClassifier` scores with any CLIP-like :class:`~slug_pl.families.base.ModelFamily`,
 zero-shot over the style and object names (:mod:`slug_pl.evaluation.zeroshot`).
 """
@@ -51,7 +55,6 @@ zero-shot over the style and object names (:mod:`slug_pl.evaluation.zeroshot`).
 from __future__ import annotations
 
 import csv
-import importlib
 import io
 import json
 import math
@@ -75,8 +78,10 @@ from slug_pl.data.unlearncanvas import (
     object_phrase,
     style_phrase,
 )
+from slug_pl.evaluation.architectures import ArchSpec, build_classifier, load_weights
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.families.base import ModelFamily
+from slug_pl.safety import read_descriptor, resolve_inside
 
 #: Seeds of the benchmark's answer set (accuracy.py and the samplers' default ``--seed``).
 UC_EVAL_SEEDS = (188, 288, 588, 688, 888)
@@ -233,68 +238,27 @@ class TaskClassifier:
         return self.model(((x - mean) / std).to(p.dtype)).float()
 
 
-ARCH_LIBRARIES = ("timm", "torchvision", "python")
-
-
-def build_arch(arch: dict, num_classes: int) -> nn.Module:
-    """A randomly initialized classifier with ``num_classes`` outputs from an ``arch`` record:
-    ``{"library": "timm", "name": "vit_large_patch16_224"}`` (``timm.create_model``),
-    ``{"library": "torchvision", "name": "resnet18"}`` (``torchvision.models.get_model``) or
-    ``{"library": "python", "name": "package.module.Class"}`` (called with ``num_classes``);
-    optional ``"kwargs"`` are passed on."""
-    library, name, kwargs = arch.get("library"), arch.get("name"), dict(arch.get("kwargs", {}))
-    if library == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
-    if library == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    if library == "python":
-        module_name, _, attr = str(name).rpartition(".")
-        if not module_name:
-            raise ValueError(f"arch name {name!r} must be a dotted path 'package.module.Class'")
-        return getattr(importlib.import_module(module_name), attr)(num_classes=num_classes, **kwargs)
-    raise ValueError(f"arch library must be one of {ARCH_LIBRARIES}, got {library!r}")
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model_state_dict", "state_dict"):  # the benchmark's files hold model_state_dict
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
-    return state
-
-
 def load_task_classifier(config: str | os.PathLike, device: str | torch.device = "cpu") -> TaskClassifier:
     """Load a checkpoint classifier from its JSON (keys ``task``, ``classnames``, ``arch``,
-    ``weights`` (relative to the JSON's folder), ``image_size``, ``mean``, ``std``)."""
+    ``weights`` (a ``.safetensors`` file inside the JSON's folder), ``image_size``, ``mean``,
+    ``std``). The JSON is data: ``arch`` names an allowed architecture with typed arguments
+    (:mod:`slug_pl.evaluation.architectures`), nothing is imported by a name it gives."""
     path = Path(config).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"classifier config not found: {path}")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"classifier config {path} is not valid JSON: {err}") from err
+    record = read_descriptor(path, "classifier config")
     missing = [k for k in ("task", "classnames", "arch", "weights", "image_size") if k not in record]
     if missing:
         raise ValueError(f"classifier config {path} lacks {missing}")
     if record["task"] not in KINDS:
         raise ValueError(f"classifier config {path}: task must be one of {KINDS}, got {record['task']!r}")
-    weights = path.parent / record["weights"]
+    if not isinstance(record["weights"], str):
+        raise ValueError(f"classifier config {path}: weights must be a file name, got {record['weights']!r}")
+    weights = resolve_inside(path.parent, record["weights"], str(path), "weights")
     if not weights.is_file():
         raise FileNotFoundError(f"weights of classifier {path} not found: {weights}")
-    model = build_arch(record["arch"], len(record["classnames"]))
-    try:
-        model.load_state_dict(_read_state_dict(weights))
-    except RuntimeError as err:
-        raise ValueError(f"weights {weights} do not fit arch {record['arch']} with "
-                         f"{len(record['classnames'])} classes (config {path}): {err}") from err
+    model = build_classifier(ArchSpec.from_record(record["arch"], str(path)), len(record["classnames"]))
+    load_weights(model, weights, str(path))
     return TaskClassifier(record["task"], list(record["classnames"]), model.to(device).eval(),
                           int(record["image_size"]), tuple(record.get("mean", (0.5, 0.5, 0.5))),
                           tuple(record.get("std", (0.5, 0.5, 0.5))))
@@ -305,7 +269,8 @@ def save_task_classifier(model: nn.Module, config: str | os.PathLike, *, task: s
                          mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
                          extra: dict | None = None) -> Path:
     """Save ``model`` as ``<config stem>.safetensors`` next to the JSON ``config`` (both atomic,
-    never overwriting); :func:`load_task_classifier` reads them back. ``extra`` is stored too."""
+    never overwriting); :func:`load_task_classifier` reads them back. ``arch``: an ``arch`` record
+    of :mod:`slug_pl.evaluation.architectures`. ``extra`` is stored too."""
     from safetensors.torch import save_file
 
     config = Path(config)

@@ -505,9 +505,10 @@ class Llava(DownstreamTarget):
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: the LLaVA target asks about its concept and utility images")
             transform = ProcessorTransform(self.processor.image_processor)
-            sets = {"identities": suite.concepts.load(transform, f"{stage}.concepts (LLaVA)")}
+            rules = context.input_rules
+            sets = {"identities": suite.concepts.load(transform, f"{stage}.concepts (LLaVA)", rules)}
             if suite.utility is not None:
-                sets["objects"] = suite.utility.load(transform, f"{stage}.utility (LLaVA)")
+                sets["objects"] = suite.utility.load(transform, f"{stage}.utility (LLaVA)", rules)
             grouped = {k: group_by_concept(s.images, s.labels, s.classnames) for k, s in sets.items()}
             self._images[key] = VqaImages(grouped["identities"], grouped.get("objects", {}))
         return self._images[key]
@@ -523,12 +524,13 @@ class Llava(DownstreamTarget):
         family, clip = context.family, context.model
         names = concept_pattern(list(context.concepts))
         transform, images = family.image_transform(), []
-        for sample in iter_raw_samples(list(context.retain_urls())):
+        rules = context.input_rules
+        for sample in iter_raw_samples(list(context.retain_urls()), rules):
             if len(images) >= self.protect_images:
                 break
             if sample.caption is not None and names.search(sample.caption):
                 continue
-            images.append(transform(decode_image(sample)))
+            images.append(transform(decode_image(sample, rules)))
         if not images:
             raise ValueError("target protect_retained is set but the retain set has no image whose caption leaves "
                              "the forgotten concepts out: point data.retain at ordinary pairs")
@@ -577,8 +579,9 @@ class Llava(DownstreamTarget):
         key = ("forget", concept)
         if key not in self._images:
             transform = ProcessorTransform(self.processor.image_processor)
-            urls = list(context.forget_urls(concept))
-            self._images[key] = torch.stack([transform(decode_image(sample)) for sample in iter_raw_samples(urls)])
+            urls, rules = list(context.forget_urls(concept)), context.input_rules
+            self._images[key] = torch.stack([transform(decode_image(sample, rules))
+                                             for sample in iter_raw_samples(urls, rules)])
         return self._images[key]
 
     @property

@@ -16,6 +16,13 @@ must be the value the model loaded (:func:`same_weights`). Every file
 holding it is rewritten (e.g. a ``model.safetensors`` and its ``model.fp16.safetensors`` variant);
 a ``pytorch_model*.bin`` beside such a file would still hold the old value and is left out of the
 copy (loaders prefer safetensors anyway).
+
+The original folder is downloaded, so it may hold symbolic links. A link is followed only where
+it stays with the model: inside the folder, or, for a Hugging Face hub snapshot
+(``.../models--org--name/snapshots/<revision>``), into that repository's ``blobs`` folder, where
+the hub keeps the files its snapshot links to (:func:`model_files`). A link that leads anywhere
+else is refused before anything is written (:class:`~slug_pl.safety.UnsafePathError`), so a
+file from elsewhere on the machine never lands in the copy.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 import torch
 
 from slug_pl.atomic import atomic_folder
+from slug_pl.safety import UnsafePathError, link_target
 
 
 #: The spacing of float16's subnormal numbers (2^-24): below 2^-14 a float16 copy of a weight is
@@ -71,20 +79,45 @@ def _key_matches(key: str, name: str) -> bool:
     return key == name or key.endswith("." + name)
 
 
-def locate(folder: str | os.PathLike, changes: Mapping[str, TensorChange]) -> dict[Path, dict[str, str]]:
-    """Where each change's tensor is stored under ``folder`` (searched recursively):
-    ``{file: {file key: name}}``.
+def model_files(source: str | os.PathLike) -> dict[Path, Path]:
+    """The files of the model folder ``source``: their path under ``source`` -> the file to read
+    (the path itself, or where its symbolic link leads, inside the model; see the module
+    docstring). Links to folders are not entered. Raises :class:`~slug_pl.safety.UnsafePathError`
+    naming the folder and the link when a link leads out of the model."""
+    source = Path(source)
+    roots = (source,)
+    if source.resolve().parent.name == "snapshots":  # a hub snapshot links into its repository's blobs
+        roots += (source.resolve().parent.parent / "blobs",)
+    files = {}
+    for path in sorted(source.rglob("*")):
+        if path.is_symlink():
+            target = link_target(path, roots)
+            if target is None:
+                raise UnsafePathError(f"model folder {source}: {path.relative_to(source)} links to "
+                                      f"{path.resolve()}, outside the model; slug_pl copies no file from "
+                                      f"elsewhere into an output (replace the link by the file, or remove it)")
+            if target.is_file():
+                files[path] = target
+        elif path.is_file():
+            files[path] = path
+    return files
+
+
+def locate(files: Mapping[Path, Path], changes: Mapping[str, TensorChange], folder: Path) -> dict[Path, dict[str, str]]:
+    """Where each change's tensor is stored among the model ``files`` (:func:`model_files`) under
+    ``folder``: ``{file: {file key: name}}``.
 
     Raises :class:`NoSafetensorsError` when a tensor is in no ``*.safetensors`` file of ``folder``
     (the model is stored in another format, or it is not the model that was loaded).
     """
     from safetensors import safe_open
 
-    folder = Path(folder)
     found: dict[Path, dict[str, str]] = {}
     seen = {name: 0 for name in changes}
-    for file in sorted(folder.rglob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+    for file, real in files.items():
+        if file.suffix != ".safetensors" or folder not in file.parents:
+            continue
+        with safe_open(str(real), framework="pt") as f:
             for key in f.keys():
                 for name, change in changes.items():
                     if _key_matches(key, name) and same_weights(f.get_tensor(key), change.original):
@@ -126,20 +159,19 @@ def copy_with_tensors(source: str | os.PathLike, folder: str | os.PathLike,
     anything) when a tensor cannot be found in a safetensors file.
     """
     source = Path(source)
-    found = locate(source / within, changes) if changes else {}
+    files = model_files(source)  # refuses a link out of the model before anything is written
+    found = locate(files, changes, source / within) if changes else {}
     edited_dirs = {file.parent for file in found}
     with atomic_folder(folder) as tmp:
-        for path in sorted(source.rglob("*")):
-            if path.is_dir():
-                continue
+        for path, real in files.items():
             if path.parent in edited_dirs and path.suffix == ".bin":
                 continue  # would still hold the unedited weights
             dest = tmp / path.relative_to(source)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if path in found:
-                _write_file(path, dest, found[path], changes)
+                _write_file(real, dest, found[path], changes)
             else:
-                shutil.copyfile(path, dest)  # follows links (a hub cache's snapshot links to its blobs)
+                shutil.copyfile(real, dest)  # the file's bytes (a hub snapshot's blob), as a file
     return sorted(str(file.relative_to(source)) for file in found)
 
 
