@@ -169,7 +169,7 @@ def _pts(before: float, after: float) -> str:
 
 
 def acceptance_misses(g: dict, clip_score_drop: float) -> list[str]:
-    """Which of issue 11's bounds a run's ``"generation"`` block misses (``clip_score_drop`` in %)."""
+    """Which of the SD demo's bounds a run's ``"generation"`` block misses (``clip_score_drop`` in %)."""
     misses = []
     for j, r in g["judges"].items():
         short = "CLIP" if j.startswith("clip") else "classifier"
@@ -228,7 +228,7 @@ def _mode_section(mode: str, rows: list[dict]) -> list[str]:
     for r, d in zip(rows, drop):
         misses = acceptance_misses(r["generation"], d)
         verdicts.append(f"{r['concept']}: {'met' if not misses else 'missed (' + '; '.join(misses) + ')'}")
-    lines.append("- Issue 11's bounds in each run (the forgotten identity at most 10 % under every judge, from at "
+    lines.append("- The SD demo's bounds in each run (the forgotten identity at most 10 % under every judge, from at "
                  "least 90 %; the others lose at most 15 points on average under every judge and at most 5 % of "
                  "their CLIP score): " + "; ".join(verdicts) + ".")
     lines += ["", "Who pays for the edit: the other identities whose recognition (the judges' mean) fell by 20 points "

@@ -5,7 +5,7 @@ For each style and object given: one ``slug-pl fit --config configs/demo_unlearn
 Reported from each run's ``summary.json`` ``"unlearncanvas"`` block: UA, IRA and CRA of the
 unedited and the edited pipeline on the full style × object grid with the benchmark's seeds (and
 the images behind each), the unlearning's time, peak memory and storage, the chosen layer, and
-whether the issue's acceptance holds (UA >= 80 %, IRA and CRA each within 10 points of the
+whether the demo's bounds hold (UA >= 80 %, IRA and CRA each within 10 points of the
 unedited pipeline's).
 
     python benchmarks/unlearncanvas_demo.py --styles Neon Pencil_Sketch --objects Apple Banana

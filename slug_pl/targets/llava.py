@@ -58,7 +58,7 @@ from slug_pl.retain_projection import check_tolerance, input_projection
 from slug_pl.targets.base import DownstreamTarget, TargetMismatchError, TargetReport
 from slug_pl.targets.saved_copy import TensorChange, same_weights, save_edited_copy
 
-#: The naming question (the issue's wording; LLaVA-1.5 answers it with a sentence holding the name).
+#: The naming question (LLaVA-1.5 answers it with a sentence holding the name).
 QUESTION = DEFAULT_QUESTION
 #: The utility question about object images.
 OBJECT_QUESTION = DEFAULT_OBJECT_QUESTION

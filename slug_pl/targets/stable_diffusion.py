@@ -266,7 +266,7 @@ class StableDiffusion(DownstreamTarget):
         """
         Args:
             pipeline: a ``StableDiffusionPipeline.save_pretrained`` folder (a local folder: download
-                a hub model once, e.g. with ``huggingface-cli download``).
+                a hub model once, e.g. with ``hf download``, see docs/recipes.md).
             clip_skip: condition on the hidden state this many layers before the last (diffusers'
                 ``clip_skip``); None: the last.
             forget_templates: prompt templates (``{}`` = the concept) for the forgotten concepts;
