@@ -47,11 +47,24 @@ class EvalSuite:
     utility: EvalSet | None = None
 
 
+def portable_path(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it (as a POSIX path), else as
+    given: what a record names, the same for two checkouts of a project in different folders."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return path
+    return path
+
+
 def quick_fingerprint(path: str) -> dict[str, object]:
-    """Size and a SHA-256 of the first and last MiB of a local file (cheap on large shards)."""
+    """Size and a SHA-256 of the first and last MiB of a local file (cheap on large shards); the
+    path as :func:`portable_path` gives it."""
     p = Path(path)
     if not p.is_file():
-        return {"path": path}
+        return {"path": portable_path(path)}
     size = p.stat().st_size
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -59,7 +72,7 @@ def quick_fingerprint(path: str) -> dict[str, object]:
         if size > 2 << 20:
             f.seek(-(1 << 20), os.SEEK_END)
         h.update(f.read(1 << 20))
-    return {"path": path, "bytes": size, "sha256_head_tail": h.hexdigest()}
+    return {"path": portable_path(path), "bytes": size, "sha256_head_tail": h.hexdigest()}
 
 
 class _LabelledBatches(IterableDataset):

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from slug_pl import resume
 from slug_pl.atomic import file_slug, refuse_existing, write_text
+from slug_pl.data.datamodule import portable_path
 from slug_pl.edit import apply_edit, merge_edits
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
@@ -434,7 +435,7 @@ class SlugModule(UnlearningModule):
                 "versions": package_versions(),
             }
             if self._resume_file is not None:
-                meta["resumed"] = {"from": str(self._resume_file.parent), "batch": self.resume_position}
+                meta["resumed"] = {"from": portable_path(str(self._resume_file.parent)), "batch": self.resume_position}
             path = save_tensors(folder / f"{name}.safetensors", self.gradients[name], meta)
             self.gradient_files[name] = path
         self._write_skipped()
