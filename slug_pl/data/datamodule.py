@@ -24,10 +24,15 @@ from slug_pl.data.labelled import LoadedSet, load_pairs
 from slug_pl.data.layouts import EvalSet
 from slug_pl.data.mining import EmptyForgetSetError, concept_pattern
 from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, kept_sample_counts, shard_sample_counts
+from slug_pl.data.reference_batches import AuthorsBatches
 from slug_pl.data.shards import ShardError, expand_urls
 from slug_pl.errors import did_you_mean
 
 STAGES = ("validation", "test")
+#: How the retain set is batched: each sample once, in shard order, the last batch partial and
+#: the evaluation transform (``in_order``); or the authors' shuffled, augmented full batches
+#: (``reference``, :mod:`slug_pl.data.reference_batches`).
+RETAIN_BATCHES = ("in_order", "reference")
 
 
 @dataclass
@@ -108,6 +113,8 @@ class SlugDataModule(LightningDataModule):
         bad_samples: str = "stop",
         mia_nonmembers: str | list[str] | None = None,
         retain_exclude_concepts: bool | list[str] = False,
+        retain_batches: str = "in_order",
+        retain_seed: int = 0,
     ):
         """
         Args:
@@ -136,6 +143,12 @@ class SlugDataModule(LightningDataModule):
                 ``["Elon Musk", "Musk"]``). The retain set is then exactly the other pairs, on any
                 number of devices (see :mod:`slug_pl.data.pairs`). Default ``false``: the retain
                 shards as given.
+            retain_batches: ``in_order`` (default): every retain sample once, in shard order, the
+                last batch partial, the evaluation transform. ``reference``: the authors' retain
+                batches, seeded by ``retain_seed``: shards and samples shuffled (buffers 2000 /
+                5000), full batches only (the partial one dropped, the epoch topped up from a
+                second, reshuffled pass) and open_clip's training augmentation (docs/reference.md).
+            retain_seed: the seed of ``retain_batches: reference`` (the authors' ``--seed``, 0).
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
@@ -144,6 +157,8 @@ class SlugDataModule(LightningDataModule):
                 raise ValueError(f"data.{name} must be a positive integer, got {value}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if retain_batches not in RETAIN_BATCHES:
+            raise ValueError(f"data.retain_batches must be one of {list(RETAIN_BATCHES)}, got {retain_batches!r}")
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_samples!r}")
         self.forget = forget
@@ -159,6 +174,8 @@ class SlugDataModule(LightningDataModule):
         if not isinstance(retain_exclude_concepts, bool) and not retain_exclude_concepts:
             raise ValueError("data.retain_exclude_concepts is an empty list: give names, true or false")
         self.retain_exclude_concepts = retain_exclude_concepts
+        self.retain_batches = retain_batches
+        self.retain_sampling = AuthorsBatches(retain_seed) if retain_batches == "reference" else None
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
@@ -201,7 +218,10 @@ class SlugDataModule(LightningDataModule):
                        "Point data.retain at shards that hold image-caption pairs")
                 )
             bs = self.batch_size if name == "forget" else self.retain_batch_size
-            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude)
+            sampling = self.retain_sampling if name == "retain" else None
+            if sampling is not None:
+                sampling.positions(sum(sizes), bs)  # refuses a batch larger than the set
+            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude, sampling)
         return self._pair_sets[name]
 
     def retain_exclusion(self) -> re.Pattern | None:
@@ -256,6 +276,8 @@ class SlugDataModule(LightningDataModule):
         out = {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
         if pair_set.exclude is not None:
             out["excluded_captions"] = pair_set.exclude.pattern
+        if pair_set.sampling is not None:
+            out["batches"] = pair_set.sampling.describe()
         return out
 
     def _on_gpu(self) -> bool:
@@ -269,8 +291,10 @@ class SlugDataModule(LightningDataModule):
         sets = [self.pair_set(name) for name in module.pass_sets()]  # what the method streams
         rank, world = self._rank_world()
         start = getattr(module, "resume_position", 0) if sets else 0  # batches done before a resume
+        augmented = any(s.sampling is not None and s.sampling.augmented for s in sets)
         dataset = PairBatches(sets, self.family.image_transform(), self.family.tokenize, rank, world,
-                              start_batch=start, bad_samples=self.bad_samples)
+                              start_batch=start, bad_samples=self.bad_samples,
+                              train_transform=self.family.train_image_transform() if augmented else None)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=self._on_gpu())
 
