@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from slug_pl import resume
 from slug_pl.atomic import file_slug, refuse_existing, write_text
 from slug_pl.data.datamodule import portable_path
+from slug_pl.departures import RunOptions, run_departures
 from slug_pl.edit import apply_edit, merge_edits
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
@@ -634,7 +635,11 @@ class SlugSearch(Callback):
         stats = pl_module.pass_stats
         gradient_evals = (int(stats.get("forget", {}).get("samples", 0)) + int(stats.get("retain", {}).get("samples", 0))
                           if pl_module.timings.get("gradients", 0.0) > 0 else 0) + extra_pairs
-        method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives)
+        datamodule = trainer.datamodule
+        departures = run_departures(RunOptions(
+            pl_module.family.exclude, pl_module.family.include, pl_module.forget_averaging, datamodule.batch_size,
+            datamodule.retain_batches, pl_module.eval_mode, self.settings))
+        method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives, departures)
         summary = pl_module.write_record(
             edits=edits, method=method, target=self.settings.target, validation=validation,
             validation_met=all(o.target_met for o in outcomes),
