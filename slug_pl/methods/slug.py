@@ -26,8 +26,9 @@ Reliability:
       slug-pl fit --config run.yaml --model.resume_from lightning_logs/version_0
       # resumes at batch 1000 in lightning_logs/version_1; same gradients as one pass
 
-- *Reproducibility*: gradient files hold no timestamps or paths of the run; the same config and
-  seed give byte-identical files on the same hardware and software. The metadata records the
+- *Reproducibility*: gradient files hold no timestamps or paths of the run, and name data by paths
+  relative to the working folder; the same config and seed give byte-identical files on the same
+  hardware and software, also from two checkouts in different folders. The metadata records the
   weights' SHA-256, the concepts, data fingerprints and package versions.
 """
 
