@@ -4,12 +4,16 @@ Objectives (docs/design.md §1), for unit embeddings u (image) and v (text):
 
 - forget:  L_f = (1 / N_f) · Σ_i cos(u_i, v_i) over all N_f forget pairs. g_f = ∇θ L_f is the
   direction that *raises* the similarity, so an edit θ_l ← θ_l − λ·g_f,l (λ > 0) unlearns.
+  With ``per_batch`` averaging (the authors' code): L_f = (1 / N_b) · Σ_b mean_{i∈b} cos(u_i, v_i)
+  over the N_b forget batches (consecutive, the last one smaller), which weighs the pairs of a
+  smaller last batch more and depends on the batch size.
 - retain:  L_r = (1 / N_b) · Σ_b CLIP(b) over N_b global batches, CLIP(b) the symmetric
   contrastive loss (mean of image→text and text→image cross-entropies) with the model's logit
   scale, computed on the *global* batch b.
 
-Each batch contributes a *sum* (forget: Σ cos over its valid pairs; retain: its loss, which is
-already a mean over the global batch); the pass divides by the global count once at the end.
+Each batch contributes a *sum* (forget: Σ cos over its valid pairs, or with ``per_batch`` their
+mean; retain: its loss, which is already a mean over the global batch); the pass divides by the
+global count (pairs, or batches) once at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +34,20 @@ from slug_pl.atomic import atomic_output
 
 FORGET_LOSS = "mean over forget pairs of cos(image_embedding, text_embedding)"
 RETAIN_LOSS = "mean over global batches of the symmetric CLIP contrastive loss (model logit scale)"
+#: How the forget gradient averages: over pairs (``per_sample``, the default: independent of the
+#: batch size) or over batches (``per_batch``: the mean of the batch means, the authors' code).
+FORGET_AVERAGING = ("per_sample", "per_batch")
+
+
+def forget_loss(averaging: str = "per_sample", batch_size: int | None = None) -> str:
+    """The forget objective as gradient files record it (``batch_size``: of the forget batches,
+    which define the loss with ``per_batch`` averaging)."""
+    if averaging not in FORGET_AVERAGING:
+        raise ValueError(f"model.forget_averaging must be one of {list(FORGET_AVERAGING)}, got {averaging!r}")
+    if averaging == "per_sample":
+        return FORGET_LOSS
+    return (f"mean over forget batches of {batch_size} pairs in order (the last one smaller) of the batch mean "
+            f"of cos(image_embedding, text_embedding)")
 
 
 class GradientFileError(ValueError):
@@ -58,17 +76,20 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def forget_gradient(family, model: nn.Module, batches: Iterable[dict]) -> tuple[dict[str, torch.Tensor], int]:
+def forget_gradient(family, model: nn.Module, batches: Iterable[dict],
+                    averaging: str = "per_sample") -> tuple[dict[str, torch.Tensor], int]:
     """g_f = ∇θ of the mean cos(image, caption) over every valid pair of ``batches`` (one
-    process; the distributed pass sums the same :func:`forget_similarity_sum` per batch).
+    process; the distributed pass sums the same :func:`forget_similarity_sum` per batch); with
+    ``averaging`` ``per_batch``, of the mean over batches of each batch's mean.
 
     ``batches`` yield dicts with ``images (B, 3, H, W)``, ``tokens (B, L)``, ``valid (B,)`` (see
     :class:`slug_pl.data.pairs.PairBatches`). Returns ``{parameter name: gradient}`` on the CPU
     (fp32; zeros for parameters the objective does not reach) and the number of pairs N_f. The
     model runs in eval mode.
     """
+    forget_loss(averaging)  # checks the name
     sums = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    count = 0
+    count, n_batches = 0, 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -78,8 +99,12 @@ def forget_gradient(family, model: nn.Module, batches: Iterable[dict]) -> tuple[
                 model.zero_grad(set_to_none=True)
                 u = family.encode_image(model, batch["images"].to(device))
                 v = family.encode_text(model, batch["tokens"].to(device))
-                forget_similarity_sum(u, v, batch["valid"].to(device)).backward()
-                count += int(batch["valid"].sum())
+                n = int(batch["valid"].sum())
+                if n == 0:
+                    continue
+                total = forget_similarity_sum(u, v, batch["valid"].to(device))
+                (total if averaging == "per_sample" else total / n).backward()
+                count, n_batches = count + n, n_batches + 1
                 for n, p in model.named_parameters():
                     if p.grad is not None:
                         sums[n] += p.grad
@@ -88,7 +113,8 @@ def forget_gradient(family, model: nn.Module, batches: Iterable[dict]) -> tuple[
         model.train(was_training)
     if count == 0:
         raise ValueError("no valid forget pairs: the forget gradient is undefined")
-    return {n: (g / count).float().cpu() for n, g in sums.items()}, count
+    denominator = count if averaging == "per_sample" else n_batches
+    return {n: (g / denominator).float().cpu() for n, g in sums.items()}, count
 
 
 # -- gradient files ----------------------------------------------------------------------------
@@ -227,13 +253,14 @@ def _data_key(data: Mapping[str, object]) -> tuple:
     """What identifies a data set in a fingerprint: sample count and each shard's size and hash
     (not its path: moved shards stay the same data)."""
     shards = tuple((s.get("bytes"), s.get("sha256_head_tail")) for s in data.get("shards", []))
-    return data.get("num_samples"), shards
+    return data.get("num_samples"), shards, json.dumps(data.get("batches"), sort_keys=True)
 
 
 def _describe_data(data: Mapping[str, object]) -> str:
     shards = data.get("shards", [])
     first = shards[0].get("path") if shards else "no shards"
-    return f"{data.get('num_samples')} samples in {len(shards)} shard(s), first {first}"
+    batches = f", {data['batches']['policy']} batches" if isinstance(data.get("batches"), Mapping) else ""
+    return f"{data.get('num_samples')} samples in {len(shards)} shard(s), first {first}{batches}"
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -45,6 +45,9 @@ from slug_pl.ranking import LayerScore, candidates, layer_scores
 
 #: Metrics whose sum an edit should keep as high as possible (fractions; missing ones count 0).
 DEFAULT_KEPT = ("retain_top1", "utility_top1")
+#: How many evaluations a candidate gets: until the bracket is within ``tolerance`` (at most
+#: ``max_evals``), or exactly ``max_evals`` (the authors' code).
+ITERATIONS = ("until_tolerance", "fixed")
 
 
 class Judge(Protocol):
@@ -101,6 +104,12 @@ class CandidateResult:
     def succeeded(self) -> bool:
         return self.best is not None and self.best.guard_ok
 
+    @property
+    def final(self) -> StepEvaluation | None:
+        """The last evaluated step (with ``iterations: fixed``, the ``max_evals``-th iterate: the
+        step at which the authors' code leaves the model, hit or miss)."""
+        return self.evaluations[-1] if self.evaluations else None
+
 
 @dataclass
 class Outcome:
@@ -129,12 +138,18 @@ class SearchSettings:
 
     Attributes:
         target: the forget target on validation.
-        top_k: candidates per tower (the Pareto front by importance, capped at ``top_k``).
+        top_k: candidates per tower (the Pareto front by importance, capped at ``top_k``; None:
+            every layer of the first ``fronts`` fronts, as the authors' code searches).
         fronts: candidates come from the first ``fronts`` Pareto fronts.
         towers: towers whose layers may be edited.
         max_evals: evaluations per candidate layer.
         initial_step_fraction: λ₀ as a fraction of ‖θ_l‖ / ‖g_f,l‖.
-        tolerance: stop bisecting when the bracket is below this fraction of λ.
+        tolerance: stop bisecting when the bracket is below this fraction of λ (``iterations``
+            ``until_tolerance`` only).
+        iterations: ``until_tolerance`` (default): stop at ``tolerance`` or after ``max_evals``;
+            ``fixed``: exactly ``max_evals`` evaluations of doubling then bisection, with no
+            stopping rule, as the authors' code (10 iterations; its tolerance constant is never
+            used). Excludes ``stop_dominated``.
         utility_guard: reject steps whose kept metrics each drop by more than this (fraction).
         step_margin: factor (≥ 1) on the found step, for forgetting that holds on fresh images.
         beam_width: several concepts: partial edit sets kept, and candidates tried per set.
@@ -150,7 +165,7 @@ class SearchSettings:
     """
 
     target: ForgetTarget = field(default_factory=ForgetTarget)
-    top_k: int = 3
+    top_k: int | None = 3
     fronts: int = 1
     towers: tuple[str, ...] = ("vision", "text")
     max_evals: int = 10
@@ -162,10 +177,12 @@ class SearchSettings:
     concept_gradients: str = "original"
     kept: tuple[str, ...] = DEFAULT_KEPT
     stop_dominated: bool = False
+    iterations: str = "until_tolerance"
 
     def __post_init__(self):
         checks = [
-            (self.top_k >= 1, f"search top_k must be >= 1, got {self.top_k}"),
+            (self.top_k is None or self.top_k >= 1, f"search top_k must be >= 1 or null (every front layer), "
+                                                    f"got {self.top_k}"),
             (self.fronts >= 1, f"search fronts must be >= 1, got {self.fronts}"),
             (self.max_evals >= 1, f"search max_evals must be >= 1, got {self.max_evals}"),
             (self.initial_step_fraction > 0, f"search initial_step_fraction must be > 0, got {self.initial_step_fraction}"),
@@ -180,6 +197,10 @@ class SearchSettings:
              f"search towers must be a non-empty subset of ['vision', 'text'], got {list(self.towers)}"),
             (bool(self.kept) and all(isinstance(k, str) for k in self.kept),
              f"search kept must name at least one validation metric, got {list(self.kept)}"),
+            (self.iterations in ITERATIONS, f"search iterations must be one of {list(ITERATIONS)}, got "
+                                            f"{self.iterations!r}"),
+            (not (self.iterations == "fixed" and self.stop_dominated),
+             "search iterations: fixed runs every one of max_evals evaluations; it excludes stop_dominated"),
         ]
         for ok, message in checks:
             if not ok:
@@ -196,7 +217,7 @@ def binary_step_search(
     evaluate: Callable[[float], tuple[dict[str, float], bool, bool, bool]],
     initial_step: float,
     max_evals: int,
-    tolerance: float,
+    tolerance: float | None,
     lower: float = 0.0,
     give_up: Callable[[dict[str, float]], bool] | None = None,
 ) -> tuple[list[tuple[float, dict, bool, bool]], int | None]:
@@ -205,7 +226,7 @@ def binary_step_search(
     ``evaluate(λ)`` returns ``(metrics, target_met, guard_ok, broken)``. While no step has met the
     target, λ doubles; once one has, λ bisects between the largest miss (``lower`` at first: a
     step known to miss) and the smallest hit, until ``hi − lo <= tolerance · hi`` or ``max_evals``
-    evaluations. A ``broken`` step (non-finite outputs) caps λ: the search bisects below it
+    evaluations (``tolerance`` None: exactly ``max_evals``, no stopping rule). A ``broken`` step (non-finite outputs) caps λ: the search bisects below it
     instead of doubling past it. ``give_up(metrics)``, asked after each (unbroken) miss, ends the
     search when it returns True.
 
@@ -231,7 +252,7 @@ def binary_step_search(
         if hi is None:
             step = step * 2.0 if cap is None else (lo + cap) / 2.0
         else:
-            if hi - lo <= tolerance * hi:
+            if tolerance is not None and hi - lo <= tolerance * hi:
                 break
             step = (lo + hi) / 2.0
     return records, hi_index
@@ -262,6 +283,11 @@ class StepSearch:
     @property
     def target(self) -> ForgetTarget:
         return self.settings.target
+
+    @property
+    def stop_tolerance(self) -> float | None:
+        """The bisection's stopping tolerance; None with ``iterations: fixed`` (no stopping rule)."""
+        return None if self.settings.iterations == "fixed" else self.settings.tolerance
 
     # -- one evaluation --------------------------------------------------------------------------
     def guard_ok(self, before: dict[str, float], after: dict[str, float]) -> bool:
@@ -325,7 +351,7 @@ class StepSearch:
 
         start = len(self.evaluations)
         _, best = binary_step_search(evaluate, self.settings.initial_step_fraction / scale,
-                                     self.settings.max_evals, self.settings.tolerance,
+                                     self.settings.max_evals, self.stop_tolerance,
                                      give_up=give_up if best_kept is not None else None)
         mine = self.evaluations[start:]
         result = CandidateResult(cand.name, cand.tower, mine, mine[best] if best is not None else None,

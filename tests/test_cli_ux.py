@@ -289,7 +289,7 @@ def test_hidden_trainer_settings_still_apply(config, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo_hf.yaml", "clip_vit_b32_laion.yaml", "demo_llava.yaml",
-                                  "demo_sd.yaml", "demo_unlearncanvas.yaml"])
+                                  "demo_sd.yaml", "demo_unlearncanvas.yaml", "demo_reference.yaml"])
 def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", str(REPO / "configs" / name), "--print_config"])

@@ -518,3 +518,36 @@ def test_gradient_file_round_trip_matches_model(tmp_path, family, model):
     check_matches_model(back, model, path)
     assert meta["shapes"] == {k: list(v.shape) for k, v in grads.items()}
     assert json.dumps(meta["shapes"])  # decoded to plain JSON types
+
+
+def test_gradient_files_are_byte_identical_from_two_checkouts_in_different_folders(tmp_path, monkeypatch, small_world,
+                                                                                     tiny_checkpoint):
+    """The same config and seed in two folders, each with its own copy of the data and the model
+    (as two clones build the demo): the retain shards named by absolute paths inside the folder
+    (as the demo world resolves them), forget set and checkpoint by relative ones. The gradient
+    files record every path relative to the working folder, so their bytes are the same."""
+    import shutil
+
+    from conftest import write_config
+
+    from slug_pl.cli import main
+
+    concept = json.loads(open(small_world["identities_json"]).read())[0]
+    files = {}
+    for clone in ("first", "second/deeper"):
+        root = tmp_path / clone
+        shutil.copytree(small_world["root"], root / "world")
+        shutil.copy(tiny_checkpoint, root / "model.safetensors")
+        world = {k: v.replace(small_world["root"], str(root / "world")) for k, v in small_world.items()
+                 if isinstance(v, str)}
+        monkeypatch.chdir(root)
+        assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", "forget"]) == 0
+        config = write_config(root, world, "model.safetensors", "forget/forget-000000.tar",
+                              search={"top_k": 1, "max_evals": 1})
+        assert main(["fit", "--config", str(config)]) == 0
+        files[clone] = {name: (root / "lightning_logs/version_0/gradients" / f"{name}.safetensors").read_bytes()
+                        for name in ("forget", "retain")}
+        _, meta = load_tensors(root / "lightning_logs/version_0/gradients/retain.safetensors")
+        assert [s["path"] for s in meta["data"]["shards"]] == [
+            f"world/corpus/corpus-{i:06d}.tar" for i in range(3)]  # relative to the working folder
+    assert files["first"] == files["second/deeper"]

@@ -93,6 +93,36 @@ def test_the_evaluation_budget_is_exactly_max_evals():
     assert not outcome.target_met
 
 
+def test_fixed_iterations_run_the_whole_budget_and_keep_the_last_iterate():
+    """The authors' loop (``iterations: fixed``): threshold 130, λ₀ = 10, exactly 10 evaluations,
+    no stopping rule: 10, 20, 40, 80 miss, 160 hits, then bisection 120 (miss), 140, 130 (hits),
+    125 (miss), 127.5 (miss) — where the tolerance rule stopped after 9. The last iterate, 127.5,
+    misses; the result is still the smallest hit, 130."""
+    search, (outcome,), _ = run(["va"], Judge({"va": 130.0}, {"va": 0.0}), max_evals=10, iterations="fixed")
+    steps = [ev.step for ev in _per_layer(search, "va")]
+    assert steps == pytest.approx([10, 20, 40, 80, 160, 120, 140, 130, 125, 127.5])
+    (result,) = outcome.results
+    assert result.final.step == pytest.approx(127.5) and not result.final.target_met
+    assert result.best.step == pytest.approx(130) and outcome.found.step == pytest.approx(130)
+
+
+def test_top_k_none_searches_every_front_layer():
+    """Four vision layers on the front (their alignments are all 1, and a layer is dominated only
+    by one of strictly lower alignment): top_k 3 searches the three most important, None all four."""
+    names = ["v1", "v2", "v3", "v4"]
+    model = Synthetic(names)
+    grads = {f"layers.{n}": torch.ones(1) * (i + 1) for i, n in enumerate(names)}  # importance rises
+    retain = {f"layers.{n}": torch.ones(1) for n in names}
+    judge = Judge({n: 1.0 for n in names}, {n: 0.0 for n in names})
+    searched = {}
+    for top_k in (3, None):
+        search = StepSearch(SearchSettings(top_k=top_k, max_evals=1), log=lambda m: None, warn=lambda m: None)
+        search.search_concept(model, Family(), judge, "c", grads, retain)
+        searched[top_k] = sorted({ev.layer for ev in search.evaluations})
+    assert searched[None] == [f"layers.{n}" for n in names]
+    assert searched[3] == ["layers.v2", "layers.v3", "layers.v4"]  # the three most important
+
+
 def test_the_final_choice_keeps_the_most_retain_plus_utility():
     """Both layers meet the target at λ = 40; "vb" costs less retain + utility: it is chosen even
     though "va" comes first and has the higher importance."""
@@ -198,7 +228,9 @@ def test_merged_edits_of_one_tensor_carry_the_sum_of_their_steps():
 
 def test_settings_are_checked():
     for kwargs, key in (({"top_k": 0}, "top_k"), ({"step_margin": 0.5}, "step_margin"),
-                        ({"towers": ("audio",)}, "towers"), ({"tolerance": 1.5}, "tolerance")):
+                        ({"towers": ("audio",)}, "towers"), ({"tolerance": 1.5}, "tolerance"),
+                        ({"iterations": "once"}, "iterations"),
+                        ({"iterations": "fixed", "stop_dominated": True}, "stop_dominated")):
         with pytest.raises(ValueError, match=key):
             SearchSettings(**kwargs)
     assert str(ForgetTarget("forget_top5", 0.0)) == "forget_top5 <= 0"

@@ -31,10 +31,15 @@ from slug_pl.data.limits import (
 )
 from slug_pl.data.mining import EmptyForgetSetError, concept_pattern
 from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, kept_sample_counts, shard_sample_counts
+from slug_pl.data.reference_batches import AuthorsBatches
 from slug_pl.data.shards import ShardError, expand_urls
 from slug_pl.errors import did_you_mean
 
 STAGES = ("validation", "test")
+#: How the retain set is batched: each sample once, in shard order, the last batch partial and
+#: the evaluation transform (``in_order``); or the authors' shuffled, augmented full batches
+#: (``reference``, :mod:`slug_pl.data.reference_batches`).
+RETAIN_BATCHES = ("in_order", "reference")
 
 
 @dataclass
@@ -62,11 +67,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def portable_path(path: str) -> str:
+    """``path`` relative to the working folder when it lies inside it (as a POSIX path), else as
+    given: what a record names, the same for two checkouts of a project in different folders."""
+    p = Path(path)
+    if p.is_absolute():
+        try:
+            return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+        except ValueError:
+            return path
+    return path
+
+
 def quick_fingerprint(path: str) -> dict[str, object]:
-    """Size and a SHA-256 of the first and last MiB of a local file (cheap on large shards)."""
+    """Size and a SHA-256 of the first and last MiB of a local file (cheap on large shards); the
+    path as :func:`portable_path` gives it."""
     p = Path(path)
     if not p.is_file():
-        return {"path": path}
+        return {"path": portable_path(path)}
     size = p.stat().st_size
     h = hashlib.sha256()
     with open(p, "rb") as f:
@@ -74,7 +92,7 @@ def quick_fingerprint(path: str) -> dict[str, object]:
         if size > 2 << 20:
             f.seek(-(1 << 20), os.SEEK_END)
         h.update(f.read(1 << 20))
-    return {"path": path, "bytes": size, "sha256_head_tail": h.hexdigest()}
+    return {"path": portable_path(path), "bytes": size, "sha256_head_tail": h.hexdigest()}
 
 
 class _LabelledBatches(IterableDataset):
@@ -114,6 +132,8 @@ class SlugDataModule(LightningDataModule):
         max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         allow_shard_commands: bool = False,
+        retain_batches: str = "in_order",
+        retain_seed: int = 0,
     ):
         """
         Args:
@@ -155,6 +175,12 @@ class SlugDataModule(LightningDataModule):
                 (``pipe:<command>`` with a shell, ``http://`` with curl, ``gs://`` with gsutil)
                 through. Default ``false``: such a spec is refused before any work. Only for
                 shard lists you wrote yourself. See docs/inputs.md.
+            retain_batches: ``in_order`` (default): every retain sample once, in shard order, the
+                last batch partial, the evaluation transform. ``reference``: the authors' retain
+                batches, seeded by ``retain_seed``: shards and samples shuffled (buffers 2000 /
+                5000), full batches only (the partial one dropped, the epoch topped up from a
+                second, reshuffled pass) and open_clip's training augmentation (docs/reference.md).
+            retain_seed: the seed of ``retain_batches: reference`` (the authors' ``--seed``, 0).
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
@@ -168,6 +194,8 @@ class SlugDataModule(LightningDataModule):
             rank_zero_warn(f"data.num_workers {num_workers} is more than the {cores} CPU cores this process may "
                            f"use (each worker reads the whole pair stream); using {cores}")
             num_workers = cores
+        if retain_batches not in RETAIN_BATCHES:
+            raise ValueError(f"data.retain_batches must be one of {list(RETAIN_BATCHES)}, got {retain_batches!r}")
         if bad_samples not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"data.bad_samples must be one of {list(BAD_SAMPLE_POLICIES)}, got {bad_samples!r}")
         self.forget = forget
@@ -188,6 +216,8 @@ class SlugDataModule(LightningDataModule):
                                           allow_shard_commands)
         except ValueError as err:
             raise ValueError(f"data.{err}") from err
+        self.retain_batches = retain_batches
+        self.retain_sampling = AuthorsBatches(retain_seed) if retain_batches == "reference" else None
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
@@ -255,7 +285,10 @@ class SlugDataModule(LightningDataModule):
                        "Point data.retain at shards that hold image-caption pairs")
                 )
             bs = self.batch_size if name == "forget" else self.retain_batch_size
-            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude)
+            sampling = self.retain_sampling if name == "retain" else None
+            if sampling is not None:
+                sampling.positions(sum(sizes), bs)  # refuses a batch larger than the set
+            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude, sampling)
         return self._pair_sets[name]
 
     def retain_exclusion(self) -> re.Pattern | None:
@@ -317,6 +350,8 @@ class SlugDataModule(LightningDataModule):
         out = {"num_samples": pair_set.num_samples, "shards": [quick_fingerprint(u) for u in pair_set.urls]}
         if pair_set.exclude is not None:
             out["excluded_captions"] = pair_set.exclude.pattern
+        if pair_set.sampling is not None:
+            out["batches"] = pair_set.sampling.describe()
         return out
 
     def _on_gpu(self) -> bool:
@@ -329,9 +364,11 @@ class SlugDataModule(LightningDataModule):
         sets = [self.pair_set(name) for name in self.pass_sets]  # what the method streams (attach)
         rank, world = self._rank_world()
         family = self._family()
+        augmented = any(s.sampling is not None and s.sampling.augmented for s in sets)
         dataset = PairBatches(sets, family.image_transform(), family.tokenize, rank, world,
                               start_batch=self.start_batch if sets else 0, bad_samples=self.bad_samples,
-                              rules=self.input_rules)
+                              rules=self.input_rules,
+                              train_transform=family.train_image_transform() if augmented else None)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=self._on_gpu())
 

@@ -33,6 +33,11 @@ caption matches are left out *before* numbering, by every rank and worker alike 
 full stream), so the set is exactly the other samples: batches, counts and gradients equal those of
 shards that never held them.
 
+**The authors' retain batches** (``PairSet.sampling``, :mod:`slug_pl.data.reference_batches`):
+the set's samples are streamed shuffled, in full batches (the partial one dropped, the epoch
+topped up from a second pass) and augmented, as the authors' code does, seeded; positions then
+count batch slots of that stream instead of samples, and everything above holds for them.
+
 **Resuming** (``start_batch``): the stream starts at global batch position ``start_batch``
 (counted across the sets, forget batches first). Earlier samples are passed over undecoded; whole
 shards before the start are not even opened when the set knows its shard sizes.
@@ -53,6 +58,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from slug_pl.data.limits import DEFAULT_RULES, InputRules
+from slug_pl.data.reference_batches import AuthorsBatches
 from slug_pl.data.shards import (
     BadSampleError,
     RawSample,
@@ -118,7 +124,8 @@ class PairSet:
     ``exclude``: samples whose caption matches it are not part of the set (e.g. retain pairs
     naming a forgotten concept); the set is the shards' other samples, numbered 0..N-1 in shard
     order, so batches, ranks and counts work as for a set without them. ``num_samples`` and
-    ``shard_sizes`` then count the kept samples (:func:`kept_sample_counts`).
+    ``shard_sizes`` then count the kept samples (:func:`kept_sample_counts`). ``sampling``: the
+    authors' batches of these samples (None: each sample once, in order, the last batch partial).
     """
 
     name: str
@@ -127,10 +134,18 @@ class PairSet:
     num_samples: int
     shard_sizes: tuple[int, ...] = ()
     exclude: re.Pattern | None = None
+    sampling: AuthorsBatches | None = None
+
+    @property
+    def num_positions(self) -> int:
+        """Batch slots of the stream: the samples, or the authors' full batches' slots."""
+        if self.sampling is None:
+            return self.num_samples
+        return self.sampling.positions(self.num_samples, self.global_batch_size)
 
     @property
     def num_batches(self) -> int:
-        return math.ceil(self.num_samples / self.global_batch_size)
+        return math.ceil(self.num_positions / self.global_batch_size)
 
 
 class PairBatches(IterableDataset):
@@ -139,7 +154,8 @@ class PairBatches(IterableDataset):
     Each item is a dict: ``set`` (name), ``batch_index`` (global batch k within its set),
     ``last`` (whether k is the set's last batch), ``images`` float ``(b, 3, H, W)``, ``tokens``
     long ``(b, L)``, ``valid`` bool ``(b,)``, ``skipped`` (this rank's skipped samples of the
-    batch, see the module docstring).
+    batch, see the module docstring). ``train_transform``: the images' transform in sets whose
+    ``sampling`` is ``augmented`` (the authors' training augmentation).
     """
 
     def __init__(
@@ -152,6 +168,7 @@ class PairBatches(IterableDataset):
         start_batch: int = 0,
         bad_samples: str = "stop",
         rules: InputRules = DEFAULT_RULES,
+        train_transform: Callable | None = None,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -163,6 +180,7 @@ class PairBatches(IterableDataset):
         if not 0 <= start_batch <= total:
             raise ValueError(f"start_batch {start_batch} outside the {total} batches of the stream")
         self.image_transform = image_transform
+        self.train_transform = train_transform
         self.tokenize = tokenize
         self.rank = rank
         self.world_size = world_size
@@ -188,7 +206,7 @@ class PairBatches(IterableDataset):
             offset += pair_set.num_batches
 
     def _iter_set(self, pair_set: PairSet, offset: int, first: int, worker: int, num_workers: int):
-        B, N = pair_set.global_batch_size, pair_set.num_samples
+        B, N = pair_set.global_batch_size, pair_set.num_positions
         samples = self._samples_from(pair_set, first * B)
         for k in range(first, pair_set.num_batches):
             size_k = min(B, N - k * B)
@@ -201,21 +219,28 @@ class PairBatches(IterableDataset):
                     if (reason := unusable(sample)) is not None:
                         raise bad_sample_error(sample, reason)
             own = [(k * B + j, batch[j]) for j in self._local_positions(size_k)]
-            out = self._collate(pair_set.name, k, own, math.ceil(size_k / self.world_size))
+            out = self._collate(pair_set, k, own, math.ceil(size_k / self.world_size))
             out["last"] = k == pair_set.num_batches - 1
             yield out
 
     def _samples_from(self, pair_set: PairSet, start: int) -> Iterator[RawSample]:
         """The raw samples of ``pair_set`` from global index ``start`` on, nothing decoded."""
+        if pair_set.sampling is not None:
+            return pair_set.sampling.samples(pair_set.urls, lambda urls: self._read(urls, pair_set.exclude),
+                                             pair_set.num_samples, pair_set.global_batch_size, start)
         first_shard, skip = 0, start
         if len(pair_set.shard_sizes) == len(pair_set.urls):  # pass over whole shards unopened
             while first_shard < len(pair_set.urls) and skip >= pair_set.shard_sizes[first_shard]:
                 skip -= pair_set.shard_sizes[first_shard]
                 first_shard += 1
-        samples = iter_raw_samples(pair_set.urls[first_shard:], self.rules)
-        if pair_set.exclude is not None:  # every rank and worker leaves out the same samples
-            samples = (s for s in samples if not _excluded(s, pair_set.exclude))
-        return itertools.islice(samples, skip, None)
+        return itertools.islice(self._read(pair_set.urls[first_shard:], pair_set.exclude), skip, None)
+
+    def _read(self, urls: Sequence[str], exclude: re.Pattern | None) -> Iterator[RawSample]:
+        """The raw samples of ``urls`` in order, read under the input rules, less the excluded."""
+        samples = iter_raw_samples(urls, self.rules)
+        if exclude is not None:  # every rank and worker leaves out the same samples
+            samples = (s for s in samples if not _excluded(s, exclude))
+        return samples
 
     @staticmethod
     def _next_sample(samples: Iterator[RawSample], pair_set: PairSet, index: int) -> RawSample:
@@ -227,13 +252,16 @@ class PairBatches(IterableDataset):
                 f"the shards changed while reading ({', '.join(pair_set.urls)})"
             ) from None
 
-    def _load(self, name: str, index: int, sample: RawSample) -> tuple[torch.Tensor, str] | dict:
+    def _load(self, pair_set: PairSet, index: int, sample: RawSample) -> tuple[torch.Tensor, str] | dict:
         """The transformed image and caption of a sample, or (policy ``skip``) its skip record
-        (``set``, ``index``: global sample index in the set, ``shard``, ``key``, ``reason``)."""
+        (``set``, ``index``: global sample index in the set — its stream position with the
+        authors' ``sampling`` —, ``shard``, ``key``, ``reason``)."""
         reason, cause = unusable(sample), None
         if reason is None:
             try:
-                image = self.image_transform(decode_image(sample, self.rules))
+                image = decode_image(sample, self.rules)
+                image = (pair_set.sampling.augment(self.train_transform, image, index)
+                         if pair_set.sampling is not None and pair_set.sampling.augmented else self.image_transform(image))
             except BadSampleError as err:
                 reason, cause = err.reason, err
         if reason is None:
@@ -241,10 +269,10 @@ class PairBatches(IterableDataset):
             return image, sample.caption
         if self.bad_samples == "stop":
             raise bad_sample_error(sample, reason) from cause
-        return {"set": name, "index": index, "shard": sample.shard, "key": sample.key, "reason": reason}
+        return {"set": pair_set.name, "index": index, "shard": sample.shard, "key": sample.key, "reason": reason}
 
-    def _collate(self, name: str, k: int, samples: list[tuple[int, RawSample]], rows: int) -> dict:
-        loaded = [self._load(name, index, sample) for index, sample in samples]
+    def _collate(self, pair_set: PairSet, k: int, samples: list[tuple[int, RawSample]], rows: int) -> dict:
+        loaded = [self._load(pair_set, index, sample) for index, sample in samples]
         good = [x for x in loaded if isinstance(x, tuple)]
         images = [image for image, _ in good]
         captions = [caption for _, caption in good]
@@ -256,7 +284,7 @@ class PairBatches(IterableDataset):
             images += [torch.zeros_like(template)] * pad
             captions += [""] * pad
         return {
-            "set": name,
+            "set": pair_set.name,
             "batch_index": k,
             "images": torch.stack(images),
             "tokens": self.tokenize(captions),

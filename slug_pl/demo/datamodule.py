@@ -34,7 +34,8 @@ class DemoWorld(SlugDataModule):
 
     Takes the options of :class:`SlugDataModule` that make sense for it (``concepts``,
     ``retain``, ``retain_exclude_concepts``, ``batch_size``, ``retain_batch_size``,
-    ``num_workers``, ``eval_batch_size``, ``bad_samples``, ``mia_nonmembers``), with the same
+    ``retain_batches``, ``retain_seed``, ``num_workers``, ``eval_batch_size``, ``bad_samples``,
+    ``mia_nonmembers``), with the same
     meaning. Not ``forget`` (mined from the world's caption corpus; ``forget_max`` caps it) nor
     ``validation`` / ``test`` (the world's held-out identity and object sets).
     """
@@ -47,6 +48,8 @@ class DemoWorld(SlugDataModule):
         forget_max: int | None = None,
         retain: str | list[str] | None = None,
         retain_exclude_concepts: bool | list[str] = False,
+        retain_batches: str = "in_order",
+        retain_seed: int = 0,
         batch_size: int = 64,
         retain_batch_size: int = 128,
         num_workers: int = 0,
@@ -65,8 +68,8 @@ class DemoWorld(SlugDataModule):
             forget_max: cap on mined forget pairs (None: all pairs naming the identity).
             retain: retain-set shards (default: the first shard of the world's caption corpus,
                 as one LAION shard in real use).
-            retain_exclude_concepts / batch_size / retain_batch_size / num_workers /
-                eval_batch_size / bad_samples: as in :class:`SlugDataModule`.
+            retain_exclude_concepts / retain_batches / retain_seed / batch_size / retain_batch_size /
+                num_workers / eval_batch_size / bad_samples: as in :class:`SlugDataModule`.
             mia_nonmembers: non-member pairs for membership inference (default: the held-out
                 validation and test pairs of the forgotten identities, never seen in training).
             train: overrides of the demo CLIP's training settings (see ``slug_pl.demo.train``).
@@ -91,7 +94,8 @@ class DemoWorld(SlugDataModule):
         super().__init__(retain=retain, concepts=concepts, batch_size=batch_size,
                          retain_batch_size=retain_batch_size, num_workers=num_workers,
                          eval_batch_size=eval_batch_size, bad_samples=bad_samples,
-                         mia_nonmembers=mia_nonmembers, retain_exclude_concepts=retain_exclude_concepts)
+                         mia_nonmembers=mia_nonmembers, retain_exclude_concepts=retain_exclude_concepts,
+                         retain_batches=retain_batches, retain_seed=retain_seed)
         self.root = Path(root).expanduser()
         self.forget_max = forget_max
         self.train_kwargs = dict(train or {})

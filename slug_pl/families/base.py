@@ -43,6 +43,12 @@ DEFAULT_EXCLUDE = (
     r"class_embedding",
 )
 
+#: The authors' ranking filter (CSIPlab/SLUG ``src/clip/unlearn_slug.py``): a tensor whose name
+#: contains one of these substrings is not ranked, every other one with a forget gradient is (on
+#: open_clip models that includes the ViT patch embedding ``visual.conv1.weight``). As ``exclude``
+#: patterns they give the same set. Part of the reference preset (docs/reference.md).
+AUTHORS_EXCLUDE = ("bias", "logit_scale", "position", "embedding")
+
 
 def optional_text(value: str | None) -> str | None:
     """``value``, with the strings ``"None"`` and ``"null"`` read as None.
@@ -134,6 +140,17 @@ class ModelFamily(ABC):
     @abstractmethod
     def image_transform(self) -> Callable:
         """Deterministic evaluation preprocessing: PIL image -> float tensor ``(3, H, W)``."""
+
+    def train_image_transform(self) -> Callable:
+        """The training preprocessing of the authors' retain batches: open_clip's training
+        transform (a random resized crop to the model's image size, area scale 0.9–1, bicubic;
+        then RGB, to tensor and :meth:`image_normalization`). Random: draws from torch's global
+        generator, so the caller seeds it. Families that support the reference retain batches
+        override this."""
+        raise NotImplementedError(
+            f"the {self.family_name} family has no training transform; data.retain_batches: reference "
+            f"needs one (use in_order)"
+        )
 
     def image_normalization(self) -> dict[str, list[float] | None]:
         """``{"image_mean": [r, g, b], "image_std": [r, g, b]}``: the statistics

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from open_clip.transform import image_transform as open_clip_image_transform
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, PretrainedConfig
@@ -183,6 +184,14 @@ class HfClip(ModelFamily):
         """The folder's ``CLIPImageProcessor`` (with ``image_mean`` / ``image_std`` if given), as a
         PIL -> ``(3, H, W)`` callable."""
         return ProcessorTransform(self._image_processor())
+
+    def train_image_transform(self) -> Callable:
+        """open_clip's training transform (random resized crop, scale 0.9–1, bicubic) at the
+        processor's crop size, normalized with its statistics."""
+        crop = self._image_processor().crop_size
+        norm = self.image_normalization()
+        return open_clip_image_transform((crop["height"], crop["width"]), is_train=True, mean=norm["image_mean"],
+                                         std=norm["image_std"])
 
     def image_normalization(self) -> dict[str, list[float]]:
         processor = self._image_processor()

@@ -92,6 +92,7 @@ class OpenClip(ModelFamily):
         register_model_configs(model_config)
         self._tokenizer = None
         self._transform = None
+        self._train_transform = None
 
     def _is_local_file(self) -> bool:
         suffixes = {".pt", ".bin", ".safetensors", ".pth"}
@@ -105,7 +106,7 @@ class OpenClip(ModelFamily):
                 f"an open_clip pretrained tag (open_clip.list_pretrained()), or null for random init"
             )
         pretrained = str(Path(self.pretrained).expanduser()) if self._is_local_file() else self.pretrained
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, self._train_transform, preprocess = open_clip.create_model_and_transforms(
             self.model_name, pretrained=pretrained, cache_dir=self.cache_dir,
             image_mean=self.image_mean, image_std=self.image_std,
         )
@@ -134,20 +135,32 @@ class OpenClip(ModelFamily):
             if self.model_name.startswith("local-dir:"):
                 self.load()  # the folder's own config decides; loading sets the transform
                 return self._transform
-            register_model_configs(self.model_config)
-            model_cfg = open_clip.get_model_config(self.model_name)
-            if model_cfg is None:
-                raise ValueError(
-                    f"unknown open_clip model {self.model_name!r}: pick one of open_clip.list_models() "
-                    f"or register a config JSON with model_config"
-                )
-            cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
-            if self.pretrained and not self._is_local_file():
-                cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(self.model_name, self.pretrained))
-            cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
-            cfg.update({k: v for k, v in (("mean", self.image_mean), ("std", self.image_std)) if v is not None})
-            self._transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+            self._transform = image_transform_v2(self._preprocess_cfg(), is_train=False)
         return self._transform
+
+    def train_image_transform(self) -> Callable:
+        """open_clip's training preprocessing for this model (``is_train=True``, default
+        augmentation: random resized crop, scale 0.9–1), what the authors' retain batches use."""
+        if self.model_name.startswith("local-dir:"):
+            if self._train_transform is None:
+                self.load()  # the folder's own config decides; loading sets the transform
+            return self._train_transform
+        return image_transform_v2(self._preprocess_cfg(), is_train=True)
+
+    def _preprocess_cfg(self) -> PreprocessCfg:
+        register_model_configs(self.model_config)
+        model_cfg = open_clip.get_model_config(self.model_name)
+        if model_cfg is None:
+            raise ValueError(
+                f"unknown open_clip model {self.model_name!r}: pick one of open_clip.list_models() "
+                f"or register a config JSON with model_config"
+            )
+        cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
+        if self.pretrained and not self._is_local_file():
+            cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(self.model_name, self.pretrained))
+        cfg["size"] = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+        cfg.update({k: v for k, v in (("mean", self.image_mean), ("std", self.image_std)) if v is not None})
+        return PreprocessCfg(**cfg)
 
     def image_normalization(self) -> dict[str, list[float]]:
         normalize = next(t for t in self.image_transform().transforms if isinstance(t, Normalize))

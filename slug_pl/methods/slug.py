@@ -26,8 +26,9 @@ Reliability:
       slug-pl fit --config run.yaml --model.resume_from lightning_logs/version_0
       # resumes at batch 1000 in lightning_logs/version_1; same gradients as one pass
 
-- *Reproducibility*: gradient files hold no timestamps or paths of the run; the same config and
-  seed give byte-identical files on the same hardware and software. The metadata records the
+- *Reproducibility*: gradient files hold no timestamps or paths of the run, and name data by paths
+  relative to the working folder; the same config and seed give byte-identical files on the same
+  hardware and software, also from two checkouts in different folders. The metadata records the
   weights' SHA-256, the concepts, data fingerprints and package versions.
 """
 
@@ -46,17 +47,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from slug_pl import resume
 from slug_pl.atomic import file_slug, refuse_existing, write_text
+from slug_pl.data.datamodule import portable_path
+from slug_pl.departures import RunOptions, run_departures
 from slug_pl.edit import apply_edit, merge_edits
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import (
-    FORGET_LOSS,
     RETAIN_LOSS,
+    GradientFileError,
     check_data_identity,
     check_matches_model,
     check_model_identity,
     contrastive_loss,
     forget_gradient,
+    forget_loss,
     forget_similarity_sum,
     load_tensors,
     non_finite,
@@ -95,6 +99,7 @@ class SlugModule(UnlearningModule):
         resume_from: str | None = None,
         activation_checkpointing: bool = False,
         target: DownstreamTarget | None = None,
+        forget_averaging: str = "per_sample",
     ):
         """
         Args:
@@ -115,8 +120,13 @@ class SlugModule(UnlearningModule):
             target: a downstream model that embeds one tower of this CLIP (Stable Diffusion's text
                 encoder, LLaVA's vision tower): only tensors it reads are candidates, and the edit
                 is transplanted into it and judged there (see :mod:`slug_pl.targets`).
+            forget_averaging: ``per_sample`` (default): the forget gradient is the mean over
+                pairs, whatever the batch size; ``per_batch``: the mean over forget batches of
+                ``data.batch_size`` pairs of each batch's mean, as the authors' code (their scripts:
+                batches of 16); see docs/reference.md.
         """
         super().__init__(family, edit, target)
+        forget_loss(forget_averaging)  # checks the name
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
                              f"got {checkpoint_every}")
@@ -129,6 +139,7 @@ class SlugModule(UnlearningModule):
         self.checkpoint_every = checkpoint_every
         self.resume_from = resume_from
         self.activation_checkpointing = activation_checkpointing
+        self.forget_averaging = forget_averaging
         #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}
         self.gradients: dict[str, dict[str, torch.Tensor]] = {}
         #: after the pass: per set, {"samples", "batches", "loss", "skipped"} (global values)
@@ -192,6 +203,10 @@ class SlugModule(UnlearningModule):
             path = folder / f"{name}.safetensors"
             grads, meta = load_tensors(path)
             check_model_identity(meta, self.family.describe(), self._weights_sha256, path)
+            if "loss" in meta and meta["loss"] != self._loss_definition(name):
+                raise GradientFileError(f"{path} holds the gradient of another {name} loss ({meta['loss']}) than this "
+                                        f"run's ({self._loss_definition(name)}); recompute the gradients or set "
+                                        f"model.forget_averaging and data.batch_size as that run")
             if data_identity is not None:
                 check_data_identity(meta, data_identity[name], path)
             check_matches_model(grads, self.clip, path, require_all=True)
@@ -201,6 +216,12 @@ class SlugModule(UnlearningModule):
             self.gradient_files[name] = path
         self.timings["gradients"] = 0.0
         rank_zero_info(f"re-using gradients from {folder}; the pass is skipped")
+
+    def _loss_definition(self, name: str) -> str:
+        """The objective of set ``name`` as gradient files record it."""
+        if name == "retain":
+            return RETAIN_LOSS
+        return forget_loss(self.forget_averaging, self.trainer.datamodule.global_batch_size("forget"))
 
     def _data_identity(self, name: str) -> dict:
         """What a gradient file of set ``name`` must have been computed from: this run's concepts
@@ -227,6 +248,7 @@ class SlugModule(UnlearningModule):
             "bad_samples": datamodule.bad_samples,
             "eval_mode": self.eval_mode,
             "precision": str(self.trainer.precision),
+            "forget_loss": self._loss_definition("forget"),
         }
 
     def start_batch(self) -> int:
@@ -307,7 +329,13 @@ class SlugModule(UnlearningModule):
         counted = True  # whether the batch counts (a retain batch whose every sample was skipped does not)
         if name == "forget":
             loss = forget_similarity_sum(image_features, text_features, valid)
-            reported = loss.detach() / max(n_local, 1)
+            if self.forget_averaging == "per_batch":  # this rank's share of the global batch's mean
+                n_batch = self._global_count(valid)
+                counted = n_batch > 0
+                loss = loss / max(n_batch, 1)
+                reported = loss.detach()
+            else:
+                reported = loss.detach() / max(n_local, 1)
         else:
             if self.trainer.world_size > 1:  # the contrastive loss of the *global* batch
                 image_features = self.all_gather(image_features, sync_grads=True).flatten(0, 1)
@@ -334,6 +362,13 @@ class SlugModule(UnlearningModule):
         finished = batch["last"] and name == SETS[-1]
         if self.checkpoint_every and self._position % self.checkpoint_every == 0 and not finished:
             self._save_partial()
+
+    def _global_count(self, valid: torch.Tensor) -> int:
+        """The valid rows of the global batch (every rank's ``valid``, summed)."""
+        count = valid.sum()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count.to(self.device), reduce_op="sum")
+        return int(count)
 
     def _local_accumulation(self):
         """Under DDP, backward without DDP's per-batch all-reduce (its ``no_sync``); the pass
@@ -370,7 +405,8 @@ class SlugModule(UnlearningModule):
             self.skipped[name] = [r for r in skipped if r["set"] == name]
             self._check_not_all_skipped(name, samples if name == "forget" else batches)
             if name == "forget":
-                denominator, mean_loss = samples, loss_sum / samples
+                denominator = samples if self.forget_averaging == "per_sample" else batches
+                mean_loss = loss_sum / denominator
             else:  # each rank's grads hold world × its share of every global-batch loss
                 denominator, mean_loss = batches * world, loss_sum / (batches * world)
             averaged, offset = {}, 0
@@ -428,7 +464,7 @@ class SlugModule(UnlearningModule):
                 "concepts": list(datamodule.concepts),
                 "model": self.family.describe(),
                 "model_sha256": self._weights_sha256,
-                "loss": FORGET_LOSS if name == "forget" else RETAIN_LOSS,
+                "loss": self._loss_definition(name),
                 "sign": "gradient of the loss; an edit theta - step * grad (step > 0) lowers it",
                 "counts": self.pass_stats[name],
                 "global_batch_size": datamodule.global_batch_size(name),
@@ -442,7 +478,7 @@ class SlugModule(UnlearningModule):
                 "versions": package_versions(),
             }
             if self._resume_file is not None:
-                meta["resumed"] = {"from": str(self._resume_file.parent), "batch": self.resume_position}
+                meta["resumed"] = {"from": portable_path(str(self._resume_file.parent)), "batch": self.resume_position}
             path = save_tensors(folder / f"{name}.safetensors", self.gradients[name], meta)
             self.gradient_files[name] = path
         self._write_skipped()
@@ -470,7 +506,7 @@ class SlugSearch(Callback):
 
     def __init__(
         self,
-        top_k: int = 3,
+        top_k: int | None = 3,
         towers: list[str] = ("vision", "text"),
         target_metric: str = "forget_top5",
         target_value: float = 0.0,
@@ -486,15 +522,20 @@ class SlugSearch(Callback):
         save_checkpoint: bool = True,
         kept: list[str] = DEFAULT_KEPT,
         stop_dominated: bool = False,
+        iterations: str = "until_tolerance",
     ):
         """
         Args:
-            top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``.
+            top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``
+                (null: every front layer, as the authors' code).
             towers: towers whose layers may be edited.
             target_metric / target_value: the forget target, ``metric <= value`` on validation.
             max_evals: evaluations per candidate layer.
             initial_step_fraction: λ₀ as a fraction of ‖θ_l‖ / ‖g_f,l‖.
             tolerance: stop bisecting when the bracket is below this fraction of λ.
+            iterations: ``until_tolerance`` (stop at ``tolerance``) or ``fixed`` (exactly
+                ``max_evals`` evaluations, no stopping rule, as the authors' code; the report then
+                shows each candidate's last iterate next to its smallest hit).
             utility_guard: reject steps whose retain or utility top-1 drops by more than this
                 (a fraction, e.g. 0.05 = 5 points); None disables the guard.
             step_margin: multiply the found (smallest target-meeting) step by this factor (>= 1)
@@ -518,7 +559,7 @@ class SlugSearch(Callback):
         """
         self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
                                        max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
-                                       beam_width, concept_gradients, tuple(kept), stop_dominated)
+                                       beam_width, concept_gradients, tuple(kept), stop_dominated, iterations)
         self.similarity_concepts = similarity_concepts
         self.save_checkpoint = save_checkpoint
         self.summary: dict | None = None
@@ -573,7 +614,8 @@ class SlugSearch(Callback):
                            f"among them the downstream model reads)")
 
         def concept_gradient(concept: str) -> dict:
-            grads, count = forget_gradient(family, model, context.forget_batches(concept))
+            grads, count = forget_gradient(family, model, context.forget_batches(concept),
+                                           averaging=pl_module.forget_averaging)
             extra_pairs["count"] += count
             return projection.apply(grads) if projection is not None else grads
 
@@ -606,7 +648,11 @@ class SlugSearch(Callback):
         stats = pl_module.pass_stats
         gradient_evals = (int(stats.get("forget", {}).get("samples", 0)) + int(stats.get("retain", {}).get("samples", 0))
                           if pl_module.timings.get("gradients", 0.0) > 0 else 0) + extra_pairs
-        method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives)
+        datamodule = trainer.datamodule
+        departures = run_departures(RunOptions(
+            pl_module.family.exclude, pl_module.family.include, pl_module.forget_averaging, datamodule.batch_size,
+            datamodule.retain_batches, pl_module.eval_mode, self.settings))
+        method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives, departures)
         summary = pl_module.write_record(
             edits=edits, method=method, target=self.settings.target, validation=validation,
             validation_met=all(o.target_met for o in outcomes),

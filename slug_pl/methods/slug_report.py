@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from slug_pl.departures import is_reference
 from slug_pl.edit import LayerEdit
 from slug_pl.record import RunRecord, pct, table
 from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation, core_metrics
@@ -22,8 +23,9 @@ REMEDY = ("To make it hold, raise `search.step_margin`: on the demo world a marg
 
 
 def method_block(settings: SearchSettings, outcomes: Sequence[Outcome], edits: Sequence[LayerEdit],
-                 alternatives: list[dict]) -> dict:
-    """The ``method`` block of ``summary.json`` for SLUG."""
+                 alternatives: list[dict], departures: list[dict]) -> dict:
+    """The ``method`` block of ``summary.json`` for SLUG; ``departures``: from the authors' code,
+    as :func:`slug_pl.departures.run_departures` lists them for this run."""
     search = asdict(settings)
     search["target"] = str(settings.target)
     search["towers"] = list(settings.towers)
@@ -41,9 +43,15 @@ def method_block(settings: SearchSettings, outcomes: Sequence[Outcome], edits: S
                         "stopped_dominated": r.stopped,
                         "smallest_step": r.best.step if r.best else None,
                         "guard_ok": bool(r.best.guard_ok) if r.best else None,
-                        "validation": core_metrics(r.best.metrics) if r.best else None}
+                        "validation": core_metrics(r.best.metrics) if r.best else None,
+                        "final_step": r.final.step if r.final else None,
+                        "final_target_met": bool(r.final.target_met) if r.final else None,
+                        "final_validation": core_metrics(r.final.metrics) if r.final else None}
                        for o in _distinct(outcomes) for r in o.results],
         "search": search,
+        "reference_preset": is_reference(departures),
+        "departures": departures,
+        "choice": "slug_pl's automatic choice (the authors' code leaves it to the reader of its logs)",
     }
     if len(outcomes) > 1:
         block["joint"] = {
@@ -71,12 +79,18 @@ def sections(method: dict, outcomes: Sequence[Outcome], module, settings: Search
     lines += table(["layer", "tower", "step λ", "‖λ·g_f‖ / ‖θ‖", "concepts"], rows) + [""]
     lines += [f"Validation with the edit: " + ", ".join(f"{k} {pct(v)} %" for k, v in
                                                         core_metrics(_validation(outcomes)).items()) + ".", ""]
+    if method["reference_preset"]:
+        lines += ["This choice is slug_pl's own (the smallest step meeting the target, then the most kept): the "
+                  "authors' code searches every candidate and leaves the choice to the reader of its logs. Their "
+                  "computation, candidate by candidate, is under Candidates.", ""]
     if len(outcomes) > 1:
         lines += _several_concepts(method)
     lines += ["## Candidates", "",
               f"Each tower's Pareto front (high importance, low alignment), the first {settings.fronts} front(s), "
-              f"capped at top-{settings.top_k} by importance; each searched by doubling then bisection of λ "
-              f"(at most {settings.max_evals} evaluations). Chosen: the result meeting the target with the best "
+              + (f"capped at top-{settings.top_k} by importance" if settings.top_k is not None else "every layer on them")
+              + "; each searched by doubling then bisection of λ "
+              + (f"(exactly {settings.max_evals} evaluations, no stopping rule)" if settings.iterations == "fixed"
+                 else f"(at most {settings.max_evals} evaluations)") + f". Chosen: the result meeting the target with the best "
               f"{' + '.join(settings.kept)} on validation."
               + (" With stop_dominated, a candidate is given up once a step that misses the target keeps no more "
                  "than the best edit already found." if settings.stop_dominated else ""), ""]
@@ -90,14 +104,52 @@ def sections(method: dict, outcomes: Sequence[Outcome], module, settings: Search
                      "–" if c["guard_ok"] is None else ("ok" if c["guard_ok"] else "rejected")])
     lines += table(["concept", "layer", "tower", "evaluations", "smallest step meeting target", "forget top-5",
                     "retain top-1", "utility top-1", "guard"], rows) + [""]
+    if settings.iterations == "fixed":
+        lines += _final_iterates(method, settings)
     before = outcomes[0].before
     lines += ["Validation before editing: " + ", ".join(f"{k} {pct(v)}" for k, v in before.items()) + ".", ""]
     lines += _gradient_pass(module)
+    lines += _departures(method)
     n_ranked = len(outcomes[0].scores)
     lines += [f"Ranked layers: {n_ranked} ({sum(s.on_front for s in outcomes[0].scores)} on the fronts); see "
               "`ranking.csv`, `pareto_vision.png`, `pareto_text.png`, every evaluation in `search.csv`; the full "
               "edited model in `edited_model.safetensors` when saved.", ""]
     return lines
+
+
+def _final_iterates(method: dict, settings: SearchSettings) -> list[str]:
+    """With ``iterations: fixed``: each candidate's last iterate (where the authors' code leaves
+    the model) next to its smallest hit."""
+    n = settings.max_evals
+    lines = [f"The last iterate of each candidate (evaluation {n} of {n}; iterations: fixed, no stopping rule): the "
+             f"step at which the authors' code leaves the model, whether or not it meets the target; next to it the "
+             f"smallest step that met the target.", ""]
+    rows = []
+    for c in method["candidates"]:
+        v = c["final_validation"] or {}
+        smallest = "not reached" if c["smallest_step"] is None else f"{c['smallest_step']:.6g}"
+        rows.append([c["concept"], f"`{c['layer']}`", f"{c['final_step']:.6g}" if c["final_step"] is not None else "–",
+                     "yes" if c["final_target_met"] else "no", pct(v.get("forget_top5")), pct(v.get("retain_top1")),
+                     pct(v.get("utility_top1")), smallest])
+    lines += table(["concept", "layer", f"iterate {n} λ", "meets target", "forget top-5", "retain top-1",
+                    "utility top-1", "smallest step meeting target"], rows)
+    return lines + [""]
+
+
+def _departures(method: dict) -> list[str]:
+    """Which departures from the authors' code this run switched off (docs/reference.md)."""
+    departures = method["departures"]
+    if method["reference_preset"]:
+        head = ("This run used the reference preset: every departure of slug_pl's defaults from the authors' code "
+                "(CSIPlab/SLUG) is switched off, so ranking and search compute what their code computes.")
+    else:
+        kept_on = [d["name"] for d in departures if not d["follows_authors"]]
+        head = (f"This run departs from the authors' code (CSIPlab/SLUG) in: {', '.join(kept_on)}. The reference "
+                f"preset (`configs/reference.yaml`) switches every departure off.")
+    rows = [[d["name"], f"`{d['option']}`", d["value"], d["authors"], "authors'" if d["follows_authors"] else "slug_pl's"]
+            for d in departures]
+    return (["## Departures from the authors' code", "", head + " See docs/reference.md.", "",
+             *table(["departure", "option", "this run", "the authors' code", "computed as"], rows), ""])
 
 
 def _validation(outcomes: Sequence[Outcome]) -> dict:
