@@ -38,9 +38,10 @@ from slug_pl.cli import main as slug_main
 from slug_pl.data.labelled import LabelledSet
 from slug_pl.demo.world import ATTRIBUTES, WorldSpec, identity_names
 from slug_pl.edit import stepped
-from slug_pl.families.hf_clip import HfClip, ProcessorTransform
+from slug_pl.families.hf_clip import HfClip
 from slug_pl.gradients import load_tensors
-from slug_pl.targets.llava import VQA_METRICS, Llava, VqaImages, group_by_concept
+from slug_pl.evaluation.vqa import VQA_METRICS, VqaImages, group_by_concept
+from slug_pl.targets.llava import Llava
 
 REPO = Path(__file__).resolve().parent.parent
 COMMAND = "python benchmarks/llava_demo.py --identities {n}"
@@ -74,7 +75,7 @@ def clip_vs_vlm(run: Path, layer: str) -> dict:
 
 def test_images(target: Llava, world: Path) -> VqaImages:
     """The world's held-out test identities and objects, preprocessed by the VLM's processor."""
-    transform = ProcessorTransform(target.processor.image_processor)
+    transform = target.adapter.image_transform()
     sets = {what: LabelledSet(str(world / "test" / f"{what}-000000.tar"), str(world / f"{what}.json"))
             .load(transform, f"test.{what}") for what in ("identities", "objects")}
     return VqaImages(*(group_by_concept(s.images, s.labels, s.classnames) for s in sets.values()))
@@ -113,9 +114,9 @@ def margin_sweep(root: Path, run: Path, concept: str, margins: list[float]) -> l
     out = []
     for margin in margins:
         with stepped(clip, layer, direction, found * margin):
-            target.mirror(clip, [layer])
-            with target.threads():
-                m = target.measure(images, [concept])
+            target.adapter.mirror(clip, [layer])
+            with target.adapter.threads():
+                m = target.judge.measure(images, [concept])
         out.append({"margin": margin, **{k: m[k] for k in VQA_METRICS}})
     return out
 

@@ -104,7 +104,7 @@ def _generate(words: list[str]) -> int:
 
 
 def _transplant(words: list[str]) -> int:
-    from slug_pl.targets.stable_diffusion import main as transplant_main
+    from slug_pl.transplant import main as transplant_main
 
     return transplant_main(words)
 
@@ -121,7 +121,8 @@ EXTRA_COMMANDS: dict[str, Command] = {
     "mine": Command("mine a forget set: the pairs of caption shards whose caption names a concept", _mine),
     "compare": Command("run SLUG and the baselines on identical data and write one comparison table", _compare),
     "generate": Command("draw a forget set with a Stable Diffusion pipeline (webdataset shards)", _generate),
-    "transplant": Command("copy a run's edit into the Stable Diffusion pipeline that embeds the CLIP", _transplant),
+    "transplant": Command("copy a run's edit into the model that embeds the CLIP (Stable Diffusion, SDXL, LLaVA)",
+                          _transplant),
     "convert-checkpoint": Command("write a torch .pth checkpoint's weights as safetensors (once, on a trusted "
                                   "machine)", _convert_checkpoint),
 }

@@ -183,7 +183,7 @@ def _load_llava(folder: Path, next_: bool = False) -> dict:
 
         target = Llava(model=str(folder), device="cpu", progress=False)
         target.load()
-        record["slug_pl"] = _tensors(vlm=target.vlm)
+        record["slug_pl"] = _tensors(vlm=target.adapter.vlm)
     return record
 
 

@@ -24,7 +24,9 @@ from slug_pl.evaluation import vqa
 from slug_pl.families.hf_clip import HfClip, ProcessorTransform
 from slug_pl.step_search import CandidateResult, ForgetTarget, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets import Llava, TargetMismatchError
-from slug_pl.targets.llava import FORGET_BOTH, QUESTION, VQA_METRICS, same_weights
+from slug_pl.evaluation.vqa import DEFAULT_QUESTION as QUESTION
+from slug_pl.evaluation.vqa import FORGET_BOTH, VQA_METRICS
+from slug_pl.targets.saved_copy import same_weights
 
 REPO = Path(__file__).resolve().parent.parent
 READ_LAYER = "vision_model.encoder.layers.0.mlp.fc1.weight"  # block 0 of 2: read at vision_feature_layer -2
@@ -64,7 +66,7 @@ def noise_pixels(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def vlm_state(target: Llava) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in target.vlm.state_dict().items()}
+    return {k: v.detach().clone() for k, v in target.adapter.vlm.state_dict().items()}
 
 
 # -- which tensors the VLM reads -----------------------------------------------------------------
@@ -88,10 +90,10 @@ def test_reads_is_exactly_what_changes_the_image_features(tmp_path, layer, strat
     clip = CLIPModel.from_pretrained(clip_folder)
     pixels = noise_pixels(2)
     with torch.no_grad():
-        reference = target.vlm.model.get_image_features(pixel_values=pixels).pooler_output
-        params = target._vlm_parameters()
+        reference = target.adapter.vlm.model.get_image_features(pixel_values=pixels).pooler_output
+        params = target.adapter._vlm_parameters()
         for name, _ in clip.named_parameters():
-            theirs = target.downstream_name(name)
+            theirs = target.adapter.downstream_name(name)
             if theirs is None:  # the text tower, the projections, the logit scale: not in the VLM
                 assert not target.reads(name) and not name.startswith("vision_model."), name
                 continue
@@ -99,7 +101,7 @@ def test_reads_is_exactly_what_changes_the_image_features(tmp_path, layer, strat
             saved = p.clone()
             p.add_(torch.randn_like(p) + 0.5)
             changed = any(not torch.allclose(a, b) for a, b in zip(
-                target.vlm.model.get_image_features(pixel_values=pixels).pooler_output, reference))
+                target.adapter.vlm.model.get_image_features(pixel_values=pixels).pooler_output, reference))
             p.copy_(saved)
             assert target.reads(name) == changed, (name, layer, strategy)
 
@@ -109,7 +111,7 @@ def test_reads_for_llava_1_5_settings(pair):
     post_layernorm, visual_projection and the text tower are not."""
     family, clip, folder = pair
     target = Llava(str(folder))  # reads() needs only the config: nothing loaded
-    assert target.feature_depth() == 1 and target.vlm is None
+    assert target.adapter.feature_depth() == 1 and target.adapter.vlm is None
     read = sorted(n for n, _ in clip.named_parameters() if target.reads(n))
     assert read and all(n.startswith(("vision_model.encoder.layers.0.", "vision_model.embeddings.",
                                       "vision_model.pre_layrnorm.")) for n in read)
@@ -123,10 +125,10 @@ def test_reads_for_llava_1_5_settings(pair):
 def test_the_vision_tower_maps_onto_the_vlms_tensors(pair):
     family, clip, folder = pair
     target = target_of(folder)
-    mirror = target.downstream_parameters()
-    assert target.downstream_name(READ_LAYER) == "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    mirror = target.adapter.downstream_parameters()
+    assert target.adapter.downstream_name(READ_LAYER) == "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
     clip_vision = [n for n, _ in clip.named_parameters() if n.startswith("vision_model.")]
-    assert sorted(target.downstream_name(n) for n in clip_vision) == sorted(mirror)  # one to one
+    assert sorted(target.adapter.downstream_name(n) for n in clip_vision) == sorted(mirror)  # one to one
     target.check_pair(family, clip)  # the CLIP the VLM was built from
 
 
@@ -152,7 +154,7 @@ def test_check_pair_at_the_vlms_precision(pair):
     step is not."""
     family, clip, folder = pair
     target = target_of(folder, dtype="bfloat16")
-    assert next(target.vlm.parameters()).dtype == torch.bfloat16
+    assert next(target.adapter.vlm.parameters()).dtype == torch.bfloat16
     target.check_pair(family, clip)
     w = dict(clip.named_parameters())[READ_LAYER]
     assert same_weights(w, w.to(torch.bfloat16)) and not same_weights(w, (w * 1.02).to(torch.bfloat16))
@@ -175,7 +177,7 @@ def test_transplant_changes_exactly_one_tensor_and_restores(pair):
     edit = make_edit(clip, READ_LAYER, grad, 0.05)
     apply_edit(clip, edit)
     try:
-        assert target.differing(clip) == [READ_LAYER]
+        assert target.adapter.differing(clip) == [READ_LAYER]
         written = target.transplant(clip, [edit])
         after = vlm_state(target)
         changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -186,7 +188,7 @@ def test_transplant_changes_exactly_one_tensor_and_restores(pair):
     target.transplant(clip, [])  # the unedited CLIP: the VLM as loaded, bit for bit
     assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
     with pytest.raises(ValueError, match="does not read"):
-        target.mirror(clip, ["vision_model.post_layernorm.weight"])
+        target.adapter.mirror(clip, ["vision_model.post_layernorm.weight"])
 
 
 def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
@@ -194,11 +196,11 @@ def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
     target = target_of(folder)
     edit = make_edit(clip, READ_LAYER, torch.randn_like(dict(clip.named_parameters())[READ_LAYER]), 0.3)
     pixels = noise_pixels(4, seed=1)
-    unedited = target.answer(pixels, target.question)
+    unedited = target.adapter.answer(pixels, target.judge.question)
     apply_edit(clip, edit)
     try:
         target.transplant(clip, [edit])
-        answers = target.answer(pixels, target.question)
+        answers = target.adapter.answer(pixels, target.judge.question)
         saved = target.save_pretrained(tmp_path / "edited")
         with pytest.raises(FileExistsError):
             target.save_pretrained(tmp_path / "edited")
@@ -206,10 +208,10 @@ def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
         revert_edit(clip, edit)
         target.transplant(clip, [])
     reloaded = target_of(saved)
-    assert reloaded.answer(pixels, target.question) == answers
+    assert reloaded.adapter.answer(pixels, target.judge.question) == answers
     assert answers != unedited  # the edit reaches the answers
-    loaded = reloaded.downstream_parameters()
-    differs = [k for k, v in target.downstream_parameters().items() if not torch.equal(v, loaded[k])]
+    loaded = reloaded.adapter.downstream_parameters()
+    differs = [k for k, v in target.adapter.downstream_parameters().items() if not torch.equal(v, loaded[k])]
     assert differs == ["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
     with pytest.raises(TargetMismatchError):  # the edited VLM no longer pairs with the unedited CLIP
         reloaded.check_pair(family, clip)
@@ -239,10 +241,10 @@ def test_answers_equal_vqa_ask_on_the_images(pair):
     target = target_of(folder, max_new_tokens=5)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(5)]
-    pixels = target.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    expected = vqa.ask(target.vlm, target.processor, images, target.question, max_new_tokens=5, batch_size=2,
+    pixels = target.adapter.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = vqa.ask(target.adapter.vlm, target.adapter.processor, images, target.judge.question, max_new_tokens=5, batch_size=2,
                        progress=False)
-    assert target.answer(pixels, target.question) == expected
+    assert target.adapter.answer(pixels, target.judge.question) == expected
 
 
 @pytest.fixture(scope="module")
@@ -277,11 +279,11 @@ def test_judge_measures_the_vlm_with_the_clips_edit(pair, datamodule):
     apply_edit(clip, edit)
     try:
         edited = judge.evaluate(clip, edited=READ_LAYER)
-        vlm_tensor = target.downstream_parameters()["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
+        vlm_tensor = target.adapter.downstream_parameters()["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
         assert torch.equal(vlm_tensor, edit.edited)
         # by hand: the edited VLM's answers on the same images, scored with vqa's rules
         objects = judge.images.objects
-        answers = target.answer(torch.cat(list(objects.values())), target.object_question)
+        answers = target.adapter.answer(torch.cat(list(objects.values())), target.judge.object_question)
         expected = [name for name, images in objects.items() for _ in images]
         assert edited["object_accuracy"] == pytest.approx(vqa.name_accuracy(answers, expected))
     finally:
@@ -305,7 +307,7 @@ def test_the_search_can_also_ask_about_the_forget_pairs(pair, small_world, tmp_p
     plain = target_of(folder, search_images_per_concept=1, clip_metrics=False).search_judge(run_context(dm, family, clip), names[0]).images
     target = target_of(folder, search_images_per_concept=1, clip_metrics=False, search_forget_pairs=True)
     wide = target.search_judge(run_context(dm, family, clip), names[0]).images
-    transform = ProcessorTransform(target.processor.image_processor)
+    transform = ProcessorTransform(target.adapter.processor.image_processor)
     forget = torch.stack([transform(decode_image(s)) for s in iter_raw_samples(shards)])
     assert len(forget) >= 2
     assert torch.equal(wide.identities[names[0]], torch.cat([plain.identities[names[0]], forget]))
@@ -330,7 +332,7 @@ def test_search_on_the_clip_lets_the_vlm_rank_the_candidates(pair, datamodule):
     edits = [make_edit(clip, READ_LAYER, torch.randn_like(w), s) for s in (0.0, 0.5)]
     order = target.rank_candidates(run_context(dm, family, clip), names[0], edits)
     assert sorted(order) == [0, 1]
-    assert target.differing(clip) == []  # CLIP and VLM restored
+    assert target.adapter.differing(clip) == []  # CLIP and VLM restored
 
 
 def test_the_choice_maximises_the_configured_kept_metrics():
@@ -362,10 +364,10 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
     dm = SlugDataModule(concepts=[forgotten], retain=small_world["corpus"])
     target = target_of(folder, protect_retained=True, protect_images=2, protect_tolerance=0.0)
     projection = target.forget_gradient_projection(run_context(dm, family, clip))
-    assert target.protection["images"] == 2 and target.protection["tolerance"] == 0.0
+    assert target.judge.protection["images"] == 2 and target.judge.protection["tolerance"] == 0.0
     # recorded: the covered tensors the VLM reads (block 0 of 2: q, k, v, out, fc1, fc2), the candidates
-    assert sorted(target.protection["rank"]) == sorted(n for n in projection.bases if target.reads(n))
-    assert target.protection["tensors"] == 6
+    assert sorted(target.judge.protection["rank"]) == sorted(n for n in projection.bases if target.reads(n))
+    assert target.judge.protection["tensors"] == 6
     assert projection.covers(READ_LAYER) and not projection.covers(READ_LAYER.replace("weight", "bias"))
     assert not projection.covers("vision_model.embeddings.position_embedding.weight")
     assert projection.bases[READ_LAYER].shape[1] == 2 * 17  # every patch and the class token of 2 images
@@ -439,8 +441,8 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     for row in csv.DictReader((run / "search.csv").open()):  # VLM and CLIP metrics, and both at once
         assert float(row[FORGET_BOTH]) == max(float(row["forget_name_accuracy"]), float(row["forget_top1"]))
     saved = target_of(run / block["saved_to"])
-    loaded = target_of(folder).downstream_parameters()
-    assert [k for k, v in saved.downstream_parameters().items() if not torch.equal(v, loaded[k])] == \
+    loaded = target_of(folder).adapter.downstream_parameters()
+    assert [k for k, v in saved.adapter.downstream_parameters().items() if not torch.equal(v, loaded[k])] == \
         block["transplanted"]
 
 

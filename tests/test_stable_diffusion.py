@@ -22,13 +22,8 @@ from slug_pl.cli import main
 from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits
 from slug_pl.families import HfClip
 from slug_pl.targets import StableDiffusion, TargetMismatchError
-from slug_pl.targets.stable_diffusion import (
-    CandidateScore,
-    ClipSkipPipeline,
-    combine_judges,
-    order_by_generation,
-    prompt_embeddings,
-)
+from slug_pl.evaluation.generation_judge import CandidateScore, GenerationJudge, combine_judges, order_by_generation
+from slug_pl.targets.stable_diffusion import ClipSkipPipeline, prompt_embeddings
 
 PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
 
@@ -88,8 +83,8 @@ def test_every_text_tensor_maps_to_the_pipeline_and_nothing_else_does(pipeline, 
     family, model = clip
     target = StableDiffusion(pipeline, device="cpu")
     target.load()
-    mirror = target.downstream_parameters()
-    mapped = {n: target.downstream_name(n) for n, _ in model.named_parameters()}
+    mirror = target.adapter.downstream_parameters()
+    mapped = {n: target.adapter.downstream_name(n) for n, _ in model.named_parameters()}
     text = {n: m for n, m in mapped.items() if n.startswith("text_model.")}
     assert sorted(text.values()) == sorted(mirror)  # one to one onto the text encoder
     assert {n for n, m in mapped.items() if m is None} == {
@@ -125,9 +120,9 @@ def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2
     target.check_pair(family, model)
 
     def unet_input():
-        states = [prompt_embeddings(target.pipe, PROMPTS, clip_skip)]
+        states = [prompt_embeddings(target.adapter.pipe, PROMPTS, clip_skip)]
         if guidance > 1:
-            states.append(prompt_embeddings(target.pipe, [""] * len(PROMPTS)))
+            states.append(prompt_embeddings(target.adapter.pipe, [""] * len(PROMPTS)))
         return torch.cat(states)
 
     reference = unet_input()
@@ -135,10 +130,10 @@ def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2
     for name, param in model.named_parameters():
         edit = make_edit(model, name, torch.randn(param.shape, generator=gen), 0.5)
         apply_edit(model, edit)
-        target.mirror(model)
+        target.adapter.mirror(model)
         changed = not torch.equal(unet_input(), reference)
         revert_edit(model, edit)
-        target.mirror(model)
+        target.adapter.mirror(model)
         assert changed == target.reads(name), name
     if sd2:
         assert not target.reads("text_model.encoder.layers.1.mlp.fc1.weight")  # the dropped layer
@@ -173,7 +168,7 @@ def test_clip_skip_embeddings_are_diffusers_rule(pipeline):
 
     target = StableDiffusion(pipeline, device="cpu")
     target.load()
-    pipe = target.pipe
+    pipe = target.adapter.pipe
     ours = prompt_embeddings(pipe, PROMPTS)
     theirs, _ = pipe.encode_prompt(PROMPTS, "cpu", 1, False)
     assert torch.equal(ours, theirs)
@@ -251,22 +246,22 @@ def test_transplant_changes_exactly_one_tensor_and_reverting_restores_all(pipeli
     family, model = clip
     target = StableDiffusion(pipeline, device="cpu")
     target.check_pair(family, model)
-    before = tensors(target.pipe)
+    before = tensors(target.adapter.pipe)
     name = "text_model.encoder.layers.0.self_attn.v_proj.weight"
     edit = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.25)
     apply_edit(model, edit)
     assert target.transplant(model, [edit]) == ["encoder.layers.0.self_attn.v_proj.weight"]
-    after = tensors(target.pipe)
+    after = tensors(target.adapter.pipe)
     assert differing(before, after) == ["text_encoder.encoder.layers.0.self_attn.v_proj.weight"]
     assert torch.equal(after["text_encoder.encoder.layers.0.self_attn.v_proj.weight"], edit.edited)
     assert torch.equal(edit.edited, edit.original - 0.25)
 
     revert_edit(model, edit)
     target.transplant(model, [edit])
-    assert differing(before, tensors(target.pipe)) == []
+    assert differing(before, tensors(target.adapter.pipe)) == []
 
     vision = make_edit(model, "visual_projection.weight", torch.ones_like(model.visual_projection.weight), 0.1)
-    with pytest.raises(TargetMismatchError, match="no counterpart"):
+    with pytest.raises(TargetMismatchError, match="cannot reach"):
         target.transplant(model, [vision])
 
 
@@ -276,19 +271,19 @@ def test_saved_edited_pipeline_reloads_and_draws_the_same_images(pipeline, clip,
     family, model = clip
     target = StableDiffusion(pipeline, device="cpu")
     target.check_pair(family, model)
-    original = generate(target.pipe)
+    original = generate(target.adapter.pipe)
     name = "text_model.encoder.layers.1.mlp.fc2.weight"
     noise = torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
     edit = make_edit(model, name, noise, 0.5)
     apply_edit(model, edit)
     target.transplant(model, [edit])
-    edited = generate(target.pipe)
+    edited = generate(target.adapter.pipe)
     assert not torch.equal(edited, original)  # the edit changes what is drawn
 
     out = target.save_pretrained(tmp_path / "edited")
     reloaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
     assert torch.equal(generate(reloaded), edited)
-    assert differing(tensors(target.pipe), tensors(reloaded)) == []
+    assert differing(tensors(target.adapter.pipe), tensors(reloaded)) == []
     with pytest.raises(FileExistsError):
         target.save_pretrained(out)
 
@@ -561,7 +556,7 @@ def test_frozen_clip_judge_keeps_judging_with_the_unedited_text_tower(clip):
     from PIL import Image
 
     from slug_pl.evaluation.generation import ClipZeroShotJudge
-    from slug_pl.targets.stable_diffusion import FrozenClipJudge
+    from slug_pl.evaluation.generation_judge import FrozenClipJudge
 
     family, model = clip
     classes, templates = ["Alice Abara", "Bruno Bell", "Chen Wu"], ["a photo of {}.", "{} in a picture."]
@@ -657,7 +652,7 @@ def test_the_generation_verdict_needs_every_judge(monkeypatch, still_seen_by):
 
     target = StableDiffusion(pipeline="unused", judges=["clip", "models/classifier"], forget_threshold=0.1,
                              search_on="generation")
-    monkeypatch.setattr(StableDiffusion, "_grid", lambda self, sets, before, after: ("grid", "grid.png", None))
+    monkeypatch.setattr(GenerationJudge, "grid", lambda self, sets, before, after: ("grid", "grid.png", None))
 
     def scores(forget: float) -> dict:
         per_concept = {"Quinn": {"forget": True, "images": 8, "recognition": forget, "clip_score": 30.0},
@@ -668,7 +663,7 @@ def test_the_generation_verdict_needs_every_judge(monkeypatch, still_seen_by):
     judged = {name: {"before": scores(1.0), "after": scores(0.75 if name == still_seen_by else 0.0)}
               for name in ("clip", "classifier")}
     sets = [PromptSet(("Quinn",), ("Quinn",)), PromptSet(("Alice",), ())]
-    report = target._report(sets, judged, [], [], ["encoder.layers.0.mlp.fc1.weight"])
+    report = target.judge.report(sets, judged, [], [], ["encoder.layers.0.mlp.fc1.weight"])
     assert report.block["judge"] == "clip"  # the headline judge is the first
     assert report.block["target"]["met"] is False
     assert "**NOT removed**" in "\n".join(report.sections)
@@ -676,4 +671,4 @@ def test_the_generation_verdict_needs_every_judge(monkeypatch, still_seen_by):
     assert report.after["forget_top1"] == 0.75
 
     cleared = {name: {"before": scores(1.0), "after": scores(0.0)} for name in ("clip", "classifier")}
-    assert target._report(sets, cleared, [], [], []).block["target"]["met"] is True
+    assert target.judge.report(sets, cleared, [], [], []).block["target"]["met"] is True

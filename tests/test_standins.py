@@ -1,8 +1,7 @@
 """The hub stand-ins (:mod:`slug_pl.testing.standins`) load with the classes that load the real
 repositories, run, and share their CLIP's tensors as the real pairs do; then the project's own
-loaders on each of them. A loader that fails on a stand-in of a repository the recipes name is
-marked ``xfail(strict=True)`` with the defect: fixing it makes the test pass, and strict makes
-that pass fail until the mark is removed."""
+loaders on each of them, and the refusal, naming what is supported, of the pipelines slug_pl does
+not handle (SD 3, Flux)."""
 
 from __future__ import annotations
 
@@ -204,13 +203,6 @@ def test_builds_are_reused_and_named_by_repository(standin, tmp_path):
 
 # --------------------------------------------------------------------------- the project's loaders
 
-SDXL_AS_SD = ("load_pipeline reads every folder with StableDiffusionPipeline: an SDXL folder loads without "
-              "text_encoder_2 / tokenizer_2 and its UNet's text_time conditioning, instead of loading as SDXL "
-              "or being refused")
-UNSUPPORTED_MESSAGE = ("load_pipeline on an SD 3 / Flux folder fails on a missing text_encoder weight file "
-                       "(OSError) instead of naming the folder's pipeline class and the supported ones")
-
-
 @pytest.mark.parametrize("repo_id", [si.SD15, si.SD21, si.UNLEARNCANVAS])
 def test_load_pipeline(standin, repo_id):
     from slug_pl.data.generated import load_pipeline
@@ -219,19 +211,14 @@ def test_load_pipeline(standin, repo_id):
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
 
 
-@pytest.mark.xfail(strict=True, reason=SDXL_AS_SD)
 def test_load_pipeline_sdxl(standin):
-    from slug_pl.data.generated import GenerateError, load_pipeline
+    """An SDXL folder loads as SDXL, both text encoders and the UNet's text_time conditioning."""
+    from slug_pl.data.generated import load_pipeline
 
-    try:
-        pipe = load_pipeline(standin(si.SDXL).path)
-    except GenerateError as err:
-        assert "StableDiffusionXLPipeline" in str(err)
-    else:
-        assert hasattr(pipe, "text_encoder_2")
+    pipe = load_pipeline(standin(si.SDXL).path)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and hasattr(pipe, "text_encoder_2")
 
 
-@pytest.mark.xfail(strict=True, reason=UNSUPPORTED_MESSAGE)
 @pytest.mark.parametrize("repo_id, pipeline_class", [(si.SD3, "StableDiffusion3Pipeline"), (si.FLUX, "FluxPipeline")])
 def test_load_pipeline_refuses_unsupported_by_name(standin, repo_id, pipeline_class):
     from slug_pl.data.generated import GenerateError, load_pipeline
@@ -250,22 +237,19 @@ def test_stable_diffusion_target_pairs(standin, repo_id):
     target = StableDiffusion(pipeline=str(sd.path), steps=1, progress=False, device="cpu")
     family = HfClip(str(sd.clip))
     target.check_pair(family, family.load())
-    assert target.text_layers() == target.pipe.text_encoder.config.num_hidden_layers
+    assert target.adapter.text_layers() == target.adapter.pipe.text_encoder.config.num_hidden_layers
     assert not target.reads("text_model.encoder.layers.99.mlp.fc1.weight")
-    image = target.generator()(prompt=["a photo of a cat"], num_inference_steps=1, generator=_generator()).images[0]
-    assert image.size == (target.pipe.unet.config.sample_size * 8,) * 2
+    image = target.adapter.generator()(prompt=["a photo of a cat"], num_inference_steps=1, generator=_generator()).images[0]
+    assert image.size == (target.adapter.pipe.unet.config.sample_size * 8,) * 2
 
 
-@pytest.mark.xfail(strict=True, reason="the StableDiffusion target " + SDXL_AS_SD.removeprefix("load_pipeline "))
-def test_stable_diffusion_target_sdxl(standin):
-    from slug_pl.families.hf_clip import HfClip
+def test_the_stable_diffusion_target_refuses_an_sdxl_folder_naming_the_sdxl_target(standin):
+    from slug_pl.data.generated import GenerateError
     from slug_pl.targets.stable_diffusion import StableDiffusion
 
-    sd = standin(si.SDXL)
-    target = StableDiffusion(pipeline=str(sd.path), steps=1, progress=False, device="cpu")
-    family = HfClip(str(sd.paired[si.CLIP_L14]))
-    target.check_pair(family, family.load())
-    target.generator()(prompt=["a photo of a cat"], num_inference_steps=1, generator=_generator())
+    with pytest.raises(GenerateError, match="holds a StableDiffusionXLPipeline, not a StableDiffusionPipeline: use "
+                                            "slug_pl.targets.StableDiffusionXL"):
+        StableDiffusion(pipeline=str(standin(si.SDXL).path), device="cpu").load()
 
 
 def test_llava_target_pairs_in_float32(standin):
@@ -288,14 +272,14 @@ def test_llava_target_pairs_in_float16(standin):
     target = Llava(model=str(llava.path), device="cpu", dtype="float16", progress=False)
     family = HfClip(str(llava.clip))
     target.check_pair(family, family.load())
-    assert target.feature_depth() == target.config().vision_config.num_hidden_layers - 1
+    assert target.adapter.feature_depth() == target.adapter.config().vision_config.num_hidden_layers - 1
 
 
 def test_llava_target_refuses_llava_next_by_name(standin):
     from slug_pl.targets.llava import Llava
 
     with pytest.raises(ValueError, match="'llava_next' model, not LLaVA"):
-        Llava(model=str(standin(si.LLAVA_NEXT).path), device="cpu").config()
+        Llava(model=str(standin(si.LLAVA_NEXT).path), device="cpu").adapter.config()
 
 
 @pytest.mark.parametrize("repo_id", [si.CLIP_L14, si.CLIP_L14_336, si.CLIP_H14, si.CLIP_BIGG14])

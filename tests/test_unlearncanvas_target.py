@@ -185,9 +185,10 @@ def test_target_refuses_half_a_classifier_pair_and_a_data_module_without_a_grid(
     with pytest.raises(ValueError, match="both style_classifier and object_classifier"):
         UnlearnCanvas(pipeline, style_classifier=classifiers[0])
     from slug_pl.context import RunContext
+    from slug_pl.evaluation.canvas_judge import CanvasJudge
 
     with pytest.raises(TypeError, match="UnlearnCanvasDataModule"):
-        UnlearnCanvas.grid_of(RunContext(None, None, ["Neon"], object()))
+        CanvasJudge.grid_of(RunContext(None, None, ["Neon"], object()))
 
 
 def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):
@@ -195,10 +196,10 @@ def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):
 
     target = target_for(pipeline, classifiers, search_seeds=[7], search_objects=1)
     grid = CanvasGrid("object", "Bicycle", STYLES, ("Apple", "Banana", "Bicycle"))
-    assert [(p.style, p.object, p.seed) for p in target.search_prompts(grid)] == [
+    assert [(p.style, p.object, p.seed) for p in target.judge.search_prompts(grid)] == [
         (s, o, 7) for s in STYLES for o in ("Apple", "Bicycle")]
     style_grid = CanvasGrid("style", "Neon", STYLES, ("Apple", "Banana", "Bicycle"))
-    assert {p.object for p in target.search_prompts(style_grid)} == {"Apple"}
+    assert {p.object for p in target.judge.search_prompts(style_grid)} == {"Apple"}
 
 
 # ------------------------------------------------------------------------------ a whole run

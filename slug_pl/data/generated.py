@@ -36,6 +36,7 @@ import webdataset as wds
 from tqdm.auto import tqdm
 
 from slug_pl.evaluation.generation import iter_image_batches
+from slug_pl.safety import read_descriptor
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "generated"
@@ -78,16 +79,44 @@ def check_pipeline_dir(pipeline_dir: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """``StableDiffusionPipeline.from_pretrained`` without a safety checker, on ``device``."""
-    from diffusers import StableDiffusionPipeline
+#: The diffusers pipelines slug_pl loads (``model_index.json``'s ``_class_name``) and the target
+#: that edits each.
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "slug_pl.targets.StableDiffusion (Stable Diffusion 1.x / 2.x)",
+                       "StableDiffusionXLPipeline": "slug_pl.targets.StableDiffusionXL (SDXL)"}
 
+
+def pipeline_class_name(pipeline_dir: str | os.PathLike) -> str:
+    """The diffusers pipeline class a pipeline folder holds (its ``model_index.json``'s
+    ``_class_name``), or :class:`GenerateError` naming what is supported when slug_pl does not
+    handle it (SD 3, Flux, ...: their text encoders are not a CLIP tower slug_pl can pair)."""
     path = check_pipeline_dir(pipeline_dir)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, dtype=dtype)
+        name = read_descriptor(path / "model_index.json", "pipeline index").get("_class_name")
+    except ValueError as err:
+        raise GenerateError(str(err)) from err
+    if name not in SUPPORTED_PIPELINES:
+        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_PIPELINES.items())
+        raise GenerateError(f"{pipeline_dir} holds a {name} (model_index.json's _class_name), which slug_pl does not "
+                            f"handle; it supports {supported}")
+    return name
+
+
+def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, expected: str | None = None):
+    """The folder's diffusers pipeline (:func:`pipeline_class_name`: Stable Diffusion or SDXL)
+    loaded without a safety checker, on ``device``. ``expected``: the class the caller handles
+    (a target refuses a folder of another, naming the target to use)."""
+    import diffusers
+
+    path = check_pipeline_dir(pipeline_dir)
+    name = pipeline_class_name(path)
+    if expected is not None and name != expected:
+        raise GenerateError(f"{pipeline_dir} holds a {name}, not a {expected}: use {SUPPORTED_PIPELINES[name]}")
+    kwargs = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
+    try:
+        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise GenerateError(f"cannot load a Stable Diffusion pipeline from {pipeline_dir}: "
+        raise GenerateError(f"cannot load a {name} from {pipeline_dir}: "
                             f"{type(err).__name__}: {' '.join(str(err).split())}") from err
     return pipe.to(device)
 

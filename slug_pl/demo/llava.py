@@ -11,8 +11,8 @@ questions, the CLIP's image processor and a LLaVA-1.5-style chat template) into 
 - :func:`demo_tokenizer`, :func:`build_llava`: the untrained model, its vision tower copied from a
   ``CLIPModel`` folder (so the CLIP and the VLM form a SLUG pair);
 - :func:`train_llava`: the projector and the language model learn to answer
-  :data:`~slug_pl.targets.llava.QUESTION` with the person's name and
-  :data:`~slug_pl.targets.llava.OBJECT_QUESTION` with the object's name on the world's corpus
+  :data:`~slug_pl.evaluation.vqa.DEFAULT_QUESTION` with the person's name and
+  :data:`~slug_pl.evaluation.vqa.DEFAULT_OBJECT_QUESTION` with the object's name on the world's corpus
   images, the vision tower frozen; the folder is scored on the held-out test images;
 - :func:`ensure_llava`: the world, its CLIP (:func:`~slug_pl.demo.hf_clip.ensure_hf_clip`) and the
   LLaVA at ``root/llava``, cached by the world's and the CLIP's fingerprints and the settings.
@@ -172,7 +172,7 @@ def evaluate_llava(world_root: str | os.PathLike, folder: str | os.PathLike, spl
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from slug_pl.evaluation.vqa import ask, name_accuracy
-    from slug_pl.targets.llava import OBJECT_QUESTION, QUESTION
+    from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION as OBJECT_QUESTION, DEFAULT_QUESTION as QUESTION
 
     root = Path(world_root)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
@@ -209,14 +209,14 @@ def train_llava(
     name accuracy on the test identities and objects (:func:`evaluate_llava`), times (s), the
     final loss and the sizes.
 
-    Every corpus image is one example: an identity image asks :data:`~slug_pl.targets.llava.QUESTION`
+    Every corpus image is one example: an identity image asks :data:`~slug_pl.evaluation.vqa.DEFAULT_QUESTION`
     and answers the person's name, an object image asks
-    :data:`~slug_pl.targets.llava.OBJECT_QUESTION` and answers the object's name; the loss is the
+    :data:`~slug_pl.evaluation.vqa.DEFAULT_OBJECT_QUESTION` and answers the object's name; the loss is the
     cross-entropy of the answer tokens and ``</s>``. The vision tower stays frozen (it must remain
     the CLIP's); the projector and the language model train with AdamW, linear warmup over
     ``warmup_fraction`` of the steps, then cosine decay to 0. One CPU thread (restored afterwards).
     """
-    from slug_pl.targets.llava import OBJECT_QUESTION, QUESTION
+    from slug_pl.evaluation.vqa import DEFAULT_OBJECT_QUESTION as OBJECT_QUESTION, DEFAULT_QUESTION as QUESTION
 
     world_root = Path(world_root)
     spec = WorldSpec(**json.loads((world_root / "world.json").read_text())["spec"])

@@ -3,10 +3,17 @@
 Stable Diffusion embeds a CLIP *text* tower as its text encoder; LLaVA embeds a CLIP *vision*
 tower. SLUG computes the gradients on the CLIP pair (same weights), chooses a layer only among
 the tensors the downstream model actually reads, searches the step, and copies the one edited
-tensor into the downstream model. A target is one file in this package, a subclass of
-:class:`DownstreamTarget`; the core (step search, run record) only calls the methods below.
+tensor into the downstream model. A target is two parts:
 
-In a config a target is the ``target`` argument of the method (``model.init_args.target``)::
+- an **adapter** (:class:`DownstreamAdapter`, one file per kind of model in this package): loads
+  the model, says which CLIP tensors it reads, holds the CLIP's edited tensors (``mirror``,
+  ``transplant``; every other tensor keeps its loaded value), saves itself, and draws or answers
+  for a judge;
+- a **judge** (:class:`TargetJudge`, in :mod:`slug_pl.evaluation`): decides what the search
+  measures, orders the found edits, and writes the target's report, through the adapter only.
+
+:class:`DownstreamTarget` is what a config names (``model.init_args.target``) and what the core
+calls; it builds its adapter and its judge from its arguments::
 
     model:
       class_path: slug_pl.methods.SlugModule
@@ -16,77 +23,61 @@ In a config a target is the ``target`` argument of the method (``model.init_args
 
 What the run does with a target (see :class:`slug_pl.methods.slug.SlugSearch`):
 
-1. before the pass: :meth:`load`, then :meth:`check_pair` (refuses a CLIP whose embedded tower
-   differs from the downstream model's, naming the first tensor that differs);
-2. ranking: only tensors for which :meth:`reads` is true can be candidates;
-3. step search: on :meth:`search_judge` (the target's own judge, e.g. a VLM's name accuracy) or,
+1. before the pass: ``use_run_device``, ``load``, then ``check_pair`` (refuses a CLIP whose
+   embedded tower differs from the downstream model's, naming the first tensor that differs);
+2. ranking: only tensors for which ``reads`` is true can be candidates;
+3. step search: on ``search_judge`` (the target's own judge, e.g. a VLM's name accuracy) or,
    when it returns None, on the CLIP's zero-shot metrics;
-4. final choice among the candidates that met the target: :meth:`rank_candidates`
-   (e.g. by generations), else the CLIP-side rule;
-5. after the edit: :meth:`transplant`, :meth:`evaluate` before/after (a summary block such as
-   ``"generation"`` or ``"vqa"``, report sections, figures), :meth:`save_pretrained`.
+4. final choice among the candidates that met the target: ``rank_candidates`` (e.g. by
+   generations), else the CLIP-side rule;
+5. after the edit: ``transplant``, ``evaluate`` before/after (a summary block such as
+   ``"generation"`` or ``"vqa"``, report sections, figures), ``save_pretrained``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from slug_pl.context import RunContext
-from slug_pl.edit import LayerEdit
+from slug_pl.edit import EditMismatchError, LayerEdit
+from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
+from slug_pl.targets.saved_copy import TensorChange, same_weights
+
+__all__ = ["DownstreamAdapter", "DownstreamTarget", "TargetJudge", "TargetMismatchError", "TargetReport"]
 
 
 class TargetMismatchError(ValueError):
     """The CLIP's tower is not the one the downstream model embeds (or cannot be mapped to it)."""
 
 
-@dataclass
-class TargetReport:
-    """What a target adds to a run's record.
+class DownstreamAdapter(ABC):
+    """A model built on one tower of a CLIP, as the run handles it: loaded once, holding the
+    CLIP's edited tensors when asked, saved with only those changed.
 
-    Attributes:
-        key: the summary.json block name (e.g. ``"generation"``, ``"vqa"``).
-        block: that block's content (``{"before": {...}, "after": {...}, ...}``; fractions).
-        sections: report.md lines (markdown).
-        figures: ``(caption, file name, matplotlib figure or PIL image)`` to save in the run folder.
-        after: the downstream metrics after the edit on the held-out images (test, else validation),
-            named as the target's search judge names them (e.g. ``forget_name_accuracy``): the
-            run's forget target is checked on fresh images with them when the CLIP's own zero-shot
-            metrics do not hold the target metric.
-        forget_images: images of the forgotten concept(s) behind ``after``'s forget metrics.
-        tables: CSV files for the run folder, ``{file name: (header, rows)}`` (the record writes
-            them, e.g. UnlearnCanvas' ``unlearncanvas.csv``).
+    The adapter remembers every tensor it ever wrote: its value as loaded and the CLIP's float32
+    value it holds now (:attr:`written`), so :meth:`mirror` can restore the loaded values and
+    :meth:`save_pretrained` can rewrite exactly those tensors in a copy of the model's folder.
     """
 
-    key: str
-    block: dict
-    sections: list[str] = field(default_factory=list)
-    figures: list[tuple[str, str, object]] = field(default_factory=list)
-    after: dict[str, float] = field(default_factory=dict)
-    forget_images: int | None = None
-    tables: dict[str, tuple[list[str], list[list]]] = field(default_factory=dict)
-
-
-class DownstreamTarget(ABC):
-    """A model built on one tower of a CLIP, which consumes a SLUG edit of that tower."""
-
-    #: Short name for records ("stable_diffusion", "llava").
-    name: str = "target"
+    #: Short name for records and folders ("stable_diffusion", "llava").
+    name: str = "downstream"
     #: The CLIP tower the downstream model embeds: "text" or "vision".
     tower: str = "text"
-    #: Whether the run writes the edited downstream model into its folder (``edited_<name>/``,
-    #: :meth:`save_pretrained`); a subclass sets it from its config.
-    save_edited: bool = False
     #: Where the downstream model runs, as configured (a torch device string); ``None`` or
     #: ``"auto"``: the device of the run's CLIP pass (:meth:`use_run_device`), else CUDA when
     #: available.
     device: str | None = None
 
+    def __init__(self):
+        self._loaded: dict[str, torch.Tensor] = {}  # downstream name -> value as loaded (tensors ever written)
+        self.written: dict[str, TensorChange] = {}  # downstream name -> (loaded, the CLIP's value it holds)
+
+    # -- where it runs ------------------------------------------------------------------------
     def use_run_device(self, device: torch.device | str) -> None:
         """The device the run's CLIP pass runs on: the downstream model runs there too unless its
         config names a device (called before :meth:`load`)."""
@@ -99,10 +90,17 @@ class DownstreamTarget(ABC):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    # -- the downstream model ------------------------------------------------------------------
+    # -- the model ------------------------------------------------------------------------------
+    @abstractmethod
+    def source(self) -> str:
+        """The folder (or hub id) the downstream model is loaded from, as configured."""
+
+    def describe(self) -> str:
+        return f"the {self.name} model {self.source()}"
+
     @abstractmethod
     def load(self) -> None:
-        """Load the downstream model (idempotent), on the CPU unless configured otherwise."""
+        """Load the downstream model (idempotent) on :meth:`resolved_device`."""
 
     @abstractmethod
     def downstream_name(self, clip_name: str) -> str | None:
@@ -118,71 +116,191 @@ class DownstreamTarget(ABC):
 
     @abstractmethod
     def downstream_parameters(self) -> dict[str, torch.Tensor]:
-        """The downstream model's parameters (name -> tensor) that mirror the CLIP tower."""
+        """The downstream model's parameters (name -> tensor) that mirror the CLIP tower (loaded)."""
+
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype the downstream model's checkpoint stores the tower in, when it is coarser than
+        the one it runs in (a float16 checkpoint loaded as float32); None: as it runs."""
+        return None
+
+    def same(self, clip_value: torch.Tensor, theirs: torch.Tensor) -> bool:
+        """Whether a CLIP tensor and the downstream model's copy hold the same weights, at the
+        coarsest precision either passed through (:func:`~slug_pl.targets.saved_copy.same_weights`)."""
+        return same_weights(clip_value, theirs, self.stored_dtype())
 
     def check_pair(self, family, clip: nn.Module) -> None:
-        """Raise :class:`TargetMismatchError` naming the first tensor of the embedded tower whose
-        CLIP weights differ from the downstream model's (or that the downstream model lacks)."""
+        """Raise :class:`TargetMismatchError` naming the first tensor of the embedded tower that the
+        downstream model reads and whose CLIP weights differ from the downstream model's (or that
+        the downstream model lacks)."""
         mirror = self.downstream_parameters()
+        model = family.describe().get("model_name")
         for name, param in clip.named_parameters():
-            if family.tower_of(name) != self.tower:
-                continue
-            theirs = self.downstream_name(name)
+            theirs = self.downstream_name(name) if family.tower_of(name) == self.tower else None
             if theirs is None:
                 continue
             if theirs not in mirror:
                 raise TargetMismatchError(
-                    f"{self.describe()} has no tensor {theirs!r} (the CLIP's {name!r}): the CLIP is not the "
-                    f"one this {self.name} model embeds; pair it with the CLIP its {self.tower} tower comes from")
-            other = mirror[theirs]
-            if other.shape != param.shape or not torch.equal(other.detach().cpu().float(), param.detach().cpu().float()):
+                    f"{self.describe()} has no tensor {theirs!r} (the CLIP's {name!r}): the CLIP ({model}) is not the "
+                    f"one this {self.name} model embeds; {self.pairing_hint()}")
+            if not self.same(param, self._loaded.get(theirs, mirror[theirs])):
                 raise TargetMismatchError(
-                    f"the CLIP's {name!r} differs from {self.describe()}'s {theirs!r}: the CLIP "
-                    f"({family.describe().get('model_name')}) is not the one this {self.name} model embeds; "
-                    f"use the CLIP its {self.tower} tower comes from")
+                    f"the CLIP's {name!r} differs from {self.describe()}'s {theirs!r}: the CLIP ({model}) is not the "
+                    f"one this {self.name} model embeds; {self.pairing_hint()}")
 
-    @abstractmethod
+    def pairing_hint(self) -> str:
+        """What to pair the model with (appended to a mismatch)."""
+        return f"use the CLIP its {self.tower} tower comes from"
+
+    # -- holding the CLIP's edits ----------------------------------------------------------------
+    def differing(self, clip: nn.Module) -> list[str]:
+        """The CLIP tensors the downstream model reads whose values differ from the downstream
+        model's as loaded (the edits the CLIP carries)."""
+        params = self.downstream_parameters()
+        out = []
+        for name, param in clip.named_parameters():
+            theirs = self.downstream_name(name) if self.reads(name) else None
+            if theirs is not None and theirs in params and not self.same(param, self._loaded.get(theirs, params[theirs])):
+                out.append(name)
+        return out
+
+    @torch.no_grad()
+    def mirror(self, clip: nn.Module, clip_names: Sequence[str] | None = None) -> list[str]:
+        """Make the downstream model hold the CLIP's current values of ``clip_names`` (None: every
+        tensor the CLIP differs in, :meth:`differing`), cast to its dtype and device, and its
+        loaded values everywhere else. Returns the downstream names now holding CLIP values.
+        ``mirror(clip, [])`` restores the model as loaded."""
+        names = self.differing(clip) if clip_names is None else list(clip_names)
+        clip_params = dict(clip.named_parameters())
+        wanted = {}
+        for name in names:
+            theirs = self.downstream_name(name)
+            if theirs is None or not self.reads(name):
+                raise TargetMismatchError(
+                    f"the edit of {name!r} cannot reach {self.describe()}: it does not read this tensor; edit a "
+                    f"tensor it reads (search.towers [{self.tower}])")
+            wanted[theirs] = clip_params[name]
+        params = self.downstream_parameters()
+        for theirs in [t for t in self.written if t not in wanted]:
+            params[theirs].copy_(self._loaded[theirs])
+            del self.written[theirs]
+        for theirs, value in wanted.items():
+            self.write(theirs, value)
+        return sorted(wanted)
+
     def transplant(self, clip: nn.Module, edits: Sequence[LayerEdit]) -> list[str]:
         """Copy the edited tensors of ``clip`` (as it is now) into the downstream model; every
-        other downstream tensor stays bit-identical. Returns the downstream names changed.
-        Calling it with the unedited CLIP restores the downstream model."""
+        other downstream tensor stays as loaded. Returns the downstream names changed."""
+        return self.mirror(clip, [e.name for e in edits])
+
+    @torch.no_grad()
+    def write(self, theirs: str, value: torch.Tensor) -> None:
+        """Set the downstream tensor ``theirs`` to ``value`` (cast to its device and dtype),
+        remembering its loaded value and the float32 value written (:attr:`written`)."""
+        target = self.downstream_parameters()[theirs]
+        loaded = self._loaded.setdefault(theirs, target.detach().clone())
+        target.copy_(value.detach().to(target.device, target.dtype))
+        self.written[theirs] = TensorChange(loaded, value.detach().to("cpu", torch.float32).clone())
+
+    def apply_edit_file(self, edits: Sequence[LayerEdit], source: str = "the edit") -> list[str]:
+        """Write a saved patch's edited tensors into the downstream model without the CLIP (``slug-pl
+        transplant``): each edited tensor must map to a tensor the model reads, and its original
+        (the patch's ``original/<name>``) must be the model's as loaded, so a patch computed on
+        another CLIP is refused (:class:`~slug_pl.edit.EditMismatchError`). Returns the downstream
+        names changed."""
+        self.load()
+        params = self.downstream_parameters()
+        changed = []
+        for e in edits:
+            theirs = self.downstream_name(e.name)
+            if theirs is None or theirs not in params or not self.reads(e.name):
+                raise EditMismatchError(f"{source}: {e.name!r} has no counterpart that {self.describe()} reads "
+                                        f"(it embeds the CLIP's {self.tower} tower)")
+            if not self.same(e.original, self._loaded.get(theirs, params[theirs])):
+                raise EditMismatchError(f"{source}: {self.describe()}'s {theirs!r} is not the original {e.name!r} the "
+                                        f"edit was computed on: the edit belongs to another CLIP (or was applied "
+                                        f"already)")
+            self.write(theirs, e.edited)
+            changed.append(theirs)
+        return changed
 
     @abstractmethod
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the downstream model (as it is now) as a normal Hugging Face / diffusers folder."""
+        """Write the downstream model (as it is now) into the new folder ``folder``, loadable by its
+        plain library: a copy of its folder in which only the :attr:`written` tensors change."""
+
+    @classmethod
+    def recognizes(cls, folder: Path) -> bool:
+        """Whether the model folder ``folder`` is one this adapter loads (``slug-pl transplant``
+        picks the adapter this way)."""
+        return False
+
+
+class DownstreamTarget:
+    """A downstream model and its judge, as a config names them: the core calls this, which hands
+    each call to its :attr:`adapter` (the model) or its :attr:`judge` (the verdict).
+
+    A target file defines a subclass whose ``__init__`` takes the config's arguments and calls
+    ``super().__init__(adapter, judge, save_edited)``.
+    """
+
+    def __init__(self, adapter: DownstreamAdapter, judge: TargetJudge, save_edited: bool = False,
+                 name: str | None = None):
+        """
+        Args:
+            adapter: the downstream model.
+            judge: how the run is judged on it.
+            save_edited: also write the edited downstream model into the run folder
+                (``edited_<name>/``, :meth:`save_pretrained`).
+            name: the target's short name in records and folders (default: the adapter's).
+        """
+        self.adapter, self.judge, self.save_edited = adapter, judge, save_edited
+        self.name = name or adapter.name
+
+    @property
+    def tower(self) -> str:
+        return self.adapter.tower
+
+    # -- the model (the adapter's) ----------------------------------------------------------------
+    def source(self) -> str:
+        return self.adapter.source()
 
     def describe(self) -> str:
-        return self.name
+        return self.adapter.describe()
 
-    @abstractmethod
-    def source(self) -> str:
-        """The folder (or hub id) the downstream model is loaded from, as configured."""
+    def use_run_device(self, device: torch.device | str) -> None:
+        self.adapter.use_run_device(device)
 
-    # -- the search and the verdict ------------------------------------------------------------
+    def resolved_device(self) -> torch.device:
+        return self.adapter.resolved_device()
+
+    def load(self) -> None:
+        self.adapter.load()
+
+    def reads(self, clip_name: str) -> bool:
+        return self.adapter.reads(clip_name)
+
+    def check_pair(self, family, clip: nn.Module) -> None:
+        self.adapter.check_pair(family, clip)
+
+    def transplant(self, clip: nn.Module, edits: Sequence[LayerEdit]) -> list[str]:
+        return self.adapter.transplant(clip, edits)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        return self.adapter.save_pretrained(folder)
+
+    # -- the verdict (the judge's) ----------------------------------------------------------------
     def forget_gradient_projection(self, context: RunContext):
-        """A projection of the forget gradient that keeps the edit off what the downstream model
-        must keep (:class:`slug_pl.retain_projection.InputProjection`: only the tensors it covers
-        are then candidates), or None: the method's forget gradient as it is."""
-        return None
+        return self.judge.forget_gradient_projection(context)
 
     def search_judge(self, context: RunContext, concept: str):
-        """A judge (``evaluate(model, edited) -> metrics``) for the step search of ``concept``,
-        measured on the downstream model with the CLIP's edit transplanted, or None to search
-        on the CLIP's own zero-shot metrics."""
-        return None
+        return self.judge.search_judge(context, concept)
 
     @property
     def reorders_candidates(self) -> bool:
-        """Whether :meth:`rank_candidates` re-orders the found edits by the downstream model's own
-        judgement (then the search must find every candidate's edit: no ``stop_dominated``)."""
-        return False
+        return self.judge.reorders_candidates
 
     def rank_candidates(self, context: RunContext, concept: str, edits: Sequence[LayerEdit]) -> list[int] | None:
-        """Order (best first) of the candidate edits that met the target on the CLIP side, judged
-        downstream (each ``edits[i]`` applied alone); None keeps the CLIP-side order."""
-        return None
+        return self.judge.rank_candidates(context, concept, edits)
 
-    @abstractmethod
     def evaluate(self, context: RunContext, edits: Sequence[LayerEdit]) -> TargetReport:
-        """Before (edits reverted) and after measurements of the downstream model, for the run's
-        concepts (the CLIP, ``context.model``, carries ``edits`` on entry and on return)."""
+        return self.judge.evaluate(context, edits)
