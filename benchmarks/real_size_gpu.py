@@ -154,7 +154,7 @@ def build_sd(spec: dict, device: str):
 
 
 def run_sd(spec: dict, device: str, prompts: int) -> dict:
-    from slug_pl.evaluation.generation import generate_images
+    from slug_pl.pipelines import generate_images
 
     (pipe, info), build_s = timed(device, lambda: build_sd(spec, device))
     n, batch = prompts, spec["batch"]

@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SystemExit as stop:
+    except SystemExit:
         if hint.hint:  # Lightning exits with status 1 after Ctrl-C
             print(f"{prog}: {hint.hint}", file=sys.stderr)
             return EXIT_INTERRUPTED

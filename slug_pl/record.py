@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slug_pl.atomic import atomic_output, write_text
+from slug_pl.markdown import pct, table
 from slug_pl.edit import LayerEdit, save_edits
 from slug_pl.evaluation.final import BeforeAfter
 from slug_pl.step_search import ForgetTarget, core_metrics
@@ -47,17 +48,6 @@ SCHEMA_VERSION = 2
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 EDIT_FILE = "edit.safetensors"
-
-
-def pct(value: float | None) -> str:
-    """A fraction as a percentage with one decimal ("–" for None)."""
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
-    """A markdown table as lines."""
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
 def held_out_verdict(target: ForgetTarget, result: BeforeAfter, downstream: dict | None = None,

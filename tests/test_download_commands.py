@@ -155,7 +155,7 @@ def _tensors(**modules) -> dict:
 def _load_sd(folder: Path, xl: bool = False) -> dict:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from slug_pl.data.generated import load_pipeline
+    from slug_pl.pipelines import load_pipeline
 
     pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_pretrained(folder)
     parts = {name: getattr(pipe, name) for name in ("text_encoder", "text_encoder_2", "unet", "vae", "safety_checker")

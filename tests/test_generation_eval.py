@@ -16,6 +16,7 @@ from slug_pl.data import generated
 from slug_pl.data.pairs import shard_sample_counts
 from slug_pl.data.shards import expand_urls, iter_raw_samples
 from slug_pl.evaluation import generation as gen
+from slug_pl.pipelines import generate_images, load_pipeline
 from slug_pl.families.base import ModelFamily
 
 STEPS = 2
@@ -29,7 +30,7 @@ def sd_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(sd_dir):
-    return generated.load_pipeline(sd_dir)
+    return load_pipeline(sd_dir)
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +70,17 @@ def test_prompt_set_order_and_checks():
 def test_generate_images_depend_on_seed_not_batching(pipe):
     prompts = ["a photo of Alice Abara.", "a red cube", "a photo of Alice Abara.", "a cat"]
     seeds = [0, 1, 2, 0]
-    first = gen.generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4, progress=False)
-    again = gen.generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4, progress=False)
+    first = generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4, progress=False)
+    again = generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4, progress=False)
     assert len(first) == 4 and first[0].size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)
     for a, b in zip(first, again):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # a seed decides the image: prompts 0 and 2 differ only in seed, their images differ
     assert np.abs(np.asarray(first[0], float) - np.asarray(first[2], float)).mean() > 1.0
 
-    batched = gen.generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4,
+    batched = generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=4,
                                   progress=False, output_type="pt")
-    single = gen.generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=1,
+    single = generate_images(pipe, prompts, seeds, steps=STEPS, guidance=3.0, batch_size=1,
                                  progress=False, output_type="pt")
     assert batched.shape == (4, 3, SD_IMAGE_SIZE, SD_IMAGE_SIZE) and batched.dtype == torch.float32
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=0)  # float rounding of batched matmuls
@@ -87,7 +88,7 @@ def test_generate_images_depend_on_seed_not_batching(pipe):
     assert np.abs(np.asarray(first[1], float) - batched[1].permute(1, 2, 0).numpy() * 255).max() <= 1.0
     # pairs of unequal length are refused
     with pytest.raises(ValueError, match="one seed per prompt"):
-        gen.generate_images(pipe, prompts, seeds[:2], progress=False)
+        generate_images(pipe, prompts, seeds[:2], progress=False)
 
 
 # ---------------------------------------------------------------------------- CLIP score
@@ -133,7 +134,6 @@ def test_clip_score_hand_computation():
     # cos((3,4),(4,3)) = 24/25; cos((3,4),(-1,0)) = -3/5 -> clipped to 0; cos((0,5),(1,0)) = 0
     scores = gen.clip_scores(family, family.load(), images, prompts)
     torch.testing.assert_close(scores, torch.tensor([96.0, 0.0, 0.0]))
-    assert gen.clip_score(family, family.load(), images, prompts) == pytest.approx(32.0)
 
 
 def test_clip_score_matches_open_clip_directly(clip):
@@ -248,58 +248,33 @@ def test_image_grid_layout_and_writers(tmp_path):
     # labels are drawn (forget label in red-ish text left of the images)
     left = pixels[:, : red[:, 1].min()]
     assert ((left[..., 0] > 120) & (left[..., 1] < 90)).any()
-    path = gen.write_png(grid, tmp_path / "grid.png")
-    assert np.array_equal(np.asarray(Image.open(path)), pixels)
-    with pytest.raises(FileExistsError):
-        gen.write_png(grid, path)
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(tmp_path / "tb"))
-    gen.log_grid_to_tensorboard(writer, "generation/grid", grid, step=3)
-    writer.close()
-    events = EventAccumulator(str(tmp_path / "tb"))
-    events.Reload()
-    (logged,) = events.Images("generation/grid")
-    assert (logged.step, logged.width, logged.height) == (3, grid.width, grid.height)
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 
-def test_evaluate_generation_result(pipe, clip):
+def test_score_generation_result(pipe, clip):
+    """Recognition and CLIP score of drawn prompt sets, recomputed by hand from the judge's logits
+    and the CLIP scores."""
     family, model = clip
     ps = gen.PromptSet(concepts=["Alice Abara", "Bruno Bell", "Chen Cho"], forget=["Bruno Bell"],
                        templates=["a photo of {}."], seeds=[0, 1])
     judge = gen.ClipZeroShotJudge(family, model)
-    kwargs = dict(steps=STEPS, guidance=3.0, batch_size=3, progress=False)
-    result = gen.evaluate_generation(pipe, ps, judge, family, model, **kwargs)
-    assert set(result) == {"judge", "prompts", "seeds", "forget_recognition", "retain_recognition",
-                           "clip_score", "per_concept"}
-    assert result["prompts"] == 3 and result["seeds"] == [0, 1] and result["judge"] == judge.name
-
-    images = gen.generate_prompt_set(pipe, ps, **kwargs)
+    items = ps.items()
+    images = generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], steps=STEPS, guidance=3.0,
+                             batch_size=3, progress=False)
     assert len(images) == 6
+    result = gen.score_generation(images, ps, judge, family, model)
+    assert set(result) >= {"forget_recognition", "retain_recognition", "clip_score", "per_concept"}
     predicted = judge.logits(images, ps.judge_classes).argmax(1).tolist()
     hits = [p == k // 2 for k, p in enumerate(predicted)]  # image k shows concept k // 2
     assert result["forget_recognition"] == pytest.approx(np.mean(hits[2:4]))
     assert result["retain_recognition"] == pytest.approx((np.mean(hits[0:2]) + np.mean(hits[4:6])) / 2)
-    scores = gen.clip_scores(family, model, images, [i.prompt for i in ps.items()])
+    scores = gen.clip_scores(family, model, images, [i.prompt for i in items])
     assert result["clip_score"] == pytest.approx(scores.mean().item(), abs=1e-5)
     assert result["per_concept"]["Chen Cho"] == pytest.approx(
         {"forget": False, "images": 2, "recognition": np.mean(hits[4:6]),
          "clip_score": scores[4:6].mean().item()}, abs=1e-5)
-    # other seeds: same keys, the seeds recorded
-    other = gen.evaluate_generation(pipe, ps, judge, family, model, seeds=[9], **kwargs)
-    assert other["seeds"] == [9] and other["per_concept"]["Alice Abara"]["images"] == 1
-
-    grid = gen.prompt_set_grid(ps, images, images[::-1], per_row=2, cell=16)
-    assert grid.height > 3 * 16 and grid.width > 4 * 16
-
-
-# ---------------------------------------------------------------------------- generate command
-
 
 def test_generate_forget_set_shards(pipe, sd_dir, tmp_path):
     prompt = "a photo of Alice Abara."
@@ -354,10 +329,10 @@ def test_tiny_pipeline_around_a_saved_clip_text_tower(tmp_path):
     torch.manual_seed(0)
     clip_model = CLIPModel(tiny_clip_config(hidden_size=48, layers=2, heads=2, projection_dim=16))
     clip_dir = save_clip_folder(clip_model, tmp_path / "clip")
-    pipe = generated.load_pipeline(tiny_sd_pipeline(tmp_path / "sd", text_encoder_dir=clip_dir))
+    pipe = load_pipeline(tiny_sd_pipeline(tmp_path / "sd", text_encoder_dir=clip_dir))
     tower = clip_model.text_model.state_dict()
     loaded = pipe.text_encoder.state_dict()  # transformers 5: CLIPTextModel is the tower itself
     assert set(loaded) == set(tower) and all(torch.equal(loaded[k], tower[k]) for k in tower)
     assert pipe.tokenizer.model_max_length == 16 and pipe.unet.config.cross_attention_dim == 48
-    (image,) = gen.generate_images(pipe, ["a photo of Alice Abara."], [0], steps=STEPS, progress=False)
+    (image,) = generate_images(pipe, ["a photo of Alice Abara."], [0], steps=STEPS, progress=False)
     assert image.size == (SD_IMAGE_SIZE, SD_IMAGE_SIZE)

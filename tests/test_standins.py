@@ -205,7 +205,7 @@ def test_builds_are_reused_and_named_by_repository(standin, tmp_path):
 
 @pytest.mark.parametrize("repo_id", [si.SD15, si.SD21, si.UNLEARNCANVAS])
 def test_load_pipeline(standin, repo_id):
-    from slug_pl.data.generated import load_pipeline
+    from slug_pl.pipelines import load_pipeline
 
     pipe = load_pipeline(standin(repo_id).path)
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
@@ -213,7 +213,7 @@ def test_load_pipeline(standin, repo_id):
 
 def test_load_pipeline_sdxl(standin):
     """An SDXL folder loads as SDXL, both text encoders and the UNet's text_time conditioning."""
-    from slug_pl.data.generated import load_pipeline
+    from slug_pl.pipelines import load_pipeline
 
     pipe = load_pipeline(standin(si.SDXL).path)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and hasattr(pipe, "text_encoder_2")
@@ -221,9 +221,9 @@ def test_load_pipeline_sdxl(standin):
 
 @pytest.mark.parametrize("repo_id, pipeline_class", [(si.SD3, "StableDiffusion3Pipeline"), (si.FLUX, "FluxPipeline")])
 def test_load_pipeline_refuses_unsupported_by_name(standin, repo_id, pipeline_class):
-    from slug_pl.data.generated import GenerateError, load_pipeline
+    from slug_pl.pipelines import PipelineError, load_pipeline
 
-    with pytest.raises(GenerateError) as err:
+    with pytest.raises(PipelineError) as err:
         load_pipeline(standin(repo_id).path)
     assert pipeline_class in str(err.value) and "StableDiffusionPipeline" in str(err.value)
 
@@ -244,10 +244,10 @@ def test_stable_diffusion_target_pairs(standin, repo_id):
 
 
 def test_the_stable_diffusion_target_refuses_an_sdxl_folder_naming_the_sdxl_target(standin):
-    from slug_pl.data.generated import GenerateError
+    from slug_pl.pipelines import PipelineError
     from slug_pl.targets.stable_diffusion import StableDiffusion
 
-    with pytest.raises(GenerateError, match="holds a StableDiffusionXLPipeline, not a StableDiffusionPipeline: use "
+    with pytest.raises(PipelineError, match="holds a StableDiffusionXLPipeline, not a StableDiffusionPipeline: use "
                                             "slug_pl.targets.StableDiffusionXL"):
         StableDiffusion(pipeline=str(standin(si.SDXL).path), device="cpu").load()
 

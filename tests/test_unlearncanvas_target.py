@@ -137,7 +137,7 @@ def test_evaluation_is_canvas_scores_of_the_grid_drawn_before_and_after(canvas, 
     the prompts and seeds are recorded and a second evaluation gives the same numbers."""
     from diffusers import StableDiffusionPipeline
 
-    from slug_pl.evaluation.generation import generate_images
+    from slug_pl.pipelines import generate_images
 
     dm = datamodule(canvas, tmp_path)
     dm.prepare_data()

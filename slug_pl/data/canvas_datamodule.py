@@ -67,7 +67,7 @@ class CanvasGrid:
 
 
 @runtime_checkable
-class CanvasData(Protocol):
+class CanvasGridSource(Protocol):
     """What the UnlearnCanvas target needs of a run's data beyond :class:`~slug_pl.context.RunData`:
     the prompt grid, and a record of where the canvas came from."""
 

@@ -35,90 +35,17 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from slug_pl.evaluation.generation import iter_image_batches
-from slug_pl.safety import read_descriptor
+from slug_pl.pipelines import DTYPES, PipelineError, check_pipeline_dir, iter_image_batches, load_pipeline, resolve_dtype
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "generated"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _TAR_MTIME = 0.0  # fixed member mtime: the same inputs give byte-identical shards
 #: The largest seed a torch generator takes.
 MAX_SEED = 2**63 - 1
 
 
-class GenerateError(ValueError):
-    """Bad input to ``slug-pl generate``: a missing or unusable pipeline folder, bad settings."""
-
-
 def sample_key(seed: int) -> str:
     return f"seed{seed:08d}"
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """``None`` means float16 on CUDA and float32 elsewhere."""
-    if dtype is None:
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise GenerateError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def check_pipeline_dir(pipeline_dir: str | os.PathLike) -> Path:
-    """The resolved pipeline folder; :class:`GenerateError` if it is missing or not a diffusers
-    pipeline folder (one with ``model_index.json``)."""
-    path = Path(pipeline_dir).expanduser()
-    if not path.is_dir():
-        raise GenerateError(f"pipeline folder not found: {pipeline_dir}. Give a folder written by "
-                            f"StableDiffusionPipeline.save_pretrained")
-    if not (path / "model_index.json").is_file():
-        raise GenerateError(f"{pipeline_dir} is not a diffusers pipeline folder (no model_index.json); "
-                            f"give a folder written by StableDiffusionPipeline.save_pretrained")
-    return path.resolve()
-
-
-#: The diffusers pipelines slug_pl loads (``model_index.json``'s ``_class_name``) and the target
-#: that edits each.
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "slug_pl.targets.StableDiffusion (Stable Diffusion 1.x / 2.x)",
-                       "StableDiffusionXLPipeline": "slug_pl.targets.StableDiffusionXL (SDXL)"}
-
-
-def pipeline_class_name(pipeline_dir: str | os.PathLike) -> str:
-    """The diffusers pipeline class a pipeline folder holds (its ``model_index.json``'s
-    ``_class_name``), or :class:`GenerateError` naming what is supported when slug_pl does not
-    handle it (SD 3, Flux, ...: their text encoders are not a CLIP tower slug_pl can pair)."""
-    path = check_pipeline_dir(pipeline_dir)
-    try:
-        name = read_descriptor(path / "model_index.json", "pipeline index").get("_class_name")
-    except ValueError as err:
-        raise GenerateError(str(err)) from err
-    if name not in SUPPORTED_PIPELINES:
-        supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_PIPELINES.items())
-        raise GenerateError(f"{pipeline_dir} holds a {name} (model_index.json's _class_name), which slug_pl does not "
-                            f"handle; it supports {supported}")
-    return name
-
-
-def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32, expected: str | None = None):
-    """The folder's diffusers pipeline (:func:`pipeline_class_name`: Stable Diffusion or SDXL)
-    loaded without a safety checker, on ``device``. ``expected``: the class the caller handles
-    (a target refuses a folder of another, naming the target to use)."""
-    import diffusers
-
-    path = check_pipeline_dir(pipeline_dir)
-    name = pipeline_class_name(path)
-    if expected is not None and name != expected:
-        raise GenerateError(f"{pipeline_dir} holds a {name}, not a {expected}: use {SUPPORTED_PIPELINES[name]}")
-    kwargs = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
-    try:
-        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise GenerateError(f"cannot load a {name} from {pipeline_dir}: "
-                            f"{type(err).__name__}: {' '.join(str(err).split())}") from err
-    return pipe.to(device)
 
 
 def _check_output(out: Path) -> Path:
@@ -149,16 +76,16 @@ def generate_forget_set(
     new folder ``out``; return ``out``. ``device`` defaults to CUDA when available; ``dtype``
     (``float32`` / ``float16`` / ``bfloat16``) to float16 on CUDA, float32 elsewhere.
 
-    Raises :class:`GenerateError` for a missing / non-diffusers pipeline folder or bad settings and
+    Raises :class:`PipelineError` for a missing / non-diffusers pipeline folder or bad settings and
     :class:`FileExistsError` for an existing non-empty ``out``.
     """
     if not prompt or not prompt.strip():
-        raise GenerateError("the prompt is empty: give the text to draw, e.g. 'a photo of Alice Abara.'")
+        raise PipelineError("the prompt is empty: give the text to draw, e.g. 'a photo of Alice Abara.'")
     for name, value in (("n", n), ("batch_size", batch_size), ("steps", steps), ("shard_size", shard_size)):
         if isinstance(value, bool) or int(value) < 1:
-            raise GenerateError(f"{name} must be a positive integer, got {value!r}")
+            raise PipelineError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(seed0, bool) or seed0 < 0 or seed0 + n > MAX_SEED + 1:
-        raise GenerateError(f"the seeds {seed0}..{seed0 + n - 1} must lie in 0..{MAX_SEED} (a torch generator's "
+        raise PipelineError(f"the seeds {seed0}..{seed0 + n - 1} must lie in 0..{MAX_SEED} (a torch generator's "
                             f"seed): give a smaller --seed or --n")
     pipeline_path = check_pipeline_dir(pipeline_dir)  # every argument checked before any work
     out = Path(out)
@@ -254,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, steps=args.steps, guidance=args.guidance,
                                   device=args.device, dtype=args.dtype, height=args.height,
                                   width=args.width, shard_size=args.shard_size)
-    except (GenerateError, FileExistsError) as err:
+    except (PipelineError, FileExistsError) as err:
         print(f"slug-pl generate: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.n} images of {args.prompt!r} (seeds {args.seed}–{args.seed + args.n - 1}) to {out}")

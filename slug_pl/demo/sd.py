@@ -433,16 +433,18 @@ def _say(msg: str) -> None:
 def _recognition_check(pipe, clip_folder: str, world: dict, s: SdTraining) -> dict:
     """Per identity, the fraction of its generations (every identity template × ``verify_seeds``)
     the world's CLIP recognizes as that identity, zero-shot among all identities."""
-    from slug_pl.evaluation.generation import ClipZeroShotJudge, PromptSet, generate_prompt_set, recognition
+    from slug_pl.evaluation.generation import ClipZeroShotJudge, PromptSet, recognition
     from slug_pl.families.hf_clip import HfClip
+    from slug_pl.pipelines import generate_images
 
     identities = json.loads(Path(world["identities_json"]).read_text())
     templates = json.loads(Path(world["templates_json"]).read_text())["identities"]
     family = HfClip(model_name=clip_folder)
     judge = ClipZeroShotJudge(family, family.load(), templates)
     prompts = PromptSet(identities, (), templates, s.verify_seeds)
-    images = generate_prompt_set(pipe, prompts, steps=s.verify_steps, guidance=s.verify_guidance,
-                                 batch_size=64, progress=False)
+    items = prompts.items()
+    images = generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], steps=s.verify_steps,
+                             guidance=s.verify_guidance, batch_size=64, progress=False)
     per = recognition(judge, images, [i.concept for i in prompts.items()], identities, ())["per_concept"]
     return {"per_identity": per, "min": min(per.values()), "mean": sum(per.values()) / len(per),
             "images_per_identity": len(templates) * len(s.verify_seeds)}

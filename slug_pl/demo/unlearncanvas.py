@@ -123,7 +123,7 @@ def train_canvas_clip(canvas_root: str | os.PathLike, out: str | os.PathLike, im
 def _style_check(pipe, judge, styles: list[str], objects: list[str], s: SdTraining) -> dict:
     """Per style, the fraction of its generations (every object, ``verify_seeds``) the style
     classifier names correctly; also the objects' mean accuracy. ``min`` / ``mean`` over styles."""
-    from slug_pl.evaluation.generation import generate_images
+    from slug_pl.pipelines import generate_images
     from slug_pl.evaluation.unlearncanvas import classify, prompt_grid
 
     prompts = prompt_grid(styles, objects, s.verify_seeds)

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.transforms.functional import to_pil_image
 
 from slug_pl.context import RunContext
-from slug_pl.data.canvas_datamodule import CanvasData
+from slug_pl.data.canvas_datamodule import CanvasGridSource
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.generation import image_grid
 from slug_pl.evaluation.generation_judge import CandidateScore, order_by_generation
@@ -31,7 +31,8 @@ from slug_pl.evaluation.unlearncanvas import (
     prompt_grid,
     score_images,
 )
-from slug_pl.record import pct, table
+from slug_pl.markdown import pct, table
+from slug_pl.resources import peak_mem_mb, peak_memory
 from slug_pl.step_search import reverted
 
 GIB = 2**30
@@ -109,7 +110,7 @@ class CanvasJudge(TargetJudge):
     def grid_of(context: RunContext):
         """The run's :class:`~slug_pl.data.canvas_datamodule.CanvasGrid` (its data must be an
         UnlearnCanvas data module, which names the grid)."""
-        if not isinstance(context.data, CanvasData):
+        if not isinstance(context.data, CanvasGridSource):
             raise TypeError(f"the UnlearnCanvas target needs an UnlearnCanvas data module "
                             f"(data.class_path: slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule), "
                             f"got {type(context.data).__name__}")
@@ -179,8 +180,6 @@ class CanvasJudge(TargetJudge):
     def cost(self, context: RunContext, edits: Sequence[LayerEdit]) -> dict:
         """Time, peak memory and storage of the unlearning (module docstring): the method's
         timings so far (None when it has none)."""
-        from slug_pl.methods.base import peak_mem_mb, peak_memory
-
         timings = dict(context.timings)
         memory = peak_memory(next(context.model.parameters()).device)
         element = torch.empty(0, dtype=self.adapter.dtype).element_size()

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from slug_pl.edit import LayerEdit
 from slug_pl.evaluation.evaluator import Evaluator

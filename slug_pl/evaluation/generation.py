@@ -4,14 +4,15 @@ edit of its CLIP text encoder.
 The pieces, each usable alone:
 
 - :class:`PromptSet`: which prompts are drawn with which seeds, in one documented order;
-- :func:`generate_images`: images for (prompt, seed) pairs, each from its own seeded generator, so
-  an image does not depend on how the pairs are batched;
-- :func:`clip_score`: how well images match their prompts under a CLIP;
+- :func:`clip_scores`: how well images match their prompts under a CLIP;
 - :func:`recognition`: how often a *judge* (a CLIP zero-shot classifier, :class:`ClipZeroShotJudge`,
   or a trained classifier, :class:`ClassifierJudge`) recognizes the concept a prompt asked for;
-- :func:`image_grid` / :func:`prompt_set_grid`: before | after images side by side, per concept;
-- :func:`evaluate_generation`: generation + judging + CLIP score as one result dict (the "before"
-  and "after" blocks of a run's summary).
+- :func:`score_generation`: judging + CLIP score of drawn images as one result dict;
+- :func:`image_grid`: before | after images side by side, per concept.
+
+Images are drawn by :func:`slug_pl.pipelines.generate_images` (each from its own seeded generator,
+so an image does not depend on how the pairs are batched); the target's judge that uses all this is
+:mod:`slug_pl.evaluation.generation_judge`.
 
 Recognition is zero-shot accuracy with the judge's logits, scored by the same code as the CLIP
 evaluation (:mod:`slug_pl.evaluation.metrics`): forget = over all images of the forgotten concepts,
@@ -22,18 +23,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from tqdm.auto import tqdm
 
 from slug_pl.atomic import atomic_output, write_text
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
@@ -127,79 +126,6 @@ def check_seeds(seeds: Sequence[int]) -> tuple[int, ...]:
 # -------------------------------------------------------------------------------- generation
 
 
-@contextmanager
-def _quiet_pipeline(pipe) -> Iterator[None]:
-    """Turn off the pipeline's own per-call progress bar (we show one over all images)."""
-    previous = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(**{**previous, "disable": True})
-    try:
-        yield
-    finally:
-        pipe.set_progress_bar_config(**previous)
-
-
-def iter_image_batches(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int = 50,
-    guidance: float = 7.5,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-    output_type: Literal["pil", "pt"] = "pil",
-) -> Iterator[list[Image.Image] | torch.Tensor]:
-    """Yield the images of ``(prompts[i], seeds[i])`` in order, ``batch_size`` pairs at a time.
-
-    Each pair gets its own CPU ``torch.Generator`` seeded with its seed, so its initial noise (and,
-    with a deterministic scheduler such as DDIM, its image) does not depend on the batching; the
-    pipeline runs on its own device and dtype (choose them before, e.g. ``pipe.to("cuda",
-    torch.float16)``). ``output_type="pil"`` yields lists of RGB images, ``"pt"`` float32 CPU
-    tensors ``(B, 3, H, W)`` in [0, 1]. ``height`` / ``width`` default to the pipeline's size.
-    """
-    if len(prompts) != len(seeds):
-        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    for start in range(0, len(prompts), batch_size):
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:start + batch_size]]
-        with _quiet_pipeline(pipe), torch.no_grad():
-            images = pipe(prompt=list(prompts[start:start + batch_size]), num_inference_steps=steps,
-                          guidance_scale=guidance, generator=generators, height=height, width=width,
-                          output_type=output_type).images
-        yield images.float().cpu() if output_type == "pt" else [im.convert("RGB") for im in images]
-
-
-def generate_images(
-    pipe,
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    steps: int = 50,
-    guidance: float = 7.5,
-    batch_size: int = 8,
-    height: int | None = None,
-    width: int | None = None,
-    progress: bool = True,
-    output_type: Literal["pil", "pt"] = "pil",
-) -> list[Image.Image] | torch.Tensor:
-    """All images of :func:`iter_image_batches`, with a progress bar over images: a list of PIL
-    images, or one tensor ``(N, 3, H, W)`` in [0, 1] with ``output_type="pt"``.
-
-    Same (prompt, seed) and batch size give bit-identical images; another batch size gives the
-    same image up to float rounding of batched matrix products (≤ 1e-6 on [0, 1] for the float32
-    test pipeline on the CPU, enough to move a few pixels by one level of 255; larger in float16).
-    """
-    batches = []
-    with tqdm(total=len(prompts), desc="generating", unit="img", disable=not progress) as bar:
-        for batch in iter_image_batches(pipe, prompts, seeds, steps, guidance, batch_size,
-                                        height, width, output_type):
-            batches.append(batch)
-            bar.update(len(batch))
-    if output_type == "pt":
-        return torch.cat(batches) if batches else torch.empty(0, 3, 0, 0)
-    return [image for batch in batches for image in batch]
-
-
 # -------------------------------------------------------------------------------- CLIP score
 
 
@@ -225,15 +151,6 @@ def clip_scores(family: ModelFamily, model: nn.Module, images: Sequence[Image.Im
         text_emb.append(F.normalize(family.encode_text(model, tokens).float(), dim=-1))
     cosine = (image_emb * torch.cat(text_emb)).sum(dim=-1)
     return 100.0 * cosine.clamp(min=0).cpu()
-
-
-def clip_score(family: ModelFamily, model: nn.Module, images: Sequence[Image.Image],
-               prompts: Sequence[str], batch_size: int = 64) -> float:
-    """Mean of :func:`clip_scores` over the images (0–100)."""
-    return clip_scores(family, model, images, prompts, batch_size).mean().item()
-
-
-# ---------------------------------------------------------------------------------- judges
 
 
 class Judge(Protocol):
@@ -408,21 +325,13 @@ def recognition(judge: Judge, images: Sequence[Image.Image], concept_labels: Seq
 # -------------------------------------------------------------------------------- evaluation
 
 
-def generate_prompt_set(pipe, prompt_set: PromptSet, seeds: Sequence[int] | None = None,
-                        steps: int = 50, guidance: float = 7.5, batch_size: int = 8,
-                        height: int | None = None, width: int | None = None,
-                        progress: bool = True) -> list[Image.Image]:
-    """The images of ``prompt_set.items(seeds)``, in that order."""
-    items = prompt_set.items(seeds)
-    return generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], steps, guidance,
-                           batch_size, height, width, progress)
-
-
 def score_generation(images: Sequence[Image.Image], prompt_set: PromptSet, judge: Judge,
                      clip_family: ModelFamily, clip_model: nn.Module,
                      seeds: Sequence[int] | None = None) -> dict[str, Any]:
-    """Judge and CLIP-score images of :func:`generate_prompt_set` (same ``seeds``); the result
-    dict of :func:`evaluate_generation`."""
+    """Judge and CLIP-score the images of ``prompt_set.items(seeds)``, drawn in that order:
+    ``{"judge", "prompts", "seeds", "forget_recognition", "retain_recognition", "clip_score",
+    "per_concept": {concept: {"forget", "images", "recognition", "clip_score"}}}`` (recognition
+    fractions, CLIP score 0–100)."""
     items = prompt_set.items(seeds)
     if len(images) != len(items):
         raise ValueError(f"got {len(images)} images for {len(items)} (prompt, seed) pairs of the prompt set")
@@ -445,24 +354,6 @@ def score_generation(images: Sequence[Image.Image], prompt_set: PromptSet, judge
         "per_concept": per_concept,
     }
 
-
-def evaluate_generation(pipe, prompt_set: PromptSet, judge: Judge, clip_family: ModelFamily,
-                        clip_model: nn.Module, seeds: Sequence[int] | None = None, steps: int = 50,
-                        guidance: float = 7.5, batch_size: int = 8, height: int | None = None,
-                        width: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Draw every (prompt, seed) of ``prompt_set`` (``seeds`` overrides its seeds) and score them.
-
-    Returns ``{"judge", "prompts" (number of distinct prompts), "seeds", "forget_recognition",
-    "retain_recognition" (fractions in [0, 1], see :func:`recognition`), "clip_score" (0–100, see
-    :func:`clip_scores`), "per_concept": {concept: {"forget", "images", "recognition",
-    "clip_score"}}}``. To keep the images (for a grid), call :func:`generate_prompt_set` and
-    :func:`score_generation` yourself.
-    """
-    images = generate_prompt_set(pipe, prompt_set, seeds, steps, guidance, batch_size, height, width, progress)
-    return score_generation(images, prompt_set, judge, clip_family, clip_model, seeds)
-
-
-# ------------------------------------------------------------------------------------ grids
 
 FORGET_COLOUR = (180, 20, 20)
 RETAIN_COLOUR = (20, 20, 20)
@@ -505,34 +396,3 @@ def image_grid(before: Sequence[Sequence[Image.Image]], after: Sequence[Sequence
         y = header + forget_rows * (cell + pad) - pad // 2 - 1
         draw.line([(0, y), (grid.width, y)], fill=FORGET_COLOUR, width=2)
     return grid
-
-
-def prompt_set_grid(prompt_set: PromptSet, before: Sequence[Image.Image], after: Sequence[Image.Image],
-                    seeds: Sequence[int] | None = None, per_row: int = 4, **grid_kwargs) -> Image.Image:
-    """:func:`image_grid` of :func:`generate_prompt_set` images before and after an edit: one row
-    per concept (forgotten ones first, labelled ``forget: <concept>``, then ``retain: <concept>``),
-    its first template with the first ``per_row`` seeds."""
-    items = prompt_set.items(seeds)
-    if not len(before) == len(after) == len(items):
-        raise ValueError(f"got {len(before)} before and {len(after)} after images for {len(items)} "
-                         f"(prompt, seed) pairs of the prompt set")
-    n_seeds = len(items) // (len(prompt_set.concepts) * len(prompt_set.templates))
-    rows = list(prompt_set.forget) + list(prompt_set.retain)
-    firsts = [prompt_set.concepts.index(c) * len(prompt_set.templates) * n_seeds for c in rows]
-    take = min(per_row, n_seeds)
-    return image_grid([list(before[f:f + take]) for f in firsts], [list(after[f:f + take]) for f in firsts],
-                      [f"{'forget' if c in prompt_set.forget else 'retain'}: {c}" for c in rows],
-                      forget_rows=len(prompt_set.forget), **grid_kwargs)
-
-
-def write_png(image: Image.Image, path: str | os.PathLike) -> Path:
-    """Save ``image`` as a PNG at ``path``, atomically, never over an existing file."""
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(path)
-
-
-def log_grid_to_tensorboard(writer, tag: str, grid: Image.Image, step: int = 0) -> None:
-    """Add ``grid`` to a TensorBoard ``SummaryWriter`` (e.g. a Lightning TensorBoardLogger's
-    ``experiment``) as an image ``(H, W, 3)`` uint8."""
-    writer.add_image(tag, np.asarray(grid.convert("RGB")), global_step=step, dataformats="HWC")

@@ -48,7 +48,7 @@ from slug_pl.evaluation.generation import (
 )
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
-from slug_pl.record import pct, table
+from slug_pl.markdown import pct, table
 from slug_pl.retain_projection import check_tolerance, input_projection
 from slug_pl.step_search import reverted
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport

@@ -8,10 +8,7 @@ the forgotten concept's diagonal entry drops while the other rows stay as they w
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -107,19 +104,3 @@ def similarity_figure(before: torch.Tensor, after: torch.Tensor, concepts: Seque
                             color="black" if value > mid else "white")
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="mean cosine similarity")
     return fig
-
-
-def save_similarity_png(fig, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file in the same folder, then
-    ``os.replace``): readers never see a half-written file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -26,7 +26,7 @@ from slug_pl.data.mining import concept_pattern
 from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
-from slug_pl.record import pct, table
+from slug_pl.markdown import pct, table
 from slug_pl.retain_projection import check_tolerance, input_projection
 
 DEFAULT_QUESTION = "What is the name of the person in this image?"

@@ -10,11 +10,9 @@ same evaluation code and the same record.
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import torch
@@ -31,40 +29,9 @@ from slug_pl.evaluation.zeroshot import class_embeddings
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import non_finite
 from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
+from slug_pl.resources import peak_mem_mb, peak_memory
 from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget, TargetReport
-
-
-def peak_memory(device: torch.device) -> dict[str, object]:
-    """Peak memory of this process so far: the accelerator's allocator on CUDA, else the
-    resident set size (GiB)."""
-    if device.type == "cuda":
-        return {"device": torch.cuda.get_device_name(device),
-                "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
-
-    return {"device": "cpu", "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def peak_mem_mb(memory: dict | None) -> float | None:
-    """The peak of a :func:`peak_memory` record in MB (allocated on an accelerator, resident on a CPU)."""
-    if not memory:
-        return None
-    gib = memory.get("peak_allocated_gib", memory.get("peak_rss_gib"))
-    return None if gib is None else gib * 1024
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of Python and of the packages that can change the numbers (PIL decodes images)."""
-    out = {"python": platform.python_version()}
-    for pkg in ("slug_pl", "torch", "lightning", "open_clip_torch", "torchmetrics", "webdataset",
-                "safetensors", "transformers", "diffusers", "pillow", "numpy"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 @contextmanager

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -67,10 +67,11 @@ from slug_pl.gradients import (
     save_tensors,
     weights_fingerprint,
 )
-from slug_pl.methods.base import UnlearningModule, on_run_device, package_versions, peak_memory
+from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
 from slug_pl.ranking import pareto_figure, write_ranking_csv
 from slug_pl.record import RunRecord
+from slug_pl.resources import package_versions, peak_memory
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
 

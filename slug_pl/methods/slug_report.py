@@ -13,7 +13,8 @@ from dataclasses import asdict
 
 from slug_pl.departures import is_reference
 from slug_pl.edit import LayerEdit
-from slug_pl.record import RunRecord, pct, table
+from slug_pl.markdown import pct, table
+from slug_pl.record import RunRecord
 from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation, core_metrics
 
 #: What to change when forgetting does not hold on held-out images (measured on the demo world).
@@ -77,7 +78,7 @@ def sections(method: dict, outcomes: Sequence[Outcome], module, settings: Search
     rows = [[f"`{e['layer']}`", e["tower"], f"{e['step']:.6g}", f"{e['relative_step']:.4f}", ", ".join(e["concepts"])]
             for e in method["edits"]]
     lines += table(["layer", "tower", "step λ", "‖λ·g_f‖ / ‖θ‖", "concepts"], rows) + [""]
-    lines += [f"Validation with the edit: " + ", ".join(f"{k} {pct(v)} %" for k, v in
+    lines += ["Validation with the edit: " + ", ".join(f"{k} {pct(v)} %" for k, v in
                                                         core_metrics(_validation(outcomes)).items()) + ".", ""]
     if method["reference_preset"]:
         lines += ["This choice is slug_pl's own (the smallest step meeting the target, then the most kept): the "

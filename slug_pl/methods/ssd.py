@@ -24,7 +24,7 @@ import torch
 from slug_pl.families.base import ModelFamily
 from slug_pl.methods.base import on_run_device
 from slug_pl.methods.trained import BaselineModule
-from slug_pl.record import table
+from slug_pl.markdown import table
 from slug_pl.targets.base import DownstreamTarget
 
 SETS = ("forget", "retain")

@@ -37,7 +37,8 @@ from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import contrastive_loss, forget_similarity_sum
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods.selection import RULE, Checkpoint, checkpoint, preferred
-from slug_pl.record import RunRecord, pct, table
+from slug_pl.markdown import pct, table
+from slug_pl.record import RunRecord
 from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
 from slug_pl.targets.base import DownstreamTarget
 

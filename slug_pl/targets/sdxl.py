@@ -31,8 +31,8 @@ on the chosen encoder.
 
 from __future__ import annotations
 
-from slug_pl.data.generated import check_pipeline_dir
 from slug_pl.evaluation.generation_judge import GenerationJudge
+from slug_pl.pipelines import check_pipeline_dir
 from slug_pl.safety import read_descriptor
 from slug_pl.targets.base import DownstreamTarget
 from slug_pl.targets.stable_diffusion import _LAYER, StableDiffusionAdapter

@@ -47,9 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slug_pl.data.generated import check_pipeline_dir, load_pipeline, pipeline_class_name, resolve_dtype
-from slug_pl.evaluation.generation import generate_images
 from slug_pl.evaluation.generation_judge import CLIP_TEXT_PREFIX, GenerationJudge
+from slug_pl.pipelines import check_pipeline_dir, generate_images, load_pipeline, pipeline_class_name, resolve_dtype
 from slug_pl.safety import read_descriptor
 from slug_pl.targets.base import DownstreamAdapter, DownstreamTarget, TargetMismatchError
 from slug_pl.targets.saved_copy import save_edited_copy
