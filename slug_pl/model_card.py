@@ -59,7 +59,7 @@ def model_card(summary: Mapping | None, edit_meta: Mapping, *, base_model: str |
         lines += before_after_section(summary, summary["before"], summary["after"])
     lines += _verification(summary)
     lines += _departures(summary)
-    lines += _provenance(edit_meta, model, method)
+    lines += _provenance(edit_meta, model, method, base)
     if usage:
         lines += ["## Use", "", "```python", usage.rstrip(), "```", ""]
     lines += _reverting()
@@ -209,14 +209,18 @@ def _plain(value: object) -> str | None:
     return None
 
 
-def _provenance(edit_meta: Mapping, model: Mapping, method: str) -> list[str]:
-    rows = [["base model", f"`{model.get('model_name', '–')}` ({model.get('family', '–')})"]]
+def _provenance(edit_meta: Mapping, model: Mapping, method: str, base: str) -> list[str]:
+    """Where the edit comes from: the CLIP it was computed on (``model``), its weights' hash, and
+    the model it was copied into when that is another one (``base``)."""
+    clip = str(model.get("model_name", "–"))
+    rows = [] if base == clip else [["edited model", f"`{base}`, carrying the edit of the CLIP below"]]
+    rows.append(["CLIP the edit was computed on", f"`{clip}` ({model.get('family', '–')})"])
     unset = {"revision": "not pinned (the SHA-256 below identifies the weights)",
              "pretrained": "none (random initialization)"}
     for key, meaning in unset.items():
         if key in model:
             rows.append([key, meaning if model[key] in (None, "None") else f"`{model[key]}`"])
-    rows += [["base weights SHA-256", f"`{edit_meta.get('base_sha256', 'not recorded')}`"],
+    rows += [["SHA-256 of the CLIP's weights before the edit", f"`{edit_meta.get('base_sha256', 'not recorded')}`"],
              ["method", method],
              ["concepts", ", ".join(str(c) for c in edit_meta.get("concepts", [])) or "–"],
              ["forget target", f"`{edit_meta.get('target', '–')}`"],

@@ -56,7 +56,8 @@ def test_the_card_says_what_changed_what_it_did_and_how_it_was_checked():
     assert "judged by `clip`, `classifier`; its target `forget_recognition <= 0.1 under every judge` was met" in card
     assert "| forget averaging | per_sample | per_batch |" in card and "eval mode" not in card
     assert "`protect_retained` (generation)" in card and "concepts: a dog; prompts: 12" in card
-    assert "base weights SHA-256 | `" + "ab" * 32 + "`" in card
+    assert "SHA-256 of the CLIP's weights before the edit | `" + "ab" * 32 + "`" in card
+    assert "edited model" not in card  # the CLIP itself
     assert "revision | not pinned" in card
     assert 'SlugPatch.from_file("edit.safetensors")' in card
 
@@ -92,3 +93,5 @@ def test_write_model_card_reads_the_library_from_the_folder_and_replaces_the_bas
     assert _front_matter(card)["library_name"] == library
     assert _front_matter(card)["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert usage in card and "system" not in card.split("## Use")[1]
+    assert ("| edited model | `stable-diffusion-v1-5/stable-diffusion-v1-5`, carrying the edit of the CLIP below |\n"
+            "| CLIP the edit was computed on | `openai/clip-vit-large-patch14` (hf_clip) |") in card
