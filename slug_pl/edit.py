@@ -4,11 +4,19 @@ An edit file (``edit.safetensors``) holds, for each edited parameter ``name``, t
 under ``name`` and the original under ``original/<name>``. Applying checks that the model still
 holds the original (bit for bit) before replacing it; reverting checks the edited value. So a
 patch can never be applied to the wrong weights, and reverting restores them exactly.
+
+An edit file may come from someone else, so reading one trusts nothing in it: its size is bounded
+(:data:`MAX_EDIT_BYTES`), every tensor must belong to a listed edit (an edited value and its
+original, the same shape and floating dtype, finite) and every name must look like a parameter
+name; a refusal names the file and the entry. Whether the names exist in a model, with those
+shapes, is checked when the edit is applied.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +28,12 @@ from torch import nn
 from slug_pl.gradients import load_tensors, save_tensors
 
 ORIGINAL_PREFIX = "original/"
+#: The largest edit file read (bytes): twice the largest single tensor of the supported CLIPs (a
+#: ViT-bigG token embedding, 253 MB in float32) several times over.
+MAX_EDIT_BYTES = 4 * 2**30
+#: A parameter name: dot-separated words of letters, digits and underscores.
+PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+MAX_NAME_CHARS = 300
 
 
 class EditMismatchError(ValueError):
@@ -128,30 +142,66 @@ def changed_tensors(model: nn.Module, original: Mapping[str, torch.Tensor], **in
     return edits
 
 
+def edit_layers(edits: list[LayerEdit]) -> dict[str, dict]:
+    """The ``layers`` metadata of an edit file: per edited tensor its step, relative change and
+    the edit's ``info``."""
+    return {e.name: {"step": e.step, "relative_change": e.relative_change, **e.info} for e in edits}
+
+
 def save_edits(path: str | os.PathLike, edits: list[LayerEdit], metadata: Mapping[str, object]) -> None:
     tensors: dict[str, torch.Tensor] = {}
-    layers = {}
     for e in edits:
         tensors[e.name] = e.edited
         tensors[ORIGINAL_PREFIX + e.name] = e.original
-        layers[e.name] = {"step": e.step, "relative_change": e.relative_change, **e.info}
-    save_tensors(path, tensors, {**metadata, "layers": layers})
+    save_tensors(path, tensors, {**metadata, "layers": edit_layers(edits)})
 
 
-def load_edits(path: str | os.PathLike) -> tuple[list[LayerEdit], dict]:
-    if not Path(path).is_file():
+def load_edits(path: str | os.PathLike, max_bytes: int = MAX_EDIT_BYTES) -> tuple[list[LayerEdit], dict]:
+    """The edits of an edit file and its metadata, every entry checked (see the module docstring);
+    raises :class:`EditMismatchError` naming the file and the first entry that is not an edit."""
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"edit file not found: {path}; give the edit.safetensors a fit run wrote "
                                 f"(lightning_logs/version_N/edit.safetensors)")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise EditMismatchError(f"{path} is {size} bytes, more than an edit file may hold ({max_bytes}); "
+                                f"an edit holds a few tensors of one model, old and new")
     tensors, meta = load_tensors(path)
     layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise EditMismatchError(f"{path}: its 'layers' metadata is not a table of edits; the file is not an edit")
+    if not layers:
+        raise EditMismatchError(f"{path} holds no edits (no 'layers' metadata)")
+    stray = sorted(set(tensors) - {n for name in layers for n in (name, ORIGINAL_PREFIX + name)})
+    if stray:
+        raise EditMismatchError(f"{path}: tensor {stray[0]!r} belongs to no edit its metadata lists; the file "
+                                f"is not an edit")
     edits = []
     for name, info in layers.items():
-        if name not in tensors or ORIGINAL_PREFIX + name not in tensors:
-            raise EditMismatchError(f"{path}: tensors for {name!r} are missing; the file is not an edit")
+        _check_entry(path, name, info, tensors)
         info = dict(info)
         step = info.pop("step")
         info.pop("relative_change", None)  # derived from the tensors
         edits.append(LayerEdit(name, tensors[ORIGINAL_PREFIX + name], tensors[name], step, info))
-    if not edits:
-        raise EditMismatchError(f"{path} holds no edits (no 'layers' metadata)")
     return edits, meta
+
+
+def _check_entry(path: Path, name: str, info: object, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`EditMismatchError` naming ``path`` and ``name`` unless the entry is an edit:
+    a parameter name, its metadata a table with a finite ``step`` (or null), and an edited value
+    and an original of the same shape and floating dtype, both finite."""
+    if len(name) > MAX_NAME_CHARS or not PARAMETER_NAME.fullmatch(name):
+        raise EditMismatchError(f"{path}: entry {name[:80]!r} is not a parameter name; the file is not an edit")
+    step = info.get("step", "missing") if isinstance(info, dict) else "missing"
+    if step is not None and not (isinstance(step, (int, float)) and math.isfinite(step)):
+        raise EditMismatchError(f"{path}: entry {name!r} has no finite step (got {step!r}); the file is not an edit")
+    if name not in tensors or ORIGINAL_PREFIX + name not in tensors:
+        raise EditMismatchError(f"{path}: tensors for {name!r} are missing; the file is not an edit")
+    edited, original = tensors[name], tensors[ORIGINAL_PREFIX + name]
+    if edited.shape != original.shape or edited.dtype != original.dtype or not edited.is_floating_point():
+        raise EditMismatchError(
+            f"{path}: entry {name!r} holds an edited value of {edited.dtype} {tuple(edited.shape)} for an original "
+            f"of {original.dtype} {tuple(original.shape)}; an edit keeps one floating tensor's shape and dtype")
+    if not (torch.isfinite(edited).all() and torch.isfinite(original).all()):
+        raise EditMismatchError(f"{path}: entry {name!r} holds NaN or inf; the file is not a usable edit")

@@ -268,14 +268,21 @@ def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return [n for n, t in tensors.items() if not torch.isfinite(t).all()]
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def weights_fingerprint(model: nn.Module, overrides: Mapping[str, torch.Tensor] | None = None) -> str:
     """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in name order.
 
-    Identifies the exact weights a gradient file or a partial pass belongs to, independent of the
-    checkpoint's path. Costs one read of the weights (about 1 s per GB).
+    Identifies the exact weights a gradient file, a partial pass or an edit belongs to, independent
+    of the checkpoint's path. ``overrides`` (name -> tensor) stand in for the model's own tensors:
+    the fingerprint of the weights the model held before an edit is that of the edited model with
+    each edited tensor's original as override (the model is not touched). Costs one read of the
+    weights (about 1 s per GB).
     """
     h = hashlib.sha256()
     state = model.state_dict()
+    unknown = sorted(set(overrides or {}) - set(state))
+    if unknown:
+        raise KeyError(f"the model has no tensor {unknown[0]!r} to override in its fingerprint")
+    state |= dict(overrides or {})
     for name in sorted(state):
         t = state[name].detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

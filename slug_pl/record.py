@@ -131,7 +131,8 @@ def _first_paragraph(summary: dict, remedy: str | None) -> list[str]:
     return lines + [""]
 
 
-def _before_after(summary: dict, before: dict, after: dict) -> list[str]:
+def before_after_section(summary: dict, before: dict, after: dict) -> list[str]:
+    """The report's before / after table (with membership inference when measured), as markdown lines."""
     names = sorted(set(before) | set(after), key=lambda k: (k.split("_")[0] != "forget", k))
     rows = []
     for k in names:
@@ -221,7 +222,7 @@ class RunRecord:
         after = result.after if result is not None else summary["after"]
         concepts = ", ".join(summary["concepts"])
         lines = [f"# Unlearning report: {concepts}", "", *_first_paragraph(summary, remedy),
-                 *_before_after(summary, before, after), *sections]
+                 *before_after_section(summary, before, after), *sections]
         for caption, file in self.figures:
             lines += ["", f"![{caption}]({file})", "", f"*{caption}* (`{file}`)."]
         lines += ["", *_cost(summary),

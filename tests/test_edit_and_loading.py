@@ -26,6 +26,7 @@ from slug_pl.edit import (
     stepped,
 )
 from slug_pl.families.open_clip import SHIPPED_CONFIGS, OpenClip
+from slug_pl.gradients import save_tensors
 
 TINY_CFG = json.loads((SHIPPED_CONFIGS / "slug-tiny-vit.json").read_text())
 
@@ -162,8 +163,6 @@ def test_save_and_load_edits_round_trip(tmp_path, family):
 
 
 def test_load_edits_refuses_non_edit_files(tmp_path):
-    from slug_pl.gradients import save_tensors
-
     plain = save_tensors(tmp_path / "grads.safetensors", {"visual.proj": torch.zeros(2)}, {"set": "forget"})
     with pytest.raises(EditMismatchError, match="no edits"):
         load_edits(plain)
@@ -172,6 +171,41 @@ def test_load_edits_refuses_non_edit_files(tmp_path):
     with pytest.raises(EditMismatchError, match="visual.proj"):
         load_edits(partial)
     assert ORIGINAL_PREFIX == "original/"
+
+
+def _edit_file(tmp_path, tensors, layers, name="bad.safetensors"):
+    return save_tensors(tmp_path / name, {k: v.clone() for k, v in tensors.items()}, {"layers": layers})
+
+
+def test_hostile_edit_files_are_refused_naming_the_file_and_the_entry(tmp_path):
+    w = torch.ones(2, 2)
+    cases = {
+        "stray": ({"a.weight": w, "original/a.weight": w, "extra": w}, {"a.weight": {"step": 1.0}},
+                  "tensor 'extra' belongs to no edit"),
+        "name": ({"../a": w, "original/../a": w}, {"../a": {"step": 1.0}}, "entry '../a' is not a parameter name"),
+        "shape": ({"a.weight": w, "original/a.weight": torch.ones(3)}, {"a.weight": {"step": 1.0}},
+                  "entry 'a.weight' holds an edited value"),
+        "integer": ({"a.weight": w.long(), "original/a.weight": w.long()}, {"a.weight": {"step": 1.0}},
+                    "one floating tensor"),
+        "nan": ({"a.weight": w * float("nan"), "original/a.weight": w}, {"a.weight": {"step": 1.0}},
+                "entry 'a.weight' holds NaN"),
+        "step": ({"a.weight": w, "original/a.weight": w}, {"a.weight": {"step": "rm -rf"}},
+                 "entry 'a.weight' has no finite step"),
+        "layers": ({"a.weight": w}, ["a.weight"], "not a table of edits"),
+    }
+    for case, (tensors, layers, message) in cases.items():
+        path = _edit_file(tmp_path, tensors, layers, f"{case}.safetensors")
+        with pytest.raises(EditMismatchError, match=message) as err:
+            load_edits(path)
+        assert f"{case}.safetensors" in str(err.value), case
+
+
+def test_an_edit_file_over_the_size_bound_is_not_read(tmp_path):
+    path = _edit_file(tmp_path, {"a.weight": torch.ones(64), "original/a.weight": torch.zeros(64)},
+                      {"a.weight": {"step": 1.0}})
+    assert len(load_edits(path)[0]) == 1
+    with pytest.raises(EditMismatchError, match=r"bad\.safetensors is \d+ bytes, more than an edit file may hold \(100\)"):
+        load_edits(path, max_bytes=100)
 
 
 # -- loaders -------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from conftest import SEPARATING_SEARCH, one_thread, read_pairs
 from slug_pl.cli import main
 from slug_pl.edit import load_edits
 from slug_pl.families.open_clip import register_model_configs
-from slug_pl.gradients import load_tensors
+from slug_pl.gradients import load_tensors, weights_fingerprint
+from slug_pl.patch import SlugPatch
 
 MAX_EVALS = SEPARATING_SEARCH["max_evals"]
 TOLERANCE = SEPARATING_SEARCH["tolerance"]
@@ -258,3 +259,16 @@ def test_validate_and_test_apply_the_edit_only_when_given(fit, cli_metrics):
         assert cli_metrics[("test", False)][key] == pytest.approx(summary["before"][key], abs=1e-6), key
     for command in ("validate", "test"):
         assert cli_metrics[(command, False)]["forget_top1"] - cli_metrics[(command, True)]["forget_top1"] >= 0.7
+
+
+def test_the_runs_patch_applies_to_the_checkpoint_loaded_with_open_clip_alone(fit, separating_model):
+    """The run records the SHA-256 of the weights it edited: its patch applies to the checkpoint
+    as open_clip loads it, changes exactly the edited tensor, and gives the model back bit for bit."""
+    register_model_configs()
+    model, _, _ = open_clip.create_model_and_transforms("slug-tiny-vit", pretrained=separating_model["checkpoint"])
+    patch = SlugPatch.from_run(fit["run"])
+    assert patch.base_sha256 == weights_fingerprint(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with patch.applied(model):
+        assert [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])] == patch.names
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

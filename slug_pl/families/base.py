@@ -20,14 +20,19 @@ Conventions every adapter follows:
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from slug_pl.edit import LayerEdit
 
 Tower = Literal["vision", "text"]
 
@@ -131,6 +136,13 @@ class ModelFamily(ABC):
     def describe(self) -> dict[str, object]:
         """Identity of the model (family, model id, weights source, the ``image_mean`` /
         ``image_std`` images are normalized with) for metadata and reports."""
+
+    def save_edited(self, model: nn.Module, edits: Sequence[LayerEdit], folder: str | os.PathLike) -> Path:
+        """Write ``model``, which carries ``edits``, into the new folder ``folder`` in the form its
+        own library loads without slug_pl (e.g. a ``save_pretrained`` folder); complete or absent,
+        never over an existing folder. Returns the folder. Families that support it override this."""
+        raise NotImplementedError(f"the {self.family_name} family cannot save an edited model; keep the run's "
+                                  f"edit.safetensors and apply it to the base model (slug_pl.patch.SlugPatch)")
 
     # -- inputs --------------------------------------------------------------------------------
     @abstractmethod

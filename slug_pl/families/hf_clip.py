@@ -15,12 +15,17 @@ The towers, as ``CLIPModel`` computes them (transformers 5):
 - text: token + position embeddings -> causal encoder layers -> ``final_layer_norm`` -> the
   hidden state at the first ``eos_token_id`` (or, for legacy configs with ``eos_token_id == 2``,
   at the largest token id) -> ``text_projection``.
+
+The edited model is saved as a ``save_pretrained`` folder (:meth:`HfClip.save_edited`):
+``CLIPModel.from_pretrained`` and ``CLIPProcessor.from_pretrained`` load it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -30,11 +35,19 @@ from torch.utils.checkpoint import checkpoint
 from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 
+from slug_pl.atomic import atomic_folder
 from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages, optional_text
 
 #: The shared defaults plus Hugging Face's names of the position embeddings and of the ViT patch
 #: embedding (a convolution that plays the role of the text tower's token embedding).
 HF_CLIP_EXCLUDE = DEFAULT_EXCLUDE + (r"embeddings\.position_embedding", r"embeddings\.patch_embedding")
+
+#: The files of a CLIP folder that transformers reads (model, tokenizer, image processor): the
+#: saved edited model keeps only these, so that no weights file of another library (open_clip's,
+#: TensorFlow's, Flax's) is left in it holding the unedited tensor.
+HF_CLIP_FILES = ("config.json", "model*.safetensors", "model*.safetensors.index.json", "vocab.json",
+                 "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "added_tokens.json", "preprocessor_config.json", "processor_config.json")
 
 _VISION_ROOTS = ("vision_model.", "visual_projection.")
 _TEXT_ROOTS = ("text_model.", "text_projection.")
@@ -146,6 +159,40 @@ class HfClip(ModelFamily):
             "revision": str(self.revision),
             **self.image_normalization(),
         }
+
+    def save_edited(self, model: nn.Module, edits, folder: str | os.PathLike) -> Path:
+        """The ``save_pretrained`` folder of the edited model, which ``CLIPModel.from_pretrained``
+        and ``CLIPProcessor.from_pretrained`` load: the base's folder (a hub id's cached snapshot)
+        copied with only the edited tensors rewritten, each in its file's dtype
+        (:func:`~slug_pl.targets.saved_copy.save_edited_copy`; a base without safetensors is saved
+        as loaded instead), keeping only :data:`HF_CLIP_FILES`. An image processor given other
+        ``image_mean`` / ``image_std`` is saved with them, as the run used it."""
+        from slug_pl.targets.saved_copy import TensorChange, save_edited_copy
+
+        changes = {e.name: TensorChange(e.original, e.edited) for e in edits}
+
+        def save_running(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            self._get_tokenizer().save_pretrained(tmp)
+
+        with atomic_folder(folder) as tmp:
+            copy = save_edited_copy(self._folder(), tmp / "copy", changes, save_running)
+            for path in copy.iterdir():
+                if path.is_file() and any(fnmatch(path.name, pattern) for pattern in HF_CLIP_FILES):
+                    path.rename(tmp / path.name)
+            shutil.rmtree(copy)
+            if self.image_mean is not None or self.image_std is not None:
+                self._image_processor().save_pretrained(tmp)
+        return Path(folder)
+
+    def _folder(self) -> Path:
+        """The local folder the model loads from (for a hub id, its snapshot in the cache)."""
+        source = self._source()
+        if Path(source).is_dir():
+            return Path(source)
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, revision=self.revision, cache_dir=self.cache_dir, local_files_only=True))
 
     # -- inputs --------------------------------------------------------------------------------
     def context_length(self) -> int:

@@ -13,10 +13,15 @@ A saved model directory (``config.json`` / ``open_clip_config.json`` plus weight
 ``model_name="local-dir:path/to/dir"``. Model configs shipped with slug_pl
 (``slug_pl/model_configs/*.json``) and any ``model_config`` JSON a user names are registered with
 open_clip before loading, exactly like open_clip's own ``model_configs``.
+
+The edited model is saved as such a folder (:meth:`OpenClip.save_edited`): ``open_clip_config.json``
+and ``open_clip_model.safetensors``, loaded with ``model_name="local-dir:<folder>"``, or, for a
+built-in model name, with ``pretrained="<folder>/open_clip_model.safetensors"``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict
 from collections.abc import Callable, Sequence
@@ -27,15 +32,22 @@ import torch
 from open_clip.transformer import text_global_pool
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from torch import nn
+from safetensors.torch import save_file
 from torchvision.transforms import Normalize
 
+from slug_pl.atomic import atomic_folder, write_text
 from slug_pl.families.base import DEFAULT_EXCLUDE, ModelFamily, Tower, TowerStages, optional_text
+from slug_pl.safety import read_descriptor
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "model_configs"
 
 # Text-tower parameter names of open_clip's CLIP class (CustomTextCLIP prefixes them with "text.").
 _TEXT_ROOTS = ("transformer.", "token_embedding", "positional_embedding", "ln_final.",
                "text_projection", "text.")
+
+#: The files of a saved open_clip model folder (what ``local-dir:`` reads).
+OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+LOCAL_DIR = "local-dir:"
 
 #: open_clip's default ranking filter: the shared defaults plus the ViT patch embedding (a
 #: convolution that plays the role of the text tower's token embedding).
@@ -121,6 +133,30 @@ class OpenClip(ModelFamily):
             **self.image_normalization(),
         }
 
+    def save_edited(self, model: nn.Module, edits, folder: str | os.PathLike) -> Path:
+        """The folder open_clip loads as ``local-dir:<folder>``: ``open_clip_config.json`` (the
+        base's model and preprocessing config: a ``local-dir:`` base's own file, else the
+        registered model config with the preprocessing this family uses) and
+        ``open_clip_model.safetensors`` (the edited model's state dict, as open_clip holds it).
+        With a built-in model name the weights file also loads as ``pretrained=``. (A base whose
+        text tower reads a Hugging Face tokenizer from its folder keeps it there: the saved folder
+        holds no tokenizer files.)"""
+        config = self._open_clip_config()
+        with atomic_folder(folder) as tmp:
+            write_text(tmp / OPEN_CLIP_CONFIG, json.dumps(config, indent=2) + "\n")
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(tmp / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
+        return Path(folder)
+
+    def _open_clip_config(self) -> dict:
+        """``{"model_cfg": ..., "preprocess_cfg": ...}`` of the base model, as ``local-dir:`` reads it."""
+        if self.model_name.startswith(LOCAL_DIR):
+            folder = Path(self.model_name.removeprefix(LOCAL_DIR)).expanduser()
+            return read_descriptor(folder / OPEN_CLIP_CONFIG, "open_clip config")
+        register_model_configs(self.model_config)
+        return {"model_cfg": open_clip.get_model_config(self.model_name),
+                "preprocess_cfg": asdict(self._preprocess_cfg())}
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if self._tokenizer is None:
             self._tokenizer = open_clip.get_tokenizer(self.model_name)
@@ -132,7 +168,7 @@ class OpenClip(ModelFamily):
         interpolation / resize mode and by ``image_mean`` / ``image_std`` if given, at the tower's
         image size (no weights are loaded)."""
         if self._transform is None:
-            if self.model_name.startswith("local-dir:"):
+            if self.model_name.startswith(LOCAL_DIR):
                 self.load()  # the folder's own config decides; loading sets the transform
                 return self._transform
             self._transform = image_transform_v2(self._preprocess_cfg(), is_train=False)
@@ -141,7 +177,7 @@ class OpenClip(ModelFamily):
     def train_image_transform(self) -> Callable:
         """open_clip's training preprocessing for this model (``is_train=True``, default
         augmentation: random resized crop, scale 0.9–1), what the authors' retain batches use."""
-        if self.model_name.startswith("local-dir:"):
+        if self.model_name.startswith(LOCAL_DIR):
             if self._train_transform is None:
                 self.load()  # the folder's own config decides; loading sets the transform
             return self._train_transform

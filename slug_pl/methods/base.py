@@ -28,6 +28,7 @@ from slug_pl.evaluation.similarity import similarity_figure
 from slug_pl.evaluation.zeroshot import class_embeddings
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import non_finite
+from slug_pl.patch import patch_metadata
 from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
 from slug_pl.resources import peak_mem_mb, peak_memory
 from slug_pl.step_search import ForgetTarget
@@ -249,7 +250,8 @@ class UnlearningModule(LightningModule):
             sections = list(downstream.sections) + sections
             extra = (extra or {}) | {downstream.key: downstream.block}
             held_out = held_out_verdict(target, result, downstream.after, downstream.forget_images)
-        meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target)}
+        meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target),
+                **patch_metadata(self.clip, edits)}  # the base weights' SHA-256: SlugPatch checks it
         edit_bytes = record.edit_patch(edits, meta | (edit_metadata or {}))
         memory = getattr(self, "peak_memory", None) or peak_memory(self.device)
         total = time.perf_counter() - t_start if t_start is not None else None
