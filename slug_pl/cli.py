@@ -43,7 +43,7 @@ from slug_pl.console import Console, InterruptHint, is_gradient_only
 from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
 from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
-from slug_pl.methods.base import TARGET_MET_METRIC
+from slug_pl.record import read_verdict
 from slug_pl.safety import links_under
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
@@ -154,6 +154,7 @@ class SlugCLI(LightningCLI):
 
     def __init__(self, *args, console: Console | None = None, **kwargs):
         self.console = console  # the command's output settings (before_fit narrows its filters)
+        self.run_dir: Path | None = None  # fit's run folder, where the run's record says its verdict
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -241,7 +242,7 @@ class SlugCLI(LightningCLI):
         ``version_N`` folder (a dangling link too: Lightning would write its ``hparams.yaml``
         through it), or that folder being a link, is refused."""
         trainer = self.trainer
-        run = Path(trainer.log_dir or trainer.default_root_dir)
+        run = self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         versioned = trainer.logger is not None  # else the run writes into default_root_dir itself
         if versioned and run.is_symlink():
             raise FileExistsError(f"the run folder {run} is a symbolic link (to {run.resolve()}); slug_pl "
@@ -428,12 +429,8 @@ def _run_lightning(command: str, words: list[str], hint: InterruptHint, console:
                 write_text(target, json.dumps(record, indent=2) + "\n")
             stdout.write(json.dumps(record, indent=2) + "\n" if target == "-" else _metrics_table(record))
             stdout.flush()
-    if command == "fit":
-        # the run's verdict (with ddp_spawn it was reached in another process; Lightning carries
-        # rank 0's callback metrics back to this one)
-        met = cli.trainer.callback_metrics.get(TARGET_MET_METRIC)
-        if met is not None and float(met) < 1.0:
-            return EXIT_TARGET_NOT_MET
+    if command == "fit" and read_verdict(cli.run_dir) is False:  # the record the run wrote says so
+        return EXIT_TARGET_NOT_MET
     return 0
 
 

@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from slug_pl.atomic import write_text
-from slug_pl.record import before_after_section, table, verdict_line
+from slug_pl.markdown import table
+from slug_pl.record import before_after_section, verdict_line
 from slug_pl.safety import read_descriptor
 
 CARD_FILE = "README.md"

@@ -34,20 +34,58 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slug_pl.atomic import atomic_output, write_text
-from slug_pl.markdown import pct, table
+import torch
+
+from slug_pl.atomic import atomic_output, refuse_existing, write_text
 from slug_pl.edit import LayerEdit, save_edits
 from slug_pl.evaluation.final import BeforeAfter
+from slug_pl.gradients import save_tensors
+from slug_pl.markdown import pct, table
 from slug_pl.step_search import ForgetTarget, core_metrics
 
 SCHEMA_VERSION = 2
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 EDIT_FILE = "edit.safetensors"
+SKIPPED_FILE = "skipped_samples.json"
+SEARCH_FILE = "search.csv"
+SELECTION_FILE = "selection.csv"
+#: The edited CLIP in its own library's format (:meth:`RunRecord.edited_model`).
+EDITED_MODEL = "edited_model"
+#: The gradients of a SLUG pass, one file per set.
+GRADIENT_FILES = ("gradients/forget.safetensors", "gradients/retain.safetensors")
+
+#: Every file and folder a run may write into its folder (glob patterns; ``_<concept>`` suffixes of
+#: a several-concept run and a downstream target's ``edited_<name>/`` and figures included). Before
+#: any work a run refuses a folder holding one of them (:func:`check_free`): nothing is ever
+#: written over an earlier run's record.
+RUN_ARTIFACTS = (SUMMARY_FILE, REPORT_FILE, EDIT_FILE, "similarity.png", SKIPPED_FILE, "ranking*.csv",
+                 "pareto_*.png", SEARCH_FILE, SELECTION_FILE, "edited_*", "*_grid.png", "unlearncanvas.csv",
+                 *GRADIENT_FILES)
+
+
+def check_free(run_dir: str | Path, reusing_gradients: bool = False) -> None:
+    """Raise :class:`FileExistsError` naming the first artifact of :data:`RUN_ARTIFACTS` already in
+    ``run_dir`` (a run reusing an earlier run's gradients keeps its own ``gradients/`` out of it)."""
+    run_dir = Path(run_dir)
+    for pattern in RUN_ARTIFACTS:
+        if reusing_gradients and pattern in GRADIENT_FILES:
+            continue
+        for path in sorted(run_dir.glob(pattern)):
+            refuse_existing(path)
+
+
+def read_verdict(run_dir: str | Path) -> bool | None:
+    """Whether the finished run in ``run_dir`` met its forget target on validation (its
+    ``summary.json``); None when it wrote no summary."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    return bool(json.loads(path.read_text(encoding="utf-8"))["target"]["met"])
 
 
 def held_out_verdict(target: ForgetTarget, result: BeforeAfter, downstream: dict | None = None,
@@ -212,6 +250,45 @@ class RunRecord:
         keep to reproduce the result (the new tensors)."""
         save_edits(self.run_dir / EDIT_FILE, list(edits), metadata)
         return sum(e.nbytes for e in edits)
+
+    def gradients(self, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:
+        """``gradients/<name>.safetensors``: a pass's averaged gradients with their metadata."""
+        return save_tensors(self.run_dir / "gradients" / f"{name}.safetensors", tensors, metadata)
+
+    def skipped(self, record: dict) -> Path:
+        """``skipped_samples.json``: the bad-sample policy, counts and every skipped sample."""
+        return write_text(self.run_dir / SKIPPED_FILE, json.dumps(record, indent=2) + "\n")
+
+    def ranking(self, scores, suffix: str = "", chosen: str | None = None, overwrite: bool = False) -> None:
+        """``ranking<suffix>.csv`` and ``pareto_<tower><suffix>.png`` (the chosen layer starred, and
+        in TensorBoard, once it is known); ``overwrite`` for the run's own first version, written as
+        soon as the ranking existed."""
+        from slug_pl.ranking import pareto_figure, write_ranking_csv
+
+        write_ranking_csv(scores, self.run_dir / f"ranking{suffix}.csv", overwrite=overwrite)
+        for tower in ("vision", "text"):
+            if any(s.tower == tower for s in scores):
+                self.figure(pareto_figure(scores, tower, chosen), f"pareto_{tower}{suffix}.png",
+                            tag=f"pareto/{tower}{suffix}" if chosen else None, overwrite=overwrite)
+
+    def edited_model(self, family, model, edits: Sequence[LayerEdit], summary: dict, metadata: dict) -> Path:
+        """``edited_model/``: the edited CLIP in its own library's format
+        (:meth:`~slug_pl.families.base.ModelFamily.save_edited`) with its model card."""
+        from slug_pl.model_card import write_model_card
+
+        folder = family.save_edited(model, list(edits), self.run_dir / EDITED_MODEL)
+        write_model_card(folder, summary, metadata)
+        return folder
+
+    def downstream_model(self, target, summary: dict, metadata: dict) -> Path:
+        """``edited_<target>/``: the downstream model with the edit (a copy of its folder in which
+        only the edited tensor changes, :meth:`~slug_pl.targets.base.DownstreamAdapter.save_pretrained`)
+        with its model card."""
+        from slug_pl.model_card import write_model_card
+
+        folder = target.save_pretrained(self.run_dir / f"edited_{target.name}")
+        write_model_card(folder, summary, metadata, base_model=target.source())
+        return folder
 
     def write(self, summary: dict, sections: Sequence[str] = (), remedy: str | None = None,
               result: BeforeAfter | None = None) -> None:

@@ -60,7 +60,7 @@ def test_fit_writes_a_complete_run_record(fitted, small_world):
     work, run, _, code = fitted[:4]
     summary = json.loads((run / "summary.json").read_text())
     assert code == (0 if summary["target"]["met"] else EXIT_TARGET_NOT_MET), fitted.stderr[-3000:]
-    for name in ("config.yaml", "ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
+    for name in ("config.yaml", "ranking.csv", "search.csv", "edit.safetensors", "edited_model/open_clip_model.safetensors", "edited_model/README.md",
                  "report.md", "pareto_vision.png", "pareto_text.png", "gradients/forget.safetensors",
                  "gradients/retain.safetensors"):
         assert (run / name).is_file(), name
@@ -120,7 +120,7 @@ def test_edit_patch_reproduces_the_edited_checkpoint(fitted):
     assert edits[0].step == pytest.approx(chosen["step"])
     for e in edits:
         apply_edit(model, e)
-    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model.safetensors")).load()
+    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model" / "open_clip_model.safetensors")).load()
     for k, v in edited.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
@@ -227,7 +227,7 @@ def test_two_concepts_get_one_edit_each_from_the_joint_search(tmp_path, monkeypa
     assert sorted(e.name for e in edits) == sorted({layer for layer, _ in chosen})
     for e in edits:
         apply_edit(model, e)
-    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model.safetensors")).load()
+    edited = OpenClip("slug-tiny-vit", pretrained=str(run / "edited_model" / "open_clip_model.safetensors")).load()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in edited.state_dict().items())
 
     rows = list(csv.DictReader((run / "search.csv").open()))

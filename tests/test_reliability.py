@@ -456,7 +456,7 @@ def test_same_config_and_seed_give_identical_artifacts(tmp_path, run_a, small_wo
     assert main(["fit", "--config", str(config)]) == run_a["code"]
     a, b = run_a["run"], tmp_path / "lightning_logs" / "version_0"
     for name in ("gradients/forget.safetensors", "gradients/retain.safetensors", "edit.safetensors",
-                 "edited_model.safetensors"):
+                 "edited_model/open_clip_model.safetensors"):
         _tensors_equal(a / name, b / name)
         assert (a / name).read_bytes() == (b / name).read_bytes(), name  # byte-identical files
     for name in ("forget", "retain"):  # no field differs: no timestamps or run paths in the metadata

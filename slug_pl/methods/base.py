@@ -11,7 +11,7 @@ same evaluation code and the same record.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from slug_pl.patch import patch_metadata
 from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
 from slug_pl.resources import peak_mem_mb, peak_memory
 from slug_pl.step_search import ForgetTarget
-from slug_pl.targets.base import DownstreamTarget, TargetReport
+from slug_pl.targets.base import DownstreamTarget
 
 
 @contextmanager
@@ -59,10 +59,6 @@ def on_run_device(trainer, module: "UnlearningModule") -> Iterator[torch.device]
         module.cpu()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-#: Where a finished run leaves its verdict in ``trainer.callback_metrics`` (1.0: target met).
-TARGET_MET_METRIC = "slug/target_met"
 
 
 class UnlearningModule(LightningModule):
@@ -217,13 +213,19 @@ class UnlearningModule(LightningModule):
     def write_record(self, *, edits: Sequence[LayerEdit], method: dict, target: ForgetTarget,
                      validation: dict, validation_met: bool, cost: dict, sections: Sequence[str] = (),
                      remedy: str | None = None, similarity_concepts: int = 8, edit_metadata: dict | None = None,
-                     extra: dict | None = None, t_start: float | None = None) -> dict:
-        """Measure before/after (held-out sets), write ``edit.safetensors``, figures,
-        ``summary.json`` and ``report.md`` (rank 0 only; the model carries ``edits``).
+                     extra: dict | None = None, t_start: float | None = None,
+                     artifacts: Callable[[RunRecord, dict, dict], None] | None = None) -> dict:
+        """Measure before/after (held-out sets) and write the run record through one
+        :class:`~slug_pl.record.RunRecord` (rank 0 only; the model carries ``edits``): figures,
+        the downstream target's files, ``edit.safetensors``, the method's own ``artifacts(record,
+        summary, edit metadata)`` (SLUG: the final ranking, the edited model), the edited
+        downstream model, and last ``summary.json`` and ``report.md``, so a run folder holding a
+        summary holds a complete record.
 
         ``cost`` holds what the method knows (``gradient_evals``, ``evaluations``); wall time,
         peak memory and edit size are added here. ``remedy``: what to change when forgetting
-        does not hold on held-out images. Returns the summary.
+        does not hold on held-out images. Returns the summary (the CLI reads the verdict from
+        ``summary.json``: :func:`~slug_pl.record.read_verdict`).
         """
         trainer, context = self.trainer, self.context
         concepts = list(context.concepts)
@@ -232,27 +234,26 @@ class UnlearningModule(LightningModule):
         sim_before, sim_after, shown = result.similarity
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
-        sections, held_out = list(sections), None
+        sections, held_out, downstream = list(sections), None, None
         self.devices["evaluation"] = str(next(self.clip.parameters()).device)
         if self.target is not None:  # the downstream model with the edit, judged its own way
             self.devices["downstream"] = str(self.target.resolved_device())
             self.target.transplant(self.clip, edits)
-            downstream: TargetReport = self.target.evaluate(context, edits)
+            downstream = self.target.evaluate(context, edits)
             for caption, file, figure in downstream.figures:
                 record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
             for file, (header, rows) in downstream.tables.items():
                 record.csv(file, header, rows)
             if self.target.save_edited:
-                saved = self.target.save_pretrained(self.run_dir / f"edited_{self.target.name}")
-                downstream.block["saved_to"] = saved.name
-                downstream.sections += [f"The edited {self.target.name} model: `{saved.name}/` (a save_pretrained "
-                                        f"folder).", ""]
+                downstream.block["saved_to"] = f"edited_{self.target.name}"
+                downstream.sections += [f"The edited {self.target.name} model: `edited_{self.target.name}/` (its "
+                                        f"library's own folder, with a model card).", ""]
             sections = list(downstream.sections) + sections
             extra = (extra or {}) | {downstream.key: downstream.block}
             held_out = held_out_verdict(target, result, downstream.after, downstream.forget_images)
         meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target),
-                **patch_metadata(self.clip, edits)}  # the base weights' SHA-256: SlugPatch checks it
-        edit_bytes = record.edit_patch(edits, meta | (edit_metadata or {}))
+                **patch_metadata(self.clip, edits)} | (edit_metadata or {})  # the base's SHA-256: SlugPatch checks it
+        edit_bytes = record.edit_patch(edits, meta)
         memory = getattr(self, "peak_memory", None) or peak_memory(self.device)
         total = time.perf_counter() - t_start if t_start is not None else None
         cost = {"wall_s": total, **cost, "peak_mem_mb": peak_mem_mb(memory), "edit_bytes": edit_bytes}
@@ -261,9 +262,10 @@ class UnlearningModule(LightningModule):
                                 timings=dict(self.timings) | ({"total": total} if total is not None else {}),
                                 memory=memory, extra=extra, held_out=held_out,
                                 devices=dict(self.devices) | {"precision": str(trainer.precision)})
+        if artifacts is not None:
+            artifacts(record, summary, meta)
+        if downstream is not None and self.target.save_edited:
+            record.downstream_model(self.target, summary, meta)
         record.write(summary, sections, remedy=remedy, result=result)
-        # the verdict, also for the launching process of a spawned run (Lightning carries rank 0's
-        # callback metrics back to it): the CLI's exit status reads it
-        trainer.callback_metrics[TARGET_MET_METRIC] = torch.tensor(float(summary["target"]["met"]))
         rank_zero_info(f"{method['name']}: {verdict_line(summary)}; report: {self.run_dir / 'report.md'}")
         return summary

@@ -34,7 +34,6 @@ Reliability:
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from slug_pl import resume
-from slug_pl.atomic import file_slug, refuse_existing, write_text
+from slug_pl.atomic import file_slug
 from slug_pl.data.datamodule import portable_path
 from slug_pl.departures import RunOptions, run_departures
 from slug_pl.edit import apply_edit, merge_edits
@@ -64,24 +63,16 @@ from slug_pl.gradients import (
     forget_similarity_sum,
     load_tensors,
     non_finite,
-    save_tensors,
     weights_fingerprint,
 )
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
-from slug_pl.ranking import pareto_figure, write_ranking_csv
-from slug_pl.record import RunRecord
+from slug_pl.record import RunRecord, check_free
 from slug_pl.resources import package_versions, peak_memory
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
 
 SETS = ("forget", "retain")
-SKIPPED_FILE = "skipped_samples.json"
-#: Files a SLUG run writes into its run directory (besides config.yaml and logger files); an
-#: existing one stops the run before any work.
-RUN_ARTIFACTS = ("ranking.csv", "search.csv", "edit.safetensors", "edited_model.safetensors",
-                 "report.md", "summary.json", "pareto_vision.png", "pareto_text.png", "similarity.png",
-                 SKIPPED_FILE)
 
 
 class SlugModule(UnlearningModule):
@@ -190,9 +181,7 @@ class SlugModule(UnlearningModule):
             )
 
     def _check_outputs_free(self) -> None:
-        names = list(RUN_ARTIFACTS) + ([] if self.gradients_from else [f"gradients/{s}.safetensors" for s in SETS])
-        for name in names:
-            refuse_existing(self.run_dir / name)
+        check_free(self.run_dir, reusing_gradients=bool(self.gradients_from))
 
     def _load_gradients(self, folder: Path, data_identity: dict[str, dict] | None = None) -> None:
         """Gradients of an earlier run, checked against this model and (``data_identity``: per set,
@@ -480,19 +469,18 @@ class SlugModule(UnlearningModule):
             }
             if self._resume_file is not None:
                 meta["resumed"] = {"from": portable_path(str(self._resume_file.parent)), "batch": self.resume_position}
-            path = save_tensors(folder / f"{name}.safetensors", self.gradients[name], meta)
+            path = RunRecord(self.run_dir).gradients(name, self.gradients[name], meta)
             self.gradient_files[name] = path
         self._write_skipped()
         rank_zero_info(f"gradients written to {folder}")
 
     def _write_skipped(self) -> None:
         """``<run>/skipped_samples.json``: the policy, per-set counts and every skipped sample."""
-        record = {
+        RunRecord(self.run_dir).skipped({
             "policy": self.trainer.datamodule.bad_samples,
             "counts": {s: len(self.skipped[s]) for s in SETS},
             "samples": {s: self.skipped[s] for s in SETS},
-        }
-        write_text(self.run_dir / SKIPPED_FILE, json.dumps(record, indent=2) + "\n")
+        })
 
 
 
@@ -502,7 +490,7 @@ class SlugSearch(Callback):
     A thin driver: the algorithm is :class:`slug_pl.step_search.StepSearch`; the record is
     :meth:`UnlearningModule.write_record`. Artifacts beyond the common record: ``ranking.csv`` and
     ``pareto_{vision,text}.png`` (written as soon as the ranking exists), ``search.csv`` (every
-    evaluation), ``edited_model.safetensors`` (optional).
+    evaluation), ``edited_model/`` (optional: the edited CLIP in its library's format, with a model card).
     """
 
     def __init__(
@@ -549,7 +537,8 @@ class SlugSearch(Callback):
             beam_width: several concepts: partial edit sets kept after each concept, and
                 candidates per concept tried on each (1: greedy).
             fronts: candidates come from the first ``fronts`` Pareto fronts of each tower.
-            save_checkpoint: also write the full edited model (``edited_model.safetensors``).
+            save_checkpoint: also write the full edited model (``edited_model/``: in its own library's format, with
+                a model card).
             kept: the validation metrics whose sum the choice among candidates maximises (and
                 that the utility guard watches): the CLIP's ``retain_top1`` and ``utility_top1`` by
                 default; a downstream judge names its own (e.g. LLaVA's
@@ -622,7 +611,7 @@ class SlugSearch(Callback):
 
         def ranked(concept: str, scores) -> None:  # on disk as soon as it exists (kept if the search stops)
             if concept not in written:
-                self._write_ranking(record, concept, scores, None, len(concepts), overwrite=False)
+                record.ranking(scores, ranking_suffix(concept, len(concepts)))
                 written.add(concept)
 
         written: set[str] = set()
@@ -654,31 +643,20 @@ class SlugSearch(Callback):
             pl_module.family.exclude, pl_module.family.include, pl_module.forget_averaging, datamodule.batch_size,
             datamodule.retain_batches, pl_module.eval_mode, self.settings))
         method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives, departures)
-        summary = pl_module.write_record(
+        def artifacts(record: RunRecord, summary: dict, edit_metadata: dict) -> None:
+            for o in outcomes:  # the ranking of the applied edit set, the chosen layer starred
+                record.ranking(o.scores, ranking_suffix(o.concept, len(outcomes)), o.chosen.layer, overwrite=True)
+            if self.save_checkpoint:
+                record.edited_model(pl_module.family, pl_module.clip, edits, summary, edit_metadata)
+
+        self.summary = pl_module.write_record(
             edits=edits, method=method, target=self.settings.target, validation=validation,
             validation_met=all(o.target_met for o in outcomes),
             cost={"gradient_evals": gradient_evals, "evaluations": len(search.evaluations)},
             sections=slug_report.sections(method, outcomes, pl_module, self.settings),
             remedy=slug_report.REMEDY, similarity_concepts=self.similarity_concepts,
-            edit_metadata={"target": str(self.settings.target)}, t_start=getattr(self, "_t_fit", None))
-        for o in outcomes:  # the ranking of the applied edit set, the chosen layer starred
-            self._write_ranking(record, o.concept, o.scores, o.chosen.layer, len(outcomes), overwrite=True)
-        if self.save_checkpoint:
-            save_tensors(pl_module.run_dir / "edited_model.safetensors", pl_module.clip.state_dict(),
-                         {"model": pl_module.family.describe(), "concepts": summary["concepts"],
-                          "edited_layers": [e.name for e in edits], "steps": [e.step for e in edits]})
-        self.summary = summary
-
-    @staticmethod
-    def _write_ranking(record: RunRecord, concept: str, scores, chosen: str | None, n_concepts: int,
-                       overwrite: bool) -> None:
-        """``ranking[_<concept>].csv`` and ``pareto_<tower>[_<concept>].png``."""
-        suffix = "" if n_concepts == 1 else f"_{file_slug(concept)}"
-        write_ranking_csv(scores, record.run_dir / f"ranking{suffix}.csv", overwrite=overwrite)
-        for tower in ("vision", "text"):
-            if any(s.tower == tower for s in scores):
-                record.figure(pareto_figure(scores, tower, chosen), f"pareto_{tower}{suffix}.png",
-                              tag=f"pareto/{tower}{suffix}" if chosen else None, overwrite=overwrite)
+            edit_metadata={"target": str(self.settings.target)}, t_start=getattr(self, "_t_fit", None),
+            artifacts=artifacts)
 
     @staticmethod
     def _logger(record: RunRecord):
@@ -693,6 +671,12 @@ class SlugSearch(Callback):
             tb.add_scalar("search/step_fraction", ev.step_fraction, ev.index)
 
         return log
+
+
+def ranking_suffix(concept: str, n_concepts: int) -> str:
+    """The file-name suffix of a concept's ranking files: none for one concept, ``_<concept>``
+    for each of several."""
+    return "" if n_concepts == 1 else f"_{file_slug(concept)}"
 
 
 def _joint_validation(outcomes: list[Outcome]) -> dict:

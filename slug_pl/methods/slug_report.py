@@ -114,7 +114,7 @@ def sections(method: dict, outcomes: Sequence[Outcome], module, settings: Search
     n_ranked = len(outcomes[0].scores)
     lines += [f"Ranked layers: {n_ranked} ({sum(s.on_front for s in outcomes[0].scores)} on the fronts); see "
               "`ranking.csv`, `pareto_vision.png`, `pareto_text.png`, every evaluation in `search.csv`; the full "
-              "edited model in `edited_model.safetensors` when saved.", ""]
+              "edited model in its own library's format in `edited_model/` (with a model card) when saved.", ""]
     return lines
 
 

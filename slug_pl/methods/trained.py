@@ -30,7 +30,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from slug_pl.atomic import refuse_existing
 from slug_pl.edit import changed_tensors
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.families.base import ModelFamily
@@ -38,15 +37,13 @@ from slug_pl.gradients import contrastive_loss, forget_similarity_sum
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods.selection import RULE, Checkpoint, checkpoint, preferred
 from slug_pl.markdown import pct, table
-from slug_pl.record import RunRecord
+from slug_pl.record import SELECTION_FILE, RunRecord, check_free
 from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
 from slug_pl.targets.base import DownstreamTarget
 
-SELECTION_FILE = "selection.csv"
 FORGET_METRICS = ("forget_top1", "forget_top5")
 #: Files a baseline run writes (besides config.yaml and logger files); an existing one stops the
 #: run before any work.
-RUN_ARTIFACTS = ("edit.safetensors", "summary.json", "report.md", "similarity.png", SELECTION_FILE)
 
 
 class BaselineModule(UnlearningModule):
@@ -107,8 +104,7 @@ class BaselineModule(UnlearningModule):
 
     def on_fit_start(self) -> None:
         self._t_fit = time.perf_counter()
-        for name in RUN_ARTIFACTS:
-            refuse_existing(self.run_dir / name)
+        check_free(self.run_dir)
         self.check_target()
         # the original weights, on the CPU: the patch is taken against them at the end
         self._original = {n: p.detach().cpu().clone() for n, p in self.clip.named_parameters()}
