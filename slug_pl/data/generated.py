@@ -80,12 +80,17 @@ def check_pipeline_dir(pipeline_dir: str | os.PathLike) -> Path:
 
 def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
                   dtype: torch.dtype = torch.float32):
-    """``StableDiffusionPipeline.from_pretrained`` without a safety checker, on ``device``."""
+    """``StableDiffusionPipeline.from_pretrained`` without a safety checker, on ``device``.
+
+    The feature extractor is left out with the safety checker (it only prepares the checker's
+    input): a folder downloaded without ``safety_checker/`` and ``feature_extractor/`` loads, where
+    a plain ``from_pretrained`` stops at "Can't load image processor"."""
     from diffusers import StableDiffusionPipeline
 
     path = check_pipeline_dir(pipeline_dir)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, feature_extractor=None,
+                                                       dtype=dtype)
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise GenerateError(f"cannot load a Stable Diffusion pipeline from {pipeline_dir}: "
                             f"{type(err).__name__}: {' '.join(str(err).split())}") from err
