@@ -11,7 +11,7 @@ classifier checkpoint is read from).
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
     slug-pl test --config configs/demo.yaml --json -        # only JSON on stdout
     slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
-    slug-pl prepare imagenet --root ILSVRC2012_img_val --devkit ILSVRC2012_devkit_t12 --out data/imagenet
+    slug-pl prepare imagenet --root imagenet/ILSVRC2012_img_val --devkit imagenet/ILSVRC2012_devkit_t12 --out data/imagenet
     slug-pl compare --config configs/demo_compare.yaml
     slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
     slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited

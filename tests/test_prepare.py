@@ -237,15 +237,15 @@ def test_unlearncanvas_classifiers_and_styles(standin, tmp_path, capsys):
 
     release = standin(si.UNLEARNCANVAS).extras["style_classifier"].parent
     root = tmp_path / "canvas"
-    for style in ("Van_Gogh", "Pencil_Sketch"):
+    for style in ("Van_Gogh", "Monet"):
         _image(root / style / "Dogs" / "1.jpg", 9)
-    args = ["--classifiers", str(release), "--root", str(root), "--styles", "Van_Gogh", "Pencil_Sketch"]
+    args = ["--classifiers", str(release), "--root", str(root), "--styles", "Van_Gogh", "Monet"]
     assert prepare("unlearncanvas", args + ["--out", str(tmp_path / "refused")]) == 2
     assert "not timm's vit_large_patch16_224" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
     out = tmp_path / "uc"
     assert prepare("unlearncanvas", args + ["--arch", "test_vit", "--out", str(out)]) == 0
-    assert (out / "styles.txt").read_text().splitlines() == ["Van_Gogh", "Pencil_Sketch"]
+    assert (out / "styles.txt").read_text().splitlines() == ["Van_Gogh", "Monet"]
     for task, classes in (("style", 51), ("object", 20)):
         record = json.loads((out / f"{task}.json").read_text())
         assert record["arch"] == si.UC_CLASSIFIER_ARCH and record["image_size"] == 32
@@ -254,6 +254,8 @@ def test_unlearncanvas_classifiers_and_styles(standin, tmp_path, capsys):
         assert classifier.logits(torch.rand(2, 3, 40, 40)).shape == (2, classes)
     assert "Seed_Images" in load_task_classifier(out / "style.json").classnames
 
+    assert prepare("unlearncanvas", args + ["Pencil_Sketch", "--out", str(tmp_path / "unknown")]) == 2
+    assert "--styles ['Pencil_Sketch']: not a style of the benchmark's classifier" in capsys.readouterr().err
     assert prepare("unlearncanvas", ["--classifiers", str(release), "--root", str(root), "--arch", "test_vit",
                                      "--out", str(tmp_path / "all")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]

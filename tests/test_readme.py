@@ -29,7 +29,7 @@ MAX_README_LINES = 250
 
 #: Pages that other branches add; until they are merged, links to them are accepted (their headings
 #: unchecked). Remove an entry once its page is in docs/.
-NOT_YET_MERGED: set[str] = set()  # pages linked before their branch is merged (none now)
+NOT_YET_MERGED: set[str] = {"docs/using.md"}  # using the results in your own code
 
 ISSUE = re.compile(r"\bissues?\s+#?\d+", re.IGNORECASE)
 TEST_COUNT = re.compile(r"\b\d[\d,]*\s+(?:tests?|passed|failed)\b", re.IGNORECASE)

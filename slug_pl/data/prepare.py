@@ -5,8 +5,10 @@ interrupted run leaves nothing behind) and prints the config lines that use it::
 
     slug-pl prepare celeba --images celeba/img_align_celeba --identities celeba/identity_CelebA.txt \\
         --names celeba/identity_names.txt --include "Elon Musk" --others 100 --val 10 --test 10 --out data/celeba
-    slug-pl prepare imagenet --root ILSVRC2012_img_val --devkit ILSVRC2012_devkit_t12 --out data/imagenet
-    slug-pl prepare unlearncanvas --root data/UnlearnCanvas --classifiers uc/cls_model --out data/uc
+    slug-pl prepare imagenet --root imagenet/ILSVRC2012_img_val --devkit imagenet/ILSVRC2012_devkit_t12 \\
+        --out data/imagenet
+    slug-pl prepare unlearncanvas --classifiers models/unlearncanvas/cls_model --root data/UnlearnCanvas \\
+        --out data/unlearncanvas
 
 - ``celeba``: the identities to forget plus ``--others`` more, each with disjoint validation and
   test images (:func:`slug_pl.data.build_labelled.celeba_splits`), as labelled shards
@@ -154,6 +156,11 @@ def prepare_unlearncanvas(classifiers: str, out: str, root: str | None = None, s
     from slug_pl.data.unlearncanvas import SEED_IMAGES, UC_OBJECTS, UC_STYLES, read_layout
 
     styles = list(UC_STYLES if not styles else styles)
+    classnames = {"style": sorted([*UC_STYLES, SEED_IMAGES]), "object": sorted(UC_OBJECTS)}
+    unknown = [s for s in styles if s not in classnames["style"]]
+    if unknown:
+        raise ValueError(f"--styles {unknown}: not a style of the benchmark's classifier (its styles: "
+                         f"{', '.join(UC_STYLES[:4])}, ... {SEED_IMAGES}: slug_pl.data.unlearncanvas.UC_STYLES)")
     if root is not None:
         read_layout(root, styles)  # every style a folder holding the same objects, or a LayoutError
     folder = Path(classifiers).expanduser()
@@ -162,7 +169,6 @@ def prepare_unlearncanvas(classifiers: str, out: str, root: str | None = None, s
     if missing:
         raise FileNotFoundError(f"classifier checkpoint(s) not found: {', '.join(missing)}; give the release's "
                                 f"cls_model folder (holding {' and '.join(UC_CHECKPOINTS.values())})")
-    classnames = {"style": sorted([*UC_STYLES, SEED_IMAGES]), "object": sorted(UC_OBJECTS)}
     out_dir = Path(out)
     with new_output_dir(out_dir) as tmp:
         for task, source in sources.items():
