@@ -13,6 +13,9 @@ models, all of it here:
 - :data:`STANDIN_CANVAS`: ``prepare unlearncanvas`` names the stand-in's classifier architecture
   (timm's small ``test_vit``, not the benchmark's ViT-L/16) and its two styles (of the 50).
 
+On a CUDA machine each test also runs as its ``gpu`` variant (``pytest -m gpu``): the shipped
+config with nothing added, on the GPU in bf16 as a user runs it.
+
 Random weights forget nothing in particular: ``fit`` may end with status 3 (target not met); the
 run must still write its edit, its report and the edited downstream model, which are then used.
 """
@@ -30,11 +33,13 @@ import torch
 from slug_pl.cli import main
 from slug_pl.testing import standins as si
 import recipe_inputs as inputs
+from conftest import ON_CPU_AND_GPU
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "docs" / "recipes.md"
 
-#: The only options a test adds to a shipped config: the CPU in float32 instead of a GPU in bf16.
+#: The only options a test adds to a shipped config: the CPU in float32 instead of a GPU in bf16
+#: (the ``gpu`` variants add nothing).
 CPU_OVERRIDES = ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
 #: ``prepare celeba``'s sizes for the stand-in CelebA (``recipe_inputs.CELEBA_OTHERS`` others with
 #: ``recipe_inputs.CELEBA_IMAGES`` images each), in place of the documented 100 others, 10 + 10 images.
@@ -108,9 +113,13 @@ def identity_data(work: Path) -> None:
     assert run(MINE) == 0
 
 
-def fit(recipe: str) -> Path:
-    """``slug-pl fit --config configs/<recipe>.yaml`` on the CPU; the run folder."""
-    code = run(f"slug-pl fit --config configs/{recipe}.yaml", *CPU_OVERRIDES)
+def overrides(device: str) -> list[str]:
+    return CPU_OVERRIDES if device == "cpu" else []
+
+
+def fit(recipe: str, device: str) -> Path:
+    """``slug-pl fit --config configs/<recipe>.yaml`` on ``device``; the run folder."""
+    code = run(f"slug-pl fit --config configs/{recipe}.yaml", *overrides(device))
     assert code in (0, 3), f"fit ended with status {code}"
     runs = sorted(Path("lightning_logs").glob("version_*"))
     run_dir = runs[-1]
@@ -123,7 +132,8 @@ def fit(recipe: str) -> Path:
 # --------------------------------------------------------------------------- open_clip
 
 
-def test_open_clip_vit_b32_laion(standin, work):
+@ON_CPU_AND_GPU
+def test_open_clip_vit_b32_laion(standin, work, device):
     """open_clip ViT-B/32 on LAION identities: fit, then the edited model measured by ``test`` and
     loaded with open_clip."""
     import open_clip
@@ -131,9 +141,9 @@ def test_open_clip_vit_b32_laion(standin, work):
 
     inputs.download(standin, work, si.OPEN_CLIP_B32)
     identity_data(work)
-    run_dir = fit("clip_vit_b32_laion")
+    run_dir = fit("clip_vit_b32_laion", device)
     assert run(f"slug-pl test --config configs/clip_vit_b32_laion.yaml --model.edit {run_dir}/edit.safetensors",
-               *CPU_OVERRIDES, "--json", "test.json") == 0
+               *overrides(device), "--json", "test.json") == 0
     assert json.loads(Path("test.json").read_text())["edit"]
     model = open_clip.create_model("local-dir:models/clip-vit-b32-laion2b")
     edited = load_file(str(run_dir / "edited_model.safetensors"))
@@ -159,25 +169,28 @@ def use_edited_pipeline(run_dir: Path, pipeline: str) -> None:
     assert all(torch.equal(again[k], v) for k, v in pipe.text_encoder.state_dict().items())
 
 
-@pytest.mark.parametrize("recipe, pipeline, clip", [("sd15", si.SD15, si.CLIP_L14), ("sd21", si.SD21, si.CLIP_H14)])
-def test_stable_diffusion(standin, work, recipe, pipeline, clip):
+@ON_CPU_AND_GPU
+@pytest.mark.parametrize("recipe, pipeline, clip", [("sd15", si.SD15, si.CLIP_L14), ("sd21", si.SD21, si.CLIP_H14)],
+                         ids=["sd15", "sd21"])
+def test_stable_diffusion(standin, work, recipe, pipeline, clip, device):
     inputs.download(standin, work, pipeline)
     inputs.download(standin, work, clip)
     identity_data(work)
-    run_dir = fit(recipe)
+    run_dir = fit(recipe, device)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"before", "after"} <= summary["generation"].keys()
     use_edited_pipeline(run_dir, inputs.MODEL_FOLDERS[pipeline])
 
 
 @pytest.mark.xfail(strict=False, reason="the SDXL target is being added")
-def test_stable_diffusion_xl(standin, work):
+@ON_CPU_AND_GPU
+def test_stable_diffusion_xl(standin, work, device):
     from diffusers import StableDiffusionXLPipeline
 
     inputs.download(standin, work, si.SDXL)
     inputs.download(standin, work, si.CLIP_L14)
     identity_data(work)
-    run_dir = fit("sdxl")
+    run_dir = fit("sdxl", device)
     (edited,) = run_dir.glob("edited_*/")
     pipe = StableDiffusionXLPipeline.from_pretrained(edited)
     assert pipe("a photo of Elon Musk", num_inference_steps=2).images[0].size[0] > 0
@@ -186,7 +199,8 @@ def test_stable_diffusion_xl(standin, work):
 # --------------------------------------------------------------------------- LLaVA
 
 
-def test_llava_1_5(standin, work):
+@ON_CPU_AND_GPU
+def test_llava_1_5(standin, work, device):
     """LLaVA-1.5: fit, then the edited VLM (``edited_llava/``) loads with transformers and answers."""
     from PIL import Image
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -194,7 +208,7 @@ def test_llava_1_5(standin, work):
     inputs.download(standin, work, si.LLAVA15)
     inputs.download(standin, work, si.CLIP_L14_336)
     identity_data(work)
-    run_dir = fit("llava15")
+    run_dir = fit("llava15", device)
     assert {"before", "after"} <= json.loads((run_dir / "summary.json").read_text())["vqa"].keys()
     model = LlavaForConditionalGeneration.from_pretrained(run_dir / "edited_llava", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(run_dir / "edited_llava")
@@ -207,7 +221,8 @@ def test_llava_1_5(standin, work):
 # --------------------------------------------------------------------------- UnlearnCanvas
 
 
-def test_unlearncanvas(standin, work):
+@ON_CPU_AND_GPU
+def test_unlearncanvas(standin, work, device):
     """UnlearnCanvas: the release's classifiers prepared, fit, the benchmark's table written and
     the edited pipeline drawing."""
     from diffusers import StableDiffusionPipeline
@@ -216,7 +231,7 @@ def test_unlearncanvas(standin, work):
     inputs.download(standin, work, si.CLIP_L14)
     inputs.unlearncanvas(work)
     assert run(PREPARE_CANVAS, *STANDIN_CANVAS) == 0
-    run_dir = fit("unlearncanvas")
+    run_dir = fit("unlearncanvas", device)
     block = json.loads((run_dir / "summary.json").read_text())["unlearncanvas"]
     assert {"UA", "IRA", "CRA"} <= block["after"].keys()
     assert (run_dir / "unlearncanvas.csv").is_file()
