@@ -114,9 +114,9 @@ def prepare_imagenet(root: str, out: str, devkit: str | None = None, solution_cs
 # -- UnlearnCanvas --------------------------------------------------------------------------------
 
 
-def _classifier_record(task: str, classnames: list[str], weights: Path, arch: str) -> dict:
-    """The JSON of one converted classifier: its architecture checked against the weights' shapes
-    (built on the meta device: nothing is allocated) and its image size read from them."""
+def _classifier_record(task: str, classnames: list[str], weights: Path, arch: str, source: Path) -> dict:
+    """The JSON of one classifier converted from ``source``: its architecture checked against the
+    weights' shapes (built on the meta device: nothing is allocated), its image size read from them."""
     import torch
     from safetensors import safe_open
 
@@ -127,21 +127,22 @@ def _classifier_record(task: str, classnames: list[str], weights: Path, arch: st
     patch = shapes.get("patch_embed.proj.weight")
     tokens = shapes.get("pos_embed")
     if patch is None or tokens is None:
-        raise ValueError(f"{weights}: not a ViT checkpoint (no patch_embed.proj.weight / pos_embed); the "
+        raise ValueError(f"{source}: not a ViT checkpoint (no patch_embed.proj.weight / pos_embed); the "
                          f"benchmark's classifiers are timm's {UC_ARCH}")
     side = round((tokens[1] - 1) ** 0.5)
     image_size = side * patch[-1]
     record = {"library": "timm", "name": arch}
     with torch.device("meta"):
-        default = build_classifier(ArchSpec.from_record(record, str(weights)), len(classnames))
-        if default.patch_embed.img_size != (image_size, image_size):
+        default = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))
+        built_size = getattr(getattr(default, "patch_embed", None), "img_size", None)
+        if built_size is not None and tuple(built_size) != (image_size, image_size):
             record["kwargs"] = {"img_size": image_size}
-        model = build_classifier(ArchSpec.from_record(record, str(weights)), len(classnames))
+        model = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     differ = sorted(n for n in expected.keys() | shapes.keys() if expected.get(n) != shapes.get(n))
     if differ:
         first = differ[0]
-        raise ValueError(f"{weights}: the {task} classifier is not timm's {arch} with {len(classnames)} classes "
+        raise ValueError(f"{source}: the {task} classifier is not timm's {arch} with {len(classnames)} classes "
                          f"({len(differ)} tensors differ, e.g. {first}: {shapes.get(first)} in the checkpoint, "
                          f"{expected.get(first)} in {arch}); give its architecture with --arch")
     return {"task": task, "classnames": classnames, "arch": record, "weights": weights.name,
@@ -173,7 +174,7 @@ def prepare_unlearncanvas(classifiers: str, out: str, root: str | None = None, s
     with new_output_dir(out_dir) as tmp:
         for task, source in sources.items():
             weights = convert_checkpoint(source, tmp / f"{task}.safetensors")
-            record = _classifier_record(task, classnames[task], weights, arch)
+            record = _classifier_record(task, classnames[task], weights, arch, source)
             (tmp / f"{task}.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / UC_STYLES_FILE).write_text("\n".join(styles) + "\n")
     print(f"the style and object classifiers and {len(styles)} styles in {out_dir}")
