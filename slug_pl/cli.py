@@ -1,6 +1,7 @@
 """The ``slug-pl`` command: LightningCLI with ``fit`` (gradient pass + ranking + step search),
 ``validate`` and ``test`` (zero-shot evaluation, optionally with an edit), plus the commands of
-:data:`EXTRA_COMMANDS` (``mine``: forget-set mining from caption shards; ``compare``: SLUG and the
+:data:`EXTRA_COMMANDS` (``mine``: forget-set mining from caption shards; ``prepare``: a recipe's
+evaluation data from the published CelebA, ImageNet and UnlearnCanvas files; ``compare``: SLUG and the
 baselines on identical data, one table; ``generate``: a forget set drawn by a Stable Diffusion
 pipeline; ``transplant``: a run's edit copied into the Stable Diffusion pipeline that embeds the CLIP;
 ``convert-checkpoint``: a torch pickle checkpoint's weights as safetensors, the only weights format a
@@ -10,6 +11,7 @@ classifier checkpoint is read from).
     slug-pl validate --config configs/demo.yaml --model.edit lightning_logs/version_0/edit.safetensors
     slug-pl test --config configs/demo.yaml --json -        # only JSON on stdout
     slug-pl mine --shards 'laion/{00000..00009}.tar' --name "Elon Musk" --out data/forget/elon_musk
+    slug-pl prepare imagenet --root imagenet/ILSVRC2012_img_val --devkit imagenet/ILSVRC2012_devkit_t12 --out data/imagenet
     slug-pl compare --config configs/demo_compare.yaml
     slug-pl generate --pipeline models/sd15 --prompt "a photo of Mickey Mouse" --n 500 --out data/forget/mickey
     slug-pl transplant --pipeline models/sd15 --edit lightning_logs/version_0/edit.safetensors --out models/sd15-edited
@@ -91,6 +93,14 @@ def _mine(words: list[str]) -> int:
     return mining.run(parser.parse_args(words))
 
 
+def _prepare(words: list[str]) -> int:
+    from slug_pl.data import prepare
+
+    parser = argparse.ArgumentParser(prog="slug-pl prepare", description=EXTRA_COMMANDS["prepare"].summary)
+    prepare.add_arguments(parser)
+    return prepare.run(parser.parse_args(words))
+
+
 def _compare(words: list[str]) -> int:
     from slug_pl.compare import main as compare_main
 
@@ -119,6 +129,8 @@ def _convert_checkpoint(words: list[str]) -> int:
 #: function ``words -> exit status`` and one entry here; ``slug-pl --help`` lists it.
 EXTRA_COMMANDS: dict[str, Command] = {
     "mine": Command("mine a forget set: the pairs of caption shards whose caption names a concept", _mine),
+    "prepare": Command("build a recipe's evaluation data from the published files (celeba, imagenet, "
+                       "unlearncanvas)", _prepare),
     "compare": Command("run SLUG and the baselines on identical data and write one comparison table", _compare),
     "generate": Command("draw a forget set with a Stable Diffusion pipeline (webdataset shards)", _generate),
     "transplant": Command("copy a run's edit into the model that embeds the CLIP (Stable Diffusion, SDXL, LLaVA)",

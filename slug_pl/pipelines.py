@@ -84,7 +84,10 @@ def load_pipeline(pipeline_dir: str | os.PathLike, device: str = "cpu",
     name = pipeline_class_name(path)
     if expected is not None and name != expected:
         raise PipelineError(f"{pipeline_dir} holds a {name}, not a {expected}: use {SUPPORTED_PIPELINES[name]}")
-    kwargs = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
+    # the feature extractor only prepares the safety checker's input: left out with it, so a folder
+    # downloaded without safety_checker/ and feature_extractor/ loads (a plain from_pretrained
+    # stops at "Can't load image processor")
+    kwargs = {"safety_checker": None, "feature_extractor": None} if name == "StableDiffusionPipeline" else {}
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError, TypeError, KeyError) as err:

@@ -211,6 +211,28 @@ def test_load_pipeline(standin, repo_id):
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.safety_checker is None
 
 
+def test_pipeline_without_safety_checker_files_generates(standin, tmp_path):
+    """A Stable Diffusion 1.5 folder downloaded without ``safety_checker/`` and
+    ``feature_extractor/`` (as the README's first download command fetched it) still lists them in
+    ``model_index.json``; a plain ``from_pretrained`` then stops at "Can't load image processor".
+    slug-pl leaves both out, so it loads and draws."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from slug_pl.cli import main
+
+    folder = tmp_path / "sd15"
+    shutil.copytree(standin(si.SD15).path, folder, ignore=shutil.ignore_patterns("safety_checker", "feature_extractor"))
+    assert "feature_extractor" in _model_index(folder)
+    with pytest.raises(OSError, match="image processor"):
+        StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    out = tmp_path / "drawn"
+    assert main(["generate", "--pipeline", str(folder), "--prompt", "a photo of a cat", "--n", "1", "--steps", "1",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"] == [1]
+
+
 def test_load_pipeline_sdxl(standin):
     """An SDXL folder loads as SDXL, both text encoders and the UNet's text_time conditioning."""
     from slug_pl.pipelines import load_pipeline

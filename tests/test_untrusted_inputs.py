@@ -186,12 +186,7 @@ def test_a_config_shard_field_refuses_a_pipe_spec(tmp_path, small_world, tiny_ch
 
 @pytest.mark.parametrize("name, problem", [("../secret.jpg", "climbs out"), ("/{outside}/secret.jpg", "absolute"),
                                            ("000002", "not an image file name")])
-def test_celeba_to_shards_copies_only_images_inside_the_folder(tmp_path, capsys, name, problem):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    try:
-        from celeba_to_shards import main as celeba_main
-    finally:
-        sys.path.pop(0)
+def test_prepare_celeba_copies_only_images_inside_the_folder(tmp_path, capsys, name, problem):
     images = tmp_path / "img_align_celeba"
     images.mkdir()
     for k in (1, 2):
@@ -201,11 +196,11 @@ def test_celeba_to_shards_copies_only_images_inside_the_folder(tmp_path, capsys,
     listed = name.format(outside=str(tmp_path).strip("/"))
     (tmp_path / "identities.txt").write_text(f"000001.jpg Mallory\n{listed} Mallory\n")
     out = tmp_path / "out"
-    code = celeba_main(["--images", str(images), "--identities", str(tmp_path / "identities.txt"),
+    code = main(["prepare", "celeba", "--images", str(images), "--identities", str(tmp_path / "identities.txt"),
                         "--include", "Mallory", "--others", "0", "--val", "1", "--test", "1", "--out", str(out)])
     assert code == 2
     line = last_line(capsys)
-    assert line.startswith("celeba_to_shards.py: error: ") and "identities.txt" in line and "line 2" in line
+    assert line.startswith("slug-pl prepare: error: ") and "identities.txt" in line and "line 2" in line
     assert problem in line and not out.exists()
 
 

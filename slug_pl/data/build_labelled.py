@@ -3,7 +3,8 @@
 A labelled shard set (read by :class:`~slug_pl.data.labelled.LabelledSet`) is webdataset tars whose
 samples hold the image bytes (``jpg``/``png``/..., copied unchanged) and ``cls``, the class index
 as decimal text, plus a class-name file with one name per line (label i = line i, 0-based).
-``scripts/celeba_to_shards.py`` and ``scripts/imagenet_to_shards.py`` are the command lines.
+``slug-pl prepare celeba`` and ``slug-pl prepare imagenet`` (:mod:`slug_pl.data.prepare`) are the
+command lines.
 
 - CelebA (:func:`celeba_splits`): ``img_align_celeba/`` plus a file mapping each image to its
   identity (``identity_CelebA.txt`` maps to numeric ids; a second file maps ids to names, as
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from slug_pl.data.labelled import read_name_list
 from slug_pl.data.layouts import IMAGE_SUFFIXES, IdentityEntry, LayoutError, identity_image, imagenet_wnids, read_identity_map
 from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES
 from slug_pl.errors import did_you_mean
@@ -115,15 +117,24 @@ def brace_pattern(shards: Sequence[Path]) -> str:
 
 @dataclass
 class IdentitySplits:
-    """What :func:`celeba_splits` chose: the class list and the validation / test images."""
+    """What :func:`celeba_splits` chose: the class list, the validation / test images, and the
+    file name each image key has in the identity list (relative to the image folder)."""
 
     classnames: list[str]
     validation: list[LabelledImage]
     test: list[LabelledImage]
+    files: dict[str, str]
+
+
+def identity_name(name: str) -> str:
+    """A name as prompts use it: underscores as spaces (the CelebA name lists spell ``Elon_Musk``),
+    runs of whitespace as one space."""
+    return " ".join(name.replace("_", " ").split())
 
 
 def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, names: str | os.PathLike | None,
-                  include: Sequence[str], others: int, per_identity: tuple[int, int], seed: int = 0) -> IdentitySplits:
+                  include: Sequence[str], others: int, per_identity: tuple[int, int], seed: int = 0,
+                  others_from: str | os.PathLike | None = None) -> IdentitySplits:
     """Pick identities and split their images into validation and test.
 
     Args:
@@ -131,11 +142,14 @@ def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, 
         identities: image file -> identity (``identity_CelebA.txt``: ``000001.jpg 2880``; any format
             of :func:`~slug_pl.data.layouts.read_identity_map`).
         names: identity id -> name (``2880 Jane Doe``, same formats), or None when ``identities``
-            maps to names already. Identities without a name are left out.
+            maps to names already. Identities without a name are left out. Names are read with
+            underscores as spaces (:func:`identity_name`).
         include: names that must be in the class list (the concepts to forget).
-        others: how many more identities, picked by seed among those with enough images.
+        others: how many more identities, among those with enough images: picked by seed, or the
+            first ones of ``others_from`` that have enough images.
         per_identity: (validation, test) images per identity, disjoint.
         seed: seed of both choices.
+        others_from: a file of names (one per line) to take the others from, in its order.
     """
     folder = Path(images_dir).expanduser()
     if not folder.is_dir():
@@ -147,7 +161,8 @@ def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, 
     for e in entries:
         name = e.identity if id_to_name is None else id_to_name.get(e.identity)
         if name is not None:
-            by_name.setdefault(name, []).append(e.filename)
+            by_name.setdefault(identity_name(name), []).append(e.filename)
+    include = [identity_name(n) for n in include]
     need = sum(per_identity)
     for name in include:
         if name not in by_name:
@@ -155,21 +170,27 @@ def celeba_splits(images_dir: str | os.PathLike, identities: str | os.PathLike, 
         if len(by_name[name]) < need:
             raise ValueError(f"identity {name!r} has {len(by_name[name])} images; {need} are needed "
                              f"({per_identity[0]} validation + {per_identity[1]} test)")
-    candidates = sorted((n for n, files in by_name.items() if n not in include and len(files) >= need),
-                        key=lambda n: _rank(seed, n))
+    if others_from is None:
+        pool = sorted(by_name, key=lambda n: _rank(seed, n))
+    else:
+        pool = list(dict.fromkeys(identity_name(n) for n in read_name_list(str(others_from), "--others-from")))
+    candidates = [n for n in pool if n not in include and len(by_name.get(n, ())) >= need]
     if len(candidates) < others:
-        raise ValueError(f"only {len(candidates)} other identities have {need} images; ask for fewer others")
+        source = f"of the names in {others_from}" if others_from is not None else "other identities"
+        raise ValueError(f"only {len(candidates)} {source} have {need} images; ask for fewer others")
     classnames = sorted([*include, *candidates[:others]])
-    validation, test = [], []
+    validation, test, files = [], [], {}
     for label, name in enumerate(classnames):
-        files = sorted(by_name[name], key=lambda f: _rank(seed, f))
-        paths = {f: _listed_image(folder, Path(identities), listed[f]) for f in files[:need]}
-        missing = [f for f in files[:need] if not paths[f].is_file()]
+        chosen = sorted(by_name[name], key=lambda f: _rank(seed, f))[:need]
+        paths = {f: _listed_image(folder, Path(identities), listed[f]) for f in chosen}
+        missing = [f for f in chosen if not paths[f].is_file()]
         if missing:
             raise FileNotFoundError(f"{identities} lists {missing[0]!r} (identity {name!r}), missing in {folder}")
-        for split, chosen in ((validation, files[: per_identity[0]]), (test, files[per_identity[0] : need])):
-            split += [LabelledImage(Path(f).stem, paths[f], label) for f in sorted(chosen)]
-    return IdentitySplits(classnames, validation, test)
+        for split, part in ((validation, chosen[: per_identity[0]]), (test, chosen[per_identity[0]:])):
+            for f in sorted(part):
+                split.append(LabelledImage(Path(f).stem, paths[f], label))
+                files[Path(f).stem] = f
+    return IdentitySplits(classnames, validation, test, files)
 
 
 def _listed_image(folder: Path, identities: Path, entry: IdentityEntry) -> Path:

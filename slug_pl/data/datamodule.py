@@ -205,6 +205,10 @@ class SlugDataModule(LightningDataModule):
         self.retain_batch_size = retain_batch_size or batch_size
         self.num_workers = num_workers
         self.suites = {"validation": validation, "test": test}
+        if validation is not None and test is not None and validation.concepts == test.concepts:
+            rank_zero_warn("data.validation.concepts and data.test.concepts are the same images: the report's "
+                           "held-out numbers are then measured where the search chose the step (slug-pl prepare "
+                           "celeba writes disjoint validation and test sets)")
         self.eval_batch_size = eval_batch_size
         self.mia_nonmembers = mia_nonmembers
         self.bad_samples = bad_samples

@@ -333,8 +333,9 @@ def read_identity_map(path: str | os.PathLike) -> list[IdentityEntry]:
     - anything else (``.txt``, CelebA's ``identity_CelebA.txt``): ``filename identity name``,
       split at the first run of whitespace, so names may contain spaces but file names may not.
 
-    Blank lines and lines starting with ``#`` are skipped; a first line whose first field is a
-    header word (``filename``, ``image``, ``path``, ``name`` …) is skipped as a header. A file
+    Blank lines and lines starting with ``#`` are skipped; a first line holding a single number
+    (the image count CelebA's list files start with) is skipped, and so is a first line whose first
+    field is a header word (``filename``, ``image``, ``image_id``, ``path``, ``name`` …). A file
     listed twice with different identities is an error; an exact repeat is ignored.
     """
     path = Path(path).expanduser()
@@ -367,6 +368,8 @@ def read_identity_map(path: str | os.PathLike) -> list[IdentityEntry]:
             else:
                 parts = text.strip().split(None, 1)
             parts = [p.strip() for p in parts]
+            if first and len(parts) == 1 and parts[0].isdigit():
+                continue  # the image count CelebA's list files start with; a header may follow
             if first and parts and parts[0].lower() in _HEADER_WORDS:
                 first = False
                 continue

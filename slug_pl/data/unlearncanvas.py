@@ -71,7 +71,7 @@ import webdataset as wds
 from PIL import Image
 
 from slug_pl.atomic import atomic_output, write_text
-from slug_pl.data.labelled import LoadedSet
+from slug_pl.data.labelled import LoadedSet, read_name_list
 from slug_pl.data.layouts import IMAGE_SUFFIXES, LayoutError, _load_images
 from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_RULES, InputRules
 from slug_pl.safety import resolve_inside
@@ -329,9 +329,10 @@ class UnlearnCanvasSet:
         forget_style: the style to unlearn (every object in it), as its folder name.
         forget_object: the object to unlearn (in every style). At most one of the two; with
             neither, only splits and labelled sets are available (e.g. to train classifiers).
-        styles / objects: folders to use, in label order (default: all, sorted by name). Pass
-            :data:`UC_STYLES` to leave out ``Seed_Images`` and the 10 styles the published
-            experiments did not use.
+        styles / objects: folders to use, in label order (default: all, sorted by name): a list,
+            or a text file with one folder name per line (``slug-pl prepare unlearncanvas`` writes
+            ``styles.txt``). Pass :data:`UC_STYLES` to leave out ``Seed_Images`` and the 10 styles
+            the published experiments did not use.
         split_fractions: ``(train, validation, test)`` fractions of every cell (sum 1).
         split_ranges: inclusive image-number ranges per split; when given, it replaces
             ``split_fractions``.
@@ -342,8 +343,8 @@ class UnlearnCanvasSet:
     root: str
     forget_style: str | None = None
     forget_object: str | None = None
-    styles: list[str] | None = None
-    objects: list[str] | None = None
+    styles: str | list[str] | None = None
+    objects: str | list[str] | None = None
     split_fractions: tuple[float, float, float] | None = (0.9, 0.05, 0.05)
     split_ranges: dict[str, list[int]] | None = None
     seed: int | None = None
@@ -382,7 +383,9 @@ class UnlearnCanvasSet:
 
     def load(self) -> CanvasData:
         """Read and check the tree and split it (nothing is decoded yet)."""
-        layout = read_layout(self.root, self.styles, self.objects)
+        styles = None if self.styles is None else read_name_list(self.styles, "styles")
+        objects = None if self.objects is None else read_name_list(self.objects, "objects")
+        layout = read_layout(self.root, styles, objects)
         for name, value, names in (("forget_style", self.forget_style, layout.styles),
                                    ("forget_object", self.forget_object, layout.objects)):
             if value is not None and value not in names:

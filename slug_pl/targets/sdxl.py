@@ -62,7 +62,7 @@ class _PipelineWithClipSkip:
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """A ``StableDiffusionXLPipeline`` folder, edited through one of its two text encoders."""
 
-    name = "sdxl"
+    name = "stable_diffusion_xl"
     title = "Stable Diffusion XL"
     pipeline_class = "StableDiffusionXLPipeline"
 

@@ -212,7 +212,10 @@ class StableDiffusionAdapter(DownstreamAdapter):
 
     def downstream_name(self, clip_name: str) -> str | None:
         rest = self._tower_name(clip_name)
-        return None if rest is None else self._prefix + rest
+        if rest is None:
+            return None
+        self.load()  # the loaded encoder's names say whether they keep a text_model. level
+        return self._prefix + rest
 
     def reads(self, clip_name: str) -> bool:
         """Whether a change of ``clip_name`` can change a generation (see the module docstring)."""

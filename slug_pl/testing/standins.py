@@ -665,12 +665,12 @@ def open_clip_checkpoint_file(out) -> StandIn:
 # UnlearnCanvas
 # =============================================================================================
 
-#: The benchmark's classifier architecture (``timm.create_model`` name, a 1024-wide head replaced
-#: by ``Linear(1024, classes)``), with the keyword arguments that shrink the stand-in: the same
-#: tensor names (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.*``, ``norm``,
-#: ``head``), 32-pixel images, width 16, one block.
-UC_CLASSIFIER_ARCH = {"library": "timm", "name": "vit_large_patch16_224",
-                      "kwargs": {"img_size": 32, "embed_dim": 16, "depth": 1, "num_heads": 2}}
+#: The stand-in of the benchmark's classifier architecture (timm's ``vit_large_patch16_224`` with its
+#: head replaced by ``Linear(1024, classes)``): timm's ``test_vit``, a ViT of the same tensor names
+#: (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.N.*``, ``norm``, ``head``) and
+#: patch size, 64 wide with 6 blocks, at 32-pixel images. A timm architecture by name, so that a
+#: classifier JSON can describe it (``arch`` takes a name and only arguments such as ``img_size``).
+UC_CLASSIFIER_ARCH = {"library": "timm", "name": "test_vit", "kwargs": {"img_size": 32}}
 #: Where the benchmark's files lie in its released checkpoint folder, and how many classes each
 #: classifier has (the style classifier: the 50 styles and ``Seed_Images``; the object one: 20).
 UC_GENERATOR = "diffuser/style50"
@@ -709,8 +709,8 @@ def unlearncanvas(out) -> StandIn:
       classes): ``{"model_state_dict": ...}`` of a timm ``vit_large_patch16_224`` whose head is
       ``Linear(1024, classes)``, read by the benchmark's ``accuracy.py`` with
       ``timm.create_model("vit_large_patch16_224.augreg_in21k")``, images resized to 224 and
-      normalized with mean = std = 0.5. The stand-in's are shrunk
-      (:data:`UC_CLASSIFIER_ARCH`), so a loader builds them with those keyword arguments.
+      normalized with mean = std = 0.5. The stand-in's are timm's small ``test_vit``
+      (:data:`UC_CLASSIFIER_ARCH`), so a loader builds them by that name.
       (The real folder also holds ``style60.pth``, for the 60-style release.)
     """
     clip = clip_vit_large_patch14(out).path
