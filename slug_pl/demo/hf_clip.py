@@ -383,9 +383,10 @@ def _cached_metrics(folder: Path, cache_key: dict) -> dict | None:
 
 
 def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa: B008 (frozen)
-                   train_kwargs: dict | None = None) -> dict:
+                   train_kwargs: dict | None = None, folder: str = "hf_clip") -> dict:
     """Build (or reuse) the demo world at ``root/world`` and a Hugging Face CLIP trained on it at
-    ``root/hf_clip``, a ``save_pretrained`` folder (model, tokenizer, image processor) that
+    ``root/<folder>`` (``hf_clip`` unless a demo trains a second CLIP of another shape), a
+    ``save_pretrained`` folder (model, tokenizer, image processor) that
     ``CLIPModel`` / ``CLIPTextModel`` / ``CLIPVisionModel.from_pretrained`` and
     :class:`~slug_pl.families.HfClip` load.
 
@@ -403,7 +404,7 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     root = Path(root).expanduser().resolve()
     kwargs = _resolved_train_kwargs(train_kwargs)
     world = build_world(root / "world", spec)
-    folder = root / "hf_clip"
+    folder = root / folder
     cache_key = {"world_fingerprint": world["fingerprint"], "spec": spec_record(spec),
                  "train_kwargs": kwargs, "transformers": version("transformers")}
     metrics = _cached_metrics(folder, cache_key)

@@ -33,7 +33,8 @@ identity portraits (and their VAE reconstructions, the look of generated images)
 :func:`ensure_sd_pipeline` builds everything once under ``root`` (``sd_pipeline/`` and
 ``sd_classifier/``), cached by the fingerprint of the CLIP it embeds, the settings and the
 diffusers version; :class:`StableDiffusionDemoWorld` is the demo's data module that builds it
-before a run (``configs/demo_sd.yaml``).
+before a run (``configs/demo_sd.yaml``). The SDXL demo (:mod:`slug_pl.demo.sdxl`) builds its
+pipeline with the same parts (:func:`build_demo_pipeline`, :func:`ensure_demo_pipeline`).
 """
 
 from __future__ import annotations
@@ -141,18 +142,29 @@ def demo_vae(image_size: int = 32):
         layers_per_block=1, norm_num_groups=8, sample_size=image_size)
 
 
-def demo_unet(latent_size: int, cross_attention_dim: int):
+#: SDXL's size conditioning: each of its 6 numbers is embedded in this many dimensions (SDXL's 256).
+TIME_EMBED_DIM = 8
+
+
+def demo_unet(latent_size: int, cross_attention_dim: int, text_time: int | None = None):
     """``UNet2DConditionModel`` on ``latent_size``² × 4 latents: two levels (32 and 64 channels),
     cross-attention to ``cross_attention_dim``-wide text states at both and in the middle block
-    (4 heads), one layer per block (~1.1 M parameters for a 96-wide text encoder)."""
+    (4 heads), one layer per block (~1.1 M parameters for a 96-wide text encoder).
+
+    ``text_time``: SDXL's added conditioning (``addition_embed_type: text_time``) on a pooled text
+    embedding this wide and the 6 size numbers (:data:`TIME_EMBED_DIM` dimensions each), added to
+    the timestep embedding; None: none, as Stable Diffusion 1.x / 2.x."""
     from diffusers import UNet2DConditionModel
 
+    added = {} if text_time is None else {
+        "addition_embed_type": "text_time", "addition_time_embed_dim": TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": text_time + 6 * TIME_EMBED_DIM}
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64),
         layers_per_block=1, norm_num_groups=8, attention_head_dim=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim)
+        cross_attention_dim=cross_attention_dim, **added)
 
 
 def demo_scheduler():
@@ -162,14 +174,21 @@ def demo_scheduler():
     return DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def text_encoder_from_clip(clip_folder: str | os.PathLike):
+def text_encoder_from_clip(clip_folder: str | os.PathLike, projection: bool = False):
     """The text tower of the ``CLIPModel`` in ``clip_folder`` as a ``CLIPTextModel`` (the same
-    tensors, copied; eval mode, no gradients) and the folder's ``CLIPTokenizer``."""
-    from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+    tensors, copied; eval mode, no gradients) and the folder's ``CLIPTokenizer``. With
+    ``projection``: a ``CLIPTextModelWithProjection`` holding the CLIP's ``text_projection`` too
+    (SDXL's second encoder)."""
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     clip = CLIPModel.from_pretrained(clip_folder, dtype=torch.float32)
-    encoder = CLIPTextModel(clip.config.text_config)
-    encoder.load_state_dict(clip.text_model.state_dict())
+    if projection:
+        encoder = CLIPTextModelWithProjection(clip.config.text_config)
+        encoder.text_model.load_state_dict(clip.text_model.state_dict())
+        encoder.text_projection.load_state_dict(clip.text_projection.state_dict())
+    else:
+        encoder = CLIPTextModel(clip.config.text_config)
+        encoder.load_state_dict(clip.text_model.state_dict())
     encoder.eval().requires_grad_(False)
     return encoder, CLIPTokenizer.from_pretrained(clip_folder)
 
@@ -280,21 +299,43 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], batch_size: int 
     return torch.cat(out)
 
 
+@dataclass
+class TextConditioning:
+    """What a UNet is trained on for each caption, and in place of a dropped caption.
+
+    Attributes:
+        states: ``(N, context, width)``, the ``encoder_hidden_states`` of each caption.
+        empty: ``(1, context, width)``, those of a dropped caption (the unconditional input).
+        pooled / empty_pooled: ``(N, P)`` / ``(1, P)``, SDXL's pooled text embedding
+            (``added_cond_kwargs["text_embeds"]``); None for a UNet without ``text_time``.
+        time_ids: ``(6,)``, SDXL's size conditioning (``added_cond_kwargs["time_ids"]``), the
+            same for every image; None without ``text_time``.
+    """
+
+    states: torch.Tensor
+    empty: torch.Tensor
+    pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
 class UnetTrainer:
-    """Noise-prediction training of a UNet on fixed latents and text states, in rounds.
+    """Noise-prediction training of a UNet on fixed latents and text conditioning, in rounds.
 
     Each round is AdamW with a short warmup and a cosine decay over the round's steps; batches
     are drawn with replacement from one seeded generator, so rounds continue one random stream.
+    ``label`` prefixes the progress lines.
     """
 
-    def __init__(self, unet, latents: torch.Tensor, states: torch.Tensor, empty_state: torch.Tensor,
-                 s: SdTraining):
+    def __init__(self, unet, latents: torch.Tensor, conditioning: TextConditioning, s: SdTraining,
+                 label: str = "demo SD"):
         from diffusers import DDPMScheduler
 
-        self.unet, self.latents, self.states, self.empty, self.s = unet, latents, states, empty_state, s
+        self.unet, self.latents, self.cond, self.s, self.label = unet, latents, conditioning, s, label
         self.noise = DDPMScheduler(**NOISE_SCHEDULE)
         self.gen = torch.Generator().manual_seed(s.seed + 1)
-        self.state_std = float(states.std())
+        self.state_std = float(conditioning.states.std())
+        self.pooled_std = None if conditioning.pooled is None else float(conditioning.pooled.std())
         self.steps_done = 0
         self.last_loss = float("nan")
         #: one record per round of :meth:`until_recognized`: steps so far, loss, min / mean recognition, seconds
@@ -311,10 +352,13 @@ class UnetTrainer:
             noise = torch.randn(x0.shape, generator=self.gen)
             t = torch.randint(self.noise.config.num_train_timesteps, (len(idx),), generator=self.gen)
             drop = torch.rand(len(idx), generator=self.gen) < s.uncond_fraction
-            states = torch.where(drop[:, None, None], self.empty, self.states[idx])
-            if s.cond_noise > 0:
-                states = states + s.cond_noise * self.state_std * torch.randn(states.shape, generator=self.gen)
-            prediction = unet(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
+            states = self._conditioned(self.cond.states[idx], self.cond.empty, drop, self.state_std)
+            added = None
+            if self.cond.pooled is not None:
+                pooled = self._conditioned(self.cond.pooled[idx], self.cond.empty_pooled, drop, self.pooled_std)
+                added = {"text_embeds": pooled, "time_ids": self.cond.time_ids.expand(len(idx), -1)}
+            prediction = unet(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=states,
+                              added_cond_kwargs=added).sample
             loss = F.mse_loss(prediction, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,6 +369,14 @@ class UnetTrainer:
         self.steps_done += steps
         self.last_loss = running / steps
         unet.eval()
+
+    def _conditioned(self, batch: torch.Tensor, empty: torch.Tensor, drop: torch.Tensor, std: float) -> torch.Tensor:
+        """``batch`` with the dropped rows replaced by ``empty``, plus the conditioning noise
+        (``cond_noise`` × ``std``)."""
+        out = torch.where(drop.view(-1, *[1] * (batch.dim() - 1)), empty, batch)
+        if self.s.cond_noise > 0:
+            out = out + self.s.cond_noise * std * torch.randn(out.shape, generator=self.gen)
+        return out
 
     def until_recognized(self, check: Callable[[], dict], what: str, one: str) -> dict:
         """Train in rounds (``unet_steps``, then ``unet_round_steps`` each) until ``check()``'s
@@ -340,14 +392,14 @@ class UnetTrainer:
             result = check()
             self.rounds.append({"steps": self.steps_done, "loss": self.last_loss, "min": result["min"],
                                 "mean": result["mean"], "seconds": time.perf_counter() - t1})
-            _say(f"demo SD: UNet {self.steps_done} steps (loss {self.last_loss:.4f}): {what} recognized in "
+            _say(f"{self.label}: UNet {self.steps_done} steps (loss {self.last_loss:.4f}): {what} recognized in "
                  f"{100 * result['mean']:.1f} % of generations (lowest {one} {100 * result['min']:.1f} %; "
                  f"{time.perf_counter() - t1:.0f}s)")
             if result["min"] >= s.min_recognition or self.steps_done >= s.max_unet_steps:
                 break
             steps = min(s.unet_round_steps, s.max_unet_steps - self.steps_done)
         if result["min"] < s.min_recognition:
-            _say(f"demo SD: WARNING: after {self.steps_done} UNet steps an {one} is recognized in only "
+            _say(f"{self.label}: WARNING: after {self.steps_done} UNet steps an {one} is recognized in only "
                  f"{100 * result['min']:.1f} % of its generations (wanted {100 * s.min_recognition:.0f} %)")
         return result
 
@@ -358,13 +410,13 @@ def pipeline_trainer(vae, text_encoder, tokenizer, latents: torch.Tensor, captio
     ``latents`` (scaled VAE latent means) captioned by ``captions``."""
     from diffusers import StableDiffusionPipeline
 
-    states = encode_prompts(text_encoder, tokenizer, list(captions))
-    empty = encode_prompts(text_encoder, tokenizer, [""])
+    conditioning = TextConditioning(encode_prompts(text_encoder, tokenizer, list(captions)),
+                                    encode_prompts(text_encoder, tokenizer, [""]))
     unet = demo_unet(latents.shape[-1], text_encoder.config.hidden_size)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=demo_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    return pipe, UnetTrainer(unet, latents, states, empty, s)
+    return pipe, UnetTrainer(unet, latents, conditioning, s)
 
 
 def vae_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -430,31 +482,45 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _recognition_check(pipe, clip_folder: str, world: dict, s: SdTraining) -> dict:
+def _recognition_check(pipe, clip_folders: list[str], world: dict, s: SdTraining) -> dict:
     """Per identity, the fraction of its generations (every identity template × ``verify_seeds``)
-    the world's CLIP recognizes as that identity, zero-shot among all identities."""
+    a world CLIP recognizes as that identity, zero-shot among all identities; with several CLIPs
+    (each judging the same images) the lowest of theirs, each CLIP's in ``per_clip`` (by folder
+    name)."""
     from slug_pl.evaluation.generation import ClipZeroShotJudge, PromptSet, recognition
     from slug_pl.families.hf_clip import HfClip
     from slug_pl.pipelines import generate_images
 
     identities = json.loads(Path(world["identities_json"]).read_text())
     templates = json.loads(Path(world["templates_json"]).read_text())["identities"]
-    family = HfClip(model_name=clip_folder)
-    judge = ClipZeroShotJudge(family, family.load(), templates)
     prompts = PromptSet(identities, (), templates, s.verify_seeds)
     items = prompts.items()
     images = generate_images(pipe, [i.prompt for i in items], [i.seed for i in items], steps=s.verify_steps,
                              guidance=s.verify_guidance, batch_size=64, progress=False)
-    per = recognition(judge, images, [i.concept for i in prompts.items()], identities, ())["per_concept"]
+    per_clip = {}
+    for folder in clip_folders:
+        family = HfClip(model_name=str(folder))
+        judge = ClipZeroShotJudge(family, family.load(), templates)
+        per_clip[Path(folder).name] = recognition(judge, images, [i.concept for i in items], identities,
+                                                  ())["per_concept"]
+    per = {name: min(p[name] for p in per_clip.values()) for name in identities}
     return {"per_identity": per, "min": min(per.values()), "mean": sum(per.values()) / len(per),
-            "images_per_identity": len(templates) * len(s.verify_seeds)}
+            "images_per_identity": len(templates) * len(s.verify_seeds), "per_clip": per_clip}
 
 
-def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os.PathLike,
-                      classifier_out: str | os.PathLike, s: SdTraining = SdTraining()) -> dict:  # noqa: B008
-    """Train the demo pipeline around the text tower of ``clip_folder`` on ``world`` (a
-    :func:`~slug_pl.demo.world.build_world` dict); save it to the new folder ``out`` and the
-    classifier judge to the new folder ``classifier_out``. Returns the measurements.
+#: ``make(vae, latents, captions)``: the pipeline around a trained VAE and the trainer of its UNet
+#: on the VAE's ``latents`` captioned by ``captions`` (:func:`pipeline_trainer` for Stable Diffusion).
+PipelineMaker = Callable[[object, torch.Tensor, list[str]], tuple[object, UnetTrainer]]
+
+
+def build_demo_pipeline(make: PipelineMaker, clip_folders: list[str], world: dict, out: str | os.PathLike,
+                        classifier_out: str | os.PathLike, s: SdTraining, label: str = "demo SD") -> dict:
+    """Train a demo pipeline on ``world`` (a :func:`~slug_pl.demo.world.build_world` dict): the
+    VAE, then the UNet of ``make``'s pipeline until the world CLIPs in ``clip_folders`` recognize
+    every identity in its generations (:meth:`UnetTrainer.until_recognized`), alongside the
+    classifier judge; save the pipeline to the new folder ``out`` (``save_pretrained``) and the
+    judge to the new folder ``classifier_out``. Returns the measurements; ``label`` prefixes the
+    progress lines.
 
     Runs on one CPU thread (restored afterwards), the classifier judge alongside the UNet in a
     second process of one thread; the same settings give the same weights.
@@ -466,13 +532,12 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
     try:
         t0 = time.perf_counter()
         data = load_world_images(world)
-        text_encoder, tokenizer = text_encoder_from_clip(clip_folder)
-        _say(f"demo SD: {len(data.captions)} image-caption pairs loaded ({time.perf_counter() - t0:.0f}s)")
+        _say(f"{label}: {len(data.captions)} image-caption pairs loaded ({time.perf_counter() - t0:.0f}s)")
 
         vae, vae_mse = train_vae(data.pixels, s)
         latents = vae_latents(vae, data.pixels)
         t_vae = time.perf_counter() - t0
-        _say(f"demo SD: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}, "
+        _say(f"{label}: VAE trained ({s.vae_steps} steps, reconstruction MSE {vae_mse:.4f}, "
              f"scaling factor {vae.config.scaling_factor:.3f}; {t_vae:.0f}s)")
 
         # the classifier judge trains in a second process while the UNet trains here (its inputs
@@ -489,9 +554,9 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
             judge = pool.submit(_train_classifier_judge, torch.cat([portraits, recon]).numpy(),
                                 torch.cat([labels, labels]).numpy(), len(data.identities), s,
                                 test_pixels.numpy(), test_labels.numpy())
-            pipe, trainer = pipeline_trainer(vae, text_encoder, tokenizer, latents, data.captions, s)
+            pipe, trainer = make(vae, latents, data.captions)
             unet = pipe.unet
-            check = trainer.until_recognized(lambda: _recognition_check(pipe, str(clip_folder), world, s),
+            check = trainer.until_recognized(lambda: _recognition_check(pipe, [str(f) for f in clip_folders], world, s),
                                              "identities", "identity")
             rounds = trainer.rounds
             pipe.save_pretrained(out)
@@ -501,7 +566,7 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
         save_classifier(classifier_out, classifier.eval(), f"{WorldClassifier.__module__}.{WorldClassifier.__name__}",
                         {"num_classes": len(data.identities)}, data.identities,
                         image_size=tuple(data.pixels.shape[-2:]))
-        _say(f"demo SD: classifier judge: {100 * classifier_accuracy:.1f} % on held-out portraits "
+        _say(f"{label}: classifier judge: {100 * classifier_accuracy:.1f} % on held-out portraits "
              f"({classifier_seconds:.0f}s in a second process, alongside the UNet; "
              f"{time.perf_counter() - t2:.0f}s for both)")
     finally:
@@ -516,6 +581,18 @@ def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os
     }
 
 
+def build_sd_pipeline(clip_folder: str | os.PathLike, world: dict, out: str | os.PathLike,
+                      classifier_out: str | os.PathLike, s: SdTraining = SdTraining()) -> dict:  # noqa: B008
+    """Train the demo Stable Diffusion pipeline around the text tower of ``clip_folder`` on
+    ``world`` (:func:`build_demo_pipeline` with :func:`pipeline_trainer`); save it to the new
+    folder ``out`` and the classifier judge to the new folder ``classifier_out``. Returns the
+    measurements."""
+    text_encoder, tokenizer = text_encoder_from_clip(clip_folder)
+    return build_demo_pipeline(
+        lambda vae, latents, captions: pipeline_trainer(vae, text_encoder, tokenizer, latents, captions, s),
+        [str(clip_folder)], world, out, classifier_out, s)
+
+
 def _cached(folder: Path, classifier: Path, cache_key: dict) -> dict | None:
     try:
         saved = json.loads((folder / METRICS_FILE).read_text())
@@ -525,6 +602,43 @@ def _cached(folder: Path, classifier: Path, cache_key: dict) -> dict | None:
     return saved if complete and saved.get("cache_key") == cache_key else None
 
 
+def library_versions() -> dict:
+    """The versions of the libraries a demo pipeline's weights depend on (part of its cache key)."""
+    from importlib.metadata import version
+
+    return {"diffusers": version("diffusers"), "transformers": version("transformers")}
+
+
+def ensure_demo_pipeline(folder: Path, classifier: Path, cache_key: dict,
+                         build: Callable[[Path, Path], dict], label: str = "demo SD") -> dict:
+    """The measurements of the demo pipeline at ``folder`` with its classifier judge at
+    ``classifier``: read back when they were built with ``cache_key``, else built by
+    ``build(pipeline folder, classifier folder)`` into temporary folders renamed into place at
+    the end (stale ones are replaced only then), so the folders are complete or absent."""
+    metrics = _cached(folder, classifier, cache_key)
+    if metrics is not None:
+        _say(f"{label}: reusing {folder}")
+        return metrics
+    tmp, tmp_classifier = temp_folder_beside(folder), temp_folder_beside(classifier)
+    try:
+        metrics = build(tmp, tmp_classifier)
+        metrics["cache_key"] = cache_key
+        write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        swap_into_place(tmp_classifier, classifier)
+        swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_classifier, ignore_errors=True)
+    return metrics
+
+
+def training_record(train: SdTraining) -> dict:
+    """``train`` as JSON (for a cache key)."""
+    settings = dataclasses.asdict(train)
+    settings["verify_seeds"] = list(settings["verify_seeds"])
+    return settings
+
+
 def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa: B008 (frozen)
                        train: SdTraining = SdTraining(), clip_train_kwargs: dict | None = None) -> dict:  # noqa: B008
     """Build (or reuse) the demo world, its Hugging Face CLIP (``root/hf_clip``) and the demo
@@ -532,40 +646,23 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
     ``save_pretrained`` folder) with its classifier judge (``root/sd_classifier``).
 
     Reused when made from the same CLIP weights (SHA-256), world spec, settings and diffusers
-    version. A new build goes into temporary folders renamed into place at the end (stale ones
-    are replaced only then), so the folders are complete or absent.
+    version (:func:`ensure_demo_pipeline`).
 
     Returns ``{"path": pipeline folder, "classifier": classifier folder, "hf_clip": CLIP folder,
     "metrics": build measurements, "world": build_world's dict}``.
     """
-    from importlib.metadata import version
-
     from slug_pl.demo.hf_clip import ensure_hf_clip
 
     root = Path(root).expanduser().resolve()
     clip = ensure_hf_clip(root, spec, clip_train_kwargs)
     folder, classifier = root / PIPELINE_FOLDER, root / CLASSIFIER_FOLDER
-    settings = dataclasses.asdict(train)
-    settings["verify_seeds"] = list(settings["verify_seeds"])
-    cache_key = {"clip_fingerprint": clip["fingerprint"], "spec": spec_record(spec), "train": settings,
-                 "diffusers": version("diffusers"), "transformers": version("transformers")}
-    metrics = _cached(folder, classifier, cache_key)
-    if metrics is not None:
-        _say(f"demo SD: reusing {folder}")
-    else:
-        tmp, tmp_classifier = temp_folder_beside(folder), temp_folder_beside(classifier)
-        try:
-            metrics = build_sd_pipeline(clip["path"], clip["world"], tmp, tmp_classifier, train)
-            metrics["cache_key"] = cache_key
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp_classifier, classifier)
-            swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(tmp_classifier, ignore_errors=True)
+    cache_key = {"clip_fingerprint": clip["fingerprint"], "spec": spec_record(spec), "train": training_record(train),
+                 **library_versions()}
+    metrics = ensure_demo_pipeline(
+        folder, classifier, cache_key,
+        lambda out, classifier_out: build_sd_pipeline(clip["path"], clip["world"], out, classifier_out, train))
     return {"path": str(folder), "classifier": str(classifier), "hf_clip": clip["path"], "metrics": metrics,
             "world": clip["world"]}
-
 
 
 
@@ -588,6 +685,9 @@ class StableDiffusionDemoWorld(DemoWorld):
     The family must load ``<root>/hf_clip`` and the target ``<root>/sd_pipeline``; a mismatch is
     reported with the path to put in the config.
     """
+
+    #: Prefixes the progress lines.
+    label = "demo SD"
 
     def __init__(self, *args, sd_train: dict | None = None, forget_source: str = "generated",
                  forget_images: int = 15, forget_steps: int = 20, forget_guidance: float = 4.0, **kwargs):
@@ -615,15 +715,21 @@ class StableDiffusionDemoWorld(DemoWorld):
         self.forget_generation = {"n": forget_images, "steps": forget_steps, "guidance": forget_guidance}
 
     def _ensure(self) -> dict:
-        built = ensure_sd_pipeline(self.root, self.spec, self.sd_train, self.train_kwargs)
+        return self._paths(ensure_sd_pipeline(self.root, self.spec, self.sd_train, self.train_kwargs))
+
+    @staticmethod
+    def _paths(built: dict) -> dict:
+        """The world's paths and the built models' (``ensure_*_pipeline``'s result): the CLIP
+        (``hf_clip``), the ``pipeline`` and its ``classifier`` judge, and ``pipeline_key`` (a
+        hash of the pipeline's cache key, naming its generated forget sets)."""
         key = hashlib.sha256(json.dumps(built["metrics"]["cache_key"], sort_keys=True).encode()).hexdigest()
         return {**built["world"], "hf_clip": built["hf_clip"], "metrics": built["metrics"],
-                "sd_pipeline": built["path"], "sd_classifier": built["classifier"], "sd_key": key}
+                "pipeline": built["path"], "classifier": built["classifier"], "pipeline_key": key}
 
     def _generated_dirs(self, concept: str) -> list[Path]:
         """One folder of shards per identity template, keyed by the pipeline build and settings."""
         g = self.forget_generation
-        folder = (self.root / "forget_generated" / self.paths["sd_key"][:12]
+        folder = (self.root / "forget_generated" / self.paths["pipeline_key"][:12]
                   / f"{file_slug(concept)}-n{g['n']}-s{g['steps']}-g{g['guidance']:g}")
         return [folder / f"template{k}" for k in range(len(self._identity_templates()))]
 
@@ -643,15 +749,15 @@ class StableDiffusionDemoWorld(DemoWorld):
                 if (out / MANIFEST_NAME).is_file():
                     continue
                 prompt = fill_template(template, concept)
-                generate_forget_set(self.paths["sd_pipeline"], prompt, g["n"], out, seed0=FORGET_SEED0 + 1000 * k,
+                generate_forget_set(self.paths["pipeline"], prompt, g["n"], out, seed0=FORGET_SEED0 + 1000 * k,
                                     batch_size=g["n"], steps=g["steps"], guidance=g["guidance"], device="cpu",
                                     dtype="float32", progress=False)
-                rank_zero_info(f"demo SD: generated {g['n']} forget images of {prompt!r} into {out}")
+                rank_zero_info(f"{self.label}: generated {g['n']} forget images of {prompt!r} into {out}")
 
     def check_models(self, family, target=None) -> None:
         super().check_models(family, target)
         if self.paths is not None:
-            refuse_other_model("the demo builds its Stable Diffusion pipeline", self.paths["sd_pipeline"],
+            refuse_other_model("the demo builds its Stable Diffusion pipeline", self.paths["pipeline"],
                                target_source(target),
                                "model.init_args.target (slug_pl.targets.StableDiffusion) init_args.pipeline")
 

@@ -178,3 +178,9 @@ class StableDiffusionXL(DownstreamTarget):
                                 grid_seeds, protect_retained, protect_tolerance)
         super().__init__(adapter, judge, save_edited)
 
+    @property
+    def text_encoder(self) -> int:
+        """Which encoder the run's CLIP is and the edit changes: 1 (``text_encoder``) or 2
+        (``text_encoder_2``)."""
+        return self.adapter.text_encoder
+
