@@ -319,7 +319,7 @@ class StepSearch:
         """The forget target must be a metric the judge measures (else ValueError naming those it
         does); a kept metric it does not measure would count 0 in every choice (a warning)."""
         if self.target.metric not in measured:
-            raise ValueError(f"search.target_metric {self.target.metric!r} is not measured by this run's judge; "
+            raise ValueError(f"forget_target.metric {self.target.metric!r} is not measured by this run's judge; "
                              f"it measures {sorted(measured)}")
         missing = [k for k in self.settings.kept if k not in measured]
         if missing:

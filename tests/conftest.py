@@ -210,6 +210,7 @@ def separating_config(folder: Path, model: dict, search: dict | None = None, **o
             "forget": model["forget"], "retain": model["corpus"], "concepts": [model["concept"]],
             "batch_size": 8, "retain_batch_size": 64,
             "validation": labelled("val"), "test": labelled("test")}},
+        "forget_target": {"metric": "forget_top5", "value": 0.0},
         "search": dict(SEPARATING_SEARCH if search is None else search),
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                     "default_root_dir": str(folder)},
@@ -299,6 +300,7 @@ def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **ov
                 "concepts": {"shards": world["test_identities"], "classnames": world["identities_json"]},
                 "utility": {"shards": world["test_objects"], "classnames": world["objects_json"]}},
         }},
+        "forget_target": {"metric": "forget_top5", "value": 0.0},
         "search": {"top_k": 2, "max_evals": 5},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }

@@ -410,8 +410,8 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
                           model={"family": {"class_path": "slug_pl.families.HfClip",
                                             "init_args": {"model_name": tiny_hf_clip}}, "target": target},
+                          forget_target={"metric": "forget_name_accuracy", "value": 0.0},
                           search={"top_k": 1, "max_evals": 2, "towers": ["vision"],
-                                  "target_metric": "forget_name_accuracy", "target_value": 0.0,
                                   "kept": ["retain_name_accuracy", "object_accuracy"]},
                           trainer={"accelerator": "gpu" if device == "cuda" else "cpu"})
     main(["fit", "--config", str(config)])

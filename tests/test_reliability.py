@@ -503,7 +503,7 @@ def test_two_processes_write_byte_identical_gradient_files(tmp_path):
 def test_unreachable_target_finishes_with_exit_status_3(tmp_path, run_a, small_world, tiny_checkpoint, forget_shards):
     config = _run_config(tmp_path, small_world, tiny_checkpoint, forget_shards)
     code = main(["fit", "--config", str(config), "--model.gradients_from", str(run_a["run"] / "gradients"),
-                 "--search.target_value", "-1", "--search.max_evals", "1", "--search.towers", "[text]"])
+                 "--forget_target.value", "-1", "--search.max_evals", "1", "--search.towers", "[text]"])
     assert code == EXIT_TARGET_NOT_MET
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())

@@ -388,13 +388,14 @@ def test_combined_judges_remove_only_what_every_judge_misses():
 
 
 def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: dict, target: dict,
-           accelerator: str = "cpu") -> Path:
+           accelerator: str = "cpu", forget_target: dict | None = None) -> Path:
     """Mine ``concept``'s forget set and run ``slug-pl fit`` with the tiny HF CLIP and a Stable
     Diffusion target (``target``: its init_args) in ``tmp_path`` (the working folder); returns the
     run folder."""
     assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", "forget"]) == 0
     config = write_config(tmp_path, world, "unused", "forget/forget-000000.tar",
-                          search={"towers": ["text"], "save_checkpoint": False, **search})
+                          search={"towers": ["text"], "save_checkpoint": False, **search},
+                          forget_target=forget_target or {})
     raw = yaml.safe_load(config.read_text())
     raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
                                            "init_args": {"model_name": clip_folder}}
@@ -414,10 +415,10 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
 
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     monkeypatch.chdir(tmp_path)
-    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2, "target_value": 1.0}, {
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "save_edited": True,
-        "progress": False}, accelerator="gpu" if device == "cuda" else "cpu")
+        "progress": False}, accelerator="gpu" if device == "cuda" else "cpu", forget_target={"value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     # the search, the evaluation and the pipeline (no device configured) ran where the pass ran
     where = "cuda:0" if device == "cuda" else "cpu"
@@ -464,10 +465,10 @@ def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
     identities = json.loads(Path(small_world["identities_json"]).read_text())
     concept = identities[0]
     monkeypatch.chdir(tmp_path)
-    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2, "target_value": 1.0}, {
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 8, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
-        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6})
+        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6}, forget_target={"value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     protected = summary["generation"]["protected"]
     assert protected["prompts"] == 2 * 2 and protected["tolerance"] == 1e-6  # 2 retained concepts × 2 templates
@@ -510,10 +511,11 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
                                  image_size=(8, 8))
     monkeypatch.chdir(tmp_path)
     run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept,
-                 {"top_k": 2, "max_evals": 2, "target_metric": "forget_top1", "target_value": 1.0}, {
+                 {"top_k": 2, "max_evals": 2}, {
                      "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
                      "guidance": 3.0, "batch_size": 4, "search_on": "generation",
-                     "judges": ["clip", str(classifier)], "device": "cpu", "progress": False})
+                     "judges": ["clip", str(classifier)], "device": "cpu", "progress": False},
+                 forget_target={"metric": "forget_top1", "value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     generation = summary["generation"]
     assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}

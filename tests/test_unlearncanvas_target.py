@@ -216,8 +216,8 @@ def canvas_config(tmp_path: Path, canvas: str, clip: str, pipeline: str, classif
         "data": {"class_path": "slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule", "init_args": {
             "root": canvas, "forget_style": "Neon", "split_fractions": list(SPLIT),
             "shards_dir": str(tmp_path / "shards"), "batch_size": 4, "retain_batch_size": 8}},
-        "search": {"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
-                   "target_value": 1.0, "save_checkpoint": False},
+        "forget_target": {"metric": "forget_top1", "value": 1.0},
+        "search": {"top_k": 2, "max_evals": 2, "towers": ["text"], "save_checkpoint": False},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }
     path = tmp_path / "config.yaml"
@@ -297,7 +297,8 @@ def test_fit_with_the_step_search_on_the_grid(canvas, tmp_path, monkeypatch, tin
     monkeypatch.chdir(tmp_path)
     config = canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers, search_on="generation")
     raw = yaml.safe_load(config.read_text())
-    raw["search"] |= {"target_metric": "forget_grid_accuracy", "kept": ["IRA", "CRA"]}
+    raw["forget_target"]["metric"] = "forget_grid_accuracy"
+    raw["search"] |= {"kept": ["IRA", "CRA"]}
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"

@@ -69,16 +69,21 @@ class UnlearningModule(LightningModule):
     #: The method's short name in configs, records and comparisons.
     method_name = "base"
 
-    def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None):
+    def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None,
+                 forget_target: ForgetTarget = ForgetTarget()):  # noqa: B008 (frozen)
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
             target: a downstream model that embeds one tower of this CLIP and consumes the edit
                 (e.g. ``slug_pl.targets.StableDiffusion``); None: the CLIP itself.
+            forget_target: the forget target on validation, ``metric <= value``: the config's
+                top-level ``forget_target:`` section, linked here for every method (SLUG's search
+                and every baseline's selection judge by it).
         """
         super().__init__()
         self.family = family
+        self.forget_target = forget_target
         self.edit = edit
         self.target = target
         self.clip: nn.Module | None = None

@@ -35,6 +35,7 @@ Reliability:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class SlugModule(UnlearningModule):
         activation_checkpointing: bool = False,
         target: DownstreamTarget | None = None,
         forget_averaging: str = "per_sample",
+        forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
     ):
         """
         Args:
@@ -116,8 +118,10 @@ class SlugModule(UnlearningModule):
                 pairs, whatever the batch size; ``per_batch``: the mean over forget batches of
                 ``data.batch_size`` pairs of each batch's mean, as the authors' code (their scripts:
                 batches of 16); see docs/reference.md.
+            forget_target: the forget target (the config's top-level ``forget_target:``; the
+                search finds the smallest step meeting it, see :class:`SlugSearch`).
         """
-        super().__init__(family, edit, target)
+        super().__init__(family, edit, target, forget_target)
         forget_loss(forget_averaging)  # checks the name
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
@@ -497,8 +501,6 @@ class SlugSearch(Callback):
         self,
         top_k: int | None = 3,
         towers: list[str] = ("vision", "text"),
-        target_metric: str = "forget_top5",
-        target_value: float = 0.0,
         max_evals: int = 10,
         initial_step_fraction: float = 0.1,
         tolerance: float = 0.05,
@@ -518,7 +520,6 @@ class SlugSearch(Callback):
             top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``
                 (null: every front layer, as the authors' code).
             towers: towers whose layers may be edited.
-            target_metric / target_value: the forget target, ``metric <= value`` on validation.
             max_evals: evaluations per candidate layer.
             initial_step_fraction: λ₀ as a fraction of ‖θ_l‖ / ‖g_f,l‖.
             tolerance: stop bisecting when the bracket is below this fraction of λ.
@@ -547,7 +548,8 @@ class SlugSearch(Callback):
                 than the best edit already found (larger steps keep less still); fewer
                 evaluations where each is expensive (generations, a VLM's answers).
         """
-        self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
+        # the forget target is the run's (its forget_target: section, the method's): set in setup
+        self.settings = SearchSettings(ForgetTarget(), top_k, fronts, tuple(towers),
                                        max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
                                        beam_width, concept_gradients, tuple(kept), stop_dominated, iterations)
         self.similarity_concepts = similarity_concepts
@@ -555,6 +557,7 @@ class SlugSearch(Callback):
         self.summary: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: SlugModule, stage: str) -> None:
+        self.settings = replace(self.settings, target=pl_module.forget_target)
         datamodule = trainer.datamodule
         if stage == "fit" and not (datamodule.concepts and datamodule.has_stage("validation")):
             raise ValueError("the step search needs data.concepts (the names to forget) and data.validation "

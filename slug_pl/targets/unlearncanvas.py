@@ -36,10 +36,10 @@ and report sections with the rows next to the published rows of other methods
 metrics over the run's labelled sets (docs/design.md §1); each candidate layer's found edit is
 then drawn on a small grid (``search_seeds``, the first ``search_objects`` objects, every style)
 and the final choice is the candidate with the highest (IRA + CRA) / 2 among those whose UA is at
-least ``ua_target`` (:func:`~slug_pl.targets.stable_diffusion.order_by_generation` with forget
+least ``ua_target`` (:func:`~slug_pl.evaluation.generation_judge.order_by_generation` with forget
 recognition = 1 − UA). With ``search_on: generation`` the step search itself judges that grid
-(:func:`grid_metrics`): use ``target_metric: forget_grid_accuracy`` (= 1 − UA, e.g. ``target_value:
-0.2`` for UA >= 80 %) and ``kept: [IRA, CRA]`` (the choice among candidates keeps the most of
+(:func:`~slug_pl.evaluation.canvas_judge.grid_metrics`): use ``forget_target: {metric:
+forget_grid_accuracy, value: 0.2}`` (1 − UA at most 0.2: UA >= 80 %) and ``search.kept: [IRA, CRA]`` (the choice among candidates keeps the most of
 both). The run's held-out verdict of such a target is then read from the report's grid (the
 held-out ``seeds``).
 """
