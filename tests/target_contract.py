@@ -100,6 +100,38 @@ def noise(shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def assert_reads_is_what_changes(target, family, clip, output: Callable, changed: Callable | None = None) -> None:
+    """Perturb each CLIP tensor alone: ``mirror`` copies it iff ``reads`` says so; written into the
+    downstream model whatever ``reads`` says, it changes ``output(target)`` (``changed(new,
+    reference)``, default: any bit) iff ``reads`` says so; ``mirror(clip, [])`` restores the
+    output."""
+    changed = changed or (lambda new, reference: not torch.equal(new, reference))
+    adapter = target.adapter
+    target.check_pair(family, clip)
+    params = adapter.downstream_parameters()
+    reference = output(target)
+    read = []
+    for k, (name, param) in enumerate(clip.named_parameters()):
+        theirs = adapter.downstream_name(name)
+        if theirs is None or theirs not in params:  # nothing of the downstream model holds it
+            assert not target.reads(name), name
+            continue
+        edit = make_edit(clip, name, noise(param.shape, k), 0.5)
+        apply_edit(clip, edit)
+        try:
+            assert adapter.mirror(clip) == ([theirs] if target.reads(name) else []), name
+            adapter.write(theirs, param)  # whatever reads says
+            moved = changed(output(target), reference)
+        finally:
+            revert_edit(clip, edit)
+            adapter.mirror(clip, [])
+        assert moved == target.reads(name), (name, "changes" if moved else "does not change", "the output; reads says",
+                                              target.reads(name))
+        read += [name] if moved else []
+    assert read, "no tensor changes the output"
+    assert torch.equal(output(target), reference)
+
+
 def files_holding(folder: Path, value: torch.Tensor) -> list[Path]:
     """The safetensors files of ``folder`` (relative paths) holding a tensor equal to ``value`` in
     the file's dtype (a float16 variant holds the float32 weights rounded)."""
@@ -129,18 +161,18 @@ class TargetContract:
     """Checks every downstream target (:class:`~slug_pl.targets.base.DownstreamTarget`) passes. A
     subclass provides:
 
-    - fixtures ``model_folder`` (the tiny downstream model's folder) and ``clip`` (``(family,
-      model)``: the paired tiny CLIP; tests restore it), and ``controlled`` (a
+    - fixtures ``model_folder`` (the tiny downstream model's folder), ``clip`` (``(family, model)``:
+      the paired tiny CLIP; tests restore it), ``make_target`` (``make_target(folder, **kwargs)``:
+      the target of a model folder on the CPU in float32, not loaded) and ``controlled`` (a
       :class:`ControlledJudge`);
-    - ``new_target(folder, **kwargs)`` (the target on the CPU in float32, not loaded),
-      ``downstream_output(target)`` (what the downstream model computes from the tower: what the
+    - ``downstream_output(target)`` (what the downstream model computes from the tower: what the
       UNet is fed, the image features), ``model_state(target)`` (every tensor of the downstream
       model, not only the tower's; the tower's under their ``downstream_parameters`` names) and
       ``reload_tower(target, folder)`` (the tower's tensors of a saved folder, loaded with the
       plain library, named as ``downstream_parameters`` names them);
     - ``NAME`` and ``TOWER`` (what the target says it is), ``READ`` and ``ALSO_READ`` (two CLIP
-      weight matrices it reads, not equal to any other tensor), ``UNREAD`` (a tensor of its tower
-      it never reads), ``OUTPUT_TOLERANCE`` (None: any change of the output counts; else
+      weight matrices it reads, not equal to any other tensor), ``UNREAD`` (a CLIP tensor it never
+      reads), ``OUTPUT_TOLERANCE`` (None: any change of the output counts; else
       ``allclose`` keyword arguments: a change below them is rounding, e.g. a key bias that the
       softmax cancels).
     """
@@ -155,8 +187,8 @@ class TargetContract:
     # -- fixtures ---------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
     @classmethod
-    def target(cls, model_folder):
-        target = cls.new_target(model_folder)
+    def target(cls, make_target, model_folder):
+        target = make_target(model_folder)
         target.load()
         return target
 
@@ -167,33 +199,7 @@ class TargetContract:
         return not torch.allclose(output, reference, **self.OUTPUT_TOLERANCE)
 
     def assert_reads_is_what_changes_the_output(self, target, family, clip) -> None:
-        """Perturb each CLIP tensor alone: ``mirror`` copies it iff ``reads`` says so; written into
-        the downstream model whatever ``reads`` says, it changes :meth:`downstream_output` iff
-        ``reads`` says so; ``mirror(clip, [])`` restores the output."""
-        adapter = target.adapter
-        target.check_pair(family, clip)
-        params = adapter.downstream_parameters()
-        reference = self.downstream_output(target)
-        read = []
-        for k, (name, param) in enumerate(clip.named_parameters()):
-            theirs = adapter.downstream_name(name)
-            if theirs is None or theirs not in params:  # nothing of the downstream model holds it
-                assert not target.reads(name), name
-                continue
-            edit = make_edit(clip, name, noise(param.shape, k), 0.5)
-            apply_edit(clip, edit)
-            try:
-                assert adapter.mirror(clip) == ([theirs] if target.reads(name) else []), name
-                adapter.write(theirs, param)  # whatever reads says
-                changed = self.changed(self.downstream_output(target), reference)
-            finally:
-                revert_edit(clip, edit)
-                adapter.mirror(clip, [])
-            assert changed == target.reads(name), (name, "changes" if changed else "does not change",
-                                                   "the output; reads says", target.reads(name))
-            read += [name] if changed else []
-        assert read, "no tensor changes the output"
-        assert torch.equal(self.downstream_output(target), reference)
+        assert_reads_is_what_changes(target, family, clip, self.downstream_output, self.changed)
 
     def perturbed(self, clip, name: str, seed: int = 0):
         edit = make_edit(clip, name, noise(clip.get_parameter(name).shape, seed), 0.5)
@@ -308,11 +314,11 @@ class TargetContract:
         assert torch.equal(reloaded[theirs], edit.edited)
 
     # -- the offline path ---------------------------------------------------------------------------
-    def test_an_edit_file_is_applied_only_to_the_model_it_was_computed_on(self, clip, model_folder, tmp_path,
-                                                                          capsys):
+    def test_an_edit_file_is_applied_only_to_the_model_it_was_computed_on(self, make_target, clip, model_folder,
+                                                                          tmp_path, capsys):
         _, model = clip
         edit = self.perturbed(model, self.READ, 4)
-        fresh = self.new_target(model_folder).adapter
+        fresh = make_target(model_folder).adapter
         theirs = fresh.downstream_name(self.READ)
         assert fresh.apply_edit_file([edit]) == [theirs]
         assert torch.equal(fresh.downstream_parameters()[theirs], edit.edited)
@@ -323,7 +329,7 @@ class TargetContract:
             stale = self.perturbed(model, self.READ, 5)
         finally:
             revert_edit(model, edit)
-        other = self.new_target(model_folder).adapter
+        other = make_target(model_folder).adapter
         with pytest.raises(EditMismatchError, match=re.escape(f"'{theirs}'")):
             other.apply_edit_file([stale])
         unread = make_edit(model, self.UNREAD, torch.ones_like(model.get_parameter(self.UNREAD)), 0.1)
@@ -393,26 +399,6 @@ def concept_context(world: dict, family, clip, stages=("validation", "test")):
                                LabelledSet(world[f"{split[stage]}_objects"], world["objects_json"]))
               for stage in stages}
     return run_context(SlugDataModule(concepts=names[:1], **suites), family, clip)
-
-
-def pipeline_state(target) -> dict[str, torch.Tensor]:
-    """Every tensor of a diffusers pipeline's models: the edited encoder's under its own names (as
-    ``downstream_parameters`` names them), every other model's as ``<component>.<name>``."""
-    adapter = target.adapter
-    out = {}
-    for part, module in adapter.pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            prefix = "" if part == adapter.encoder else f"{part}."
-            out |= {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
-    return out
-
-
-def pipeline_tower(target, folder) -> dict[str, torch.Tensor]:
-    """The edited encoder of the pipeline folder ``folder``, loaded with diffusers alone."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    return {k: v.detach() for k, v in getattr(pipe, target.adapter.encoder).named_parameters()}
 
 
 #: A text-to-image target's judge configured for the verdict checks (:func:`controlled_generation`):
@@ -488,3 +474,40 @@ def controlled_generation(monkeypatch, target, context, edit) -> ControlledJudge
     return ControlledJudge(report, {name: concepts for name in GENERATION_VERDICTS["judges"]}, concepts[0],
                            per_concept, round(GENERATION_VERDICTS["forget_threshold"] * per_concept),
                            "forget_top1", "retain_top1", verdict)
+
+
+class PipelineContract(TargetContract):
+    """The contract of a target on a diffusers pipeline folder, edited through one text encoder
+    (``adapter.encoder``)."""
+
+    @staticmethod
+    def model_state(target) -> dict[str, torch.Tensor]:
+        """Every tensor of the pipeline's models: the edited encoder's under its own names (as
+        ``downstream_parameters`` names them), every other model's as ``<component>.<name>``."""
+        adapter = target.adapter
+        out = {}
+        for part, module in adapter.pipe.components.items():
+            if isinstance(module, torch.nn.Module):
+                prefix = "" if part == adapter.encoder else f"{part}."
+                out |= {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
+        return out
+
+    @staticmethod
+    def reload_tower(target, folder) -> dict[str, torch.Tensor]:
+        """The edited encoder of the pipeline folder ``folder``, loaded with diffusers alone."""
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        return {k: v.detach() for k, v in getattr(pipe, target.adapter.encoder).named_parameters()}
+
+
+class GenerationContract(PipelineContract):
+    """The contract of a text-to-image target judged by its generations
+    (:class:`~slug_pl.evaluation.generation_judge.GenerationJudge`): its verdicts from
+    :func:`controlled_generation` on ``small_world``'s concepts."""
+
+    @pytest.fixture()
+    def controlled(self, monkeypatch, make_target, model_folder, clip, small_world):
+        target = make_target(model_folder, **GENERATION_VERDICTS)
+        context = concept_context(small_world, *clip, stages=("validation",))
+        return controlled_generation(monkeypatch, target, context, self.perturbed(clip[1], self.READ))

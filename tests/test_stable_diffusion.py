@@ -26,8 +26,7 @@ from slug_pl.families import HfClip
 from slug_pl.targets import StableDiffusion, TargetMismatchError
 from slug_pl.evaluation.generation_judge import CandidateScore, combine_judges, order_by_generation
 from slug_pl.targets.stable_diffusion import ClipSkipPipeline, prompt_embeddings
-from target_contract import (GENERATION_VERDICTS, TargetContract, concept_context, controlled_generation,
-                             pipeline_state, pipeline_tower)
+from target_contract import GenerationContract
 
 PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
 
@@ -83,7 +82,7 @@ def generate(pipe, seed: int = 0, prompts=PROMPTS) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the target contract
 
 
-class TestStableDiffusionContract(TargetContract):
+class TestStableDiffusionContract(GenerationContract):
     """The target contract (tests/target_contract.py) on the tiny pipeline, and ``reads`` in the
     other configurations: clip skip with and without guidance, an SD 2.x-shaped encoder."""
 
@@ -102,15 +101,11 @@ class TestStableDiffusionContract(TargetContract):
         family = HfClip(model_name=tiny_hf_clip)
         return family, family.load()
 
-    @pytest.fixture()
-    def controlled(self, monkeypatch, model_folder, clip, small_world):
-        target = self.new_target(model_folder, **GENERATION_VERDICTS)
-        context = concept_context(small_world, *clip, stages=("validation",))
-        return controlled_generation(monkeypatch, target, context, self.perturbed(clip[1], self.READ))
-
-    @staticmethod
-    def new_target(folder, **kwargs) -> StableDiffusion:
-        return StableDiffusion(str(folder), **({"device": "cpu", "guidance": 3.0, "progress": False} | kwargs))
+    @pytest.fixture(scope="class")
+    @classmethod
+    def make_target(cls):
+        return lambda folder, **kwargs: StableDiffusion(
+            str(folder), **({"device": "cpu", "guidance": 3.0, "progress": False} | kwargs))
 
     @staticmethod
     def downstream_output(target) -> torch.Tensor:
@@ -121,12 +116,9 @@ class TestStableDiffusionContract(TargetContract):
             states.append(prompt_embeddings(adapter.pipe, [""] * len(PROMPTS)))
         return torch.cat(states)
 
-    model_state = staticmethod(pipeline_state)
-    reload_tower = staticmethod(pipeline_tower)
-
     @pytest.mark.parametrize("clip_skip, guidance, sd2", [(1, 1.0, False), (1, 3.0, False), (None, 3.0, True)])
-    def test_reads_in_other_configurations(self, pipeline, sd2_shaped, clip, clip_skip, guidance, sd2):
-        target = self.new_target(sd2_shaped if sd2 else pipeline, clip_skip=clip_skip, guidance=guidance)
+    def test_reads_in_other_configurations(self, make_target, pipeline, sd2_shaped, clip, clip_skip, guidance, sd2):
+        target = make_target(sd2_shaped if sd2 else pipeline, clip_skip=clip_skip, guidance=guidance)
         self.assert_reads_is_what_changes_the_output(target, *clip)
         if sd2:
             assert not target.reads("text_model.encoder.layers.1.mlp.fc1.weight")  # the dropped layer
