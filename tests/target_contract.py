@@ -162,7 +162,7 @@ class TargetContract:
     subclass provides:
 
     - fixtures ``model_folder`` (the tiny downstream model's folder), ``clip`` (``(family, model)``:
-      the paired tiny CLIP; tests restore it), ``make_target`` (``make_target(folder, **kwargs)``:
+      the paired tiny CLIP, by default conftest's tiny HF CLIP; tests restore it), ``make_target`` (``make_target(folder, **kwargs)``:
       the target of a model folder on the CPU in float32, not loaded) and ``controlled`` (a
       :class:`ControlledJudge`);
     - ``downstream_output(target)`` (what the downstream model computes from the tower: what the
@@ -185,6 +185,16 @@ class TargetContract:
     OUTPUT_TOLERANCE: dict | None = None
 
     # -- fixtures ---------------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    @classmethod
+    def clip(cls, tiny_hf_clip):
+        """The paired CLIP; by default conftest's tiny HF CLIP, whose towers the tiny pipeline and
+        the tiny LLaVA embed."""
+        from slug_pl.families import HfClip
+
+        family = HfClip(model_name=tiny_hf_clip)
+        return family, family.load()
+
     @pytest.fixture(scope="class")
     @classmethod
     def target(cls, make_target, model_folder):
@@ -401,6 +411,18 @@ def concept_context(world: dict, family, clip, stages=("validation", "test")):
     return run_context(SlugDataModule(concepts=names[:1], **suites), family, clip)
 
 
+def evaluate_edit(target, context, edit) -> TargetReport:
+    """The target's report of ``edit`` as a run makes it (the CLIP carrying the edit, transplanted,
+    then evaluated); the CLIP and the downstream model are restored afterwards."""
+    apply_edit(context.model, edit)
+    try:
+        target.transplant(context.model, [edit])
+        return target.evaluate(context, [edit])
+    finally:
+        revert_edit(context.model, edit)
+        target.adapter.mirror(context.model, [])
+
+
 #: A text-to-image target's judge configured for the verdict checks (:func:`controlled_generation`):
 #: two judges, a threshold of 1 image in 4 (2 templates x 2 seeds per concept), the search on
 #: generations (so the run's held-out verdict is the generations').
@@ -422,7 +444,7 @@ def controlled_generation(monkeypatch, target, context, edit) -> ControlledJudge
     whether the pipeline held the edit, and the two judges recognize as many of each concept's
     images after the edit as told (every image before). Each report is the judge's own
     ``evaluate`` of ``edit`` (the CLIP's unedited value is restored afterwards)."""
-    judge, adapter, clip = target.judge, target.adapter, context.model
+    judge, adapter = target.judge, target.adapter
     concept_of = {i.prompt: i.concept for s in judge.prompt_sets(context, list(context.concepts)) for i in s.items()}
     drawn, told = [], {}
 
@@ -455,13 +477,7 @@ def controlled_generation(monkeypatch, target, context, edit) -> ControlledJudge
 
     def report(counts):
         told["counts"] = counts
-        apply_edit(clip, edit)
-        try:
-            target.transplant(clip, [edit])
-            return target.evaluate(context, [edit])
-        finally:
-            revert_edit(clip, edit)
-            adapter.mirror(clip, [])
+        return evaluate_edit(target, context, edit)
 
     def verdict(report: TargetReport) -> bool:
         met = report.block["target"]["met"]

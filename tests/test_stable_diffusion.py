@@ -97,12 +97,6 @@ class TestStableDiffusionContract(GenerationContract):
 
     @pytest.fixture(scope="class")
     @classmethod
-    def clip(cls, tiny_hf_clip):
-        family = HfClip(model_name=tiny_hf_clip)
-        return family, family.load()
-
-    @pytest.fixture(scope="class")
-    @classmethod
     def make_target(cls):
         return lambda folder, **kwargs: StableDiffusion(
             str(folder), **({"device": "cpu", "guidance": 3.0, "progress": False} | kwargs))
