@@ -91,6 +91,10 @@ class ControlledJudge:
                                 report.after, report.forget_images)
 
 
+#: Prompts whose text states a text-to-image pipeline's UNet is fed (:meth:`PipelineContract.downstream_output`).
+PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
+
+
 def tower_tensors(family, clip, tower: str) -> list[str]:
     """The CLIP's parameters of ``tower``, in order."""
     return [n for n, _ in clip.named_parameters() if family.tower_of(n) == tower]
@@ -379,12 +383,11 @@ class TargetContract:
     def test_the_retained_metric_is_the_mean_over_judges_of_the_mean_over_concepts(self, controlled):
         c = controlled
         judges = list(c.concepts)
-        recognized = lambda j, concept: (3 * judges.index(j) + 5 * c.concepts[j].index(concept)) % (c.images + 1)  # noqa: E731
+        recognized = lambda j, concept: (judges.index(j) + 2 * c.concepts[j].index(concept) + 1) % (c.images + 1)  # noqa: E731
         counts = c.counts({j: 0 for j in c.deciders}, recognized)
         retained = {j: [counts[j][x] / c.images for x in cs if x != c.forgotten] for j, cs in c.concepts.items()}
+        assert len({v for vs in retained.values() for v in vs}) > 1  # a judge's or a concept's alone would differ
         by_hand = sum(sum(v) / len(v) for v in retained.values()) / len(retained)
-        means = [sum(v) / len(v) for v in retained.values()]
-        assert len(set(means)) == len(means) or len({v for vs in retained.values() for v in vs}) > 1
         report = c.report(counts)
         assert report.after[c.retained_metric] == pytest.approx(by_hand, abs=1e-9)
         if c.verdict is not None:
@@ -494,7 +497,28 @@ def controlled_generation(monkeypatch, target, context, edit) -> ControlledJudge
 
 class PipelineContract(TargetContract):
     """The contract of a target on a diffusers pipeline folder, edited through one text encoder
-    (``adapter.encoder``)."""
+    (``adapter.encoder``); its output is what a ``StableDiffusionPipeline``'s UNet is fed. By
+    default the pipeline is the test module's ``pipeline`` fixture, embedding the tiny HF CLIP's
+    text tower."""
+
+    READ, ALSO_READ = "text_model.encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.1.self_attn.v_proj.weight"
+    UNREAD = "text_projection.weight"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_folder(cls, pipeline):
+        return pipeline
+
+    @staticmethod
+    def downstream_output(target) -> torch.Tensor:
+        """What the UNet is fed: the prompts' states, and the empty prompt's under guidance > 1."""
+        from slug_pl.targets.stable_diffusion import prompt_embeddings
+
+        adapter = target.adapter
+        states = [prompt_embeddings(adapter.pipe, PROMPTS, adapter.clip_skip)]
+        if adapter.generation["guidance"] > 1:
+            states.append(prompt_embeddings(adapter.pipe, [""] * len(PROMPTS)))
+        return torch.cat(states)
 
     @staticmethod
     def model_state(target) -> dict[str, torch.Tensor]:

@@ -17,9 +17,8 @@ import torch
 from slug_pl.families import HfClip
 from slug_pl.targets import StableDiffusionXL, TargetMismatchError
 from slug_pl.testing import standins as si
-from target_contract import GenerationContract, assert_reads_is_what_changes
+from target_contract import PROMPTS, GenerationContract, assert_reads_is_what_changes
 
-PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
 ENCODERS = {1: si.CLIP_L14, 2: si.CLIP_BIGG14}
 
 

@@ -26,9 +26,7 @@ from slug_pl.families import HfClip
 from slug_pl.targets import StableDiffusion, TargetMismatchError
 from slug_pl.evaluation.generation_judge import CandidateScore, combine_judges, order_by_generation
 from slug_pl.targets.stable_diffusion import ClipSkipPipeline, prompt_embeddings
-from target_contract import GenerationContract
-
-PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
+from target_contract import PROMPTS, GenerationContract
 
 
 @pytest.fixture(scope="module")
@@ -87,28 +85,12 @@ class TestStableDiffusionContract(GenerationContract):
     other configurations: clip skip with and without guidance, an SD 2.x-shaped encoder."""
 
     NAME, TOWER = "stable_diffusion", "text"
-    READ, ALSO_READ = "text_model.encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.1.self_attn.v_proj.weight"
-    UNREAD = "text_projection.weight"
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def model_folder(cls, pipeline):
-        return pipeline
 
     @pytest.fixture(scope="class")
     @classmethod
     def make_target(cls):
         return lambda folder, **kwargs: StableDiffusion(
             str(folder), **({"device": "cpu", "guidance": 3.0, "progress": False} | kwargs))
-
-    @staticmethod
-    def downstream_output(target) -> torch.Tensor:
-        """What the UNet is fed: the prompts' states, and the empty prompt's under guidance > 1."""
-        adapter = target.adapter
-        states = [prompt_embeddings(adapter.pipe, PROMPTS, adapter.clip_skip)]
-        if adapter.generation["guidance"] > 1:
-            states.append(prompt_embeddings(adapter.pipe, [""] * len(PROMPTS)))
-        return torch.cat(states)
 
     @pytest.mark.parametrize("clip_skip, guidance, sd2", [(1, 1.0, False), (1, 3.0, False), (None, 3.0, True)])
     def test_reads_in_other_configurations(self, make_target, pipeline, sd2_shaped, clip, clip_skip, guidance, sd2):
