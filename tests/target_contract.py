@@ -18,6 +18,11 @@ held-out verdict (:func:`~slug_pl.record.held_out_verdict` on :attr:`TargetRepor
 *not met* when any judge still recognizes the forgotten concept above the threshold, are met at
 the threshold under every judge, and the report's retained metric is the documented mean over the
 judges of the mean over the retained concepts, computed here by hand.
+
+Inherited by ``TestStableDiffusionContract`` (tests/test_stable_diffusion.py), ``TestSdxlContract``
+(tests/test_sdxl.py, through each text encoder), ``TestLlavaContract`` (tests/test_llava.py) and
+``TestUnlearnCanvasContract`` (tests/test_unlearncanvas_target.py); a new target's tests inherit
+it too (:class:`PipelineContract` / :class:`GenerationContract` for a diffusers pipeline).
 """
 
 from __future__ import annotations
@@ -47,8 +52,8 @@ class ControlledJudge:
     """A target's judge fed controlled measurements.
 
     Attributes:
-        report: ``report(counts)``: the target's :class:`TargetReport` (its judge's ``evaluate`` or
-            report function) when, after the edit, each judge recognizes ``counts[judge][concept]``
+        report: ``report(counts)``: the target's :class:`TargetReport` (its judge's own
+            ``evaluate``, the drawing or answering and the judges controlled) when, after the edit, each judge recognizes ``counts[judge][concept]``
             of the :attr:`images` images of each concept it rates (before the edit: every image).
         concepts: judge -> the concepts it rates (the judges rating :attr:`forgotten` decide
             whether it is forgotten; every judge's other concepts are the retained ones).
