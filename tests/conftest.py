@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# shard indexes (slug_pl.data.shard_index) go to a folder of this session, not the user's cache
+os.environ.setdefault("SLUG_PL_CACHE", __import__("tempfile").mkdtemp(prefix="slug_pl_test_cache_"))
 
 import torch  # noqa: E402
 
