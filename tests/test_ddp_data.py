@@ -1,0 +1,106 @@
+"""The data path on two processes (DDP over gloo on the CPU): a bad sample seen by rank 1 alone
+ends both ranks with its message last, and the indexed read path gives the gradients of the
+streamed one bit for bit."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from conftest import write_config
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from slug_pl.cli import TRAINER_DEFAULTS
+from slug_pl.data.datamodule import SlugDataModule
+from slug_pl.families.open_clip import OpenClip
+from slug_pl.gradients import load_tensors
+from slug_pl.methods.slug import SlugModule
+
+pytestmark = pytest.mark.slow
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10 * i % 256, 40, 90)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _forget_shard(path: Path, bad_at: int | None = None, n: int = 9) -> str:
+    """``n`` good pairs; with ``bad_at``, an image that does not decode at that stream position."""
+    samples = [{"__key__": f"s{i:03d}", "png": _png(i), "txt": f"a photo number {i}".encode()} for i in range(n)]
+    if bad_at is not None:
+        samples.insert(bad_at, {"__key__": "bad-decode", "jpg": b"\xff\xd8 not jpeg bytes", "txt": b"broken"})
+    with wds.TarWriter(str(path)) as sink:
+        for s in samples:
+            sink.write(s)
+    return str(path)
+
+
+def test_a_bad_sample_on_rank_1_ends_both_ranks_with_its_message_last(tmp_path, small_world, tiny_checkpoint):
+    """``slug-pl fit`` on two processes (Lightning's ddp launcher, gloo): forget batches of 5, the
+    undecodable image at position 6 (batch 1, position 1: rank 1's). Both processes end, and the
+    last line on stderr names the sample and the shard (not a peer's transport error)."""
+    shard = _forget_shard(tmp_path / "forget.tar", bad_at=6)
+    config = write_config(tmp_path, small_world, tiny_checkpoint, shard,
+                          trainer={"devices": 2, "strategy": "ddp", "default_root_dir": str(tmp_path / "runs")})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    # stderr is a pipe every process inherits: run() returns once the last of them has ended
+    done = subprocess.run([sys.executable, "-m", "slug_pl.cli", "fit", "--config", str(config)], cwd=tmp_path,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0
+    assert lines[-1].startswith("slug-pl fit: error: sample 'bad-decode' in ") and "forget.tar" in lines[-1], \
+        "\n".join(lines[-20:])
+    assert "does not decode" in lines[-1]
+    assert not any("Connection closed" in line or "Traceback" in line for line in lines), "\n".join(lines[-40:])
+    print(f"ended after {time.monotonic() - started:.1f} s with {len(lines)} stderr lines")
+
+
+def _pass(root: Path, checkpoint: str, forget, retain, devices: int = 2, module_kwargs=None, **data) -> SlugModule:
+    """The gradient pass alone (no search) into run folder ``root``, on ``devices`` CPU processes."""
+    family = OpenClip("slug-tiny-vit", pretrained=checkpoint)
+    module = SlugModule(family, **(module_kwargs or {}))
+    strategy = {"strategy": "ddp_spawn"} if devices > 1 else {}
+    trainer = Trainer(**TRAINER_DEFAULTS, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=devices, **strategy)
+    data = {"batch_size": 3, "retain_batch_size": 8, "num_workers": 1} | data
+    trainer.fit(module, datamodule=SlugDataModule(forget=forget, retain=retain, **data))
+    return module
+
+
+def _gzipped(urls, folder: Path) -> list[str]:
+    folder.mkdir()
+    out = []
+    for url in urls:
+        path = folder / (Path(url).name + ".gz")
+        path.write_bytes(gzip.compress(Path(url).read_bytes(), mtime=0))
+        out.append(str(path))
+    return out
+
+
+def test_two_processes_read_by_index_give_the_streamed_gradients_bit_for_bit(tmp_path, small_world, tiny_checkpoint):
+    """The same shards, plain (indexed: each rank reads its own samples) and gzipped (no index:
+    every rank streams every byte, as before indexes existed): the same gradient tensors, byte for
+    byte, on two processes with a data-loader worker each."""
+    forget = _forget_shard(tmp_path / "forget.tar", n=11)
+    retain = small_world["corpus_shards"]
+    _pass(tmp_path / "indexed", tiny_checkpoint, forget, retain)
+    _pass(tmp_path / "streamed", tiny_checkpoint, _gzipped([forget], tmp_path / "gz_forget"),
+          _gzipped(retain, tmp_path / "gz_retain"))
+    assert not list((tmp_path / "streamed").rglob("*.slug-index"))
+    for name in ("forget", "retain"):
+        a, meta_a = load_tensors(tmp_path / "indexed" / "gradients" / f"{name}.safetensors")
+        b, meta_b = load_tensors(tmp_path / "streamed" / "gradients" / f"{name}.safetensors")
+        assert meta_a["counts"] == meta_b["counts"] and meta_a["world_size"] == 2
+        assert a.keys() == b.keys()
+        assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a), name
