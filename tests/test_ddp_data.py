@@ -1,10 +1,11 @@
 """The data path on two processes (DDP over gloo on the CPU): a bad sample seen by rank 1 alone
-ends both ranks with its message last, and the indexed read path gives the gradients of the
-streamed one bit for bit."""
+ends both ranks with its message last, the indexed read path gives the gradients of the streamed
+one bit for bit, and skipped samples go to a sidecar file that ``gradients_from`` reads back."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import load_tensors
 from slug_pl.methods.slug import SlugModule
+from slug_pl.skip_list import SkipListError
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +106,35 @@ def test_two_processes_read_by_index_give_the_streamed_gradients_bit_for_bit(tmp
         assert meta_a["counts"] == meta_b["counts"] and meta_a["world_size"] == 2
         assert a.keys() == b.keys()
         assert all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a), name
+
+
+def test_skipped_samples_go_to_a_sidecar_that_gradients_from_reads_back(tmp_path, small_world, tiny_checkpoint):
+    bad = {"nocap": {"__key__": "bad-nocap", "png": _png(1)},
+           "decode": {"__key__": "bad-decode", "jpg": b"\xff\xd8 not jpeg bytes", "txt": b"broken"}}
+    samples = [{"__key__": f"s{i:03d}", "png": _png(i), "txt": f"a photo number {i}".encode()} for i in range(8)]
+    samples[1:1] = [bad["nocap"]]  # position 1: rank 1's
+    samples[4:4] = [bad["decode"]]  # position 4: batch 1, position 1: rank 1's
+    samples[6:6] = [dict(bad["nocap"], __key__="bad-nocap-2")]  # position 6: batch 2, position 0: rank 0's
+    dirty = tmp_path / "dirty.tar"
+    with wds.TarWriter(str(dirty)) as sink:
+        for s in samples:
+            sink.write(s)
+    _pass(tmp_path / "run", tiny_checkpoint, str(dirty), small_world["corpus_shards"][2], bad_samples="skip")
+    folder = tmp_path / "run" / "gradients"
+    _, meta = load_tensors(folder / "forget.safetensors")
+    sidecar = folder / "skipped_forget.jsonl"
+    records = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert [(r["index"], r["key"]) for r in records] == [(1, "bad-nocap"), (4, "bad-decode"), (6, "bad-nocap-2")]
+    assert meta["skipped"] == {"count": 3, "file": "skipped_forget.jsonl",
+                               "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest()}
+    assert meta["counts"]["samples"] == 8 and meta["counts"]["skipped"] == 3
+    assert not (folder / "skipped_retain.jsonl").exists()
+    assert json.loads((tmp_path / "run" / "skipped_samples.json").read_text())["samples"]["forget"] == records
+
+    again = _pass(tmp_path / "again", tiny_checkpoint, str(dirty), small_world["corpus_shards"][2], devices=1,
+                  module_kwargs={"gradients_from": str(folder)}, bad_samples="skip")
+    assert again.skipped == {"forget": records, "retain": []}
+    sidecar.write_text(sidecar.read_text().replace("bad-decode", "bad-other"))  # not the list it was written with
+    with pytest.raises(SkipListError, match=r"skipped_forget\.jsonl.*another SHA-256"):
+        _pass(tmp_path / "third", tiny_checkpoint, str(dirty), small_world["corpus_shards"][2], devices=1,
+              module_kwargs={"gradients_from": str(folder)}, bad_samples="skip")
