@@ -47,12 +47,19 @@ def _forget_shard(path: Path, bad_at: int | None = None, n: int = 9) -> str:
     return str(path)
 
 
-def test_a_bad_sample_on_rank_1_ends_both_ranks_with_its_message_last(tmp_path, small_world, tiny_checkpoint):
-    """``slug-pl fit`` on two processes (Lightning's ddp launcher, gloo): forget batches of 5, the
-    undecodable image at position 6 (batch 1, position 1: rank 1's). Both processes end, and the
-    last line on stderr names the sample and the shard (not a peer's transport error)."""
-    shard = _forget_shard(tmp_path / "forget.tar", bad_at=6)
-    config = write_config(tmp_path, small_world, tiny_checkpoint, shard,
+@pytest.mark.parametrize("kind", ["bad_sample", "corrupt_shard"])
+def test_an_error_seen_by_rank_1_ends_both_ranks_with_its_message_last(tmp_path, small_world, tiny_checkpoint, kind):
+    """``slug-pl fit`` on two processes (Lightning's ddp launcher, gloo). ``bad_sample``: forget
+    batches of 5, an undecodable image at position 6 (batch 1, position 1: rank 1 reads it);
+    ``corrupt_shard``: the second forget shard is no tar (the ranks share the indexing: rank 1
+    reads it). Both processes end, and the last line on stderr names the sample or shard (not a
+    peer's transport error)."""
+    if kind == "bad_sample":
+        forget, expected = [_forget_shard(tmp_path / "forget.tar", bad_at=6)], "sample 'bad-decode' in "
+    else:
+        (tmp_path / "broken.tar").write_bytes(b"not a tar archive at all " * 100)
+        forget, expected = [_forget_shard(tmp_path / "forget.tar"), str(tmp_path / "broken.tar")], "cannot read shard "
+    config = write_config(tmp_path, small_world, tiny_checkpoint, forget,
                           trainer={"devices": 2, "strategy": "ddp", "default_root_dir": str(tmp_path / "runs")})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.monotonic()
@@ -61,9 +68,8 @@ def test_a_bad_sample_on_rank_1_ends_both_ranks_with_its_message_last(tmp_path, 
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode != 0
-    assert lines[-1].startswith("slug-pl fit: error: sample 'bad-decode' in ") and "forget.tar" in lines[-1], \
-        "\n".join(lines[-20:])
-    assert "does not decode" in lines[-1]
+    assert lines[-1].startswith(f"slug-pl fit: error: {expected}"), "\n".join(lines[-20:])
+    assert ("forget.tar: image does not decode" if kind == "bad_sample" else "broken.tar") in lines[-1]
     assert not any("Connection closed" in line or "Traceback" in line for line in lines), "\n".join(lines[-40:])
     print(f"ended after {time.monotonic() - started:.1f} s with {len(lines)} stderr lines")
 

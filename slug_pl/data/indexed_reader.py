@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from slug_pl.data.limits import DEFAULT_RULES, InputRules
 from slug_pl.data.shard_index import BLOCK, IndexStore, ShardIndex
-from slug_pl.data.shards import RawSample, ShardError, read_window
+from slug_pl.data.shards import RawSample, ShardError, read_window, unreadable_shard_message
 
 
 class IndexedReader:
@@ -25,12 +25,13 @@ class IndexedReader:
 
     ``expected``: the number of samples each shard held when the set was counted (a shard whose
     index now counts otherwise changed since: :class:`ShardError`). At most ``keep`` shards are
-    held open at a time (their descriptors and indexes). Use as a context manager, or
+    held open at a time (their descriptors and indexes; the authors' shuffled retain batches
+    draw from the few shards their 5000-sample buffer spans). Use as a context manager, or
     :meth:`close` it.
     """
 
     def __init__(self, store: IndexStore, rules: InputRules = DEFAULT_RULES,
-                 expected: Mapping[str, int] | None = None, keep: int = 2):
+                 expected: Mapping[str, int] | None = None, keep: int = 8):
         self.store, self.rules, self.expected, self.keep = store, rules, dict(expected or {}), keep
         self._open: OrderedDict[str, tuple[int, ShardIndex]] = OrderedDict()
 
@@ -79,7 +80,10 @@ class IndexedReader:
         if url in self.expected and len(index) != self.expected[url]:
             raise ShardError(f"shard {url} now holds {len(index)} samples, {self.expected[url]} when the set was "
                              f"counted: the shards changed while reading")
-        fd = os.open(url, os.O_RDONLY)
+        try:
+            fd = os.open(url, os.O_RDONLY)
+        except OSError as err:
+            raise ShardError(unreadable_shard_message(url, err)) from err
         self._open[url] = (fd, index)
         while len(self._open) > self.keep:
             os.close(self._open.popitem(last=False)[1][0])
