@@ -332,7 +332,7 @@ def markdown(record: dict, before_file: Path) -> str:
         "(before and after measured at different moments): with more reader processes than cores they "
         "mostly measure contention, and JPEG decoding dominates. The bytes do not depend on the machine. "
         f"Reading one sample costs {record['read_cost']['indexed_us_per_sample']:.0f} µs of CPU through its "
-        f"index against {record['read_cost']['streamed_us_per_sample']:.0f} µs streamed (one process), but "
+        f"index and {record['read_cost']['streamed_us_per_sample']:.0f} µs streamed (one process, undecoded); "
         "each reader now reads 1 / (P × n) of the samples instead of all of them.",
         "",
         "## Setting the set up (counting its samples), one process",
@@ -362,8 +362,8 @@ def markdown(record: dict, before_file: Path) -> str:
     lines += [f"| {a['processes']} | {a['us_per_batch']:.0f} |" for a in record["agreement"]]
     lines += ["", "Measured on the shared cores above: with 4 processes on 2 cores each exchange waits for "
                   "the processes to be scheduled, so these are upper bounds. The exchange runs on the host "
-                  "between two fetches, on a gloo group: it does not synchronise the GPU and overlaps the "
-                  "previous step's GPU work."]
+                  "between two fetches, on a gloo group, so it does not synchronise a GPU (not measured on "
+                  "one here)."]
     return "\n".join(lines) + "\n"
 
 
