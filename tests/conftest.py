@@ -9,7 +9,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # shard indexes (slug_pl.data.shard_index) go to a folder of this session, not the user's cache
-os.environ.setdefault("SLUG_PL_CACHE", __import__("tempfile").mkdtemp(prefix="slug_pl_test_cache_"))
+if "SLUG_PL_CACHE" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["SLUG_PL_CACHE"] = tempfile.mkdtemp(prefix="slug_pl_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["SLUG_PL_CACHE"], True)
 
 import torch  # noqa: E402
 
