@@ -197,7 +197,7 @@ class SlugDataModule(LightningDataModule):
                 sample starts, so that each rank and worker reads only its own samples; built once
                 from the tar headers, see :mod:`slug_pl.data.shard_index`). Default:
                 ``$SLUG_PL_CACHE/shard_index``, else ``~/.cache/slug_pl/shard_index``. With several
-                nodes give a folder they all see, or each node indexes the shards again.
+                nodes give a folder they all see (else each rank builds the indexes its node lacks).
             index_beside_shards: keep each index beside its shard (``<shard>.slug-index``) where
                 the shard's folder is writable (else in ``index_dir``), and use one found there.
                 Default ``false``: a shard's folder is never written to.
