@@ -229,7 +229,8 @@ class SlugCLI(LightningCLI):
         if not isinstance(self.model, SlugModule):
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SlugSearch)]
         self._refuse_used_run_dir()
-        self.datamodule.check("fit", self.model.pass_sets())  # before the logger writes a file
+        # before the logger writes a file; several processes read the sets once they run, sharing the work
+        self.datamodule.check("fit", self.model.pass_sets(), processes=self.trainer.world_size)
         module, limit = self.model, self.trainer.limit_train_batches
         gradient_only = is_gradient_only(module)
         if gradient_only and module.pass_sets() and not (isinstance(limit, float) and limit == 1.0):

@@ -8,6 +8,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# shard indexes (slug_pl.data.shard_index) go to a folder of this session, not the user's cache
+if "SLUG_PL_CACHE" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["SLUG_PL_CACHE"] = tempfile.mkdtemp(prefix="slug_pl_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["SLUG_PL_CACHE"], True)
 
 import torch  # noqa: E402
 
@@ -263,8 +271,6 @@ def read_pairs(paths: list[str], preprocess) -> tuple["torch.Tensor", list[str]]
 
 def _per_class_top1(checkpoint: str, shards: str, classnames: list[str], templates: list[str]) -> list[float]:
     """Zero-shot top-1 of each class on a labelled shard set (for picking the fixture's concept)."""
-    import torch
-
     from slug_pl.data.labelled import LabelledSet
     from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
     from slug_pl.families.open_clip import OpenClip

@@ -12,7 +12,6 @@ through ``summary.json``'s ``devices``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

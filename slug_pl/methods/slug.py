@@ -6,8 +6,10 @@ Two pieces, the Lightning shape of the method:
   retain batches (see :mod:`slug_pl.data.pairs`), with manual optimization and *no optimizer
   step*: gradients accumulate locally in ``.grad`` (DDP's per-batch all-reduce is switched off),
   each set's sums are set aside after its last batch, and at the end of the epoch each set's
-  gradient sums, loss sums and counts are all-reduced once, divided by the global counts, checked
-  to be finite, and written by rank 0 to ``<run>/gradients/{forget,retain}.safetensors``.
+  gradient sums and loss sums are all-reduced once (the exact integer counts and the skipped
+  samples gathered once), divided by the global counts, checked to be finite, and written by rank
+  0 to ``<run>/gradients/{forget,retain}.safetensors`` (skipped samples beside them:
+  :mod:`slug_pl.skip_list`).
 - :class:`SlugSearch`, a thin Callback that, after the pass, hands the gradients to the step
   search (:mod:`slug_pl.step_search`: ranking, doubling + bisection, the choice, several
   concepts), applies the chosen edit(s) and writes the run record (:mod:`slug_pl.record`).
@@ -70,6 +72,7 @@ from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
 from slug_pl.record import RunRecord, check_free
 from slug_pl.resources import package_versions, peak_memory
+from slug_pl.skip_list import read_skip_list
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
 
@@ -99,7 +102,8 @@ class SlugModule(UnlearningModule):
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             gradients_from: a folder holding ``forget.safetensors`` and ``retain.safetensors`` of an
-                earlier run (its ``gradients/`` folder): the pass is skipped and the search runs on
+                earlier run, with its skip lists (its ``gradients/`` folder, :mod:`slug_pl.skip_list`):
+                the pass is skipped and the search runs on
                 these gradients (refused when they were computed for another model, other
                 concepts or other data).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
@@ -206,7 +210,7 @@ class SlugModule(UnlearningModule):
             check_matches_model(grads, self.clip, path, require_all=True)
             self.gradients[name] = grads
             self.pass_stats[name] = dict(meta.get("counts", {}))
-            self.skipped[name] = list(meta.get("skipped", []))
+            self.skipped[name] = read_skip_list(folder, meta.get("skipped", []), path)
             self.gradient_files[name] = path
         self.timings["gradients"] = 0.0
         rank_zero_info(f"re-using gradients from {folder}; the pass is skipped")
@@ -382,20 +386,22 @@ class SlugModule(UnlearningModule):
         if self.gradients_from:
             return
         world = self.trainer.world_size
-        skipped = self._gather_skipped()
+        skipped, counts = self._gather_records()
         for name in SETS:
             grads = self._stashed.get(name)
             if grads is None:
                 raise RuntimeError(f"the gradient pass saw no {name} batches: check data.{name}")
             stats = self._sums[name]
+            # the counts ride along in float32 (kept, so that the reduction's layout and sums stay
+            # as they were); the exact integers come from _gather_records
             flat = torch.cat([g.flatten().float() for g in grads.values()] + [
                 torch.tensor([stats["loss"].item(), stats["samples"], stats["batches"]],
                              device=next(iter(grads.values())).device, dtype=torch.float32)
             ])
             if world > 1:  # one all-reduce per set for the whole pass
                 flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
-            loss_sum, samples, batches_all = flat[-3:].double().tolist()
-            batches = batches_all / world  # every rank sees every global batch
+            loss_sum = float(flat[-3].double())
+            samples, batches = counts[name]["samples"], counts[name]["batches"]
             self.skipped[name] = [r for r in skipped if r["set"] == name]
             self._check_not_all_skipped(name, samples if name == "forget" else batches)
             if name == "forget":
@@ -410,7 +416,7 @@ class SlugModule(UnlearningModule):
                 offset += n
             self._check_finite(name, averaged, mean_loss)
             self.gradients[name] = averaged
-            self.pass_stats[name] = {"samples": int(samples), "batches": int(batches), "loss": mean_loss,
+            self.pass_stats[name] = {"samples": samples, "batches": batches, "loss": mean_loss,
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
         self.timings["gradients"] = self._elapsed()
@@ -421,16 +427,21 @@ class SlugModule(UnlearningModule):
             self._write_gradient_files()
             resume.remove_all(self.partial_dir)
 
-    def _gather_skipped(self) -> list[dict]:
-        """Every rank's skipped-sample records, in (set, global index) order."""
-        records = list(self._skipped_local)
+    def _gather_records(self) -> tuple[list[dict], dict[str, dict[str, int]]]:
+        """Every rank's skipped-sample records, in (set, global index) order, and each set's exact
+        counts: ``samples`` (valid rows over all ranks) and ``batches`` (global batches counted,
+        the same on every rank), integers of any size. One all_gather_object under DDP."""
+        local = {s: {"samples": int(self._sums[s]["samples"]), "batches": int(self._sums[s]["batches"])} for s in SETS}
+        parts = [(list(self._skipped_local), local)]
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        return sorted(records, key=lambda r: (SETS.index(r["set"]), r["index"]))
+            parts = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, (list(self._skipped_local), local))
+        records = sorted((r for part, _ in parts for r in part), key=lambda r: (SETS.index(r["set"]), r["index"]))
+        counts = {s: {"samples": sum(c[s]["samples"] for _, c in parts), "batches": parts[0][1][s]["batches"]}
+                  for s in SETS}
+        return records, counts
 
-    def _check_not_all_skipped(self, name: str, count: float) -> None:
+    def _check_not_all_skipped(self, name: str, count: int) -> None:
         if count == 0:
             n = len(self.skipped[name])
             raise ValueError(
@@ -452,6 +463,7 @@ class SlugModule(UnlearningModule):
     def _write_gradient_files(self) -> None:
         folder = self.run_dir / "gradients"
         datamodule = self.trainer.datamodule
+        record = RunRecord(self.run_dir)
         for name in SETS:
             meta = {
                 "set": name,
@@ -467,13 +479,13 @@ class SlugModule(UnlearningModule):
                 "precision": str(self.trainer.precision),
                 "data": datamodule.fingerprint(name),
                 "bad_samples": datamodule.bad_samples,
-                "skipped": self.skipped[name],
+                "skipped": record.skip_list(name, self.skipped[name]),  # the records beside the file
                 "shapes": {k: list(v.shape) for k, v in self.gradients[name].items()},
                 "versions": package_versions(),
             }
             if self._resume_file is not None:
                 meta["resumed"] = {"from": portable_path(str(self._resume_file.parent)), "batch": self.resume_position}
-            path = RunRecord(self.run_dir).gradients(name, self.gradients[name], meta)
+            path = record.gradients(name, self.gradients[name], meta)
             self.gradient_files[name] = path
         self._write_skipped()
         rank_zero_info(f"gradients written to {folder}")
