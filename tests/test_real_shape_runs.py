@@ -1,13 +1,20 @@
-"""The stand-ins at the real shapes (``slug_pl.testing.standins.REAL_SIZES``) are the real
-repositories' models (checked on the ``meta`` device, without building the weights)."""
+"""The benchmark of whole runs at the real shapes (``benchmarks/real_shape_runs.py``): the real
+shapes it builds are the real repositories' (checked on the ``meta`` device, without building the
+weights), and its ``--tiny`` mode runs end to end on the CPU and records every phase."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from slug_pl.testing import standins as si
+
+REPO = Path(__file__).resolve().parent.parent
 
 # --------------------------------------------------------------------------- the real shapes
 
@@ -95,3 +102,31 @@ def test_a_llava_whose_vocabulary_outgrows_its_tokenizer_loads_and_answers(tmp_p
     answers = ask(model, processor, [Image.new("RGB", (60, 50))] * 2, DEFAULT_QUESTION, max_new_tokens=8,
                   batch_size=2, progress=False)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+# --------------------------------------------------------------------------- the benchmark, --tiny
+
+
+@pytest.mark.slow  # ~1.5 min on two cores: a stand-in build, the data and one fit
+def test_tiny_vit_b32_run_records_every_phase(tmp_path):
+    """``real_shape_runs.py --tiny --only vit_b32`` runs the recipe's config on the CPU and its
+    results hold every phase, the devices and the peak memory, with plausible values."""
+    done = subprocess.run([sys.executable, "benchmarks/real_shape_runs.py", "--tiny", "--only", "vit_b32",
+                           "--work", str(tmp_path / "work"), "--results", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = json.loads((tmp_path / "real_shape_runs_tiny.json").read_text())["runs"]["vit_b32"]
+    assert run["exit_code"] in (0, 3) and not run["stopped_by_time_limit"]
+    timings = run["timings_s"]
+    assert {"gradients", "ranking", "search", "final_evaluation", "total"} <= timings.keys()
+    assert all(timings[k] > 0 for k in ("gradients", "ranking", "search", "final_evaluation", "total"))
+    assert timings["ranking"] <= timings["search"]
+    assert timings["gradients"] + timings["search"] + timings["final_evaluation"] <= timings["total"] <= run["wall_s"]
+    assert {run["devices"][k] for k in ("pass", "after_pass", "evaluation")} == {"cpu"}
+    assert run["devices"]["precision"] == "32-true"
+    phases = run["memory"]["phases"]
+    assert list(phases) == ["gradients", "search", "final_evaluation"]
+    host = [phases[p]["host_peak_rss_gib"] for p in phases]
+    assert 0.1 < host[0] <= host[1] <= host[2] <= run["memory"]["host_peak_rss_gib"]
+    assert run["counts"]["forget"] > 0 and run["machine"]["gpu"] is None
+    assert "Not the GPU numbers" in (tmp_path / "real_shape_runs_tiny.md").read_text()
