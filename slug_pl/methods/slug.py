@@ -71,7 +71,7 @@ from slug_pl.gradients import (
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
 from slug_pl.record import RunRecord, check_free
-from slug_pl.resources import package_versions, peak_memory
+from slug_pl.resources import package_versions
 from slug_pl.skip_list import read_skip_list
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
@@ -313,6 +313,7 @@ class SlugModule(UnlearningModule):
         self._position, self._elapsed_before = 0, 0.0
         self._t_start = time.perf_counter()
         self._t_last = self._t_start
+        self.phase_memory.start(self.device)
         if self._resume_state is not None:
             self._restore(self._resume_state)
             self._resume_state = None  # free the CPU copies
@@ -420,7 +421,7 @@ class SlugModule(UnlearningModule):
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
         self.timings["gradients"] = self._elapsed()
-        self.peak_memory = peak_memory(self.device)
+        self.phase_memory.end("gradients", self.device)
         for name in SETS:
             self.log(f"pass/{name}_mean_loss", self.pass_stats[name]["loss"], rank_zero_only=True)
         if self.trainer.is_global_zero:
@@ -594,6 +595,7 @@ class SlugSearch(Callback):
 
     def _search(self, trainer: Trainer, pl_module: SlugModule) -> None:
         t0 = time.perf_counter()
+        pl_module.phase_memory.start(pl_module.device)
         context = pl_module.context
         model, family, concepts = context.model, context.family, list(context.concepts)
         record = RunRecord(pl_module.run_dir, trainer.logger)
@@ -609,7 +611,9 @@ class SlugSearch(Callback):
 
         # a target may keep the edit off what it must keep: the forget gradient projected, and only
         # the tensors the projection covers as candidates (slug_pl.retain_projection)
+        t_projection = time.perf_counter()
         projection = target.forget_gradient_projection(context) if target else None
+        sub_timings = {"projection": time.perf_counter() - t_projection} if target else {}
         readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
         if projection is not None:
             run_forget = projection.apply(run_forget)
@@ -641,11 +645,14 @@ class SlugSearch(Callback):
         if len(concepts) > 1:
             search.joint_check(model, outcomes, judge_for)
         pl_module.timings["search"] = time.perf_counter() - t0
-        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"])
+        pl_module.phase_memory.end("search", pl_module.device)
+        sub_timings["ranking"] = search.ranking_s
+        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"], sub_timings)
 
     def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
-                record: RunRecord, extra_pairs: int) -> None:
-        """The common run record plus SLUG's own artifacts and report sections."""
+                record: RunRecord, extra_pairs: int, sub_timings: dict[str, float]) -> None:
+        """The common run record plus SLUG's own artifacts and report sections; ``sub_timings``:
+        the parts of the search timed on their own (``ranking``; ``projection`` with a target)."""
         edits = merge_edits([o.edit for o in outcomes])
         slug_report.write_search_csv(record, search.evaluations)
         first = outcomes[0]
@@ -671,7 +678,7 @@ class SlugSearch(Callback):
             sections=slug_report.sections(method, outcomes, pl_module, self.settings),
             remedy=slug_report.REMEDY, similarity_concepts=self.similarity_concepts,
             edit_metadata={"target": str(self.settings.target)}, t_start=getattr(self, "_t_fit", None),
-            artifacts=artifacts)
+            sub_timings=sub_timings, artifacts=artifacts)
 
     @staticmethod
     def _logger(record: RunRecord):

@@ -19,7 +19,7 @@ images behind each.
 **The unlearning's cost**, as the benchmark's table reports it: ``time_s`` = the run's wall time
 of the gradient pass and the step search (the method's ``timings``, read when the evaluation
 starts, so the report's own generations are not counted); ``peak_memory_gb`` = the process's peak
-memory up to then (:func:`~slug_pl.methods.base.peak_memory`: the accelerator's allocator on CUDA,
+memory up to then (:func:`~slug_pl.resources.peak_memory`: the accelerator's allocator on CUDA,
 the resident set size on a CPU, which includes loading the pipeline and the data); ``storage_gb``
 = the bytes of the edited tensors in the pipeline's dtype, what must be stored to apply the edit.
 GB here are 2**30 bytes.
