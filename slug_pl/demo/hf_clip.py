@@ -410,14 +410,15 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     if metrics is not None:
         _say(f"demo HF CLIP: reusing {folder}")
     else:
-        tmp = temp_folder_beside(folder)
+        staging = temp_folder_beside(folder)
+        tmp = staging / folder.name  # new: train_hf_clip saves into a folder it creates
         try:
             metrics = train_hf_clip(world["root"], tmp, **kwargs)
             metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
             swap_into_place(tmp, folder)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
     return {"path": str(folder), "metrics": metrics, "fingerprint": metrics["fingerprint"], "world": world}
 
 
