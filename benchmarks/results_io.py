@@ -11,9 +11,10 @@ from slug_pl.atomic import atomic_output
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_result(name: str, content: dict | str) -> Path:
-    """Write ``content`` (a dict as indented JSON, or text) to ``benchmarks/results/name``."""
-    path = RESULTS / name
+def write_result(name: str, content: dict | str, folder: Path = RESULTS) -> Path:
+    """Write ``content`` (a dict as indented JSON, or text) to ``folder/name`` (by default
+    ``benchmarks/results/name``)."""
+    path = Path(folder) / name
     text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
     with atomic_output(path, overwrite=True) as tmp:
         tmp.write_text(text)

@@ -46,6 +46,7 @@ from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.errors import ANTICIPATED, EXIT_ERROR, ConfigError, did_you_mean, error_message, explain_parse_error, original_error
 from slug_pl.methods import SlugModule, SlugSearch, UnlearningModule
 from slug_pl.record import read_verdict
+from slug_pl.step_search import ForgetTarget
 from slug_pl.safety import links_under
 
 #: Exit status of ``fit`` when the search finished without meeting the forget target.
@@ -191,6 +192,9 @@ class SlugCLI(LightningCLI):
         return super().instantiate_trainer(**(fixed | kwargs))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # the forget target, one section for every method: the model of each method receives it
+        parser.add_class_arguments(ForgetTarget, "forget_target", fail_untyped=False)
+        parser.link_arguments("forget_target", "model.init_args.forget_target", apply_on="parse")
         parser.add_lightning_class_args(SlugSearch, "search")
         parser.add_argument("--json", type=str | None, default=None,
                             help="validate/test: also write every metric as JSON to this new file "
@@ -225,7 +229,8 @@ class SlugCLI(LightningCLI):
         if not isinstance(self.model, SlugModule):
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SlugSearch)]
         self._refuse_used_run_dir()
-        self.datamodule.check("fit", self.model.pass_sets())  # before the logger writes a file
+        # before the logger writes a file; several processes read the sets once they run, sharing the work
+        self.datamodule.check("fit", self.model.pass_sets(), processes=self.trainer.world_size)
         module, limit = self.model, self.trainer.limit_train_batches
         gradient_only = is_gradient_only(module)
         if gradient_only and module.pass_sets() and not (isinstance(limit, float) and limit == 1.0):

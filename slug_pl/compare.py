@@ -8,8 +8,7 @@ selection rule, in one command and one table.
 A compare config (YAML; paths relative to the file)::
 
     shared: demo.yaml              # the config every method runs on: data, model family, trainer
-    target_metric: forget_top5     # the one forget target, set for every method
-    target_value: 0.0
+    forget_target: {metric: forget_top5, value: 0.0}   # the one forget target, set for every method
     methods:                       # name: the config that makes the shared one that method
       slug: null                   #   (null: the shared config as it is)
       ga: baselines/demo_ga.yaml   #   (e.g. model.class_path and init_args, trainer.max_epochs)
@@ -17,10 +16,9 @@ A compare config (YAML; paths relative to the file)::
 
 Each method runs as ``slug-pl fit --config <shared> --config <method config> <target> <extra>`` in
 its own process (so its wall time and peak memory are its own), one after another, into
-``<out>/lightning_logs/version_N``, with its progress on the console. The forget target goes to
-the method's own arguments (``model.init_args.target_metric`` / ``target_value`` for a method
-that takes them, else SLUG's ``search:`` section). Then every run's ``summary.json`` (the same
-schema for every method) is read into:
+``<out>/lightning_logs/version_N``, with its progress on the console. The forget target is given
+to every run the same way (``--forget_target.metric`` / ``--forget_target.value``: one section for
+every method). Then every run's ``summary.json`` (the same schema for every method) is read into:
 
 - ``comparison.csv``: one row per method: held-out test accuracies after the method (``forget_top1``,
   ``forget_top5``, ``retain_top1``, ``utility_top1``, fractions), ``mia`` (membership-inference
@@ -37,18 +35,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 
 import yaml
 
+from slug_pl.step_search import ForgetTarget
 from slug_pl.atomic import atomic_output, refuse_existing, write_text
 
 FILES = ("comparison.csv", "comparison.md", "comparison.png")
@@ -63,8 +60,7 @@ class CompareConfig:
 
     shared: Path
     methods: dict[str, Path | None]
-    target_metric: str = "forget_top5"
-    target_value: float = 0.0
+    forget_target: ForgetTarget = ForgetTarget()  # noqa: RUF009 (frozen)
     out: Path = Path("comparisons")
     source: Path | None = None
 
@@ -74,10 +70,13 @@ class CompareConfig:
         if not path.is_file():
             raise FileNotFoundError(f"compare config {path} not found")
         raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"shared", "methods", "target_metric", "target_value", "out"}
+        unknown = set(raw) - {"shared", "methods", "forget_target", "out"}
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a compare config has shared, methods, "
-                             f"target_metric, target_value, out")
+                             f"forget_target ({{metric, value}}), out")
+        target = raw.get("forget_target") or {}
+        if not isinstance(target, dict) or set(target) - {"metric", "value"}:
+            raise ValueError(f"{path}: forget_target is {{metric: <name>, value: <number>}}, got {target!r}")
         if not raw.get("shared") or not raw.get("methods"):
             raise ValueError(f"{path}: give 'shared' (the config every method runs on) and 'methods' "
                              f"(name: config, or null for the shared config itself)")
@@ -91,8 +90,8 @@ class CompareConfig:
 
         return cls(shared=resolve(raw["shared"]),
                    methods={name: None if cfg is None else resolve(cfg) for name, cfg in raw["methods"].items()},
-                   target_metric=raw.get("target_metric", "forget_top5"),
-                   target_value=float(raw.get("target_value", 0.0)), out=Path(raw.get("out", "comparisons")),
+                   forget_target=ForgetTarget(target.get("metric", "forget_top5"), float(target.get("value", 0.0))),
+                   out=Path(raw.get("out", "comparisons")),
                    source=path)
 
 
@@ -112,31 +111,12 @@ class MethodRun:
         return self.summary is not None
 
 
-def model_class_path(configs: list[Path]) -> str:
-    """``model.class_path`` as the last of ``configs`` that sets it."""
-    found = None
-    for c in configs:
-        model = (yaml.safe_load(c.read_text()) or {}).get("model") or {}
-        found = model.get("class_path", found) if isinstance(model, dict) else found
-    if found is None:
-        raise ValueError(f"none of {[str(c) for c in configs]} sets model.class_path")
-    return found
-
-
-def target_arguments(class_path: str, metric: str, value: float) -> list[str]:
-    """Where a method takes the forget target: its own ``target_metric`` / ``target_value`` model
-    arguments when its class has them, else the ``search:`` section (SLUG's step search)."""
-    module, _, name = class_path.rpartition(".")
-    params = inspect.signature(getattr(import_module(module), name).__init__).parameters
-    prefix = "--model.init_args." if "target_metric" in params and "target_value" in params else "--search."
-    return [f"{prefix}target_metric", metric, f"{prefix}target_value", repr(float(value))]
-
-
 def fit_command(config: CompareConfig, method: str, out: Path, extra: list[str]) -> list[str]:
     """The ``slug-pl fit`` command line of one method."""
     configs = [config.shared] + ([config.methods[method]] if config.methods[method] is not None else [])
     args = [a for c in configs for a in ("--config", str(c))]
-    target = target_arguments(model_class_path(configs), config.target_metric, config.target_value)
+    target = ["--forget_target.metric", config.forget_target.metric,
+              "--forget_target.value", repr(float(config.forget_target.value))]
     return [sys.executable, "-m", "slug_pl.cli", "fit", *args, *target,
             "--trainer.default_root_dir", str(out), *extra]
 
@@ -293,7 +273,7 @@ def run_compare(config: CompareConfig, out: Path | None = None, methods: list[st
     header = [f"# Methods compared: forgetting {concepts}", "",
               f"Command: `{command or 'slug-pl compare'}`", "",
               f"Model `{model}`; every method on the same data (`{config.shared.name}`), the same evaluation and "
-              f"the same forget target `{config.target_metric} <= {config.target_value:g}` on validation (the first "
+              f"the same forget target `{config.forget_target}` on validation (the first "
               f"epoch / λ / step meeting it, else the closest). Accuracies (%) and MIA after each method on the "
               f"{'held-out test' if where == 'test' else 'validation'} sets; `original` is the model before. "
               "Gradient evals: sample forward+backward passes; evaluations: validation evaluations; edit: bytes a "

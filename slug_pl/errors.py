@@ -163,17 +163,30 @@ def explain_parse_error(message: str, cause: BaseException | None = None, parser
     return f"{where}: {problem}" if where else problem
 
 
+#: Keys that moved, and where they are now (an old config names them; say where they went).
+MOVED_KEYS = {"target_metric": "forget_target.metric", "target_value": "forget_target.value"}
+
+
+def _moved(key: str) -> str:
+    """`` — it moved: ...`` when ``key`` (or its last part) is a key that moved, else ""."""
+    name = key.rsplit(".", 1)[-1]
+    if name not in MOVED_KEYS:
+        return ""
+    return (f": the forget target is set once for every method, in the top-level section forget_target "
+            f"(write {MOVED_KEYS[name]} there, or --{MOVED_KEYS[name]})")
+
+
 def _explain_leaf(leaf: str, classes: list[str], union: list[str], parser) -> str:
     if (m := _NOT_ACCEPTED.match(leaf)) is not None:
         owners = union if len(union) > 1 else classes[-1:]
         keys = [k for c in owners for k in accepted_keys(c)]
         owner = f" of {owners[0].rsplit('.', 1)[-1]}" if len(owners) == 1 else ""
-        return f"unknown key {m.group(1)!r}{owner}{did_you_mean(m.group(1), keys)}"
+        return f"unknown key {m.group(1)!r}{owner}{_moved(m.group(1)) or did_you_mean(m.group(1), keys)}"
     for pattern in (_SUBCOMMAND_KEY, _GROUP_KEY):
         if (m := pattern.match(leaf)) is not None:
             sub = getattr(parser, "_subcommands_action", None)
             subparser = sub._name_parser_map.get(m.group(1)) if sub is not None and pattern is _SUBCOMMAND_KEY else parser
-            return f"unknown key {m.group(2)!r}{did_you_mean(m.group(2), _dests(subparser))}"
+            return f"unknown key {m.group(2)!r}{_moved(m.group(2)) or did_you_mean(m.group(2), _dests(subparser))}"
     if (m := _NO_ATTRIBUTE.match(leaf)) is not None:
         try:
             names = [n for n, v in vars(importlib.import_module(m.group(1))).items() if inspect.isclass(v)]

@@ -56,8 +56,9 @@ SEARCH_FILE = "search.csv"
 SELECTION_FILE = "selection.csv"
 #: The edited CLIP in its own library's format (:meth:`RunRecord.edited_model`).
 EDITED_MODEL = "edited_model"
-#: The gradients of a SLUG pass, one file per set.
-GRADIENT_FILES = ("gradients/forget.safetensors", "gradients/retain.safetensors")
+#: The gradients of a SLUG pass, one file per set, with the skipped samples beside them
+#: (:mod:`slug_pl.skip_list`).
+GRADIENT_FILES = ("gradients/forget.safetensors", "gradients/retain.safetensors", "gradients/skipped_*.jsonl")
 
 #: Every file and folder a run may write into its folder (glob patterns; ``_<concept>`` suffixes of
 #: a several-concept run and a downstream target's ``edited_<name>/`` and figures included). Before
@@ -254,6 +255,13 @@ class RunRecord:
     def gradients(self, name: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, object]) -> Path:
         """``gradients/<name>.safetensors``: a pass's averaged gradients with their metadata."""
         return save_tensors(self.run_dir / "gradients" / f"{name}.safetensors", tensors, metadata)
+
+    def skip_list(self, name: str, records: Sequence[Mapping]) -> dict[str, object]:
+        """``gradients/skipped_<name>.jsonl``: the samples pass ``name`` skipped, one per line;
+        returns the gradient file's metadata entry for them (:func:`slug_pl.skip_list.write_skip_list`)."""
+        from slug_pl.skip_list import write_skip_list
+
+        return write_skip_list(self.run_dir / "gradients", name, records)
 
     def skipped(self, record: dict) -> Path:
         """``skipped_samples.json``: the bad-sample policy, counts and every skipped sample."""

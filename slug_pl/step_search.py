@@ -32,6 +32,7 @@ from the judge's unedited model (a hint for caching), or None.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -279,6 +280,8 @@ class StepSearch:
         self.rank_found: Callable[[str, list[LayerEdit]], list[int] | None] | None = None
         self.log, self.warn = log, warn
         self._broken_message = ""
+        #: seconds spent ranking, over every concept ranked (:meth:`rank`)
+        self.ranking_s = 0.0
 
     @property
     def target(self) -> ForgetTarget:
@@ -319,7 +322,7 @@ class StepSearch:
         """The forget target must be a metric the judge measures (else ValueError naming those it
         does); a kept metric it does not measure would count 0 in every choice (a warning)."""
         if self.target.metric not in measured:
-            raise ValueError(f"search.target_metric {self.target.metric!r} is not measured by this run's judge; "
+            raise ValueError(f"forget_target.metric {self.target.metric!r} is not measured by this run's judge; "
                              f"it measures {sorted(measured)}")
         missing = [k for k in self.settings.kept if k not in measured]
         if missing:
@@ -398,6 +401,7 @@ class StepSearch:
     def rank(self, family, model: nn.Module, forget_grad: dict, retain_grad: dict,
              readable: Callable[[str], bool] | None = None) -> list[LayerScore]:
         """Ranking of the model's rankable tensors in the searched towers (see :mod:`slug_pl.ranking`)."""
+        t0 = time.perf_counter()
         params = {n: p.detach().cpu() for n, p in model.named_parameters()}
         scores = [s for s in layer_scores(family, params, forget_grad, retain_grad, readable)
                   if s.tower in self.settings.towers]
@@ -407,6 +411,7 @@ class StepSearch:
                 "model, or has a zero forget gradient; check model.family.init_args.exclude/include "
                 "and search.towers"
             )
+        self.ranking_s += time.perf_counter() - t0
         return scores
 
     def search_concept(self, model: nn.Module, family, judge: Judge, concept: str, forget_grad: dict,

@@ -8,6 +8,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# shard indexes (slug_pl.data.shard_index) go to a folder of this session, not the user's cache
+if "SLUG_PL_CACHE" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    import tempfile  # noqa: E402
+
+    os.environ["SLUG_PL_CACHE"] = tempfile.mkdtemp(prefix="slug_pl_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["SLUG_PL_CACHE"], True)
 
 import torch  # noqa: E402
 
@@ -210,6 +218,7 @@ def separating_config(folder: Path, model: dict, search: dict | None = None, **o
             "forget": model["forget"], "retain": model["corpus"], "concepts": [model["concept"]],
             "batch_size": 8, "retain_batch_size": 64,
             "validation": labelled("val"), "test": labelled("test")}},
+        "forget_target": {"metric": "forget_top5", "value": 0.0},
         "search": dict(SEPARATING_SEARCH if search is None else search),
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
                     "default_root_dir": str(folder)},
@@ -262,8 +271,6 @@ def read_pairs(paths: list[str], preprocess) -> tuple["torch.Tensor", list[str]]
 
 def _per_class_top1(checkpoint: str, shards: str, classnames: list[str], templates: list[str]) -> list[float]:
     """Zero-shot top-1 of each class on a labelled shard set (for picking the fixture's concept)."""
-    import torch
-
     from slug_pl.data.labelled import LabelledSet
     from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
     from slug_pl.families.open_clip import OpenClip
@@ -299,6 +306,7 @@ def write_config(tmp_path: Path, world: dict, checkpoint: str, forget: str, **ov
                 "concepts": {"shards": world["test_identities"], "classnames": world["identities_json"]},
                 "utility": {"shards": world["test_objects"], "classnames": world["objects_json"]}},
         }},
+        "forget_target": {"metric": "forget_top5", "value": 0.0},
         "search": {"top_k": 2, "max_evals": 5},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }

@@ -32,9 +32,11 @@ SUMMARY_KEYS = {"schema", "method", "concepts", "model", "target", "validation",
 CORE = {"forget_top1", "forget_top5", "retain_top1", "utility_top1"}
 
 
-def fit(tmp_path, monkeypatch, world, checkpoint_path, forget, class_path: str, max_epochs: int = 1, **init_args):
-    """``slug-pl fit`` of a baseline on the tiny world; returns (exit code, run folder, the CLI)."""
-    base = write_config(tmp_path, world, checkpoint_path, forget)
+def fit(tmp_path, monkeypatch, world, checkpoint_path, forget, class_path: str, max_epochs: int = 1,
+        target_value: float = 0.0, **init_args):
+    """``slug-pl fit`` of a baseline on the tiny world (forget target ``forget_top5 <=
+    target_value``); returns (exit code, run folder, the CLI)."""
+    base = write_config(tmp_path, world, checkpoint_path, forget, forget_target={"value": target_value})
     method = tmp_path / "method.yaml"
     method.write_text(yaml.safe_dump({"model": {"class_path": class_path, "init_args": init_args},
                                       "trainer": {"max_epochs": max_epochs}}))
@@ -254,8 +256,8 @@ def test_ssd_weights_for_a_lambda_do_not_depend_on_the_lambda_before(tmp_path, m
 @pytest.mark.parametrize("class_path, init_args", [
     # eps large: AdamW's g / (|g| + eps) would otherwise magnify the float noise of gradients that are
     # zero in exact arithmetic (the attention key bias's) into differences of 1e-4
-    ("slug_pl.methods.GaftModule", {"lr": 1e-2, "eps": 1e-3, "target_value": -1.0}),
-    ("slug_pl.methods.SsdModule", {"alpha": 1.0, "lambdas": [0.5], "target_value": -1.0}),
+    ("slug_pl.methods.GaftModule", {"lr": 1e-2, "eps": 1e-3}),
+    ("slug_pl.methods.SsdModule", {"alpha": 1.0, "lambdas": [0.5]}),
 ])
 def test_a_baseline_gives_the_same_weights_on_one_and_two_processes(tmp_path, monkeypatch, small_world,
                                                                    tiny_checkpoint, forget_shard, class_path, init_args):
@@ -265,7 +267,7 @@ def test_a_baseline_gives_the_same_weights_on_one_and_two_processes(tmp_path, mo
     for devices in (1, 2):
         work = tmp_path / f"devices{devices}"
         work.mkdir()
-        base = write_config(work, small_world, tiny_checkpoint, forget_shard)
+        base = write_config(work, small_world, tiny_checkpoint, forget_shard, forget_target={"value": -1.0})
         method = work / "method.yaml"
         trainer = {"max_epochs": 1, "devices": devices} | ({"strategy": "ddp_spawn"} if devices > 1 else {})
         method.write_text(yaml.safe_dump({"model": {"class_path": class_path, "init_args": init_args},

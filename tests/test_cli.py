@@ -185,7 +185,8 @@ def test_print_config_lists_search_and_family(capsys):
               "slug_pl.families.OpenClip"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["search"]["target_metric"] == "forget_top5"
+    assert printed["forget_target"] == {"metric": "forget_top5", "value": 0.0}
+    assert "forget_target" not in printed["model"]["init_args"]  # linked from the one section, not set twice
     assert printed["model"]["init_args"]["family"]["class_path"] == "slug_pl.families.OpenClip"
     assert printed["trainer"]["max_epochs"] == 1
 

@@ -309,3 +309,15 @@ def test_fresh_demo_console_fits_one_screen(fresh_demo):
     for line in lines:
         assert not any(re.search(p, line) for p in silenced), line
         assert "warning" not in line.lower() or line.startswith("slug-pl fit: warning: "), line
+
+
+def test_an_old_config_s_forget_target_says_where_it_moved(config, capsys):
+    """The forget target was search.target_metric / target_value for SLUG and model arguments for
+    the baselines; it is one top-level section now, and an old config is told so."""
+    def old_form(data):
+        data["search"]["target_metric"] = data.pop("forget_target")["metric"]
+
+    _edit(config, old_form)
+    assert main(["fit", "--config", str(config)]) == 2
+    assert _last_error(capsys).endswith("the forget target is set once for every method, in the top-level section "
+                                        "forget_target (write forget_target.metric there, or --forget_target.metric)")

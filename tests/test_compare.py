@@ -15,30 +15,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slug_pl.compare import CompareConfig, MethodRun, fit_command, run_compare, target_arguments, write_outputs
+from slug_pl.compare import CompareConfig, MethodRun, fit_command, run_compare, write_outputs
+from slug_pl.step_search import ForgetTarget
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("slug", "ft", "ga", "gaft", "salun", "ssd")
 
 
-def test_the_target_goes_where_each_method_takes_it():
-    assert target_arguments("slug_pl.methods.SlugModule", "forget_top1", 0.05) == [
-        "--search.target_metric", "forget_top1", "--search.target_value", "0.05"]
-    for cls in ("GaModule", "FtModule", "GaftModule", "SalunModule", "SsdModule"):
-        assert target_arguments(f"slug_pl.methods.{cls}", "forget_top5", 0) == [
-            "--model.init_args.target_metric", "forget_top5", "--model.init_args.target_value", "0.0"]
-
-
 def test_the_demo_compare_config_composes_shared_and_method_configs(tmp_path):
     config = CompareConfig.load(REPO / "configs" / "demo_compare.yaml")
     assert config.shared == REPO / "configs" / "demo.yaml" and tuple(config.methods) == METHODS
-    assert config.methods["slug"] is None and (config.target_metric, config.target_value) == ("forget_top5", 0.0)
+    assert config.methods["slug"] is None and config.forget_target == ForgetTarget("forget_top5", 0.0)
     cmd = fit_command(config, "ga", tmp_path, ["--trainer.enable_progress_bar", "false"])
     assert cmd[1:4] == ["-m", "slug_pl.cli", "fit"]
     assert cmd[4:8] == ["--config", str(config.shared), "--config", str(config.methods["ga"])]
-    assert "--model.init_args.target_value" in cmd and cmd[-2:] == ["--trainer.enable_progress_bar", "false"]
+    # the one forget target goes to every method the same way
+    target = ["--forget_target.metric", "forget_top5", "--forget_target.value", "0.0"]
+    assert cmd[8:12] == target and cmd[-2:] == ["--trainer.enable_progress_bar", "false"]
     slug = fit_command(config, "slug", tmp_path, [])
-    assert slug.count("--config") == 1 and "--search.target_metric" in slug
+    assert slug.count("--config") == 1 and slug[6:10] == target
     assert slug[slug.index("--trainer.default_root_dir") + 1] == str(tmp_path)
 
 

@@ -123,13 +123,14 @@ def test_gradients_are_reduced_once_per_set_not_per_batch(runs):
 
 def test_a_spawned_run_that_misses_the_target_exits_with_status_3(tmp_path, monkeypatch, small_world, tiny_checkpoint):
     """With ddp_spawn the search runs in a child process; the launching process still learns the
-    verdict (from the callback metrics Lightning carries back from rank 0) and exits with 3."""
+    verdict (from the summary.json the child wrote in the run folder it claimed) and exits with 3."""
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     forget = [str(p) for p in mine_forget_set(small_world["corpus"], [concept], tmp_path / "forget").output_shards]
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path, small_world, tiny_checkpoint, forget,
                           trainer={"devices": 2, "strategy": "ddp_spawn", "default_root_dir": str(tmp_path)},
-                          search={"top_k": 1, "max_evals": 1, "target_value": -1.0, "towers": ["text"]})
+                          forget_target={"value": -1.0},
+                          search={"top_k": 1, "max_evals": 1, "towers": ["text"]})
     code = main(["fit", "--config", str(config)])
     summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())
     assert summary["target"]["met"] is False and code == 3

@@ -1,7 +1,9 @@
-"""The LLaVA target (slug_pl.targets.llava): which vision tensors the VLM reads (checked against
-what actually changes its image features), the pair check, the transplant of one tensor, the
-saved edited VLM, the answers and the search's judge, and a fit run through the CLI with a tiny
-pair (a random CLIP and a LLaVA built on its vision tower)."""
+"""The LLaVA target (slug_pl.targets.llava): the target contract (tests/target_contract.py: what
+the VLM reads, the pair check, the transplant, the saved VLM, ``slug-pl transplant``, the
+held-out verdict on its answers); and what is LLaVA's own: what it reads at other feature layers
+and strategies, the pair check at the VLM's precision, a bfloat16 saved copy, the answers and the
+search's judge, and a fit run through the CLI with a tiny pair (a random CLIP and a LLaVA built on
+its vision tower)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from slug_pl.targets import Llava, TargetMismatchError
 from slug_pl.evaluation.vqa import DEFAULT_QUESTION as QUESTION
 from slug_pl.evaluation.vqa import FORGET_BOTH, VQA_METRICS
 from slug_pl.targets.saved_copy import same_weights
+from target_contract import ControlledJudge, TargetContract, concept_context, evaluate_edit
 
 REPO = Path(__file__).resolve().parent.parent
 READ_LAYER = "vision_model.encoder.layers.0.mlp.fc1.weight"  # block 0 of 2: read at vision_feature_layer -2
@@ -67,6 +70,81 @@ def noise_pixels(n: int, seed: int = 0) -> torch.Tensor:
 
 def vlm_state(target: Llava) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in target.adapter.vlm.state_dict().items()}
+
+
+# -- the target contract -------------------------------------------------------------------------------
+
+class TestLlavaContract(TargetContract):
+    """The target contract (tests/target_contract.py) on the tiny pair: a LLaVA on the tiny CLIP's
+    vision tower (2 blocks, features at -2: block 0 read), judged on ``small_world``'s held-out
+    images with the VLM's answers controlled."""
+
+    NAME, TOWER = "llava", "vision"
+    READ, ALSO_READ = READ_LAYER, "vision_model.encoder.layers.0.self_attn.v_proj.weight"
+    UNREAD = "vision_model.post_layernorm.weight"
+    OUTPUT_TOLERANCE = {}  # allclose's own: a key bias changes the features by rounding only
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_folder(cls, pair):
+        return pair[2]
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def make_target(cls):
+        return lambda folder, **kwargs: Llava(str(folder), **({"max_new_tokens": 4, "batch_size": 3, "device": "cpu",
+                                                               "dtype": "float32", "progress": False} | kwargs))
+
+    @pytest.fixture()
+    def controlled(self, monkeypatch, make_target, model_folder, clip, small_world):
+        """The VLM answers the identity question with the name for as many of each identity's
+        (2) held-out images after the edit as told, every one before; objects always."""
+        target = make_target(model_folder, test_images_per_concept=2)
+        target.load()
+        context = concept_context(small_world, *clip)
+        judge, adapter, told = target.judge, target.adapter, {}
+        images = judge.images(context, context.report_stage)
+        groups = {**images.identities, **images.objects}
+        which = {row.numpy().tobytes(): (name, rank) for name, rows in groups.items() for rank, row in enumerate(rows)}
+
+        def answer(pixels, question, progress=None):
+            out = []
+            for row in pixels:
+                name, rank = which[row.numpy().tobytes()]
+                if question == judge.object_question:
+                    out.append(f"It is a {name}.")
+                else:
+                    named = rank < told["counts"]["vlm"][name] if adapter.written else True
+                    out.append(f"This is {name}." if named else "I do not know this person.")
+            return out
+
+        monkeypatch.setattr(adapter, "answer", answer)
+
+        def report(counts):
+            told["counts"] = counts
+            return evaluate_edit(target, context, self.perturbed(clip[1], self.READ))
+
+        return ControlledJudge(report, {"vlm": list(images.identities)}, context.concepts[0], 2, 1,
+                               "forget_name_accuracy", "retain_name_accuracy", None)
+
+    @staticmethod
+    def downstream_output(target) -> torch.Tensor:
+        """What the language model receives of two images: the VLM's image features."""
+        with torch.no_grad():
+            features = target.adapter.vlm.model.get_image_features(pixel_values=noise_pixels(2)).pooler_output
+        return torch.cat([f.flatten() for f in features])
+
+    @staticmethod
+    def model_state(target) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in target.adapter.vlm.state_dict().items()}
+
+    @staticmethod
+    def reload_tower(target, folder) -> dict[str, torch.Tensor]:
+        from transformers import LlavaForConditionalGeneration
+
+        tower = target.adapter.downstream_parameters()
+        return {k: v.detach() for k, v in LlavaForConditionalGeneration.from_pretrained(folder).named_parameters()
+                if k in tower}
 
 
 # -- which tensors the VLM reads -----------------------------------------------------------------
@@ -122,16 +200,6 @@ def test_reads_for_llava_1_5_settings(pair):
 
 # -- the pair -------------------------------------------------------------------------------------
 
-def test_the_vision_tower_maps_onto_the_vlms_tensors(pair):
-    family, clip, folder = pair
-    target = target_of(folder)
-    mirror = target.adapter.downstream_parameters()
-    assert target.adapter.downstream_name(READ_LAYER) == "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
-    clip_vision = [n for n, _ in clip.named_parameters() if n.startswith("vision_model.")]
-    assert sorted(target.adapter.downstream_name(n) for n in clip_vision) == sorted(mirror)  # one to one
-    target.check_pair(family, clip)  # the CLIP the VLM was built from
-
-
 def test_check_pair_names_the_tensor_that_differs(pair, tmp_path):
     family, clip, folder = pair
     target = target_of(folder)
@@ -168,54 +236,6 @@ def test_check_pair_at_the_vlms_precision(pair):
 
 
 # -- the transplant ---------------------------------------------------------------------------------
-
-def test_transplant_changes_exactly_one_tensor_and_restores(pair):
-    family, clip, folder = pair
-    target = target_of(folder)
-    before = vlm_state(target)
-    grad = torch.randn_like(dict(clip.named_parameters())[READ_LAYER])
-    edit = make_edit(clip, READ_LAYER, grad, 0.05)
-    apply_edit(clip, edit)
-    try:
-        assert target.adapter.differing(clip) == [READ_LAYER]
-        written = target.transplant(clip, [edit])
-        after = vlm_state(target)
-        changed = [k for k in before if not torch.equal(before[k], after[k])]
-        assert written == changed == ["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
-        assert torch.equal(after[changed[0]], edit.edited)
-    finally:
-        revert_edit(clip, edit)
-    target.transplant(clip, [])  # the unedited CLIP: the VLM as loaded, bit for bit
-    assert all(torch.equal(before[k], v) for k, v in vlm_state(target).items())
-    with pytest.raises(ValueError, match="does not read"):
-        target.adapter.mirror(clip, ["vision_model.post_layernorm.weight"])
-
-
-def test_saved_edited_vlm_reloads_and_answers_identically(pair, tmp_path):
-    family, clip, folder = pair
-    target = target_of(folder)
-    edit = make_edit(clip, READ_LAYER, torch.randn_like(dict(clip.named_parameters())[READ_LAYER]), 0.3)
-    pixels = noise_pixels(4, seed=1)
-    unedited = target.adapter.answer(pixels, target.judge.question)
-    apply_edit(clip, edit)
-    try:
-        target.transplant(clip, [edit])
-        answers = target.adapter.answer(pixels, target.judge.question)
-        saved = target.save_pretrained(tmp_path / "edited")
-        with pytest.raises(FileExistsError):
-            target.save_pretrained(tmp_path / "edited")
-    finally:
-        revert_edit(clip, edit)
-        target.transplant(clip, [])
-    reloaded = target_of(saved)
-    assert reloaded.adapter.answer(pixels, target.judge.question) == answers
-    assert answers != unedited  # the edit reaches the answers
-    loaded = reloaded.adapter.downstream_parameters()
-    differs = [k for k, v in target.adapter.downstream_parameters().items() if not torch.equal(v, loaded[k])]
-    assert differs == ["model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
-    with pytest.raises(TargetMismatchError):  # the edited VLM no longer pairs with the unedited CLIP
-        reloaded.check_pair(family, clip)
-
 
 def test_saved_copy_of_a_bfloat16_vlm_changes_only_the_edited_tensor(pair, tmp_path):
     """On a GPU the VLM runs in bfloat16; its saved copy keeps the files' dtype: only the weights
@@ -410,8 +430,8 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     config = write_config(tmp_path, small_world, "unused", "forget/forget-000000.tar",
                           model={"family": {"class_path": "slug_pl.families.HfClip",
                                             "init_args": {"model_name": tiny_hf_clip}}, "target": target},
+                          forget_target={"metric": "forget_name_accuracy", "value": 0.0},
                           search={"top_k": 1, "max_evals": 2, "towers": ["vision"],
-                                  "target_metric": "forget_name_accuracy", "target_value": 0.0,
                                   "kept": ["retain_name_accuracy", "object_accuracy"]},
                           trainer={"accelerator": "gpu" if device == "cuda" else "cpu"})
     main(["fit", "--config", str(config)])

@@ -37,6 +37,7 @@ from slug_pl.families.open_clip import OpenClip
 from slug_pl.gradients import GradientFileError, load_tensors, save_tensors, weights_fingerprint
 from slug_pl.methods.slug import SlugModule
 from slug_pl.resume import ResumeError
+from slug_pl.skip_list import read_skip_list
 from slug_pl.methods.slug import SlugSearch
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -181,10 +182,31 @@ def test_skip_policy_lists_samples_and_matches_the_clean_set(tmp_path, tiny_chec
         torch.testing.assert_close(skip.gradients["forget"][name], g, rtol=1e-5, atol=1e-7)
     _, meta = load_tensors(tmp_path / "a" / "gradients" / "forget.safetensors")
     assert meta["counts"]["samples"] == 6 and meta["counts"]["skipped"] == 3 and meta["bad_samples"] == "skip"
-    assert [(r["key"], r["shard"]) for r in meta["skipped"]] == \
+    listed = read_skip_list(tmp_path / "a" / "gradients", meta["skipped"], "forget.safetensors")
+    assert meta["skipped"]["count"] == 3 and [(r["key"], r["shard"]) for r in listed] == \
         [("bad-decode", dirty), ("bad-nocap", dirty), ("bad-noimg", dirty)]
     record = json.loads((tmp_path / "a" / "skipped_samples.json").read_text())
-    assert record["counts"] == {"forget": 3, "retain": 0} and record["samples"]["forget"] == meta["skipped"]
+    assert record["counts"] == {"forget": 3, "retain": 0} and record["samples"]["forget"] == listed
+
+
+class AddForgetSamples(Callback):
+    """Adds ``extra`` forget samples to this rank's sums before the pass reduces them (what a pass
+    over some 16.8 M pairs would hold)."""
+
+    def __init__(self, extra: int):
+        self.extra = extra
+
+    def on_train_epoch_end(self, trainer, pl_module):  # runs before the module's own hook
+        pl_module._sums["forget"]["samples"] += self.extra
+
+
+def test_sample_counts_are_exact_above_float32_integers(tmp_path, tiny_checkpoint, forget_shards):
+    """2**24 + 1 is the first integer float32 cannot hold: the counts stay exact integers."""
+    real = sum(shard_sample_counts(forget_shards))
+    module = _pass_only(tmp_path, tiny_checkpoint, forget_shards, forget_shards,
+                        callbacks=[AddForgetSamples(2**24 + 1 - real)])
+    _, meta = load_tensors(tmp_path / "gradients" / "forget.safetensors")
+    assert module.pass_stats["forget"]["samples"] == meta["counts"]["samples"] == 2**24 + 1
 
 
 def test_every_sample_skipped_is_an_error(tmp_path, tiny_checkpoint, forget_shards):
@@ -503,7 +525,7 @@ def test_two_processes_write_byte_identical_gradient_files(tmp_path):
 def test_unreachable_target_finishes_with_exit_status_3(tmp_path, run_a, small_world, tiny_checkpoint, forget_shards):
     config = _run_config(tmp_path, small_world, tiny_checkpoint, forget_shards)
     code = main(["fit", "--config", str(config), "--model.gradients_from", str(run_a["run"] / "gradients"),
-                 "--search.target_value", "-1", "--search.max_evals", "1", "--search.towers", "[text]"])
+                 "--forget_target.value", "-1", "--search.max_evals", "1", "--search.towers", "[text]"])
     assert code == EXIT_TARGET_NOT_MET
     run = tmp_path / "lightning_logs" / "version_0"
     summary = json.loads((run / "summary.json").read_text())

@@ -12,7 +12,6 @@ through ``summary.json``'s ``devices``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +92,23 @@ def test_a_baseline_selects_and_evaluates_on_the_root_device(tmp_path, small_wor
     assert at["evaluation"] == "cpu", f"the baseline's final evaluation started after {at['evaluation']!r}"
     summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())
     assert summary["devices"]["after_pass"] == summary["devices"]["evaluation"] == "cpu"
+
+
+def test_a_downstream_model_configured_on_the_cpu_stays_there_with_a_warning_under_a_gpu_run():
+    """A target's own ``device`` wins over the run's, but a CPU one under a CUDA run is said aloud;
+    without one the target follows the run."""
+    import warnings
+
+    from slug_pl.targets.stable_diffusion import StableDiffusionAdapter
+
+    pinned = StableDiffusionAdapter("an/unloaded/pipeline", device="cpu")
+    with pytest.warns(UserWarning, match=r"runs on the CPU as its config says \(device: cpu\) while the run is on cuda:0"):
+        pinned.use_run_device("cuda:0")
+    assert pinned.resolved_device() == torch.device("cpu")
+
+    following = StableDiffusionAdapter("an/unloaded/pipeline")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        following.use_run_device("cuda:0")
+        StableDiffusionAdapter("an/unloaded/pipeline", device="cpu").use_run_device("cpu")
+    assert following.resolved_device() == torch.device("cuda:0")

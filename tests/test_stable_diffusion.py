@@ -1,6 +1,8 @@
-"""The Stable Diffusion target: which CLIP tensors a pipeline reads, the pair check, the
-transplant (exactly one tensor), the saved pipeline, ``slug-pl transplant`` / ``generate``, the
-final choice by generations, and a whole run on a tiny CLIP + pipeline.
+"""The Stable Diffusion target: the target contract (tests/target_contract.py: what a pipeline
+reads, the pair check, the transplant, the saved pipeline, ``slug-pl transplant``, the verdict
+over every judge), and what is its own: clip skip and an SD 2.x-shaped encoder, the pair check in
+the pipeline's dtype, a half-precision saved copy, ``slug-pl generate``, the final choice by
+generations, and a whole run on a tiny CLIP + pipeline.
 
 The tiny pipeline (tests/builders_downstream.py) embeds the text tower of the tiny random
 ``CLIPModel`` of conftest (2 layers, width 64, 16 positions); it draws noise, which is enough to
@@ -19,13 +21,12 @@ import yaml
 from builders_downstream import tiny_sd_pipeline
 from conftest import ON_CPU_AND_GPU, changed_files, save_edited, write_config
 from slug_pl.cli import main
-from slug_pl.edit import apply_edit, make_edit, revert_edit, save_edits
+from slug_pl.edit import apply_edit, make_edit
 from slug_pl.families import HfClip
 from slug_pl.targets import StableDiffusion, TargetMismatchError
-from slug_pl.evaluation.generation_judge import CandidateScore, GenerationJudge, combine_judges, order_by_generation
+from slug_pl.evaluation.generation_judge import CandidateScore, combine_judges, order_by_generation
 from slug_pl.targets.stable_diffusion import ClipSkipPipeline, prompt_embeddings
-
-PROMPTS = ["a photo of Alice Abara.", "a red apple on a table."]
+from target_contract import PROMPTS, GenerationContract
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +77,34 @@ def generate(pipe, seed: int = 0, prompts=PROMPTS) -> torch.Tensor:
                 output_type="pt").images
 
 
+# ------------------------------------------------------------------------------ the target contract
+
+
+class TestStableDiffusionContract(GenerationContract):
+    """The target contract (tests/target_contract.py) on the tiny pipeline, and ``reads`` in the
+    other configurations: clip skip with and without guidance, an SD 2.x-shaped encoder."""
+
+    NAME, TOWER = "stable_diffusion", "text"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def make_target(cls):
+        return lambda folder, **kwargs: StableDiffusion(
+            str(folder), **({"device": "cpu", "guidance": 3.0, "progress": False} | kwargs))
+
+    @pytest.mark.parametrize("clip_skip, guidance, sd2", [(1, 1.0, False), (1, 3.0, False), (None, 3.0, True)])
+    def test_reads_in_other_configurations(self, make_target, pipeline, sd2_shaped, clip, clip_skip, guidance, sd2):
+        target = make_target(sd2_shaped if sd2 else pipeline, clip_skip=clip_skip, guidance=guidance)
+        self.assert_reads_is_what_changes_the_output(target, *clip)
+        if sd2:
+            assert not target.reads("text_model.encoder.layers.1.mlp.fc1.weight")  # the dropped layer
+            assert target.reads("text_model.final_layer_norm.weight")
+        if clip_skip:
+            assert target.reads("text_model.final_layer_norm.weight")  # diffusers normalizes the skipped state
+            assert target.reads("text_model.encoder.layers.1.mlp.fc1.weight") == (guidance > 1)
+
+
 # ------------------------------------------------------------------------------ names and reads
-
-
-def test_every_text_tensor_maps_to_the_pipeline_and_nothing_else_does(pipeline, clip):
-    family, model = clip
-    target = StableDiffusion(pipeline, device="cpu")
-    target.load()
-    mirror = target.adapter.downstream_parameters()
-    mapped = {n: target.adapter.downstream_name(n) for n, _ in model.named_parameters()}
-    text = {n: m for n, m in mapped.items() if n.startswith("text_model.")}
-    assert sorted(text.values()) == sorted(mirror)  # one to one onto the text encoder
-    assert {n for n, m in mapped.items() if m is None} == {
-        n for n, _ in model.named_parameters() if not n.startswith("text_model.")}
-    assert mapped["text_model.encoder.layers.1.mlp.fc1.weight"] == "encoder.layers.1.mlp.fc1.weight"
-    assert mapped["text_projection.weight"] is None
 
 
 def test_only_a_clip_side_search_leaves_the_choice_to_generations(pipeline):
@@ -106,41 +120,6 @@ def test_reads_exactly_the_text_tower_without_projection(pipeline, clip):
     unread = {n for n, _ in model.named_parameters() if not target.reads(n)}
     other_towers = ("vision_model.", "visual_projection.", "text_projection.")
     assert unread == {n for n, _ in model.named_parameters() if n.startswith(other_towers) or n == "logit_scale"}
-
-
-@pytest.mark.parametrize("clip_skip, guidance, sd2", [(None, 3.0, False), (1, 1.0, False), (1, 3.0, False),
-                                                      (None, 3.0, True)])
-def test_a_tensor_changes_the_unet_input_if_and_only_if_it_is_read(pipeline, sd2_shaped, clip, clip_skip, guidance,
-                                                                   sd2):
-    """Perturb each CLIP tensor alone, mirror it into the pipeline, and compare what the UNet is
-    fed (the prompt's states, and the empty prompt's under guidance > 1) with the unperturbed ones."""
-    family, model = clip
-    target = StableDiffusion(sd2_shaped if sd2 else pipeline, clip_skip=clip_skip, guidance=guidance, device="cpu")
-    target.load()
-    target.check_pair(family, model)
-
-    def unet_input():
-        states = [prompt_embeddings(target.adapter.pipe, PROMPTS, clip_skip)]
-        if guidance > 1:
-            states.append(prompt_embeddings(target.adapter.pipe, [""] * len(PROMPTS)))
-        return torch.cat(states)
-
-    reference = unet_input()
-    gen = torch.Generator().manual_seed(0)
-    for name, param in model.named_parameters():
-        edit = make_edit(model, name, torch.randn(param.shape, generator=gen), 0.5)
-        apply_edit(model, edit)
-        target.adapter.mirror(model)
-        changed = not torch.equal(unet_input(), reference)
-        revert_edit(model, edit)
-        target.adapter.mirror(model)
-        assert changed == target.reads(name), name
-    if sd2:
-        assert not target.reads("text_model.encoder.layers.1.mlp.fc1.weight")  # the dropped layer
-        assert target.reads("text_model.final_layer_norm.weight")
-    if clip_skip:
-        assert target.reads("text_model.final_layer_norm.weight")  # diffusers normalizes the skipped state
-        assert target.reads("text_model.encoder.layers.1.mlp.fc1.weight") == (guidance > 1)
 
 
 def test_ranking_never_offers_a_tensor_the_pipeline_does_not_read(sd2_shaped, clip):
@@ -197,28 +176,15 @@ def test_clip_skip_embeddings_are_diffusers_rule(pipeline):
 # ------------------------------------------------------------------------------ the pair check
 
 
-def test_pair_check_names_the_first_tensor_that_differs(pipeline, clip, tmp_path):
+def test_pair_check_refuses_a_clip_with_fewer_layers(pipeline, clip):
+    """A CLIP with the pipeline's weights but one layer fewer: the pipeline's second layer is not
+    its (the contract checks the rest of the pair check)."""
     from transformers import CLIPModel
 
     from slug_pl.demo.hf_clip import tiny_clip_config
 
     family, model = clip
     target = StableDiffusion(pipeline, device="cpu")
-    target.check_pair(family, model)  # the CLIP the pipeline embeds: accepted
-    model = family.load()
-    with torch.no_grad():
-        model.text_model.encoder.layers[1].mlp.fc1.weight[0, 0] += 1e-3
-        model.text_projection.weight.add_(1.0)  # not embedded: irrelevant
-    with pytest.raises(TargetMismatchError, match=r"'text_model\.encoder\.layers\.1\.mlp\.fc1\.weight' differs"):
-        target.check_pair(family, model)
-
-    torch.manual_seed(123)  # another CLIP of the same shape: its first text tensor already differs
-    other = CLIPModel(tiny_clip_config(hidden_size=64, layers=2, heads=2, projection_dim=32))
-    with pytest.raises(TargetMismatchError, match=r"'text_model\.embeddings\.token_embedding\.weight' differs"):
-        target.check_pair(family, other)
-
-    # a CLIP with the pipeline's weights but one layer fewer: the pipeline's second layer is not its
-    _, model = clip
     shallow = CLIPModel(tiny_clip_config(hidden_size=64, layers=1, heads=2, projection_dim=32))
     shallow.load_state_dict({k: v for k, v in model.state_dict().items() if ".encoder.layers.1." not in k})
     with pytest.raises(TargetMismatchError,
@@ -240,52 +206,6 @@ def test_pair_check_compares_in_the_pipelines_dtype(pipeline, clip):
 
 
 # ------------------------------------------------------------------------------ transplant
-
-
-def test_transplant_changes_exactly_one_tensor_and_reverting_restores_all(pipeline, clip):
-    family, model = clip
-    target = StableDiffusion(pipeline, device="cpu")
-    target.check_pair(family, model)
-    before = tensors(target.adapter.pipe)
-    name = "text_model.encoder.layers.0.self_attn.v_proj.weight"
-    edit = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.25)
-    apply_edit(model, edit)
-    assert target.transplant(model, [edit]) == ["encoder.layers.0.self_attn.v_proj.weight"]
-    after = tensors(target.adapter.pipe)
-    assert differing(before, after) == ["text_encoder.encoder.layers.0.self_attn.v_proj.weight"]
-    assert torch.equal(after["text_encoder.encoder.layers.0.self_attn.v_proj.weight"], edit.edited)
-    assert torch.equal(edit.edited, edit.original - 0.25)
-
-    revert_edit(model, edit)
-    target.transplant(model, [edit])
-    assert differing(before, tensors(target.adapter.pipe)) == []
-
-    vision = make_edit(model, "visual_projection.weight", torch.ones_like(model.visual_projection.weight), 0.1)
-    with pytest.raises(TargetMismatchError, match="cannot reach"):
-        target.transplant(model, [vision])
-
-
-def test_saved_edited_pipeline_reloads_and_draws_the_same_images(pipeline, clip, tmp_path):
-    from diffusers import StableDiffusionPipeline
-
-    family, model = clip
-    target = StableDiffusion(pipeline, device="cpu")
-    target.check_pair(family, model)
-    original = generate(target.adapter.pipe)
-    name = "text_model.encoder.layers.1.mlp.fc2.weight"
-    noise = torch.randn(model.get_parameter(name).shape, generator=torch.Generator().manual_seed(0))
-    edit = make_edit(model, name, noise, 0.5)
-    apply_edit(model, edit)
-    target.transplant(model, [edit])
-    edited = generate(target.adapter.pipe)
-    assert not torch.equal(edited, original)  # the edit changes what is drawn
-
-    out = target.save_pretrained(tmp_path / "edited")
-    reloaded = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
-    assert torch.equal(generate(reloaded), edited)
-    assert differing(tensors(target.adapter.pipe), tensors(reloaded)) == []
-    with pytest.raises(FileExistsError):
-        target.save_pretrained(out)
 
 
 def test_saved_copy_of_a_half_precision_pipeline_changes_only_the_edited_tensor(pipeline, clip, tmp_path):
@@ -310,31 +230,6 @@ def test_saved_copy_of_a_half_precision_pipeline_changes_only_the_edited_tensor(
     assert torch.equal(saved["text_encoder.encoder.layers.1.mlp.fc1.weight"], edit.edited)
     # the running pipeline holds the edit rounded to bfloat16, which the copy does not
     assert not torch.equal(edit.edited.to(torch.bfloat16).float(), edit.edited)
-
-
-def test_transplant_command_writes_the_pipeline_with_one_tensor_changed(pipeline, clip, tmp_path, capsys):
-    from diffusers import StableDiffusionPipeline
-
-    _, model = clip
-    name = "text_model.encoder.layers.1.self_attn.q_proj.weight"
-    edit = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.1)
-    save_edits(tmp_path / "edit.safetensors", [edit], {"concepts": ["x"]})
-    out = tmp_path / "edited"
-    assert main(["transplant", "--pipeline", pipeline, "--edit", str(tmp_path / "edit.safetensors"),
-                 "--out", str(out)]) == 0
-    original = tensors(StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None))
-    written = tensors(StableDiffusionPipeline.from_pretrained(out, safety_checker=None))
-    assert differing(original, written) == ["text_encoder.encoder.layers.1.self_attn.q_proj.weight"]
-    assert torch.equal(written["text_encoder.encoder.layers.1.self_attn.q_proj.weight"], edit.edited)
-
-    # an edit computed on other weights is refused, naming the tensor
-    apply_edit(model, edit)
-    again = make_edit(model, name, torch.ones_like(model.get_parameter(name)), 0.1)
-    save_edits(tmp_path / "stale.safetensors", [again], {})
-    assert main(["transplant", "--pipeline", pipeline, "--edit", str(tmp_path / "stale.safetensors"),
-                 "--out", str(tmp_path / "never")]) == 2
-    assert "encoder.layers.1.self_attn.q_proj.weight" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
 
 
 # ------------------------------------------------------------------------------ generate
@@ -388,13 +283,14 @@ def test_combined_judges_remove_only_what_every_judge_misses():
 
 
 def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: dict, target: dict,
-           accelerator: str = "cpu") -> Path:
+           accelerator: str = "cpu", forget_target: dict | None = None) -> Path:
     """Mine ``concept``'s forget set and run ``slug-pl fit`` with the tiny HF CLIP and a Stable
     Diffusion target (``target``: its init_args) in ``tmp_path`` (the working folder); returns the
     run folder."""
     assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", "forget"]) == 0
     config = write_config(tmp_path, world, "unused", "forget/forget-000000.tar",
-                          search={"towers": ["text"], "save_checkpoint": False, **search})
+                          search={"towers": ["text"], "save_checkpoint": False, **search},
+                          forget_target=forget_target or {})
     raw = yaml.safe_load(config.read_text())
     raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
                                            "init_args": {"model_name": clip_folder}}
@@ -414,10 +310,10 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
 
     concept = json.loads(Path(small_world["identities_json"]).read_text())[0]
     monkeypatch.chdir(tmp_path)
-    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2, "target_value": 1.0}, {
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 2, "max_evals": 2}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0, 1], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 4, "forget_threshold": 1.0, "save_edited": True,
-        "progress": False}, accelerator="gpu" if device == "cuda" else "cpu")
+        "progress": False}, accelerator="gpu" if device == "cuda" else "cpu", forget_target={"value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     # the search, the evaluation and the pipeline (no device configured) ran where the pass ran
     where = "cuda:0" if device == "cuda" else "cpu"
@@ -464,10 +360,10 @@ def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
     identities = json.loads(Path(small_world["identities_json"]).read_text())
     concept = identities[0]
     monkeypatch.chdir(tmp_path)
-    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2, "target_value": 1.0}, {
+    run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 8, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
-        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6})
+        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6}, forget_target={"value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     protected = summary["generation"]["protected"]
     assert protected["prompts"] == 2 * 2 and protected["tolerance"] == 1e-6  # 2 retained concepts × 2 templates
@@ -510,10 +406,11 @@ def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_wo
                                  image_size=(8, 8))
     monkeypatch.chdir(tmp_path)
     run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept,
-                 {"top_k": 2, "max_evals": 2, "target_metric": "forget_top1", "target_value": 1.0}, {
+                 {"top_k": 2, "max_evals": 2}, {
                      "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5, 6], "steps": 2,
                      "guidance": 3.0, "batch_size": 4, "search_on": "generation",
-                     "judges": ["clip", str(classifier)], "device": "cpu", "progress": False})
+                     "judges": ["clip", str(classifier)], "device": "cpu", "progress": False},
+                 forget_target={"metric": "forget_top1", "value": 1.0})
     summary = json.loads((run / "summary.json").read_text())
     generation = summary["generation"]
     assert generation["settings"]["search_on"] == "generation" and generation["candidates"] == {}
@@ -642,33 +539,3 @@ def test_sd_demo_removes_the_identity_from_generations(tmp_path, monkeypatch, ca
             f"{n}: forget {r['before']['forget_recognition']:.3f} -> {r['after']['forget_recognition']:.3f}, "
             f"retain {r['before']['retain_recognition']:.3f} -> {r['after']['retain_recognition']:.3f}"
             for n, r in generation["judges"].items()) + f"; CLIP score {b:.2f} -> {a:.2f}")
-
-
-@pytest.mark.parametrize("still_seen_by", ["clip", "classifier"])
-def test_the_generation_verdict_needs_every_judge(monkeypatch, still_seen_by):
-    """The concept counts as removed from generations only when no judge recognizes it above the
-    threshold, whichever judge is listed first (the report's headline judge)."""
-    from slug_pl.evaluation.generation import PromptSet
-
-    target = StableDiffusion(pipeline="unused", judges=["clip", "models/classifier"], forget_threshold=0.1,
-                             search_on="generation")
-    monkeypatch.setattr(GenerationJudge, "grid", lambda self, sets, before, after: ("grid", "grid.png", None))
-
-    def scores(forget: float) -> dict:
-        per_concept = {"Quinn": {"forget": True, "images": 8, "recognition": forget, "clip_score": 30.0},
-                       "Alice": {"forget": False, "images": 8, "recognition": 1.0, "clip_score": 30.0}}
-        return {"forget_recognition": forget, "retain_recognition": 1.0, "clip_score": 30.0,
-                "forget_clip_score": 30.0, "retain_clip_score": 30.0, "per_concept": per_concept}
-
-    judged = {name: {"before": scores(1.0), "after": scores(0.75 if name == still_seen_by else 0.0)}
-              for name in ("clip", "classifier")}
-    sets = [PromptSet(("Quinn",), ("Quinn",)), PromptSet(("Alice",), ())]
-    report = target.judge.report(sets, judged, [], [], ["encoder.layers.0.mlp.fc1.weight"])
-    assert report.block["judge"] == "clip"  # the headline judge is the first
-    assert report.block["target"]["met"] is False
-    assert "**NOT removed**" in "\n".join(report.sections)
-    # the held-out verdict of a generation-judged search: the highest recognition over the judges
-    assert report.after["forget_top1"] == 0.75
-
-    cleared = {name: {"before": scores(1.0), "after": scores(0.0)} for name in ("clip", "classifier")}
-    assert target.judge.report(sets, cleared, [], [], []).block["target"]["met"] is True

@@ -5,7 +5,10 @@ and seeds, a rerun's identical numbers, and a whole ``fit`` that writes the summ
 ``unlearncanvas.csv`` rows and the report.
 
 Everything is tiny and random (tests/builders_downstream.py): the pipeline draws noise and the
-classifiers are fixed random linear maps of the mean colour, enough to check the bookkeeping.
+classifiers are fixed random linear maps of the mean colour, enough to check the bookkeeping. The
+target contract (tests/target_contract.py) checks the pipeline's mechanics and pins the verdict
+(UA >= ua_target, on the report and as the run's held-out forget_grid_accuracy) and the retained
+metric ((IRA + CRA) / 2) on controlled drawings and classifiers.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from slug_pl.evaluation.unlearncanvas import (
 )
 from slug_pl.families import HfClip
 from slug_pl.targets import UnlearnCanvas
+from target_contract import ControlledJudge, PipelineContract, evaluate_edit
 
 STYLES = ("Neon", "Pencil_Sketch", "Posterize")  # sorted: the reader's label order
 SPLIT = (0.5, 0.25, 0.25)  # 4 images per cell: 2 training, 1 validation, 1 test
@@ -202,6 +206,86 @@ def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):
     assert {p.object for p in target.judge.search_prompts(style_grid)} == {"Apple"}
 
 
+# ------------------------------------------------------------------------------ the target contract
+
+
+class TestUnlearnCanvasContract(PipelineContract):
+    """The target contract (tests/target_contract.py) on the tiny pipeline, judged on a 3 style x
+    2 object grid drawn with 2 seeds (4 images of each style, and of each object in the other
+    styles), the drawing and the classifiers controlled."""
+
+    NAME, TOWER = "unlearncanvas", "text"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def make_target(cls):
+        return lambda folder, **kwargs: UnlearnCanvas(
+            str(folder), **({"steps": 2, "guidance": 3.0, "device": "cpu", "progress": False} | kwargs))
+
+    @pytest.fixture()
+    def controlled(self, monkeypatch, make_target, model_folder, clip):
+        """The pipeline draws images that remember their prompt, rank and whether it held the edit;
+        the style classifier names each style in as many of its images after the edit as told, the
+        object classifier each object in as many of its images in the other styles (every image
+        before)."""
+        from slug_pl.context import RunContext
+        from slug_pl.data.canvas_datamodule import CanvasGrid
+
+        grid = CanvasGrid("style", "Neon", STYLES, ("Apple", "Banana"))
+
+        class Data:  # the run's data: what the UnlearnCanvas target needs of it (a CanvasGridSource)
+            def canvas_grid(self):
+                return grid
+
+            def record(self):
+                return {"root": "controlled"}
+
+        target = make_target(model_folder, seeds=[0, 1], ua_target=0.75)
+        context = RunContext(clip[0], clip[1], [grid.target], Data())
+        judge, adapter, drawn, told = target.judge, target.adapter, [], {}
+        prompt_of = {(p.text, p.seed): p for p in judge.report_prompts(grid)}
+
+        def draw(texts, seeds, output_type="pil"):
+            assert output_type == "pt"
+            ranks, images = {}, []
+            for text, seed in zip(texts, seeds):
+                p = prompt_of[(text, seed)]
+                keys = [("style", p.style)] + ([("object", p.object)] if p.style != grid.target else [])
+                drawn.append((p, {k: ranks.get(k, 0) for k in keys}, bool(adapter.written)))
+                ranks |= {k: ranks.get(k, 0) + 1 for k in keys}
+                images.append(torch.full((3, 8, 8), (len(drawn) - 1) / 4096))
+            return torch.stack(images)
+
+        class Classifiers:
+            styles, objects = list(grid.styles), list(grid.objects)
+
+            def logits(self, images):
+                out = torch.zeros(len(images), len(self.styles)), torch.zeros(len(images), len(self.objects))
+                for row, image in enumerate(images):
+                    p, ranks, after = drawn[round(image[0, 0, 0].item() * 4096)]
+                    for (judge_name, names, logits), name in zip((("style", self.styles, out[0]),
+                                                                  ("object", self.objects, out[1])), (p.style, p.object)):
+                        rank = ranks.get((judge_name, name))
+                        named = rank is None or not after or rank < told["counts"][judge_name][name]
+                        logits[row, (names.index(name) + (0 if named else 1)) % len(names)] = 1.0
+                return out
+
+        monkeypatch.setattr(adapter, "draw", draw)
+        monkeypatch.setattr(judge, "classifier", lambda context, grid: Classifiers())
+
+        def report(counts):
+            told["counts"] = counts
+            return evaluate_edit(target, context, self.perturbed(clip[1], self.READ))
+
+        def verdict(report) -> bool:
+            met = report.block["verdict"]["met"]
+            assert ("**reached**" if met else "**NOT reached**") in "\n".join(report.sections)
+            return met
+
+        return ControlledJudge(report, {"style": list(grid.styles), "object": list(grid.objects)}, grid.target, 4, 1,
+                               "forget_grid_accuracy", "retain_grid_accuracy", verdict)
+
+
 # ------------------------------------------------------------------------------ a whole run
 
 
@@ -216,8 +300,8 @@ def canvas_config(tmp_path: Path, canvas: str, clip: str, pipeline: str, classif
         "data": {"class_path": "slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule", "init_args": {
             "root": canvas, "forget_style": "Neon", "split_fractions": list(SPLIT),
             "shards_dir": str(tmp_path / "shards"), "batch_size": 4, "retain_batch_size": 8}},
-        "search": {"top_k": 2, "max_evals": 2, "towers": ["text"], "target_metric": "forget_top1",
-                   "target_value": 1.0, "save_checkpoint": False},
+        "forget_target": {"metric": "forget_top1", "value": 1.0},
+        "search": {"top_k": 2, "max_evals": 2, "towers": ["text"], "save_checkpoint": False},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
     }
     path = tmp_path / "config.yaml"
@@ -297,7 +381,8 @@ def test_fit_with_the_step_search_on_the_grid(canvas, tmp_path, monkeypatch, tin
     monkeypatch.chdir(tmp_path)
     config = canvas_config(tmp_path, canvas, tiny_hf_clip, pipeline, classifiers, search_on="generation")
     raw = yaml.safe_load(config.read_text())
-    raw["search"] |= {"target_metric": "forget_grid_accuracy", "kept": ["IRA", "CRA"]}
+    raw["forget_target"]["metric"] = "forget_grid_accuracy"
+    raw["search"] |= {"kept": ["IRA", "CRA"]}
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
     run = tmp_path / "lightning_logs" / "version_0"

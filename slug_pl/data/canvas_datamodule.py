@@ -181,9 +181,9 @@ class UnlearnCanvasDataModule(SlugDataModule):
                        else None for split in ("validation", "test")}
         super().setup(stage)
 
-    def check(self, stage: str, pair_sets=()) -> None:
+    def check(self, stage: str, pair_sets=(), processes: int = 1) -> None:
         if self.paths is not None:  # the shards exist once written (prepare_data / setup)
-            super().check(stage, pair_sets)
+            super().check(stage, pair_sets, processes)
 
     # -- what targets and records read ---------------------------------------------------------
     def canvas_grid(self) -> CanvasGrid:

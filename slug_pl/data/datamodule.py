@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
+from slug_pl.data.agreement import AgreedBatches, first_error
 from slug_pl.data.labelled import LoadedSet, load_pairs
 from slug_pl.data.layouts import EvalSet
 from slug_pl.data.limits import (
@@ -30,8 +32,16 @@ from slug_pl.data.limits import (
     InputRules,
 )
 from slug_pl.data.mining import EmptyForgetSetError, concept_pattern
-from slug_pl.data.pairs import BAD_SAMPLE_POLICIES, PairBatches, PairSet, kept_sample_counts, shard_sample_counts
+from slug_pl.data.pairs import (
+    BAD_SAMPLE_POLICIES,
+    PairBatches,
+    PairSet,
+    excluded_samples,
+    kept_sample_counts,
+    shard_sample_counts,
+)
 from slug_pl.data.reference_batches import AuthorsBatches
+from slug_pl.data.shard_index import IndexStore
 from slug_pl.data.shards import ShardError, expand_urls
 from slug_pl.errors import did_you_mean
 
@@ -134,6 +144,8 @@ class SlugDataModule(LightningDataModule):
         allow_shard_commands: bool = False,
         retain_batches: str = "in_order",
         retain_seed: int = 0,
+        index_dir: str | None = None,
+        index_beside_shards: bool = False,
     ):
         """
         Args:
@@ -145,8 +157,8 @@ class SlugDataModule(LightningDataModule):
             retain_batch_size: global batch size of the contrastive retain loss (defaults to
                 ``batch_size``; it *does* define the loss).
             num_workers: data-loader worker processes per device (more than the CPU cores this
-                process may use are reduced to that number, with a warning: each worker reads the
-                whole pair stream; the batches are the same with any number).
+                process may use are reduced to that number, with a warning; the batches are the
+                same with any number).
             validation: labelled sets for the step search and ``validate``.
             test: held-out labelled sets for the final before/after report and ``test``.
             eval_batch_size: images per batch in evaluation.
@@ -181,6 +193,14 @@ class SlugDataModule(LightningDataModule):
                 5000), full batches only (the partial one dropped, the epoch topped up from a
                 second, reshuffled pass) and open_clip's training augmentation (docs/reference.md).
             retain_seed: the seed of ``retain_batches: reference`` (the authors' ``--seed``, 0).
+            index_dir: the folder where the forget and retain shards' indexes are kept (where each
+                sample starts, so that each rank and worker reads only its own samples; built once
+                from the tar headers, see :mod:`slug_pl.data.shard_index`). Default:
+                ``$SLUG_PL_CACHE/shard_index``, else ``~/.cache/slug_pl/shard_index``. With several
+                nodes give a folder they all see (else each rank builds the indexes its node lacks).
+            index_beside_shards: keep each index beside its shard (``<shard>.slug-index``) where
+                the shard's folder is writable (else in ``index_dir``), and use one found there.
+                Default ``false``: a shard's folder is never written to.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("retain_batch_size", retain_batch_size),
@@ -192,7 +212,7 @@ class SlugDataModule(LightningDataModule):
         cores = usable_cores()
         if num_workers > cores:  # a config written for a larger machine: the stream is the same with fewer
             rank_zero_warn(f"data.num_workers {num_workers} is more than the {cores} CPU cores this process may "
-                           f"use (each worker reads the whole pair stream); using {cores}")
+                           f"use; using {cores}")
             num_workers = cores
         if retain_batches not in RETAIN_BATCHES:
             raise ValueError(f"data.retain_batches must be one of {list(RETAIN_BATCHES)}, got {retain_batches!r}")
@@ -222,6 +242,11 @@ class SlugDataModule(LightningDataModule):
             raise ValueError(f"data.{err}") from err
         self.retain_batches = retain_batches
         self.retain_sampling = AuthorsBatches(retain_seed) if retain_batches == "reference" else None
+        if not isinstance(index_beside_shards, bool):
+            raise ValueError(f"data.index_beside_shards must be true or false, got {index_beside_shards!r}")
+        self.index_store = IndexStore(str(Path(index_dir).expanduser()) if index_dir else None, index_beside_shards)
+        #: (shard, exclusion pattern, flags) -> numbers of the shard's samples left out (excluded_samples)
+        self._exclusions: dict[tuple[str, str, int], tuple[int, ...]] = {}
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
         self._loaded: dict[str, dict[str, LoadedSet]] = {}
@@ -238,9 +263,11 @@ class SlugDataModule(LightningDataModule):
         sets ``fit`` streams in order (checked here: they exist, read and are not empty), the
         global batch the stream starts at (> 0 when a pass resumes) and the downstream ``target``
         (a data module that builds the models it serves checks that the run loads them:
-        :meth:`check_models`)."""
+        :meth:`check_models`). Under DDP every rank calls it: the ranks share the indexing of the
+        sets' shards (:meth:`share_indexing`)."""
         self.family = family
         self.pass_sets, self.start_batch = tuple(pass_sets), start_batch
+        self.share_indexing(self.pass_sets)
         for name in self.pass_sets:
             self.pair_set(name)
         self.check_models(family, target)
@@ -265,35 +292,86 @@ class SlugDataModule(LightningDataModule):
         """The ``forget`` or ``retain`` pairs as ``data.forget`` / ``data.retain`` name them now:
         cached, and built anew when the attribute changed since (a subclass's ``setup`` may
         replace the forget shards after its parent's checks have already read them)."""
-        spec = self.forget if name == "forget" else self.retain
-        key = json.dumps(spec, sort_keys=True, default=str)
+        key = json.dumps(self.forget if name == "forget" else self.retain, sort_keys=True, default=str)
         if name not in self._pair_sets or self._pair_set_keys.get(name) != key:
             self._pair_sets.pop(name, None)
             self._pair_set_keys[name] = key
-            if isinstance(spec, dict):  # several concepts: the pass runs over all their pairs
-                spec = [u for c in self.concepts for u in expand_urls(spec[c], self.input_rules, f"data.{name}")] if all(
-                    c in spec for c in self.concepts) else self._missing_concepts(spec)
-            if spec is None:
-                raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
-            urls = tuple(expand_urls(spec, self.input_rules, f"data.{name}"))
             exclude = self.retain_exclusion() if name == "retain" else None
-            sizes = tuple(shard_sample_counts(urls) if exclude is None else
-                          kept_sample_counts(urls, exclude, self.input_rules))
-            if sum(sizes) == 0:
+            bs = self.batch_size if name == "forget" else self.retain_batch_size
+            sampling = self.retain_sampling if name == "retain" else None
+            pair_set = self._read_pair_set(name, self._set_urls(name), bs, exclude, sampling)
+            if pair_set.num_samples == 0:
                 error = EmptyForgetSetError if name == "forget" else ShardError
                 left_out = f" once pairs matching {exclude.pattern!r} are left out" if exclude is not None else ""
                 raise error(
-                    f"the {name} set is empty{left_out}: no samples in {', '.join(urls)}. "
+                    f"the {name} set is empty{left_out}: no samples in {', '.join(pair_set.urls)}. "
                     + ("Mine a forget set with `slug-pl mine` (check the concept names) or point "
                        "data.forget at its shards" if name == "forget" else
                        "Point data.retain at shards that hold image-caption pairs")
                 )
-            bs = self.batch_size if name == "forget" else self.retain_batch_size
-            sampling = self.retain_sampling if name == "retain" else None
             if sampling is not None:
-                sampling.positions(sum(sizes), bs)  # refuses a batch larger than the set
-            self._pair_sets[name] = PairSet(name, urls, bs, sum(sizes), sizes, exclude, sampling)
+                sampling.positions(pair_set.num_samples, bs)  # refuses a batch larger than the set
+            self._pair_sets[name] = pair_set
         return self._pair_sets[name]
+
+    def _set_urls(self, name: str) -> tuple[str, ...]:
+        """The shards of the ``forget`` or ``retain`` set, expanded and checked to exist."""
+        spec = self.forget if name == "forget" else self.retain
+        if isinstance(spec, dict):  # several concepts: the pass runs over all their pairs
+            spec = [u for c in self.concepts for u in expand_urls(spec[c], self.input_rules, f"data.{name}")] if all(
+                c in spec for c in self.concepts) else self._missing_concepts(spec)
+        if spec is None:
+            raise ValueError(f"data.{name} is not set: give the {name}-set shards in the config")
+        return tuple(expand_urls(spec, self.input_rules, f"data.{name}"))
+
+    def _read_pair_set(self, name: str, urls: tuple[str, ...], batch_size: int, exclude: re.Pattern | None = None,
+                       sampling: AuthorsBatches | None = None) -> PairSet:
+        """The pair set of ``urls``, counted from the shards' indexes (built where missing), so its
+        readers read only their own samples; streamed, and counted from the tar headers, when a
+        shard cannot be indexed (compressed, or a spec with a scheme)."""
+        indexes = [self.index_store.index(url) for url in urls]
+        if any(index is None for index in indexes):
+            sizes = tuple(shard_sample_counts(urls) if exclude is None else
+                          kept_sample_counts(urls, exclude, self.input_rules))
+            return PairSet(name, urls, batch_size, sum(sizes), sizes, exclude, sampling)
+        excluded = tuple(self._excluded(url, exclude) for url in urls) if exclude is not None else ()
+        sizes = tuple(len(index) - len(out) for index, out in zip(indexes, excluded or [()] * len(urls)))
+        return PairSet(name, urls, batch_size, sum(sizes), sizes, exclude, sampling, excluded, self.index_store)
+
+    def _excluded(self, url: str, exclude: re.Pattern) -> tuple[int, ...]:
+        """The samples of indexed shard ``url`` that ``exclude`` leaves out (found once per run)."""
+        key = (url, exclude.pattern, int(exclude.flags))
+        if key not in self._exclusions:
+            self._exclusions[key] = excluded_samples(url, self.index_store, exclude, self.input_rules)
+        return self._exclusions[key]
+
+    def share_indexing(self, names: Sequence[str]) -> None:
+        """Under DDP, a collective call: each rank indexes (and, for a set that leaves samples out,
+        reads the captions of) every W-th shard of the pair sets ``names``, so that each shard is
+        read once; the ranks then exchange what they found (the exclusions; the indexes are in the
+        index folder) and raise the same error when one rank's shard could not be read. A no-op
+        on one process."""
+        rank, world = self._rank_world()
+        if world == 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        jobs: dict[tuple[str, re.Pattern | None], None] = {}  # ordered, the same on every rank
+        for name in names:
+            exclude = self.retain_exclusion() if name == "retain" else None
+            jobs.update(((url, exclude), None) for url in self._set_urls(name))
+        error = None
+        try:
+            for url, exclude in list(jobs)[rank::world]:
+                if self.index_store.index(url) is not None and exclude is not None:
+                    self._excluded(url, exclude)
+        except ShardError as err:
+            error = err
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (self._exclusions, error))
+        errors = [e for _, e in gathered if e is not None]
+        if errors:
+            raise first_error(errors)
+        for exclusions, _ in gathered:
+            self._exclusions.update(exclusions)
 
     def retain_exclusion(self) -> re.Pattern | None:
         """The caption pattern of retain pairs left out (``retain_exclude_concepts``), or None."""
@@ -324,9 +402,7 @@ class SlugDataModule(LightningDataModule):
     def concept_batches(self, concept: str) -> PairBatches:
         """One concept's forget pairs as single-process batches (for the per-concept forget
         gradients of a multi-concept search, computed on rank 0)."""
-        urls = self.concept_forget_urls(concept)
-        sizes = tuple(shard_sample_counts(urls))
-        pair_set = PairSet("forget", urls, self.batch_size, sum(sizes), sizes)
+        pair_set = self._read_pair_set("forget", self.concept_forget_urls(concept), self.batch_size)
         family = self._family()
         return PairBatches([pair_set], family.image_transform(), family.tokenize, bad_samples=self.bad_samples,
                            rules=self.input_rules)
@@ -373,22 +449,29 @@ class SlugDataModule(LightningDataModule):
                               start_batch=self.start_batch if sets else 0, bad_samples=self.bad_samples,
                               rules=self.input_rules,
                               train_transform=family.train_image_transform() if augmented else None)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=self._on_gpu())
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            persistent_workers=False, pin_memory=self._on_gpu())
+        return AgreedBatches(loader) if world > 1 else loader  # one rank's bad sample stops them all
 
     # -- checks before any work ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
         self.check(stage)  # the pair sets a fit streams are checked when the method attaches them
 
-    def check(self, stage: str, pair_sets: Sequence[str] = ()) -> None:
+    def check(self, stage: str, pair_sets: Sequence[str] = (), processes: int = 1) -> None:
         """Check what a ``stage`` run ("fit", "validate", "test") needs before any work: the
         concept names are in the concept class list of every evaluation set the stage uses (with
         "did you mean"), those sets' files exist, and the ``pair_sets`` ("forget", "retain") exist,
-        read and are not empty. Raises ValueError (or FileNotFoundError) naming the option."""
+        read and are not empty. For a run of several ``processes`` the pair sets' shards are only
+        checked to exist here: they are read when the method attaches them, each shard by one
+        process (:meth:`share_indexing`). Raises ValueError (or FileNotFoundError) naming the
+        option."""
         if isinstance(self.forget, dict) and any(c not in self.forget for c in self.concepts):
             self._missing_concepts(self.forget)
         for name in pair_sets:
-            self.pair_set(name)
+            if processes > 1:
+                self._set_urls(name)
+            else:
+                self.pair_set(name)
         required = {"validate": "validation", "test": "test"}.get(stage)
         if required is not None and not self.has_stage(required):
             raise ValueError(f"data.{required} is not set: {stage} needs its labelled concept (and "

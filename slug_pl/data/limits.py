@@ -1,10 +1,10 @@
 """What one downloaded input may cost: bytes per tar member, characters per caption, pixels per
 image; and whether a shard spec may run a program.
 
-Shards, caption files and image folders come from the internet. Every data-loader worker of
-every rank reads every tar member of the pair stream into memory, a caption is tokenized in
-time proportional to its length, and a small compressed image can decode to gigabytes
-(a decompression bomb). :class:`InputRules` bounds each, before the cost is paid:
+Shards, caption files and image folders come from the internet. A data-loader worker reads the
+tar members of its samples into memory (of every sample, for a shard streamed whole: a
+compressed one), a caption is tokenized in time proportional to its length, and a small
+compressed image can decode to gigabytes (a decompression bomb). :class:`InputRules` bounds each, before the cost is paid:
 
 - ``max_member_bytes``: a tar member larger than this is not read (its size is in the tar
   header); a caption member (``txt``) is held to ``4 × max_caption_chars`` bytes as well, the

@@ -12,8 +12,13 @@ devices. So the stream is defined on global sample indices, not on shards:
 - data-loader worker w (of n) produces the batches k ≡ w (mod n) (counted from ``start_batch``);
   PyTorch's round-robin over iterable-dataset workers then delivers batches in order.
 
-Each rank and worker reads the full tar stream but decodes only its own samples; uneven shard
-counts are therefore harmless.
+**Reading.** Every reader (a rank, or one of its data-loader workers) reads only the samples it
+decodes, when the set has shard indexes (``PairSet.index``, :mod:`slug_pl.data.shard_index`): the
+stream above is then a stream of *references* ``(shard, number in the shard)``, which costs no
+reading, and a reader reads the bytes of its own samples alone (:mod:`slug_pl.data.indexed_reader`).
+Over all ranks and workers each sample is read once. A set with a shard that has no index (a
+compressed shard, a ``pipe:`` or URL spec) is streamed whole by every reader instead, each
+decoding only its own samples. Both give the same batches; uneven shard counts are harmless.
 
 **Bad samples** (``bad_samples``): a sample without an image or a caption, one above a limit of
 :class:`~slug_pl.data.limits.InputRules` (member bytes, caption characters, image pixels), or
@@ -23,15 +28,15 @@ its batch but becomes a padding row (``valid = False``): batch boundaries, and s
 loss's global batches, stay those of the full stream, every rank agrees on the batches, and the
 counts (the sums of ``valid`` over all ranks, reduced once at the end of the pass) are exact.
 Each skipped sample is reported once, by the rank that owns its position, in the batch's
-``skipped`` list (dicts ``set``, ``index``, ``shard``, ``key``, ``reason``). Missing fields and
-members or captions above a limit are seen by every rank from the tar stream, so under
-``"stop"`` every rank stops on the same sample; an image that does not decode, or has too many
-pixels, is only seen by the rank that decodes it.
+``skipped`` list (dicts ``set``, ``index``, ``shard``, ``key``, ``reason``). Under ``"stop"`` a
+bad sample is seen by the rank that reads it (the :class:`BadSampleError` carries its ``index``);
+:mod:`slug_pl.data.agreement` makes every rank stop with that error at the same batch.
 
 **Excluded samples** (``PairSet.exclude``, e.g. ``data.retain_exclude_concepts``): samples whose
-caption matches are left out *before* numbering, by every rank and worker alike (each reads the
-full stream), so the set is exactly the other samples: batches, counts and gradients equal those of
-shards that never held them.
+caption matches are left out *before* numbering, by every rank and worker alike (with indexes, the
+excluded samples' numbers are in ``PairSet.excluded``, found once from the caption members alone:
+:func:`excluded_samples`), so the set is exactly the other samples: batches, counts and gradients
+equal those of shards that never held them.
 
 **The authors' retain batches** (``PairSet.sampling``, :mod:`slug_pl.data.reference_batches`):
 the set's samples are streamed shuffled, in full batches (the partial one dropped, the epoch
@@ -57,9 +62,12 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from slug_pl.data.indexed_reader import IndexedReader
 from slug_pl.data.limits import DEFAULT_RULES, InputRules
 from slug_pl.data.reference_batches import AuthorsBatches
+from slug_pl.data.shard_index import IndexStore
 from slug_pl.data.shards import (
+    CAPTION_KEY,
     BadSampleError,
     RawSample,
     ShardError,
@@ -72,6 +80,8 @@ from slug_pl.data.shards import (
 )
 
 BAD_SAMPLE_POLICIES = ("stop", "skip")
+#: A reference to one sample: ``(shard, number of the sample in the shard, in tar order)``.
+SampleRef = tuple[str, int]
 
 
 def shard_sample_counts(urls: Sequence[str]) -> list[int]:
@@ -112,6 +122,15 @@ def kept_sample_counts(urls: Sequence[str], exclude: re.Pattern, rules: InputRul
             for url in urls]
 
 
+def excluded_samples(url: str, store: IndexStore, exclude: re.Pattern,
+                     rules: InputRules = DEFAULT_RULES) -> tuple[int, ...]:
+    """The numbers (tar order) of the samples of the indexed shard ``url`` whose caption matches
+    ``exclude``, found as :func:`kept_sample_counts` finds them but reading only caption members."""
+    with IndexedReader(store, rules) as reader:
+        return tuple(i for i in range(len(reader.index_of(url)))
+                     if _excluded(reader.sample(url, i, frozenset({CAPTION_KEY})), exclude))
+
+
 def _excluded(sample: RawSample, exclude: re.Pattern | None) -> bool:
     return exclude is not None and sample.caption is not None and exclude.search(sample.caption) is not None
 
@@ -126,6 +145,11 @@ class PairSet:
     order, so batches, ranks and counts work as for a set without them. ``num_samples`` and
     ``shard_sizes`` then count the kept samples (:func:`kept_sample_counts`). ``sampling``: the
     authors' batches of these samples (None: each sample once, in order, the last batch partial).
+
+    ``index``: where the shards' indexes are kept; with it, each reader reads only the samples it
+    decodes, and ``shard_sizes`` is required, and with ``exclude`` also ``excluded``: per shard,
+    the numbers (tar order) of its samples left out (:func:`excluded_samples`). None: every reader
+    streams every shard.
     """
 
     name: str
@@ -135,6 +159,28 @@ class PairSet:
     shard_sizes: tuple[int, ...] = ()
     exclude: re.Pattern | None = None
     sampling: AuthorsBatches | None = None
+    excluded: tuple[tuple[int, ...], ...] = ()
+    index: IndexStore | None = None
+
+    def __post_init__(self):
+        if self.index is not None and (len(self.shard_sizes) != len(self.urls) or (
+                self.exclude is not None and len(self.excluded) != len(self.urls))):
+            raise ValueError(f"the indexed {self.name} set needs the sample counts (and, leaving samples "
+                             f"out, the excluded samples) of each of its {len(self.urls)} shards")
+
+    def shard_samples(self) -> dict[str, int]:
+        """Samples of each shard before any were left out (what its index counts)."""
+        excluded = self.excluded or ((),) * len(self.urls)
+        return {url: kept + len(out) for url, kept, out in zip(self.urls, self.shard_sizes, excluded)}
+
+    def refs(self, urls: Sequence[str]) -> Iterator[SampleRef]:
+        """References to the set's samples in the shards ``urls`` (some of the set's), in order:
+        what an indexed stream numbers."""
+        excluded = dict(zip(self.urls, self.excluded)) if self.excluded else {}
+        totals = self.shard_samples()
+        for url in urls:
+            out = frozenset(excluded.get(url, ()))
+            yield from ((url, i) for i in range(totals[url]) if i not in out)
 
     @property
     def num_positions(self) -> int:
@@ -206,34 +252,57 @@ class PairBatches(IterableDataset):
             offset += pair_set.num_batches
 
     def _iter_set(self, pair_set: PairSet, offset: int, first: int, worker: int, num_workers: int):
+        if pair_set.index is None:
+            yield from self._iter_streamed(pair_set, offset, first, worker, num_workers)
+        else:
+            yield from self._iter_indexed(pair_set, offset, first, worker, num_workers)
+
+    def _iter_streamed(self, pair_set: PairSet, offset: int, first: int, worker: int, num_workers: int):
+        """The set's batches, every sample read from the tar stream, only this rank's decoded."""
         B, N = pair_set.global_batch_size, pair_set.num_positions
-        samples = self._samples_from(pair_set, first * B)
+        samples = self._stream_from(pair_set, first * B, lambda urls: self._read(urls, pair_set.exclude))
         for k in range(first, pair_set.num_batches):
             size_k = min(B, N - k * B)
             mine = (offset + k - self.start_batch) % num_workers == worker
             batch = [self._next_sample(samples, pair_set, k * B + j) for j in range(size_k)]
             if not mine:
                 continue
-            if self.bad_samples == "stop":  # every rank sees the same stream: all stop together
-                for sample in batch:
+            if self.bad_samples == "stop":  # this rank sees the whole batch: the first bad sample stops it
+                for j, sample in enumerate(batch):
                     if (reason := unusable(sample)) is not None:
-                        raise bad_sample_error(sample, reason)
+                        raise bad_sample_error(sample, reason, k * B + j)
             own = [(k * B + j, batch[j]) for j in self._local_positions(size_k)]
             out = self._collate(pair_set, k, own, math.ceil(size_k / self.world_size))
             out["last"] = k == pair_set.num_batches - 1
             yield out
 
-    def _samples_from(self, pair_set: PairSet, start: int) -> Iterator[RawSample]:
-        """The raw samples of ``pair_set`` from global index ``start`` on, nothing decoded."""
+    def _iter_indexed(self, pair_set: PairSet, offset: int, first: int, worker: int, num_workers: int):
+        """The set's batches from a stream of references: only this rank's samples are read."""
+        B, N = pair_set.global_batch_size, pair_set.num_positions
+        refs = self._stream_from(pair_set, first * B, pair_set.refs)
+        with IndexedReader(pair_set.index, self.rules, pair_set.shard_samples()) as reader:
+            for k in range(first, pair_set.num_batches):
+                size_k = min(B, N - k * B)
+                batch = [self._next_sample(refs, pair_set, k * B + j) for j in range(size_k)]
+                if (offset + k - self.start_batch) % num_workers != worker:
+                    continue
+                own = [(k * B + j, reader.sample(*batch[j])) for j in self._local_positions(size_k)]
+                out = self._collate(pair_set, k, own, math.ceil(size_k / self.world_size))
+                out["last"] = k == pair_set.num_batches - 1
+                yield out
+
+    def _stream_from(self, pair_set: PairSet, start: int, read: Callable[[Sequence[str]], Iterator]) -> Iterator:
+        """The set's stream from position ``start`` on: the items ``read(urls)`` gives for the shards
+        in order (raw samples, or references), in the authors' order with ``sampling``."""
         if pair_set.sampling is not None:
-            return pair_set.sampling.samples(pair_set.urls, lambda urls: self._read(urls, pair_set.exclude),
-                                             pair_set.num_samples, pair_set.global_batch_size, start)
+            return pair_set.sampling.samples(pair_set.urls, read, pair_set.num_samples, pair_set.global_batch_size,
+                                             start)
         first_shard, skip = 0, start
         if len(pair_set.shard_sizes) == len(pair_set.urls):  # pass over whole shards unopened
             while first_shard < len(pair_set.urls) and skip >= pair_set.shard_sizes[first_shard]:
                 skip -= pair_set.shard_sizes[first_shard]
                 first_shard += 1
-        return itertools.islice(self._read(pair_set.urls[first_shard:], pair_set.exclude), skip, None)
+        return itertools.islice(read(pair_set.urls[first_shard:]), skip, None)
 
     def _read(self, urls: Sequence[str], exclude: re.Pattern | None) -> Iterator[RawSample]:
         """The raw samples of ``urls`` in order, read under the input rules, less the excluded."""
@@ -243,7 +312,7 @@ class PairBatches(IterableDataset):
         return samples
 
     @staticmethod
-    def _next_sample(samples: Iterator[RawSample], pair_set: PairSet, index: int) -> RawSample:
+    def _next_sample(samples: Iterator, pair_set: PairSet, index: int):
         try:
             return next(samples)
         except StopIteration:
@@ -268,7 +337,7 @@ class PairBatches(IterableDataset):
             self._shape = tuple(image.shape)
             return image, sample.caption
         if self.bad_samples == "stop":
-            raise bad_sample_error(sample, reason) from cause
+            raise bad_sample_error(sample, reason, index) from cause
         return {"set": pair_set.name, "index": index, "shard": sample.shard, "key": sample.key, "reason": reason}
 
     def _collate(self, pair_set: PairSet, k: int, samples: list[tuple[int, RawSample]], rows: int) -> dict:

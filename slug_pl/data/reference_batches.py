@@ -37,8 +37,6 @@ from typing import TypeVar
 
 import torch
 
-from slug_pl.data.shards import RawSample
-
 T = TypeVar("T")
 
 #: The authors' shuffle buffers (open_clip's ``_SHARD_SHUFFLE_*`` and ``_SAMPLE_SHUFFLE_*``):
@@ -126,13 +124,15 @@ class AuthorsBatches:
             return list(urls)
         return list(buffered_shuffle(urls, *SHARD_SHUFFLE, random.Random(self.seed)))
 
-    def samples(self, urls: Sequence[str], read: Callable[[Sequence[str]], Iterator[RawSample]],
-                num_samples: int, batch_size: int, start: int = 0) -> Iterator[RawSample]:
-        """The samples at positions ``start``, ``start + 1``, … (undecoded); ``read(urls)`` streams
-        the set's samples of those shards in order."""
+    def samples(self, urls: Sequence[str], read: Callable[[Sequence[str]], Iterator[T]],
+                num_samples: int, batch_size: int, start: int = 0) -> Iterator[T]:
+        """The samples at positions ``start``, ``start + 1``, …; ``read(urls)`` streams the set's
+        samples of those shards in order, as undecoded samples or as references to them (the
+        shuffles draw the same numbers whatever the items are, so references give the order of
+        the samples without reading them)."""
         shards = self.shard_order(urls)
 
-        def one_pass(p: int) -> Iterator[RawSample]:
+        def one_pass(p: int) -> Iterator[T]:
             if not self.shuffle:
                 return read(shards)
             return buffered_shuffle(read(shards), *SAMPLE_SHUFFLE, random.Random(derived_seed(self.seed, "samples", p)))

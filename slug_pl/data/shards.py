@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import re
 import tarfile
@@ -47,14 +48,15 @@ class ShardError(ValueError):
 
 class BadSampleError(ShardError):
     """One sample of a readable shard cannot be used: no image, no caption, or an image that does
-    not decode. ``shard``, ``key`` and ``reason`` say which and why (for skip lists)."""
+    not decode. ``shard``, ``key`` and ``reason`` say which and why (for skip lists); ``index``
+    is the sample's position in its set's stream where the stream knows it, else None."""
 
-    def __init__(self, message: str, shard: str = "", key: str = "", reason: str = ""):
+    def __init__(self, message: str, shard: str = "", key: str = "", reason: str = "", index: int | None = None):
         super().__init__(message)
-        self.shard, self.key, self.reason = shard, key, reason or message
+        self.shard, self.key, self.reason, self.index = shard, key, reason or message, index
 
-    def __reduce__(self):  # survive the trip from a data-loader worker with its fields
-        return (type(self), (str(self), self.shard, self.key, self.reason))
+    def __reduce__(self):  # survive the trip from a data-loader worker (or another rank) with its fields
+        return (type(self), (str(self), self.shard, self.key, self.reason, self.index))
 
 
 #: What to do about a bad sample, and how to change it (appended to error messages).
@@ -145,10 +147,11 @@ def member_key(shard: str, member: tarfile.TarInfo) -> tuple[str, str] | None:
 
 @dataclass
 class _Gathering:
-    """The members of one sample read so far."""
+    """The members of one sample read so far; ``unread`` holds the fields present but not asked for."""
 
     key: str
     fields: dict[str, bytes] = field(default_factory=dict)
+    unread: set[str] = field(default_factory=set)
     problem: str | None = None
 
     def sample(self, shard: str, rules: InputRules) -> RawSample:
@@ -168,29 +171,98 @@ def _open_shard(url: str) -> BinaryIO:
     return open(url, "rb") if command_of(url) is None else gopen(url)
 
 
-def _shard_samples(url: str, stream: BinaryIO, rules: InputRules) -> Iterator[RawSample]:
-    """The samples of one open shard, in tar order; members above a limit are passed over unread."""
+def samples_of_tar(url: str, tar: tarfile.TarFile, rules: InputRules,
+                   fields: frozenset[str] | None = None) -> Iterator[RawSample]:
+    """The samples of the open tar ``tar`` of shard ``url``, in member order: consecutive members
+    with one key form a sample. Members above a limit are passed over unread (the sample gets a
+    ``problem``); with ``fields``, only those fields' bytes are read (the others count as present
+    for the checks but are absent from the sample). Raises :class:`ShardError` for a member name
+    that leaves the shard or a field held twice by one sample."""
     gathering: _Gathering | None = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            found = member_key(url, member)
-            tar.members = []  # a stream: keep no headers
-            if found is None:
-                continue
-            key, suffix = found
-            if gathering is None or key != gathering.key:
-                if gathering is not None:
-                    yield gathering.sample(url, rules)
-                gathering = _Gathering(key)
-            if suffix in gathering.fields:
-                raise ShardError(f"shard {url}: sample {key!r} holds the field {suffix!r} twice")
-            too_big = rules.member_problem(suffix, member.size)
-            if too_big is not None:
-                gathering.problem = gathering.problem or too_big
-                continue
-            gathering.fields[suffix] = tar.extractfile(member).read()
+    for member in tar:
+        found = member_key(url, member)
+        tar.members = []  # keep no headers
+        if found is None:
+            continue
+        key, suffix = found
+        if gathering is None or key != gathering.key:
+            if gathering is not None:
+                yield gathering.sample(url, rules)
+            gathering = _Gathering(key)
+        if suffix in gathering.fields or suffix in gathering.unread:
+            raise ShardError(f"shard {url}: sample {key!r} holds the field {suffix!r} twice")
+        too_big = rules.member_problem(suffix, member.size)
+        if too_big is not None:
+            gathering.problem = gathering.problem or too_big
+            continue
+        if fields is not None and suffix not in fields:
+            gathering.unread.add(suffix)
+            continue
+        gathering.fields[suffix] = tar.extractfile(member).read()
     if gathering is not None:
         yield gathering.sample(url, rules)
+
+
+def _shard_samples(url: str, stream: BinaryIO, rules: InputRules) -> Iterator[RawSample]:
+    """The samples of one open shard, read as a stream, in tar order."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        yield from samples_of_tar(url, tar, rules)
+
+
+class _Window(io.RawIOBase):
+    """Bytes ``[start, stop)`` of an open file as a seekable file of their own, read with
+    ``os.pread`` (no file position shared with other readers of the descriptor)."""
+
+    def __init__(self, fd: int, start: int, stop: int):
+        super().__init__()
+        self._fd, self._start, self._length, self._pos = fd, start, stop - start, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
+        self._pos = max(base + offset, 0)
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        wanted = max(min(len(buffer), self._length - self._pos), 0)
+        view, got = memoryview(buffer).cast("B"), 0
+        while got < wanted:
+            chunk = os.pread(self._fd, wanted - got, self._start + self._pos + got)
+            if not chunk:
+                break
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        self._pos += got
+        return got
+
+
+def read_window(url: str, fd: int, start: int, stop: int, rules: InputRules = DEFAULT_RULES,
+                fields: frozenset[str] | None = None) -> list[RawSample]:
+    """The samples whose members lie in bytes ``[start, stop)`` of the plain tar shard ``url``, open
+    as descriptor ``fd`` (``start`` a member header's offset), read as :func:`samples_of_tar` reads
+    them: only headers and the members' own bytes are read. Raises :class:`ShardError` naming the
+    shard unless the members fill the bytes exactly (a member running past ``stop``, or bytes at
+    the end that are no member)."""
+    try:
+        with _Window(fd, start, stop) as window, tarfile.open(fileobj=window, mode="r:") as tar:
+            samples = list(samples_of_tar(url, tar, rules, fields))
+            if tar.offset != stop - start:
+                raise tarfile.ReadError(f"no tar member at byte {start + tar.offset}")
+    except ShardError:
+        raise
+    except (OSError, tarfile.TarError) as err:
+        raise ShardError(f"shard {url}: bytes {start}-{stop} are not the members its index names "
+                         f"({type(err).__name__}: {err}); the shard changed after it was indexed, or "
+                         f"its index file is wrong: delete the index and run again") from err
+    return samples
 
 
 def iter_raw_samples(urls: Sequence[str], rules: InputRules = DEFAULT_RULES) -> Iterator[RawSample]:
@@ -230,11 +302,12 @@ def unusable(sample: RawSample) -> str | None:
     return None
 
 
-def bad_sample_error(sample: RawSample, reason: str, hint: bool = True) -> BadSampleError:
-    """A :class:`BadSampleError` naming shard and key; ``hint`` appends what to do."""
+def bad_sample_error(sample: RawSample, reason: str, index: int | None = None, hint: bool = True) -> BadSampleError:
+    """A :class:`BadSampleError` naming shard and key (``index``: the sample's stream position);
+    ``hint`` appends what to do."""
     message = f"sample {sample.key!r} in {sample.shard}: {reason}"
     return BadSampleError(f"{message}; {BAD_SAMPLE_HINT}" if hint else message, sample.shard,
-                          sample.key, reason)
+                          sample.key, reason, index)
 
 
 def decode_image(sample: RawSample, rules: InputRules = DEFAULT_RULES) -> Image.Image:

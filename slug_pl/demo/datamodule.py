@@ -147,9 +147,9 @@ class DemoWorld(SlugDataModule):
         }
         super().setup(stage)  # the checks before any work
 
-    def check(self, stage: str, pair_sets=()) -> None:
+    def check(self, stage: str, pair_sets=(), processes: int = 1) -> None:
         if self.paths is not None:  # the world's sets exist once it is built (prepare_data / setup)
-            super().check(stage, pair_sets)
+            super().check(stage, pair_sets, processes)
 
     def mia_pairs(self):
         """Membership inference sets: members = the mined forget pairs (seen in training),

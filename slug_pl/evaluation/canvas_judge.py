@@ -229,7 +229,7 @@ class CanvasJudge(TargetJudge):
             "data": context.data.record(),
         }
         figures = [self._figure(grid, prompts, before, after)]
-        # the held-out verdict of a forget target on the grid (target_metric: forget_grid_accuracy)
+        # the held-out verdict of a forget target on the grid (forget_target.metric: forget_grid_accuracy)
         return TargetReport("unlearncanvas", block, self._sections(block, rows), figures,
                             after=grid_metrics(scored["after"]), forget_images=scored["after"].n_ua,
                             tables={CSV_NAME: (list(CSV_COLUMNS), [list(r.values()) for r in rows])})

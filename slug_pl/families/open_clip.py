@@ -159,6 +159,7 @@ class OpenClip(ModelFamily):
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         if self._tokenizer is None:
+            register_model_configs(self.model_config)  # a spawned process (a data-loader worker) starts without them
             self._tokenizer = open_clip.get_tokenizer(self.model_name)
         return self._tokenizer(list(texts))
 

@@ -30,7 +30,7 @@ from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import non_finite
 from slug_pl.patch import patch_metadata
 from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
-from slug_pl.resources import peak_mem_mb, peak_memory
+from slug_pl.resources import PhaseMemory, peak_mem_mb
 from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget
 
@@ -69,20 +69,29 @@ class UnlearningModule(LightningModule):
     #: The method's short name in configs, records and comparisons.
     method_name = "base"
 
-    def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None):
+    def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None,
+                 forget_target: ForgetTarget = ForgetTarget()):  # noqa: B008 (frozen)
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
             target: a downstream model that embeds one tower of this CLIP and consumes the edit
                 (e.g. ``slug_pl.targets.StableDiffusion``); None: the CLIP itself.
+            forget_target: the forget target on validation, ``metric <= value``: the config's
+                top-level ``forget_target:`` section, linked here for every method (SLUG's search
+                and every baseline's selection judge by it).
         """
         super().__init__()
         self.family = family
+        self.forget_target = forget_target
         self.edit = edit
         self.target = target
         self.clip: nn.Module | None = None
+        #: the method's phases (e.g. ``gradients``, ``search``), in seconds: disjoint, so their sum
+        #: is the method's time (what the run context shows a downstream target)
         self.timings: dict[str, float] = {}
+        #: peak memory of each phase (summary ``memory.phases``)
+        self.phase_memory = PhaseMemory()
         #: where each phase ran: ``{"pass": "cuda:0", "after_pass": "cuda:0", ...}`` (summary ``devices``)
         self.devices: dict[str, str] = {}
         self.last_eval: dict[str, float] = {}
@@ -213,7 +222,7 @@ class UnlearningModule(LightningModule):
     def write_record(self, *, edits: Sequence[LayerEdit], method: dict, target: ForgetTarget,
                      validation: dict, validation_met: bool, cost: dict, sections: Sequence[str] = (),
                      remedy: str | None = None, similarity_concepts: int = 8, edit_metadata: dict | None = None,
-                     extra: dict | None = None, t_start: float | None = None,
+                     extra: dict | None = None, t_start: float | None = None, sub_timings: dict | None = None,
                      artifacts: Callable[[RunRecord, dict, dict], None] | None = None) -> dict:
         """Measure before/after (held-out sets) and write the run record through one
         :class:`~slug_pl.record.RunRecord` (rank 0 only; the model carries ``edits``): figures,
@@ -223,14 +232,23 @@ class UnlearningModule(LightningModule):
         summary holds a complete record.
 
         ``cost`` holds what the method knows (``gradient_evals``, ``evaluations``); wall time,
-        peak memory and edit size are added here. ``remedy``: what to change when forgetting
-        does not hold on held-out images. Returns the summary (the CLI reads the verdict from
-        ``summary.json``: :func:`~slug_pl.record.read_verdict`).
+        peak memory and edit size are added here. ``timings_s`` holds the method's phases
+        (:attr:`timings`), ``sub_timings`` (parts of those phases, e.g. SLUG's ``ranking`` inside
+        its ``search``), the ``final_evaluation`` (before/after) and ``downstream`` (the target's
+        transplant and evaluation) measured here, and ``total`` (since ``t_start``); ``memory``
+        the process's peaks and each phase's (:class:`~slug_pl.resources.PhaseMemory`).
+        ``remedy``: what to change when forgetting does not hold on held-out images. Returns the
+        summary (the CLI reads the verdict from ``summary.json``: :func:`~slug_pl.record.read_verdict`).
         """
         trainer, context = self.trainer, self.context
         concepts = list(context.concepts)
         record = RunRecord(self.run_dir, trainer.logger)
+        timings = dict(self.timings) | dict(sub_timings or {})
+        t0 = time.perf_counter()
+        self.phase_memory.start(self.device)
         result: BeforeAfter = evaluate_before_after(context, edits, similarity_concepts)
+        self.phase_memory.end("final_evaluation", self.device)
+        timings["final_evaluation"] = time.perf_counter() - t0
         sim_before, sim_after, shown = result.similarity
         record.figure(similarity_figure(sim_before, sim_after, shown), "similarity.png",
                       "Image–text similarity of concepts, before and after", "similarity")
@@ -238,8 +256,12 @@ class UnlearningModule(LightningModule):
         self.devices["evaluation"] = str(next(self.clip.parameters()).device)
         if self.target is not None:  # the downstream model with the edit, judged its own way
             self.devices["downstream"] = str(self.target.resolved_device())
+            t0 = time.perf_counter()
+            self.phase_memory.start(self.target.resolved_device())
             self.target.transplant(self.clip, edits)
             downstream = self.target.evaluate(context, edits)
+            self.phase_memory.end("downstream", self.target.resolved_device())
+            timings["downstream"] = time.perf_counter() - t0
             for caption, file, figure in downstream.figures:
                 record.figure(figure, file, caption, tag=f"{downstream.key}/{Path(file).stem}")
             for file, (header, rows) in downstream.tables.items():
@@ -254,12 +276,12 @@ class UnlearningModule(LightningModule):
         meta = {"model": self.family.describe(), "concepts": concepts, "method": method["name"], "target": str(target),
                 **patch_metadata(self.clip, edits)} | (edit_metadata or {})  # the base's SHA-256: SlugPatch checks it
         edit_bytes = record.edit_patch(edits, meta)
-        memory = getattr(self, "peak_memory", None) or peak_memory(self.device)
+        memory = self.phase_memory.record(self.device)
         total = time.perf_counter() - t_start if t_start is not None else None
         cost = {"wall_s": total, **cost, "peak_mem_mb": peak_mem_mb(memory), "edit_bytes": edit_bytes}
         summary = build_summary(method=method, concepts=concepts, model=self.family.describe(), target=target,
                                 validation=validation, validation_met=validation_met, result=result, cost=cost,
-                                timings=dict(self.timings) | ({"total": total} if total is not None else {}),
+                                timings=timings | ({"total": total} if total is not None else {}),
                                 memory=memory, extra=extra, held_out=held_out,
                                 devices=dict(self.devices) | {"precision": str(trainer.precision)})
         if artifacts is not None:

@@ -18,6 +18,7 @@ import torch
 from slug_pl.families.base import ModelFamily
 from slug_pl.methods.trained import TrainedModule
 from slug_pl.targets.base import DownstreamTarget
+from slug_pl.step_search import ForgetTarget
 
 
 class GaftModule(TrainedModule):
@@ -28,15 +29,15 @@ class GaftModule(TrainedModule):
     def __init__(self, family: ModelFamily, lr: float = 1e-7, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, stop_when_met: bool = True,
-                 target_metric: str = "forget_top5", target_value: float = 0.0, similarity_concepts: int = 8,
+                 forget_target: ForgetTarget = ForgetTarget(), similarity_concepts: int = 8,  # noqa: B008
                  edit: str | None = None, target: DownstreamTarget | None = None):
         """
         Args:
             forget_weight / retain_weight: factors on the forget and the retain loss (> 0).
             (other arguments: see :class:`~slug_pl.methods.trained.TrainedModule`)
         """
-        super().__init__(family, lr, weight_decay, betas, eps, warmup_steps, stop_when_met, target_metric,
-                         target_value, similarity_concepts, edit, target)
+        super().__init__(family, lr, weight_decay, betas, eps, warmup_steps, stop_when_met, forget_target,
+                         similarity_concepts, edit, target)
         if forget_weight <= 0 or retain_weight <= 0:
             raise ValueError(f"model.forget_weight and model.retain_weight must be > 0, got {forget_weight} "
                              f"and {retain_weight}")

@@ -34,6 +34,7 @@ from slug_pl.gradients import (
 )
 from slug_pl.methods.gaft import GaftModule
 from slug_pl.targets.base import DownstreamTarget
+from slug_pl.step_search import ForgetTarget
 
 
 def saliency_mask(gradients: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -60,8 +61,9 @@ class SalunModule(GaftModule):
     def __init__(self, family: ModelFamily, lr: float = 1e-7, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, mask_fraction: float = 0.5,
-                 gradients_from: str | None = None, stop_when_met: bool = True, target_metric: str = "forget_top5",
-                 target_value: float = 0.0, similarity_concepts: int = 8, edit: str | None = None,
+                 gradients_from: str | None = None, stop_when_met: bool = True,
+                 forget_target: ForgetTarget = ForgetTarget(), similarity_concepts: int = 8,  # noqa: B008
+                 edit: str | None = None,
                  target: DownstreamTarget | None = None):
         """
         Args:
@@ -72,7 +74,7 @@ class SalunModule(GaftModule):
             (other arguments: see :class:`~slug_pl.methods.gaft.GaftModule`)
         """
         super().__init__(family, lr, weight_decay, betas, eps, warmup_steps, forget_weight, retain_weight,
-                         stop_when_met, target_metric, target_value, similarity_concepts, edit, target)
+                         stop_when_met, forget_target, similarity_concepts, edit, target)
         if not 0 < mask_fraction <= 1:
             raise ValueError(f"model.mask_fraction must lie in (0, 1], got {mask_fraction}")
         self.mask_fraction = mask_fraction

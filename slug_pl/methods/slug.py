@@ -6,8 +6,10 @@ Two pieces, the Lightning shape of the method:
   retain batches (see :mod:`slug_pl.data.pairs`), with manual optimization and *no optimizer
   step*: gradients accumulate locally in ``.grad`` (DDP's per-batch all-reduce is switched off),
   each set's sums are set aside after its last batch, and at the end of the epoch each set's
-  gradient sums, loss sums and counts are all-reduced once, divided by the global counts, checked
-  to be finite, and written by rank 0 to ``<run>/gradients/{forget,retain}.safetensors``.
+  gradient sums and loss sums are all-reduced once (the exact integer counts and the skipped
+  samples gathered once), divided by the global counts, checked to be finite, and written by rank
+  0 to ``<run>/gradients/{forget,retain}.safetensors`` (skipped samples beside them:
+  :mod:`slug_pl.skip_list`).
 - :class:`SlugSearch`, a thin Callback that, after the pass, hands the gradients to the step
   search (:mod:`slug_pl.step_search`: ranking, doubling + bisection, the choice, several
   concepts), applies the chosen edit(s) and writes the run record (:mod:`slug_pl.record`).
@@ -35,6 +37,7 @@ Reliability:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -68,7 +71,8 @@ from slug_pl.gradients import (
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
 from slug_pl.record import RunRecord, check_free
-from slug_pl.resources import package_versions, peak_memory
+from slug_pl.resources import package_versions
+from slug_pl.skip_list import read_skip_list
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
 
@@ -92,12 +96,14 @@ class SlugModule(UnlearningModule):
         activation_checkpointing: bool = False,
         target: DownstreamTarget | None = None,
         forget_averaging: str = "per_sample",
+        forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
     ):
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
             gradients_from: a folder holding ``forget.safetensors`` and ``retain.safetensors`` of an
-                earlier run (its ``gradients/`` folder): the pass is skipped and the search runs on
+                earlier run, with its skip lists (its ``gradients/`` folder, :mod:`slug_pl.skip_list`):
+                the pass is skipped and the search runs on
                 these gradients (refused when they were computed for another model, other
                 concepts or other data).
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
@@ -116,8 +122,10 @@ class SlugModule(UnlearningModule):
                 pairs, whatever the batch size; ``per_batch``: the mean over forget batches of
                 ``data.batch_size`` pairs of each batch's mean, as the authors' code (their scripts:
                 batches of 16); see docs/reference.md.
+            forget_target: the forget target (the config's top-level ``forget_target:``; the
+                search finds the smallest step meeting it, see :class:`SlugSearch`).
         """
-        super().__init__(family, edit, target)
+        super().__init__(family, edit, target, forget_target)
         forget_loss(forget_averaging)  # checks the name
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
@@ -202,7 +210,7 @@ class SlugModule(UnlearningModule):
             check_matches_model(grads, self.clip, path, require_all=True)
             self.gradients[name] = grads
             self.pass_stats[name] = dict(meta.get("counts", {}))
-            self.skipped[name] = list(meta.get("skipped", []))
+            self.skipped[name] = read_skip_list(folder, meta.get("skipped", []), path)
             self.gradient_files[name] = path
         self.timings["gradients"] = 0.0
         rank_zero_info(f"re-using gradients from {folder}; the pass is skipped")
@@ -305,6 +313,7 @@ class SlugModule(UnlearningModule):
         self._position, self._elapsed_before = 0, 0.0
         self._t_start = time.perf_counter()
         self._t_last = self._t_start
+        self.phase_memory.start(self.device)
         if self._resume_state is not None:
             self._restore(self._resume_state)
             self._resume_state = None  # free the CPU copies
@@ -378,20 +387,22 @@ class SlugModule(UnlearningModule):
         if self.gradients_from:
             return
         world = self.trainer.world_size
-        skipped = self._gather_skipped()
+        skipped, counts = self._gather_records()
         for name in SETS:
             grads = self._stashed.get(name)
             if grads is None:
                 raise RuntimeError(f"the gradient pass saw no {name} batches: check data.{name}")
             stats = self._sums[name]
+            # the counts ride along in float32 (kept, so that the reduction's layout and sums stay
+            # as they were); the exact integers come from _gather_records
             flat = torch.cat([g.flatten().float() for g in grads.values()] + [
                 torch.tensor([stats["loss"].item(), stats["samples"], stats["batches"]],
                              device=next(iter(grads.values())).device, dtype=torch.float32)
             ])
             if world > 1:  # one all-reduce per set for the whole pass
                 flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
-            loss_sum, samples, batches_all = flat[-3:].double().tolist()
-            batches = batches_all / world  # every rank sees every global batch
+            loss_sum = float(flat[-3].double())
+            samples, batches = counts[name]["samples"], counts[name]["batches"]
             self.skipped[name] = [r for r in skipped if r["set"] == name]
             self._check_not_all_skipped(name, samples if name == "forget" else batches)
             if name == "forget":
@@ -406,27 +417,32 @@ class SlugModule(UnlearningModule):
                 offset += n
             self._check_finite(name, averaged, mean_loss)
             self.gradients[name] = averaged
-            self.pass_stats[name] = {"samples": int(samples), "batches": int(batches), "loss": mean_loss,
+            self.pass_stats[name] = {"samples": samples, "batches": batches, "loss": mean_loss,
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
         self.timings["gradients"] = self._elapsed()
-        self.peak_memory = peak_memory(self.device)
+        self.phase_memory.end("gradients", self.device)
         for name in SETS:
             self.log(f"pass/{name}_mean_loss", self.pass_stats[name]["loss"], rank_zero_only=True)
         if self.trainer.is_global_zero:
             self._write_gradient_files()
             resume.remove_all(self.partial_dir)
 
-    def _gather_skipped(self) -> list[dict]:
-        """Every rank's skipped-sample records, in (set, global index) order."""
-        records = list(self._skipped_local)
+    def _gather_records(self) -> tuple[list[dict], dict[str, dict[str, int]]]:
+        """Every rank's skipped-sample records, in (set, global index) order, and each set's exact
+        counts: ``samples`` (valid rows over all ranks) and ``batches`` (global batches counted,
+        the same on every rank), integers of any size. One all_gather_object under DDP."""
+        local = {s: {"samples": int(self._sums[s]["samples"]), "batches": int(self._sums[s]["batches"])} for s in SETS}
+        parts = [(list(self._skipped_local), local)]
         if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
-            dist.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        return sorted(records, key=lambda r: (SETS.index(r["set"]), r["index"]))
+            parts = [None] * self.trainer.world_size
+            dist.all_gather_object(parts, (list(self._skipped_local), local))
+        records = sorted((r for part, _ in parts for r in part), key=lambda r: (SETS.index(r["set"]), r["index"]))
+        counts = {s: {"samples": sum(c[s]["samples"] for _, c in parts), "batches": parts[0][1][s]["batches"]}
+                  for s in SETS}
+        return records, counts
 
-    def _check_not_all_skipped(self, name: str, count: float) -> None:
+    def _check_not_all_skipped(self, name: str, count: int) -> None:
         if count == 0:
             n = len(self.skipped[name])
             raise ValueError(
@@ -448,6 +464,7 @@ class SlugModule(UnlearningModule):
     def _write_gradient_files(self) -> None:
         folder = self.run_dir / "gradients"
         datamodule = self.trainer.datamodule
+        record = RunRecord(self.run_dir)
         for name in SETS:
             meta = {
                 "set": name,
@@ -463,13 +480,13 @@ class SlugModule(UnlearningModule):
                 "precision": str(self.trainer.precision),
                 "data": datamodule.fingerprint(name),
                 "bad_samples": datamodule.bad_samples,
-                "skipped": self.skipped[name],
+                "skipped": record.skip_list(name, self.skipped[name]),  # the records beside the file
                 "shapes": {k: list(v.shape) for k, v in self.gradients[name].items()},
                 "versions": package_versions(),
             }
             if self._resume_file is not None:
                 meta["resumed"] = {"from": portable_path(str(self._resume_file.parent)), "batch": self.resume_position}
-            path = RunRecord(self.run_dir).gradients(name, self.gradients[name], meta)
+            path = record.gradients(name, self.gradients[name], meta)
             self.gradient_files[name] = path
         self._write_skipped()
         rank_zero_info(f"gradients written to {folder}")
@@ -497,8 +514,6 @@ class SlugSearch(Callback):
         self,
         top_k: int | None = 3,
         towers: list[str] = ("vision", "text"),
-        target_metric: str = "forget_top5",
-        target_value: float = 0.0,
         max_evals: int = 10,
         initial_step_fraction: float = 0.1,
         tolerance: float = 0.05,
@@ -518,7 +533,6 @@ class SlugSearch(Callback):
             top_k: candidates per tower: the Pareto front by importance, capped at ``top_k``
                 (null: every front layer, as the authors' code).
             towers: towers whose layers may be edited.
-            target_metric / target_value: the forget target, ``metric <= value`` on validation.
             max_evals: evaluations per candidate layer.
             initial_step_fraction: λ₀ as a fraction of ‖θ_l‖ / ‖g_f,l‖.
             tolerance: stop bisecting when the bracket is below this fraction of λ.
@@ -547,7 +561,8 @@ class SlugSearch(Callback):
                 than the best edit already found (larger steps keep less still); fewer
                 evaluations where each is expensive (generations, a VLM's answers).
         """
-        self.settings = SearchSettings(ForgetTarget(target_metric, target_value), top_k, fronts, tuple(towers),
+        # the forget target is the run's (its forget_target: section, the method's): set in setup
+        self.settings = SearchSettings(ForgetTarget(), top_k, fronts, tuple(towers),
                                        max_evals, initial_step_fraction, tolerance, utility_guard, step_margin,
                                        beam_width, concept_gradients, tuple(kept), stop_dominated, iterations)
         self.similarity_concepts = similarity_concepts
@@ -555,6 +570,7 @@ class SlugSearch(Callback):
         self.summary: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: SlugModule, stage: str) -> None:
+        self.settings = replace(self.settings, target=pl_module.forget_target)
         datamodule = trainer.datamodule
         if stage == "fit" and not (datamodule.concepts and datamodule.has_stage("validation")):
             raise ValueError("the step search needs data.concepts (the names to forget) and data.validation "
@@ -579,6 +595,7 @@ class SlugSearch(Callback):
 
     def _search(self, trainer: Trainer, pl_module: SlugModule) -> None:
         t0 = time.perf_counter()
+        pl_module.phase_memory.start(pl_module.device)
         context = pl_module.context
         model, family, concepts = context.model, context.family, list(context.concepts)
         record = RunRecord(pl_module.run_dir, trainer.logger)
@@ -594,7 +611,9 @@ class SlugSearch(Callback):
 
         # a target may keep the edit off what it must keep: the forget gradient projected, and only
         # the tensors the projection covers as candidates (slug_pl.retain_projection)
+        t_projection = time.perf_counter()
         projection = target.forget_gradient_projection(context) if target else None
+        sub_timings = {"projection": time.perf_counter() - t_projection} if target else {}
         readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
         if projection is not None:
             run_forget = projection.apply(run_forget)
@@ -626,11 +645,14 @@ class SlugSearch(Callback):
         if len(concepts) > 1:
             search.joint_check(model, outcomes, judge_for)
         pl_module.timings["search"] = time.perf_counter() - t0
-        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"])
+        pl_module.phase_memory.end("search", pl_module.device)
+        sub_timings["ranking"] = search.ranking_s
+        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"], sub_timings)
 
     def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
-                record: RunRecord, extra_pairs: int) -> None:
-        """The common run record plus SLUG's own artifacts and report sections."""
+                record: RunRecord, extra_pairs: int, sub_timings: dict[str, float]) -> None:
+        """The common run record plus SLUG's own artifacts and report sections; ``sub_timings``:
+        the parts of the search timed on their own (``ranking``; ``projection`` with a target)."""
         edits = merge_edits([o.edit for o in outcomes])
         slug_report.write_search_csv(record, search.evaluations)
         first = outcomes[0]
@@ -656,7 +678,7 @@ class SlugSearch(Callback):
             sections=slug_report.sections(method, outcomes, pl_module, self.settings),
             remedy=slug_report.REMEDY, similarity_concepts=self.similarity_concepts,
             edit_metadata={"target": str(self.settings.target)}, t_start=getattr(self, "_t_fit", None),
-            artifacts=artifacts)
+            sub_timings=sub_timings, artifacts=artifacts)
 
     @staticmethod
     def _logger(record: RunRecord):

@@ -26,6 +26,7 @@ from slug_pl.methods.base import on_run_device
 from slug_pl.methods.trained import BaselineModule
 from slug_pl.markdown import table
 from slug_pl.targets.base import DownstreamTarget
+from slug_pl.step_search import ForgetTarget
 
 SETS = ("forget", "retain")
 
@@ -56,7 +57,7 @@ class SsdModule(BaselineModule):
     method_name = "ssd"
 
     def __init__(self, family: ModelFamily, alpha: float = 10.0, lambdas: list[float] | None = None,
-                 stop_when_met: bool = True, target_metric: str = "forget_top5", target_value: float = 0.0,
+                 stop_when_met: bool = True, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008
                  similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
         """
         Args:
@@ -66,7 +67,7 @@ class SsdModule(BaselineModule):
             stop_when_met: stop the sweep at the first λ whose model meets the target.
             (other arguments: see :class:`~slug_pl.methods.trained.BaselineModule`)
         """
-        super().__init__(family, target_metric, target_value, similarity_concepts, edit, target)
+        super().__init__(family, forget_target, similarity_concepts, edit, target)
         lambdas = [float(x) for x in (torch.linspace(0.1, 5.0, 10).tolist() if lambdas is None else lambdas)]
         if alpha <= 0:
             raise ValueError(f"model.alpha must be > 0, got {alpha}")

@@ -51,24 +51,22 @@ class BaselineModule(UnlearningModule):
 
     method_name = "baseline"
 
-    def __init__(self, family: ModelFamily, target_metric: str = "forget_top5", target_value: float = 0.0,
+    def __init__(self, family: ModelFamily, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
                  similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
-            target_metric / target_value: the forget target on validation, ``metric <= value``
-                (SLUG's ``search.target_metric`` / ``search.target_value``; ``slug-pl compare`` sets
-                the same for every method).
+            forget_target: the forget target on validation, ``metric <= value`` (the config's
+                top-level ``forget_target:``, the same for every method).
             similarity_concepts: concepts shown in the before/after similarity matrix.
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
             target: a downstream model that embeds one tower of this CLIP: only tensors it reads
                 change (see :mod:`slug_pl.targets`).
         """
-        super().__init__(family, edit, target)
-        if target_metric not in FORGET_METRICS:
-            raise ValueError(f"model.target_metric must be one of {list(FORGET_METRICS)} (as search.target_metric "
-                             f"for SLUG), got {target_metric!r}")
-        self.forget_target = ForgetTarget(target_metric, target_value)
+        super().__init__(family, edit, target, forget_target)
+        if forget_target.metric not in FORGET_METRICS:
+            raise ValueError(f"forget_target.metric must be one of {list(FORGET_METRICS)} for a baseline (they are "
+                             f"judged on the CLIP's zero-shot metrics), got {forget_target.metric!r}")
         self.similarity_concepts = similarity_concepts
         self.checkpoints: list[Checkpoint] = []
         self.selected: Checkpoint | None = None
@@ -232,7 +230,7 @@ class TrainedModule(BaselineModule):
 
     def __init__(self, family: ModelFamily, lr: float = 1e-7, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
-                 stop_when_met: bool = True, target_metric: str = "forget_top5", target_value: float = 0.0,
+                 stop_when_met: bool = True, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008
                  similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
         """
         Args:
@@ -242,7 +240,7 @@ class TrainedModule(BaselineModule):
             stop_when_met: stop after the first epoch whose model meets the target.
             (other arguments: see :class:`BaselineModule`)
         """
-        super().__init__(family, target_metric, target_value, similarity_concepts, edit, target)
+        super().__init__(family, forget_target, similarity_concepts, edit, target)
         checks = [(lr > 0, f"model.lr must be > 0, got {lr}"),
                   (weight_decay >= 0, f"model.weight_decay must be >= 0, got {weight_decay}"),
                   (all(0 <= b < 1 for b in betas), f"model.betas must lie in [0, 1), got {list(betas)}"),

@@ -36,6 +36,7 @@ What the run does with a target (see :class:`slug_pl.methods.slug.SlugSearch`):
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,9 +81,14 @@ class DownstreamAdapter(ABC):
     # -- where it runs ------------------------------------------------------------------------
     def use_run_device(self, device: torch.device | str) -> None:
         """The device the run's CLIP pass runs on: the downstream model runs there too unless its
-        config names a device (called before :meth:`load`)."""
+        config names a device (called before :meth:`load`); a configured CPU under a run on an
+        accelerator is kept, with a warning (generation or VQA there is slow)."""
         if self.device in (None, "auto"):
             self.device = str(device)
+        elif torch.device(self.device).type == "cpu" and torch.device(device).type != "cpu":
+            warnings.warn(f"the {self.name} model runs on the CPU as its config says (device: {self.device}) "
+                          f"while the run is on {device}: drop the target's device (or set it to auto) "
+                          f"to run it there", stacklevel=2)
 
     def resolved_device(self) -> torch.device:
         """The device the downstream model runs on (see :attr:`device`)."""

@@ -19,7 +19,7 @@ images behind each.
 **The unlearning's cost**, as the benchmark's table reports it: ``time_s`` = the run's wall time
 of the gradient pass and the step search (the method's ``timings``, read when the evaluation
 starts, so the report's own generations are not counted); ``peak_memory_gb`` = the process's peak
-memory up to then (:func:`~slug_pl.methods.base.peak_memory`: the accelerator's allocator on CUDA,
+memory up to then (:func:`~slug_pl.resources.peak_memory`: the accelerator's allocator on CUDA,
 the resident set size on a CPU, which includes loading the pipeline and the data); ``storage_gb``
 = the bytes of the edited tensors in the pipeline's dtype, what must be stored to apply the edit.
 GB here are 2**30 bytes.
@@ -36,10 +36,10 @@ and report sections with the rows next to the published rows of other methods
 metrics over the run's labelled sets (docs/design.md §1); each candidate layer's found edit is
 then drawn on a small grid (``search_seeds``, the first ``search_objects`` objects, every style)
 and the final choice is the candidate with the highest (IRA + CRA) / 2 among those whose UA is at
-least ``ua_target`` (:func:`~slug_pl.targets.stable_diffusion.order_by_generation` with forget
+least ``ua_target`` (:func:`~slug_pl.evaluation.generation_judge.order_by_generation` with forget
 recognition = 1 − UA). With ``search_on: generation`` the step search itself judges that grid
-(:func:`grid_metrics`): use ``target_metric: forget_grid_accuracy`` (= 1 − UA, e.g. ``target_value:
-0.2`` for UA >= 80 %) and ``kept: [IRA, CRA]`` (the choice among candidates keeps the most of
+(:func:`~slug_pl.evaluation.canvas_judge.grid_metrics`): use ``forget_target: {metric:
+forget_grid_accuracy, value: 0.2}`` (1 − UA at most 0.2: UA >= 80 %) and ``search.kept: [IRA, CRA]`` (the choice among candidates keeps the most of
 both). The run's held-out verdict of such a target is then read from the report's grid (the
 held-out ``seeds``).
 """

@@ -31,7 +31,9 @@ Repositories (:data:`BUILDERS`):
 
 Each builder takes the parent folder ``out`` and writes ``out/<owner>--<name>`` (complete or
 absent: written under a temporary name and renamed); a folder already there is reused, so the
-pipelines that embed one CLIP share a single stand-in of it. Command line::
+pipelines that embed one CLIP share a single stand-in of it. ViT-B/32, Stable Diffusion 1.5 and
+LLaVA-1.5 (with their CLIPs) can also be built at the real repositories' shapes, random weights
+still (:class:`Sizes`, :data:`REAL_SIZES`), for benchmarks of whole runs. Command line::
 
     python -m slug_pl.testing.standins OUT_DIR [REPO_ID ...]
 """
@@ -43,7 +45,7 @@ import json
 import sys
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -143,7 +145,8 @@ def _image_processor_config(size: int, feature_extractor: bool = True, **extra) 
 
 @dataclass(frozen=True)
 class ClipShape:
-    """A stand-in CLIP's shape: the real repository's activation, the shrunk sizes."""
+    """A stand-in CLIP's shape: the real repository's activation, the shrunk sizes (or, in
+    :data:`REAL_SIZES`, the real ones)."""
 
     hidden_act: str
     text_layers: int
@@ -155,6 +158,10 @@ class ClipShape:
     projection_dim: int = 16
     tokenizer_pad: str = "<|endoftext|>"
     shards: int = 0
+    text_heads: int = 2
+    vision_heads: int = 2
+    #: the MLP's width as a multiple of the tower's (the real CLIPs': 4)
+    mlp_ratio: int = 2
 
 
 def clip_config(shape: ClipShape):
@@ -162,13 +169,13 @@ def clip_config(shape: ClipShape):
     real tokenizer's ids must all embed)."""
     from transformers import CLIPConfig
 
-    text = {"hidden_size": shape.text_width, "intermediate_size": 2 * shape.text_width,
-            "num_hidden_layers": shape.text_layers, "num_attention_heads": 2, "max_position_embeddings": 77,
-            "vocab_size": 49408, "hidden_act": shape.hidden_act, "projection_dim": shape.projection_dim,
-            **HUB_CLIP_IDS}
-    vision = {"hidden_size": shape.vision_width, "intermediate_size": 2 * shape.vision_width,
-              "num_hidden_layers": shape.vision_layers, "num_attention_heads": 2, "image_size": shape.image_size,
-              "patch_size": shape.patch_size, "hidden_act": shape.hidden_act,
+    text = {"hidden_size": shape.text_width, "intermediate_size": shape.mlp_ratio * shape.text_width,
+            "num_hidden_layers": shape.text_layers, "num_attention_heads": shape.text_heads,
+            "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": shape.hidden_act,
+            "projection_dim": shape.projection_dim, **HUB_CLIP_IDS}
+    vision = {"hidden_size": shape.vision_width, "intermediate_size": shape.mlp_ratio * shape.vision_width,
+              "num_hidden_layers": shape.vision_layers, "num_attention_heads": shape.vision_heads,
+              "image_size": shape.image_size, "patch_size": shape.patch_size, "hidden_act": shape.hidden_act,
               "projection_dim": shape.projection_dim}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=shape.projection_dim)
 
@@ -205,18 +212,90 @@ CLIP_H14_SHAPE = ClipShape(hidden_act="gelu", text_layers=3, tokenizer_pad="!")
 #: SDXL's second CLIP (OpenCLIP ViT-bigG/14: 32 text layers of width 1280, GELU; sharded on the hub).
 CLIP_BIGG14_SHAPE = ClipShape(hidden_act="gelu", text_layers=2, text_width=48, projection_dim=32,
                               tokenizer_pad="!", shards=2)
+#: Stable Diffusion 1.5's safety checker (a CLIP ViT-L/14 vision tower and its projection).
+SAFETY_CHECKER_SHAPE = ClipShape(hidden_act="quick_gelu", text_layers=1, image_size=32)
+#: The stand-in of ViT-B/32's open_clip model config (the real: width 768 / 512, 12 layers each,
+#: 224-pixel images in 32-pixel patches, 77 text positions, embedding 512).
+OPEN_CLIP_B32_CFG = {"embed_dim": 16,
+                     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 
 
-def clip_vit_large_patch14(out) -> StandIn:
+@dataclass(frozen=True)
+class Sizes:
+    """The sizes of the stand-ins that come in two: :func:`open_clip_vit_b32_laion`,
+    :func:`stable_diffusion_v1_5` and :func:`llava_1_5` with the CLIPs they embed
+    (:func:`clip_vit_large_patch14`, :func:`clip_vit_large_patch14_336`).
+
+    :data:`TINY_SIZES` (the default) builds them in seconds on a CPU. :data:`REAL_SIZES` holds the
+    real repositories' configs: the same folders at the real shapes, with random weights, for
+    measuring speed and memory (``benchmarks/real_shape_runs.py``). Built inside ``with
+    torch.device("cuda")`` they are made on the GPU; on disk ViT-B/32 takes 0.6 GB, SD 1.5 with
+    its CLIP 6 GB, LLaVA-1.5-7B with its CLIP 15 GB.
+    """
+
+    clip_l14: ClipShape
+    clip_l14_336: ClipShape
+    #: ``UNet2DConditionModel`` arguments (its cross-attention width is the text encoder's)
+    sd15_unet: Mapping[str, object]
+    #: ``AutoencoderKL`` arguments
+    sd15_vae: Mapping[str, object]
+    sd15_safety_checker: ClipShape
+    #: LLaVA's ``text_config`` (the language model), as its ``config.json`` holds it
+    llava15_text: Mapping[str, object]
+    #: open_clip's ``model_cfg``
+    open_clip_b32: Mapping[str, object]
+    #: write the ``fp16`` variant files where the repository has them (no loader here reads them)
+    fp16_variants: bool = True
+
+
+_CROSS_ATTN_DOWN, _CROSS_ATTN_UP = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+
+TINY_SIZES = Sizes(
+    clip_l14=CLIP_L14_SHAPE, clip_l14_336=CLIP_L14_336_SHAPE,
+    sd15_unet={"sample_size": 8, "attention_head_dim": 8, "down_block_types": (_CROSS_ATTN_DOWN, "DownBlock2D"),
+               "up_block_types": ("UpBlock2D", _CROSS_ATTN_UP)},
+    sd15_vae={"sample_size": 64}, sd15_safety_checker=SAFETY_CHECKER_SHAPE,
+    llava15_text={"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+                  "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+                  "max_position_embeddings": 256},
+    open_clip_b32=OPEN_CLIP_B32_CFG)
+
+#: OpenAI's CLIP ViT-L/14 (``openai/clip-vit-large-patch14``'s ``config.json``): 428 M parameters.
+_REAL_CLIP_L14 = ClipShape(hidden_act="quick_gelu", text_layers=12, text_width=768, text_heads=12, vision_layers=24,
+                           vision_width=1024, vision_heads=16, image_size=224, patch_size=14, projection_dim=768,
+                           mlp_ratio=4)
+REAL_SIZES = Sizes(
+    clip_l14=_REAL_CLIP_L14,
+    clip_l14_336=replace(_REAL_CLIP_L14, image_size=336),
+    # stable-diffusion-v1-5's unet/config.json (860 M parameters) and vae/config.json (84 M)
+    sd15_unet={"sample_size": 64, "attention_head_dim": 8, "block_out_channels": (320, 640, 1280, 1280),
+               "layers_per_block": 2, "norm_num_groups": 32,
+               "down_block_types": (_CROSS_ATTN_DOWN,) * 3 + ("DownBlock2D",),
+               "up_block_types": ("UpBlock2D",) + (_CROSS_ATTN_UP,) * 3},
+    sd15_vae={"sample_size": 512, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+              "norm_num_groups": 32},
+    sd15_safety_checker=_REAL_CLIP_L14,
+    # llava-1.5-7b-hf's text_config: Vicuna-7B (Llama 2's shapes, 6.7 B parameters)
+    llava15_text={"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                  "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                  "num_key_value_heads": 32, "max_position_embeddings": 4096, "vocab_size": 32064},
+    # open_clip's model_configs/ViT-B-32.json (151 M parameters)
+    open_clip_b32={"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768, "patch_size": 32},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}},
+    fp16_variants=False)
+
+
+def clip_vit_large_patch14(out, sizes: Sizes = TINY_SIZES) -> StandIn:
     """``openai/clip-vit-large-patch14``: the CLIP whose text tower is Stable Diffusion 1.x's and
     SDXL's first text encoder. The real repository also holds ``pytorch_model.bin``,
     ``tf_model.h5`` and ``flax_model.msgpack``, which no loader here reads."""
-    return StandIn(CLIP_L14, _clip_folder(out, CLIP_L14, CLIP_L14_SHAPE))
+    return StandIn(CLIP_L14, _clip_folder(out, CLIP_L14, sizes.clip_l14))
 
 
-def clip_vit_large_patch14_336(out) -> StandIn:
+def clip_vit_large_patch14_336(out, sizes: Sizes = TINY_SIZES) -> StandIn:
     """``openai/clip-vit-large-patch14-336``: LLaVA-1.5's vision tower."""
-    return StandIn(CLIP_L14_336, _clip_folder(out, CLIP_L14_336, CLIP_L14_336_SHAPE))
+    return StandIn(CLIP_L14_336, _clip_folder(out, CLIP_L14_336, sizes.clip_l14_336))
 
 
 def clip_vit_h14_laion(out) -> StandIn:
@@ -262,21 +341,22 @@ SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version":
 
 def _vae(sample_size: int, **extra):
     """A 4-level ``AutoencoderKL`` like every Stable Diffusion VAE (latents 8x smaller than the
-    image, 4 channels), 8-16 channels wide."""
+    image, 4 channels), 8-16 channels wide unless ``extra`` says otherwise."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16, 16),
+    tiny = {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         layers_per_block=1, norm_num_groups=4, sample_size=sample_size, **extra)
+                         sample_size=sample_size, **(tiny | extra))
 
 
 def _unet(**config):
-    """A two-level ``UNet2DConditionModel`` (16 and 32 channels, one block per level), with the
-    real model's other settings passed in ``config``."""
+    """A ``UNet2DConditionModel`` with the real model's settings passed in ``config``; unless it
+    says otherwise, two levels (16 and 32 channels, one block per level)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                                norm_num_groups=8, **config)
+    tiny = {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8}
+    return UNet2DConditionModel(in_channels=4, out_channels=4, **(tiny | config))
 
 
 def _write_diffusers_model(model, folder: Path, fp16: bool) -> None:
@@ -306,13 +386,13 @@ def _write_text_encoder(folder: Path, clip_folder: Path, architecture: str, laye
     write_weights(state, folder, "model", fp16_variant=fp16)
 
 
-def _write_safety_checker(folder: Path, fp16: bool, image_size: int = 32) -> None:
+def _write_safety_checker(folder: Path, fp16: bool, shape: ClipShape = SAFETY_CHECKER_SHAPE) -> None:
     """``safety_checker/``: a ``StableDiffusionSafetyChecker`` (a CLIP vision tower, its projection
     and the concept embeddings). The hub checkpoint nests the vision tower twice
     (``vision_model.vision_model.*``, transformers 4's ``CLIPVisionModel`` inside the checker)."""
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-    config = _eager(clip_config(ClipShape(hidden_act="quick_gelu", text_layers=1, image_size=image_size)))
+    config = _eager(clip_config(shape))
     checker = StableDiffusionSafetyChecker(config)
     config.architectures = ["StableDiffusionSafetyChecker"]
     config.save_pretrained(folder)
@@ -321,7 +401,8 @@ def _write_safety_checker(folder: Path, fp16: bool, image_size: int = 32) -> Non
 
 
 def _sd_pipeline_writer(*, model_index: dict, scheduler: dict, text_encoders: dict, tokenizer_pads: dict,
-                        unet, vae, safety_checker: bool, fp16: bool) -> Callable[[Path], None]:
+                        unet, vae, safety_checker: bool, fp16: bool,
+                        safety_checker_shape: ClipShape = SAFETY_CHECKER_SHAPE) -> Callable[[Path], None]:
     """What writes a Stable Diffusion folder: ``model_index.json``, ``scheduler/``, each text encoder
     (``name -> (clip folder, architecture, layers, projection)``), each ``tokenizer*`` folder
     (``name -> pad token``), ``unet/``, ``vae/``, and ``safety_checker/`` + ``feature_extractor/``
@@ -337,8 +418,9 @@ def _sd_pipeline_writer(*, model_index: dict, scheduler: dict, text_encoders: di
         _write_diffusers_model(unet, folder / "unet", fp16)
         _write_diffusers_model(vae, folder / "vae", fp16)
         if safety_checker:
-            _write_safety_checker(folder / "safety_checker", fp16)
-            write_json(folder / "feature_extractor" / "preprocessor_config.json", _image_processor_config(32))
+            _write_safety_checker(folder / "safety_checker", fp16, safety_checker_shape)
+            write_json(folder / "feature_extractor" / "preprocessor_config.json",
+                       _image_processor_config(safety_checker_shape.image_size))
 
     return write
 
@@ -352,32 +434,37 @@ def _sd15_model_index(diffusers_version: str = "0.6.0") -> dict:
             "vae": ["diffusers", "AutoencoderKL"]}
 
 
-def _sd15_writer(clip: Path, fp16: bool, diffusers_version: str) -> Callable[[Path], None]:
-    """Stable Diffusion 1.5's folder, embedding the CLIP at ``clip`` (see
-    :func:`stable_diffusion_v1_5`)."""
-    width = json.loads((clip / "config.json").read_text())["text_config"]["hidden_size"]
-    unet = _unet(sample_size=8, attention_head_dim=8, cross_attention_dim=width,
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    return _sd_pipeline_writer(
-        model_index=_sd15_model_index(diffusers_version), scheduler=SD15_SCHEDULER,
-        text_encoders={"text_encoder": (clip, "CLIPTextModel", None, False)},
-        tokenizer_pads={"tokenizer": "<|endoftext|>"}, unet=unet, vae=_vae(64), safety_checker=True, fp16=fp16)
+def _sd15_writer(clip: Path, fp16: bool, diffusers_version: str,
+                 sizes: Sizes = TINY_SIZES) -> Callable[[Path], None]:
+    """Stable Diffusion 1.5's folder at ``sizes``, embedding the CLIP at ``clip`` (see
+    :func:`stable_diffusion_v1_5`); the UNet and the VAE are made when it is written."""
+
+    def write(folder: Path) -> None:
+        width = json.loads((clip / "config.json").read_text())["text_config"]["hidden_size"]
+        _sd_pipeline_writer(
+            model_index=_sd15_model_index(diffusers_version), scheduler=SD15_SCHEDULER,
+            text_encoders={"text_encoder": (clip, "CLIPTextModel", None, False)},
+            tokenizer_pads={"tokenizer": "<|endoftext|>"}, unet=_unet(cross_attention_dim=width, **sizes.sd15_unet),
+            vae=_vae(**sizes.sd15_vae), safety_checker=True, fp16=fp16,
+            safety_checker_shape=sizes.sd15_safety_checker)(folder)
+
+    return write
 
 
-def stable_diffusion_v1_5(out) -> StandIn:
+def stable_diffusion_v1_5(out, sizes: Sizes = TINY_SIZES) -> StandIn:
     """``stable-diffusion-v1-5/stable-diffusion-v1-5`` (the copy of ``runwayml/stable-diffusion-v1-5``):
     ``StableDiffusionPipeline`` with ``safety_checker/`` (``StableDiffusionSafetyChecker``) and
     ``feature_extractor/`` (``CLIPImageProcessor``), the PNDM scheduler config of the repository,
     ``text_encoder/`` = the text tower of :func:`clip_vit_large_patch14` (shared bit for bit),
     ``tokenizer/`` (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
     ``special_tokens_map.json``), ``unet/`` and ``vae/``; every weight file also as its
-    ``fp16`` variant. Images are 64 pixels (UNet ``sample_size`` 8, the real 64). The real
+    ``fp16`` variant. Images are 64 pixels (UNet ``sample_size`` 8, the real 64; with
+    :data:`REAL_SIZES` 512, and no ``fp16`` variants). The real
     repository also holds the single-file checkpoints (``v1-5-pruned*.ckpt`` / ``.safetensors``),
     ``.bin`` duplicates and ``unet/diffusion_pytorch_model.non_ema.*``, which no loader reads."""
-    clip = clip_vit_large_patch14(out).path
-    return StandIn(SD15, _build_once(out, SD15, _sd15_writer(clip, fp16=True, diffusers_version="0.6.0")),
-                   {CLIP_L14: clip})
+    clip = clip_vit_large_patch14(out, sizes).path
+    writer = _sd15_writer(clip, fp16=sizes.fp16_variants, diffusers_version="0.6.0", sizes=sizes)
+    return StandIn(SD15, _build_once(out, SD15, writer), {CLIP_L14: clip})
 
 
 def stable_diffusion_2_1(out) -> StandIn:
@@ -549,7 +636,7 @@ def _llava_writer(clip: Path, *, architecture: str, model_type: str, language_mo
 
         tokenizer = _llava_tokenizer(folder)
         vision = _vision_config_record(clip)
-        size, vocab = vision["image_size"], _vocab_size(tokenizer)
+        size, vocab = vision["image_size"], language_model.get("vocab_size", _vocab_size(tokenizer))
         record = {"architectures": [architecture], "ignore_index": -100,
                   "image_token_index": tokenizer.convert_tokens_to_ids("<image>"), "model_type": model_type,
                   "pad_token_id": tokenizer.pad_token_id, "projector_hidden_act": "gelu",
@@ -575,22 +662,20 @@ def _llava_writer(clip: Path, *, architecture: str, model_type: str, language_mo
     return write
 
 
-def llava_1_5(out) -> StandIn:
+def llava_1_5(out, sizes: Sizes = TINY_SIZES) -> StandIn:
     """``llava-hf/llava-1.5-7b-hf``: ``LlavaForConditionalGeneration`` whose vision tower is
     :func:`clip_vit_large_patch14_336`'s (in float16, as the hub holds it), read at
     ``vision_feature_layer: -2`` with the ``default`` strategy (class token dropped), a two-layer
-    projector and a 2-layer Llama. Files as the repository holds them: ``config.json`` in its
+    projector and a 2-layer Llama (with :data:`REAL_SIZES`, Vicuna-7B's shapes and its 32,064-token
+    vocabulary, though the tokenizer stays a small one). Files as the repository holds them: ``config.json`` in its
     transformers 4 form, ``generation_config.json``, three shards
     ``model-0000i-of-00003.safetensors`` with ``model.safetensors.index.json`` under the
     transformers 4 names (``language_model.model.*``, ``vision_tower.vision_model.*``),
     ``preprocessor_config.json`` (``CLIPImageProcessor``), ``processor_config.json``,
     ``chat_template.json``, and the tokenizer files but ``tokenizer.model``."""
-    clip = clip_vit_large_patch14_336(out).path
-    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-             "max_position_embeddings": 256}
+    clip = clip_vit_large_patch14_336(out, sizes).path
     write = _llava_writer(clip, architecture="LlavaForConditionalGeneration", model_type="llava",
-                          language_model=llama, shards=3, processor_class="LlavaProcessor",
+                          language_model=dict(sizes.llava15_text), shards=3, processor_class="LlavaProcessor",
                           chat_template=LLAVA15_CHAT_TEMPLATE)
     return StandIn(LLAVA15, _build_once(out, LLAVA15, write), {CLIP_L14_336: clip})
 
@@ -622,16 +707,11 @@ def llava_next_mistral(out) -> StandIn:
 # open_clip
 # =============================================================================================
 
-#: The stand-in of ViT-B/32's open_clip model config (the real: width 768 / 512, 12 layers each,
-#: 224-pixel images in 32-pixel patches, 77 text positions, embedding 512).
-OPEN_CLIP_B32_CFG = {"embed_dim": 16,
-                     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
-                     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
 #: The name :func:`open_clip_checkpoint_file` registers its model config under.
 OPEN_CLIP_STANDIN_NAME = "slug-standin-ViT-B-32"
 
 
-def open_clip_vit_b32_laion(out) -> StandIn:
+def open_clip_vit_b32_laion(out, sizes: Sizes = TINY_SIZES) -> StandIn:
     """``laion/CLIP-ViT-B-32-laion2B-s34B-b79K`` as open_clip reads it: ``open_clip_config.json``
     (``model_cfg`` and ``preprocess_cfg``) and ``open_clip_model.safetensors`` (the open_clip
     model's state dict), loadable as ``local-dir:<folder>`` (open_clip prefers
@@ -641,9 +721,9 @@ def open_clip_vit_b32_laion(out) -> StandIn:
     import open_clip
 
     def write(folder: Path) -> None:
-        model = open_clip.CLIP(**OPEN_CLIP_B32_CFG)
+        model = open_clip.CLIP(**sizes.open_clip_b32)
         write_json(folder / "open_clip_config.json",
-                   {"model_cfg": OPEN_CLIP_B32_CFG, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}})
+                   {"model_cfg": sizes.open_clip_b32, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}})
         write_weights(model.state_dict(), folder, "open_clip_model")
 
     return StandIn(OPEN_CLIP_B32, _build_once(out, OPEN_CLIP_B32, write))
