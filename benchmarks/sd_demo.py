@@ -37,22 +37,32 @@ GRID_ROWS = 6
 MODES = ("generation", "clip")
 
 
+def fit_demo(configs: list[str], root: Path, concept: str, clip: str, pipeline: str, classifier: str,
+             protect: str | None, out_dir: Path, *options: str) -> tuple[int, Path, float]:
+    """One ``slug-pl fit`` of the demo ``configs`` (in ``configs/``, in order) forgetting
+    ``concept`` with the demo cache at ``root``: its CLIP, pipeline and classifier judge are the
+    folders ``clip``, ``pipeline`` and ``classifier`` there; ``protect`` is the target's
+    ``protect_retained`` (``off``, ``all`` or a number of concepts; None: the configs' setting),
+    ``options`` any further command-line options. Returns the exit code, the run folder and the wall seconds."""
+    t0 = time.perf_counter()
+    code = slug_main(["fit", *[a for c in configs for a in ("--config", str(REPO / "configs" / c))],
+                      "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
+                      "--model.family.init_args.model_name", str(root / clip),
+                      "--model.target.init_args.pipeline", str(root / pipeline),
+                      "--model.target.init_args.judges", json.dumps(["clip", str(root / classifier)]),
+                      *(() if protect is None else ("--model.target.init_args.protect_retained",
+                                                    {"off": "false", "all": "true"}.get(protect, protect))),
+                      "--model.target.init_args.save_edited", "false", "--model.target.init_args.progress", "false",
+                      "--trainer.default_root_dir", str(out_dir), "--trainer.enable_progress_bar", "false", *options])
+    return code, out_dir / "lightning_logs" / "version_0", time.perf_counter() - t0
+
+
 def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path, protect: str = "off") -> tuple[int, Path, float]:
     """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the
     target's ``protect_retained``: ``off``, ``all`` or a number of concepts); returns the exit
     code, the run folder and the wall seconds."""
-    t0 = time.perf_counter()
-    code = slug_main(["fit", "--config", str(REPO / "configs" / "demo_sd.yaml"),
-                      "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
-                      "--model.family.init_args.model_name", str(root / "hf_clip"),
-                      "--model.target.init_args.pipeline", str(root / "sd_pipeline"),
-                      "--model.target.init_args.judges", json.dumps(["clip", str(root / "sd_classifier")]),
-                      "--model.target.init_args.search_on", search_on,
-                      "--model.target.init_args.protect_retained",
-                      {"off": "false", "all": "true"}.get(protect, protect),
-                      "--model.target.init_args.save_edited", "false", "--model.target.init_args.progress", "false",
-                      "--trainer.default_root_dir", str(out_dir), "--trainer.enable_progress_bar", "false"])
-    return code, out_dir / "lightning_logs" / "version_0", time.perf_counter() - t0
+    return fit_demo(["demo_sd.yaml"], root, concept, "hf_clip", "sd_pipeline", "sd_classifier", protect, out_dir,
+                    "--model.target.init_args.search_on", search_on)
 
 
 def crop_rows(grid: Path, rows: int, cell: int = 96, pad: int = 4, font_size: int = 14) -> Image.Image:
@@ -62,20 +72,33 @@ def crop_rows(grid: Path, rows: int, cell: int = 96, pad: int = 4, font_size: in
     return image.crop((0, 0, image.width, min(image.height, header + rows * (cell + pad) + pad)))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, stem: str, protect: bool = True) -> argparse.ArgumentParser:
+    """The options a demo benchmark shares: ``--identities``, ``--cache`` and (``protect``)
+    ``--protect`` (results in ``<stem>.md``, ``<stem>_unprotected.md`` or ``<stem>_protect_N.md``)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--identities", type=int, default=3, help="identities (the world's first ones), one run each")
+    p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIPs, pipeline)")
+    if protect:
+        p.add_argument("--protect", default="all",
+                       help=f"the target's protect_retained: all (the demo's setting: projected off every retained "
+                            f"prompt; {stem}.md), off (SLUG's forget gradient as it is; {stem}_unprotected.md) or "
+                            f"N (the first N retained identities only, {stem}_protect_N.md: the others show what an "
+                            f"unprotected identity loses)")
+    return p
+
+
+def results_stem(p: argparse.ArgumentParser, protect: str, stem: str) -> str:
+    """Where a run with ``--protect protect`` writes its results (see :func:`arguments`)."""
+    if protect not in ("off", "all") and not protect.isdigit():
+        p.error(f"--protect is off, all or a number, got {protect!r}")
+    return {"all": stem, "off": f"{stem}_unprotected"}.get(protect, f"{stem}_protect_{protect}")
+
+
+def main(argv=None) -> int:
+    p = arguments(__doc__, "sd_demo")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="step-search modes to run")
-    p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIP, pipeline)")
-    p.add_argument("--protect", default="all",
-                   help="the target's protect_retained: all (the demo's setting: projected off every retained "
-                        "prompt; sd_demo.md), off (SLUG's forget gradient as it is; sd_demo_unprotected.md) or N "
-                        "(the first N retained identities only, sd_demo_protect_N.md: the others show what an "
-                        "unprotected identity loses)")
     args = p.parse_args(argv)
-    if args.protect not in ("off", "all") and not args.protect.isdigit():
-        p.error(f"--protect is off, all or a number, got {args.protect!r}")
-    stem = {"all": "sd_demo", "off": "sd_demo_unprotected"}.get(args.protect, f"sd_demo_protect_{args.protect}")
+    stem = results_stem(p, args.protect, "sd_demo")
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for mode in args.modes:
@@ -85,7 +108,8 @@ def main(argv=None) -> int:
                 summary = json.loads((run / "summary.json").read_text())
                 if grid is None:
                     grid = crop_rows(run / "generation_grid.png", GRID_ROWS)
-                changes = name_state_changes(root, run / "edit.safetensors")
+                changes = name_state_changes(root / "sd_pipeline", "text_encoder", root / "world",
+                                             run / "edit.safetensors")
             g = summary["generation"]
             edit = summary["method"]["edits"][0]
             rows.append({"mode": mode, "concept": concept, "exit_code": code, "run_seconds": seconds,
@@ -105,32 +129,42 @@ def main(argv=None) -> int:
     return 0
 
 
-def name_state_changes(root: Path, edit_file: Path) -> dict[str, float]:
+def name_state_changes(pipeline: Path, encoder_folder: str, world: Path, edit_file: Path,
+                       hidden_state: int | None = None) -> dict[str, float] | None:
     """Per identity, how much the run's edit moves what the UNet reads at the identity's name: the
-    text encoder's last hidden states at the name's token positions, ‖h_after − h_before‖ / ‖h_before‖,
-    averaged over the positions and the world's identity templates."""
+    states of the pipeline's text encoder in ``encoder_folder`` (its tokenizer in the matching
+    ``tokenizer*`` folder) at the name's token positions, ‖h_after − h_before‖ / ‖h_before‖,
+    averaged over the positions and the world's identity templates. The states: the last hidden
+    state (``hidden_state`` None, Stable Diffusion) or ``hidden_states[hidden_state]`` (SDXL: −2).
+    None when the edit moves no state (SDXL's ``text_projection``, read only through the pooled
+    output)."""
     import torch
+    import transformers
     from safetensors.torch import load_file
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    encoder = CLIPTextModel.from_pretrained(root / "sd_pipeline" / "text_encoder").eval()
-    tokenizer = CLIPTokenizer.from_pretrained(root / "sd_pipeline" / "tokenizer")
-    names = json.loads((root / "world" / "identities.json").read_text())
-    templates = json.loads((root / "world" / "templates.json").read_text())["identities"]
+    architecture = json.loads((pipeline / encoder_folder / "config.json").read_text())["architectures"][0]
+    encoder = getattr(transformers, architecture).from_pretrained(pipeline / encoder_folder).eval()
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(pipeline / encoder_folder.replace("text_encoder", "tokenizer"))
+    names = json.loads((world / "identities.json").read_text())
+    templates = json.loads((world / "templates.json").read_text())["identities"]
     edit = load_file(str(edit_file))
     (layer,) = [k for k in edit if not k.startswith("original/")]
-    tensor = encoder.get_parameter(layer.removeprefix("text_model."))
+    params = dict(encoder.named_parameters())
+    tensor = params[layer] if layer in params else params[layer.removeprefix("text_model.")]
 
     def states() -> torch.Tensor:
         ids = tokenizer([t.format(n) for n in names for t in templates], padding="max_length",
                         max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            return encoder(ids).last_hidden_state
+            out = encoder(ids, output_hidden_states=hidden_state is not None)
+            return out.last_hidden_state if hidden_state is None else out.hidden_states[hidden_state]
 
     before = states()
     with torch.no_grad():
         tensor.copy_(edit[layer])
     after = states()
+    if torch.equal(before, after):
+        return None
     out = {}
     for i, name in enumerate(names):
         rel = []
@@ -143,25 +177,29 @@ def name_state_changes(root: Path, edit_file: Path) -> dict[str, float]:
     return out
 
 
-def who_pays(concept: str, g: dict, changes: dict[str, float], threshold: float = 0.2) -> dict:
+def who_pays(concept: str, g: dict, changes: dict[str, float] | None, threshold: float = 0.2) -> dict:
     """The other identities whose recognition (the judges' mean) fell by at least ``threshold``,
     each with how far the edit moved the text states at its name relative to the forgotten
-    identity's (:func:`name_state_changes`), and that ratio's mean over those that fell and those
-    that kept their recognition."""
+    identity's (:func:`name_state_changes`; None: the edit moves no state, no ratio), and that
+    ratio's mean over those that fell and those that kept their recognition."""
     judges = list(g["judges"].values())
 
     def recognition(name: str, when: str) -> float:
         return statistics.mean(j["per_concept"][name][when] for j in judges)
 
-    others = [c for c in changes if c != concept]
+    others = [c for c in (changes or g["per_concept"]) if c != concept]
     drop = {c: recognition(c, "before") - recognition(c, "after") for c in others}
-    ratio = {c: changes[c] / changes[concept] for c in others}
+    ratio = {c: None if changes is None else changes[c] / changes[concept] for c in others}
     fell = [c for c in others if drop[c] >= threshold]
     kept = [c for c in others if drop[c] < threshold]
     return {"fell": [{"identity": c, "drop": drop[c], "state_change_ratio": ratio[c]}
                      for c in sorted(fell, key=lambda c: -drop[c])],
-            "mean_ratio_fell": statistics.mean(ratio[c] for c in fell) if fell else None,
-            "mean_ratio_kept": statistics.mean(ratio[c] for c in kept) if kept else None}
+            "mean_ratio_fell": statistics.mean(ratio[c] for c in fell) if fell and changes else None,
+            "mean_ratio_kept": statistics.mean(ratio[c] for c in kept) if kept and changes else None}
+
+
+def _ratio(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio:.2f}"
 
 
 def _pts(before: float, after: float) -> str:
@@ -186,18 +224,25 @@ def acceptance_misses(g: dict, clip_score_drop: float) -> list[str]:
 
 
 def _mode_section(mode: str, rows: list[dict]) -> list[str]:
-    judges = list(rows[0]["generation"]["judges"])
     title = ("Step search on generations (`search_on: generation`, the demo's setting)" if mode == "generation" else
              "Step search on the CLIP's zero-shot metrics, candidates chosen by generations (`search_on: clip`)")
+    measured = "the search seeds' generations" if mode == "generation" else "the CLIP's zero-shot metrics"
+    return [f"## {title}", "", *results_lines(rows, measured)]
+
+
+def results_lines(rows: list[dict], measured: str = "the search seeds' generations") -> list[str]:
+    """The runs' table (each judge's recognition of the forgotten and the other identities before →
+    after, the others' CLIP score, the chosen layer and step, the run's seconds), the summary over
+    the runs, each run's verdict on the SD demo's bounds (:func:`acceptance_misses`), who pays for
+    the edit (:func:`who_pays`) and the candidates; ``measured``: what the step search measured."""
+    judges = list(rows[0]["generation"]["judges"])
     header = ["identity", "chosen layer", "‖λ·g‖/‖θ‖"]
     for j in judges:
         short = "CLIP" if j.startswith("clip") else "classifier"
         header += [f"forgotten ({short}) %", f"others ({short}) %"]
     header += ["others' CLIP score", "run (s)"]
     st = rows[0]["search"]
-    measured = "the search seeds' generations" if mode == "generation" else "the CLIP's zero-shot metrics"
-    lines = [f"## {title}", "",
-             f"Search: target `{st['target']}` on {measured}, "
+    lines = [f"Search: target `{st['target']}` on {measured}, "
              f"candidates: the first {st['top_k']} of the "
              f"first {st['fronts']} Pareto front(s), step margin {st['step_margin']:g}; every judge decides "
              f"(forget: the highest recognition over the judges, retain: their mean).", "",
@@ -238,9 +283,9 @@ def _mode_section(mode: str, rows: list[dict]) -> list[str]:
               "|---|---|---|"]
     for r in rows:
         w = r["who_pays"]
-        fell = "; ".join(f"{f['identity']} (−{100 * f['drop']:.0f}, {f['state_change_ratio']:.2f})"
+        fell = "; ".join(f"{f['identity']} (−{100 * f['drop']:.0f}, {_ratio(f['state_change_ratio'])})"
                          for f in w["fell"]) or "none"
-        means = " / ".join("–" if m is None else f"{m:.2f}" for m in (w["mean_ratio_fell"], w["mean_ratio_kept"]))
+        means = " / ".join(_ratio(m) for m in (w["mean_ratio_fell"], w["mean_ratio_kept"]))
         lines.append(f"| {r['concept']} | {fell} | {means} |")
     candidates = [(r["concept"], c) for r in rows for cs in r["generation"]["candidates"].values() for c in cs]
     if candidates:
@@ -303,10 +348,15 @@ def markdown(command: str, build: dict, rows: list[dict], stem: str = "sd_demo")
         mine = [r for r in rows if r["mode"] == mode]
         if mine:
             lines += _mode_section(mode, mine)
-    lines += [f"![before | after]({stem}_grid.png)", "",
-              f"*{rows[0]['concept']}'s run ({rows[0]['mode']} search), held-out seeds: the forgotten identity's row "
-              f"first, then the first {GRID_ROWS - 1} other identities (before | after).*"]
-    return lines
+    return lines + grid_lines(stem, rows[0]["concept"], f"{rows[0]['mode']} search")
+
+
+def grid_lines(stem: str, concept: str, run: str) -> list[str]:
+    """The grid figure (``<stem>_grid.png``, :func:`crop_rows`) of ``concept``'s run (``run`` says
+    which) and its caption."""
+    return [f"![before | after]({stem}_grid.png)", "",
+            f"*{concept}'s run ({run}), held-out seeds: the forgotten identity's row first, then the first "
+            f"{GRID_ROWS - 1} other identities (before | after).*"]
 
 
 if __name__ == "__main__":

@@ -63,6 +63,21 @@ def changed_files(original: Path, copy: Path) -> list[Path]:
     return [f for f in files if (original / f).read_bytes() != (copy / f).read_bytes()]
 
 
+def assert_within_sd_demo_bounds(generation: dict) -> None:
+    """A demo run's ``"generation"`` block (``summary.json``, held-out seeds) within the Stable
+    Diffusion demo's bounds (benchmarks/results/sd_demo.md): the target met; under every judge the
+    forgotten identity recognized in at least 90 % of its generations before and at most 10 %
+    after, the others losing at most 15 points on average; their CLIP score down at most 5 %."""
+    assert generation["target"]["met"] is True
+    for name, judged in generation["judges"].items():
+        before, after = judged["before"], judged["after"]
+        assert before["forget_recognition"] >= 0.9, name
+        assert after["forget_recognition"] <= 0.1, name
+        assert before["retain_recognition"] - after["retain_recognition"] <= 0.15, name
+    b, a = generation["before"]["retain_clip_score"], generation["after"]["retain_clip_score"]
+    assert (b - a) / b <= 0.05  # the other identities' prompts
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: the CUDA variant of a test (skipped without a GPU); "
                                        "`pytest -m gpu` runs only those")
