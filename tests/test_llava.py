@@ -488,8 +488,8 @@ def test_llava_demo_forgets_a_name(tmp_path, monkeypatch, capsys):
     assert summary["vqa"]["protected"]["images"] > 900  # the retain shard's pairs that do not name the person
     assert before["object_accuracy"] - after["object_accuracy"] <= OBJECT_DROP
     edited = target_of(run / "edited_llava")
-    original = target_of(tmp_path / ".slug_cache/demo_llava/llava").downstream_parameters()
-    assert [k for k, v in edited.downstream_parameters().items() if not torch.equal(v, original[k])] == \
+    original = target_of(tmp_path / ".slug_cache/demo_llava/llava").adapter.downstream_parameters()
+    assert [k for k, v in edited.adapter.downstream_parameters().items() if not torch.equal(v, original[k])] == \
         summary["vqa"]["transplanted"]
     with capsys.disabled():
         print(f"\nLLaVA demo: {summary['method']['edits'][0]['layer']}; VLM forget "
