@@ -469,6 +469,7 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
 # -- the demo, from a fresh directory ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.heavy  # builds the world, a CLIP and a LLaVA from scratch: minutes on 2 cores
 def test_llava_demo_forgets_a_name(tmp_path, monkeypatch, capsys):
     """``slug-pl fit --config configs/demo_llava.yaml`` on a new clone: the world, the CLIP and the
     LLaVA are built (the LLaVA names held-out identities >= 90 % of the time), and the VLM stops
