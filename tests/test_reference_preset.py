@@ -403,14 +403,18 @@ def test_hugging_face_clip_has_the_authors_training_transform(tiny_hf_clip):
 
 
 @pytest.fixture(scope="module")
-def fresh_demo_reference(tmp_path_factory):
-    """``slug-pl fit --config configs/demo_reference.yaml`` in a new process from an empty folder,
-    as on a new clone (the world is built and the demo CLIP trained there)."""
+def fresh_demo_reference(tmp_path_factory, fresh_demo):
+    """``slug-pl fit --config configs/demo_reference.yaml`` in a new process from a folder that holds
+    only the session's fresh demo build (``fresh_demo``: the world and the demo CLIP, built from an
+    empty folder there; the reference preset uses the same ones, and building them again would only
+    repeat minutes of training)."""
     import os
+    import shutil
     import subprocess
     import sys
 
     work = tmp_path_factory.mktemp("fresh_demo_reference")
+    shutil.copytree(fresh_demo["dir"] / ".slug_cache", work / ".slug_cache")
     env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "slug_pl.cli", "fit", "--config",
                            str(REPO / "configs" / "demo_reference.yaml"), "--trainer.enable_progress_bar", "false"],
@@ -418,7 +422,7 @@ def fresh_demo_reference(tmp_path_factory):
     return {"dir": work, "code": done.returncode, "console": done.stdout + done.stderr}
 
 
-@pytest.mark.slow  # minutes: builds the demo world and trains its CLIP in a fresh folder
+@pytest.mark.slow  # a whole run on the fresh demo build
 def test_fresh_demo_reference_ranks_conv1_and_searches_every_front_layer_ten_times(fresh_demo_reference):
     assert fresh_demo_reference["code"] == 0, fresh_demo_reference["console"][-3000:]
     run = fresh_demo_reference["dir"] / "lightning_logs" / "version_0"
