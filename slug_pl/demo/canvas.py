@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside
+from slug_pl.atomic import rebuilt_folder
 from slug_pl.demo.training import descend, one_thread
 from slug_pl.demo.world import WorldSpec, object_names, render_object
 
@@ -279,18 +278,11 @@ def build_canvas(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec()) -> di
     if root.exists() and (read_canvas(root) is None and any(root.iterdir())):
         raise FileExistsError(f"{root} exists and is not a synthetic canvas (no canvas.json); "
                               f"choose another folder")
-    tmp = temp_folder_beside(root)
     logger.info("synthetic canvas: building %s", root)
-    try:
-        fingerprint = _build_into(tmp, spec)
-        if root.exists():
-            if _matches(root, spec):  # built concurrently by another process
-                shutil.rmtree(tmp)
-                return _result(root, spec, read_canvas(root)["fingerprint"], built=False)
-        swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with rebuilt_folder(root, keep=lambda: _matches(root, spec)) as build:  # keep: built concurrently
+        fingerprint = _build_into(build.path, spec)
+    if not build.swapped:
+        return _result(root, spec, read_canvas(root)["fingerprint"], built=False)
     return _result(root, spec, fingerprint, built=True)
 
 

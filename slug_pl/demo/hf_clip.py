@@ -32,13 +32,12 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import atomic_folder, swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import atomic_folder, rebuilt_folder, write_text
 from slug_pl.demo.training import clamp_logit_scale, one_thread, train_epochs, warmup_cosine
 from slug_pl.demo.world import WorldSpec, build_world, spec_record
 
@@ -397,15 +396,10 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     if metrics is not None:
         _say(f"demo HF CLIP: reusing {folder}")
     else:
-        staging = temp_folder_beside(folder)
-        tmp = staging / folder.name  # new: train_hf_clip saves into a folder it creates
-        try:
-            metrics = train_hf_clip(world["root"], tmp, **kwargs)
-            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with rebuilt_folder(folder, made=False) as build:  # not made: train_hf_clip saves into a folder it creates
+            metrics = train_hf_clip(world["root"], build.path, **kwargs)
+            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(build.path / "model.safetensors")}
+            write_text(build.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"path": str(folder), "metrics": metrics, "fingerprint": metrics["fingerprint"], "world": world}
 
 

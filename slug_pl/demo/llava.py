@@ -23,13 +23,12 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import rebuilt_folder, write_text
 from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, ensure_hf_clip
 from slug_pl.demo.training import one_thread, train_epochs, warmup_cosine
 from slug_pl.demo.world import WorldSpec, identity_names, object_names, spec_record
@@ -315,12 +314,8 @@ def ensure_llava(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa
     if metrics is not None:
         _say(f"demo LLaVA: reusing {folder}")
     else:
-        tmp = temp_folder_beside(folder)
-        try:
-            metrics = train_llava(clip["world"]["root"], clip["path"], tmp, **kwargs)
-            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with rebuilt_folder(folder) as build:
+            metrics = train_llava(clip["world"]["root"], clip["path"], build.path, **kwargs)
+            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(build.path / "model.safetensors")}
+            write_text(build.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"path": str(folder), "metrics": metrics, "hf_clip": clip["path"], "world": clip["world"]}

@@ -44,7 +44,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from slug_pl.atomic import file_slug, swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import file_slug, rebuilt_folder, write_text
 from slug_pl.demo.datamodule import DemoWorld, refuse_other_model, target_source
 from slug_pl.demo.training import descend, one_thread, warmup_cosine
 from slug_pl.demo.world import WorldSpec, spec_record
@@ -532,16 +531,12 @@ def ensure_sd_pipeline(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  
     if metrics is not None:
         _say(f"demo SD: reusing {folder}")
     else:
-        tmp, tmp_classifier = temp_folder_beside(folder), temp_folder_beside(classifier)
-        try:
-            metrics = build_sd_pipeline(clip["path"], clip["world"], tmp, tmp_classifier, train)
+        # the classifier's folder is swapped in first (the inner block ends first), the pipeline's
+        # last: its metrics file marks the build complete
+        with rebuilt_folder(folder) as pipeline, rebuilt_folder(classifier) as judge:
+            metrics = build_sd_pipeline(clip["path"], clip["world"], pipeline.path, judge.path, train)
             metrics["cache_key"] = cache_key
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp_classifier, classifier)
-            swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(tmp_classifier, ignore_errors=True)
+            write_text(pipeline.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"path": str(folder), "classifier": str(classifier), "hf_clip": clip["path"], "metrics": metrics,
             "world": clip["world"]}
 
