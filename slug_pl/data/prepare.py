@@ -33,14 +33,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from slug_pl.data.build_labelled import (
-    brace_pattern,
-    celeba_splits,
-    imagenet_val_images,
-    new_output_dir,
-    write_labelled_shards,
-)
+from slug_pl.data.build_labelled import celeba_splits, imagenet_val_images, new_output_dir, write_labelled_shards
 from slug_pl.data.layouts import imagenet_classnames, imagenet_templates
+from slug_pl.data.shard_writer import brace_pattern
 
 #: The files ``prepare celeba`` writes besides the shards.
 CELEBA_CLASSNAMES = "celeba_names.txt"
