@@ -129,7 +129,8 @@ def _classifier_record(task: str, classnames: list[str], weights: Path, arch: st
     record = {"library": "timm", "name": arch}
     with torch.device("meta"):
         default = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))
-        built_size = getattr(getattr(default, "patch_embed", None), "img_size", None)
+        patch_embed = getattr(default, "patch_embed", None)  # timm's ViTs have one; its img_size is (H, W)
+        built_size = None if patch_embed is None else getattr(patch_embed, "img_size", None)
         if built_size is not None and tuple(built_size) != (image_size, image_size):
             record["kwargs"] = {"img_size": image_size}
         model = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))
