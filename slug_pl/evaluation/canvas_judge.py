@@ -14,7 +14,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from slug_pl.context import RunContext
 from slug_pl.data.canvas_datamodule import CanvasGridSource
-from slug_pl.edit import LayerEdit, apply_edit, revert_edit
+from slug_pl.edit import LayerEdit, apply_edit, revert_edit, reverted
 from slug_pl.evaluation.generation import image_grid
 from slug_pl.evaluation.generation_judge import CandidateScore, order_by_generation
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
@@ -33,7 +33,6 @@ from slug_pl.evaluation.unlearncanvas import (
 )
 from slug_pl.markdown import pct, table
 from slug_pl.resources import peak_mem_mb, peak_memory
-from slug_pl.step_search import reverted
 
 GIB = 2**30
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from slug_pl.context import RunContext
-from slug_pl.edit import LayerEdit, apply_edit, revert_edit
+from slug_pl.edit import LayerEdit, apply_edit, revert_edit, reverted
 from slug_pl.evaluation.generation import (
     ClassifierJudge,
     ClipZeroShotJudge,
@@ -50,7 +50,6 @@ from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.markdown import pct, table
 from slug_pl.retain_projection import check_tolerance, input_projection
-from slug_pl.step_search import reverted
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
 
 #: The CLIPModel prefix of the text tower: what a text-to-image pipeline embeds.

@@ -70,6 +70,7 @@ from slug_pl.gradients import (
 )
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
+from slug_pl.ranking import has_candidates
 from slug_pl.record import RunRecord, check_free
 from slug_pl.resources import package_versions
 from slug_pl.skip_list import read_skip_list
@@ -180,7 +181,7 @@ class SlugModule(UnlearningModule):
             self._find_resume_state()
 
     def _check_rankable(self) -> None:
-        if not any(self.family.is_rankable(n, p) and self.readable(n) for n, p in self.clip.named_parameters()):
+        if not has_candidates(self.family, self.clip.named_parameters(), readable=self.readable):
             read = f" and read by the target {self.target.describe()}" if self.target is not None else ""
             raise ValueError(
                 f"no candidate layers: no tensor of {self.family.describe().get('model_name')} is "
@@ -578,9 +579,7 @@ class SlugSearch(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: SlugModule) -> None:
         self._t_fit = time.perf_counter()
-        family = pl_module.family
-        if not any(family.is_rankable(n, p) and family.tower_of(n) in self.settings.towers
-                   for n, p in pl_module.clip.named_parameters()):
+        if not has_candidates(pl_module.family, pl_module.clip.named_parameters(), towers=self.settings.towers):
             raise ValueError(
                 f"no candidate layers: no rankable tensor in towers {list(self.settings.towers)} after the "
                 f"model.family.init_args exclude/include filters; widen them or search.towers"

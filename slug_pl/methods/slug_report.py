@@ -14,8 +14,8 @@ from dataclasses import asdict
 from slug_pl.departures import is_reference
 from slug_pl.edit import LayerEdit
 from slug_pl.markdown import pct, table
-from slug_pl.record import RunRecord
-from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation, core_metrics
+from slug_pl.record import RunRecord, core_metrics
+from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation
 
 #: What to change when forgetting does not hold on held-out images (measured on the demo world).
 REMEDY = ("To make it hold, raise `search.step_margin`: on the demo world a margin of 1.25 closed every held-out "

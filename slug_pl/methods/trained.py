@@ -37,8 +37,8 @@ from slug_pl.gradients import contrastive_loss, forget_similarity_sum
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods.selection import RULE, Checkpoint, checkpoint, preferred
 from slug_pl.markdown import pct, table
-from slug_pl.record import SELECTION_FILE, RunRecord, check_free
-from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
+from slug_pl.record import SELECTION_FILE, RunRecord, check_free, core_metrics, format_metrics
+from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget
 
 FORGET_METRICS = ("forget_top1", "forget_top5")
