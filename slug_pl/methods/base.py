@@ -10,6 +10,7 @@ same evaluation code and the same record.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -59,6 +60,38 @@ def on_run_device(trainer, module: "UnlearningModule") -> Iterator[torch.device]
         module.cpu()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def agreed_on_rank_zero(trainer, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 alone and raise its error, if any, on every rank.
+
+    A collective call under DDP: every rank must make it (one ``broadcast`` of rank 0's error, or
+    of None). Rank 0 raises the error itself, with its traceback; the other ranks raise a copy
+    (the same type and message; a :class:`RuntimeError` naming both when the error cannot be
+    pickled)."""
+    error = None
+    if trainer.is_global_zero:
+        try:
+            check()
+        except Exception as err:  # every rank must reach the broadcast below
+            error = err
+    if trainer.world_size > 1:
+        shared = trainer.strategy.broadcast(_picklable(error), src=0)
+        if error is None and shared is not None:
+            raise shared
+    if error is not None:
+        raise error
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """``error``, or when it does not pickle, a :class:`RuntimeError` with its type and message."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 class UnlearningModule(LightningModule):
@@ -121,12 +154,20 @@ class UnlearningModule(LightningModule):
         """Hook for a method to adapt the freshly loaded model (e.g. activation checkpointing)."""
 
     def check_target(self) -> None:
-        """Load the downstream target (on the run's device unless its config names one) and refuse
-        a CLIP that is not the one it embeds (before any work); a no-op without a target."""
-        if self.target is not None:
-            self.target.use_run_device(self.trainer.strategy.root_device)
-            self.target.load()
-            self.target.check_pair(self.family, self.clip)
+        """Before any work, refuse a CLIP that is not the one the downstream target embeds; a no-op
+        without a target.
+
+        Every rank learns the run's device (the target runs there unless its config names one),
+        but only rank 0, where the judges that use the downstream model run, checks the pair, and
+        so loads the model: the other ranks never hold it (LLaVA-1.5-7B in bfloat16: 14 GB on each
+        rank's device, read through its host memory). Every adapter loads at first use, so a part that needs the model
+        on another rank loads it there. Under DDP every rank raises rank 0's error
+        (:func:`agreed_on_rank_zero`), so that none waits for the others at the pass's first
+        collective call."""
+        if self.target is None:
+            return
+        self.target.use_run_device(self.trainer.strategy.root_device)
+        agreed_on_rank_zero(self.trainer, lambda: self.target.check_pair(self.family, self.clip))
 
     def readable(self, name: str) -> bool:
         """Whether the model that consumes the edit reads CLIP parameter ``name`` (every

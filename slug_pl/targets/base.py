@@ -23,8 +23,10 @@ calls; it builds its adapter and its judge from its arguments::
 
 What the run does with a target (see :class:`slug_pl.methods.slug.SlugSearch`):
 
-1. before the pass: ``use_run_device``, ``load``, then ``check_pair`` (refuses a CLIP whose
-   embedded tower differs from the downstream model's, naming the first tensor that differs);
+1. before the pass: ``use_run_device`` on every rank, then ``check_pair`` on rank 0 (refuses a
+   CLIP whose embedded tower differs from the downstream model's, naming the first tensor that
+   differs; every rank raises it). The adapter loads the model at its first use (here, rank 0's
+   pair check): ranks that never use it never load it;
 2. ranking: only tensors for which ``reads`` is true can be candidates;
 3. step search: on ``search_judge`` (the target's own judge, e.g. a VLM's name accuracy) or,
    when it returns None, on the CLIP's zero-shot metrics;
@@ -106,7 +108,14 @@ class DownstreamAdapter(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Load the downstream model (idempotent) on :meth:`resolved_device`."""
+        """Load the downstream model (idempotent) on :meth:`resolved_device`. Every method that
+        needs the model calls it first, so nothing has to load it ahead of its first use."""
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool:
+        """Whether the downstream model is loaded. Naming, configuring and asking what it reads
+        (:meth:`source`, :meth:`describe`, :meth:`use_run_device`, :meth:`reads`) never load it."""
 
     @abstractmethod
     def downstream_name(self, clip_name: str) -> str | None:

@@ -125,6 +125,10 @@ class LlavaAdapter(DownstreamAdapter):
             return device, torch.bfloat16 if device.type == "cuda" else torch.float32
         return device, getattr(torch, self.dtype)
 
+    @property
+    def loaded(self) -> bool:
+        return self.vlm is not None
+
     def load(self) -> None:
         if self.vlm is not None:
             return

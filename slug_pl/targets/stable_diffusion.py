@@ -174,6 +174,10 @@ class StableDiffusionAdapter(DownstreamAdapter):
         return (folder / "model_index.json").is_file() and pipeline_class_name(folder) == cls.pipeline_class
 
     # -- the pipeline ----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
     def load(self) -> None:
         if self.pipe is not None:
             return
