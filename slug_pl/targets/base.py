@@ -25,7 +25,9 @@ What the run does with a target (see :class:`slug_pl.methods.slug.SlugSearch`):
 
 1. before the pass: ``use_run_device``, ``load``, then ``check_pair`` (refuses a CLIP whose
    embedded tower differs from the downstream model's, naming the first tensor that differs);
-2. ranking: only tensors for which ``reads`` is true can be candidates;
+2. ranking: only tensors for which ``reads`` is true can be candidates; with the method's
+   ``model.protect_retained``, the method projects the forget gradient off ``protected_inputs``
+   (what this downstream model must keep, :mod:`slug_pl.retain_projection`);
 3. step search: on ``search_judge`` (the target's own judge, e.g. a VLM's name accuracy) or,
    when it returns None, on the CLIP's zero-shot metrics;
 4. final choice among the candidates that met the target: ``rank_candidates`` (e.g. by
@@ -289,8 +291,8 @@ class DownstreamTarget:
         return self.adapter.save_pretrained(folder)
 
     # -- the verdict (the judge's) ----------------------------------------------------------------
-    def forget_gradient_projection(self, context: RunContext):
-        return self.judge.forget_gradient_projection(context)
+    def protected_inputs(self, context: RunContext, limit: int) -> list:
+        return self.judge.protected_inputs(context, limit)
 
     def search_judge(self, context: RunContext, concept: str):
         return self.judge.search_judge(context, concept)
