@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from builders_downstream import TinyClassifier, tiny_sd_pipeline
-from conftest import run_context
+from conftest import run_context, step_changes
 from slug_pl.cli import main
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.edit import apply_edit, make_edit
@@ -247,17 +247,8 @@ def test_what_it_protects_is_the_grid_s_prompts_of_the_other_styles_or_objects(p
     others = [caption(s, o, grid.template) for s in STYLES for o in grid.objects
               if (s if kind == "style" else o) == unlearned]
 
-    def states(texts):
-        with torch.no_grad():
-            return clip.text_model(input_ids=family.tokenize(texts)).last_hidden_state
-
-    before = states(prompts), states(others)
-    with torch.no_grad():
-        original = param.detach().clone()
-        param.sub_(step * (0.5 * original.norm() / step.norm()))
-        after = states(prompts), states(others)
-        param.copy_(original)
-    change = [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+    change = step_changes(param, step, lambda texts: clip.text_model(input_ids=family.tokenize(texts)).last_hidden_state,
+                          (prompts, others))
     assert change[0] < 1e-4 and change[1] > 1e-2, change
 
 
