@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from slug_pl.context import RunContext
 from slug_pl.edit import LayerEdit
+from slug_pl.retain_projection import ProtectedInputs
 
 
 @dataclass
@@ -48,7 +49,7 @@ class TargetJudge(ABC):
     """How a target judges the run, through its adapter: what the step search measures, how the
     found edits are ordered, the report. Lives in :mod:`slug_pl.evaluation`."""
 
-    def protected_inputs(self, context: RunContext, limit: int) -> list:
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
         """What the retain projection (the method's ``model.protect_retained``) keeps the edit off
         on this downstream model: at most ``limit`` inputs (prompts or images) per tower, as
         :class:`slug_pl.retain_projection.ProtectedInputs`. A judge that does not say refuses."""

@@ -48,6 +48,7 @@ from torch import nn
 from slug_pl.context import RunContext
 from slug_pl.edit import EditMismatchError, LayerEdit
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
+from slug_pl.retain_projection import ProtectedInputs
 from slug_pl.targets.saved_copy import TensorChange, same_weights
 
 __all__ = ["DownstreamAdapter", "DownstreamTarget", "TargetJudge", "TargetMismatchError", "TargetReport"]
@@ -291,7 +292,10 @@ class DownstreamTarget:
         return self.adapter.save_pretrained(folder)
 
     # -- the verdict (the judge's) ----------------------------------------------------------------
-    def protected_inputs(self, context: RunContext, limit: int) -> list:
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What this downstream model must keep when the method's ``model.protect_retained`` is set:
+        at most ``limit`` inputs per tower (the judge's, which knows what it measures); the method
+        projects its change off what they feed each tensor (:mod:`slug_pl.retain_projection`)."""
         return self.judge.protected_inputs(context, limit)
 
     def search_judge(self, context: RunContext, concept: str):
