@@ -147,6 +147,7 @@ def test_ga_with_the_retain_projection_changes_only_off_the_retain_pairs(tmp_pat
 @pytest.mark.parametrize("class_path, reason", [
     ("slug_pl.methods.SsdModule", "it scales single weights by their importance ratio"),
     ("slug_pl.methods.FtModule", "it learns from the retain pairs alone"),
+    ("slug_pl.methods.SalunModule", "it confines every step to a saliency mask of single weights"),
 ])
 def test_a_method_that_cannot_project_refuses_it_in_one_line(tmp_path, small_world, tiny_checkpoint, forget_shard,
                                                               capsys, class_path, reason):
