@@ -160,7 +160,16 @@ def explain_parse_error(message: str, cause: BaseException | None = None, parser
             keys, leaf = [key.group(1)], key.group(2)
     where = ".".join(keys)
     problem = _explain_leaf(leaf, classes, union, parser)
+    if (m := _IMPORT_PATH.match(problem)) is not None and where.rsplit(".", 1)[-1] in MAPPING_OPTIONS:
+        problem = f"expected {MAPPING_OPTIONS[where.rsplit('.', 1)[-1]]}, got {m.group(1)!r}"
     return f"{where}: {problem}" if where else problem
+
+
+#: Options whose value is a small mapping (a dataclass), and what to write there: a value of
+#: another shape (an old config's ``true``, a bare tolerance) otherwise reads as a bad import path.
+MAPPING_OPTIONS = {"protect_retained": "{tolerance, limit} (e.g. {tolerance: 0.05}; each may be left out) or null (off)"}
+_IMPORT_PATH = re.compile(r"^(?:Expected a dot import path string|Unexpected import path format|"
+                          r"Not a valid subclass of \w+, got): (.*)$")
 
 
 _FORGET_TARGET = "the forget target is set once for every method, in the top-level section forget_target"

@@ -193,3 +193,15 @@ def test_the_option_checks_its_values():
     for limit in (0, True):
         with pytest.raises(ValueError, match="model.protect_retained.limit"):
             RetainProjection(0.1, limit)
+
+
+@pytest.mark.parametrize("value, shown", [(True, "True"), (0.05, "0.05")])
+def test_a_value_of_another_shape_is_told_what_to_write(tmp_path, small_world, tiny_checkpoint, forget_shard, capsys,
+                                                        value, shown):
+    """An old habit (``protect_retained: true``) or a bare tolerance at the new place gets one line
+    saying the shape, not jsonargparse's "import path" complaint."""
+    config = write_config(tmp_path, small_world, tiny_checkpoint, forget_shard, model={"protect_retained": value},
+                          trainer={"default_root_dir": str(tmp_path / "runs")})
+    assert main(["fit", "--config", str(config)]) == 2
+    assert _last_error(capsys) == (f"model.protect_retained: expected {{tolerance, limit}} (e.g. {{tolerance: 0.05}}; "
+                                   f"each may be left out) or null (off), got {shown!r}")
