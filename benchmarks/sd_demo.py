@@ -38,9 +38,11 @@ MODES = ("generation", "clip")
 
 
 def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path, protect: str = "off") -> tuple[int, Path, float]:
-    """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the
-    target's ``protect_retained``: ``off``, ``all`` or a number of concepts); returns the exit
-    code, the run folder and the wall seconds."""
+    """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the retain
+    projection, ``model.protect_retained``: ``off``, ``all`` or a number of retained prompts, its
+    ``limit``); returns the exit code, the run folder and the wall seconds."""
+    projection = {"off": ["--model.protect_retained", "null"], "all": []}.get(
+        protect, ["--model.protect_retained.limit", protect])
     t0 = time.perf_counter()
     code = slug_main(["fit", "--config", str(REPO / "configs" / "demo_sd.yaml"),
                       "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
@@ -48,8 +50,7 @@ def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path, protect
                       "--model.target.init_args.pipeline", str(root / "sd_pipeline"),
                       "--model.target.init_args.judges", json.dumps(["clip", str(root / "sd_classifier")]),
                       "--model.target.init_args.search_on", search_on,
-                      "--model.target.init_args.protect_retained",
-                      {"off": "false", "all": "true"}.get(protect, protect),
+                      *projection,
                       "--model.target.init_args.save_edited", "false", "--model.target.init_args.progress", "false",
                       "--trainer.default_root_dir", str(out_dir), "--trainer.enable_progress_bar", "false"])
     return code, out_dir / "lightning_logs" / "version_0", time.perf_counter() - t0
@@ -68,14 +69,16 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="step-search modes to run")
     p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIP, pipeline)")
     p.add_argument("--protect", default="all",
-                   help="the target's protect_retained: all (the demo's setting: projected off every retained "
-                        "prompt; sd_demo.md), off (SLUG's forget gradient as it is; sd_demo_unprotected.md) or N "
-                        "(the first N retained identities only, sd_demo_protect_N.md: the others show what an "
-                        "unprotected identity loses)")
+                   help="the retain projection, model.protect_retained: all (the demo's setting: projected off "
+                        "every retained prompt; sd_demo.md), off (SLUG's forget gradient as it is; "
+                        "sd_demo_unprotected.md) or N (its limit: the first N retained prompts only, concept by "
+                        "concept, 4 per identity; sd_demo_protect_N_prompts.md: the others show what an unprotected "
+                        "identity loses; sd_demo_protect_10.md, 10 identities, is --protect 40)")
     args = p.parse_args(argv)
     if args.protect not in ("off", "all") and not args.protect.isdigit():
         p.error(f"--protect is off, all or a number, got {args.protect!r}")
-    stem = {"all": "sd_demo", "off": "sd_demo_unprotected"}.get(args.protect, f"sd_demo_protect_{args.protect}")
+    stem = {"all": "sd_demo", "off": "sd_demo_unprotected"}.get(args.protect,
+                                                                 f"sd_demo_protect_{args.protect}_prompts")
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for mode in args.modes:
@@ -92,7 +95,8 @@ def main(argv=None) -> int:
                          "layer": edit["layer"], "step": edit["step"], "relative_step": edit["relative_step"],
                          "search": summary["method"]["search"],
                          "clip_side": {"test_before": summary["before"], "test_after": summary["after"]},
-                         "generation": g, "who_pays": who_pays(concept, g, changes)})
+                         "generation": g, "retain_projection": summary["method"].get("retain_projection"),
+                         "who_pays": who_pays(concept, g, changes)})
             print(f"{mode} {concept}: exit {code}, {seconds:.0f}s, layer {edit['layer']}", flush=True)
     build = json.loads((root / "sd_pipeline" / "slug_demo_sd.json").read_text())
     build.pop("cache_key", None)
@@ -255,15 +259,17 @@ def _mode_section(mode: str, rows: list[dict]) -> list[str]:
 
 
 def protection_lines(rows: list[dict]) -> list[str]:
-    """With ``protect_retained``: what was protected and, where only some identities were, what the
-    unprotected ones lost (each judge, mean over runs)."""
-    protected = [r["generation"].get("protected") for r in rows]
-    if not any(protected):
-        return ["SLUG's forget gradient as it is (`protect_retained: false`).", ""]
+    """With the retain projection (``model.protect_retained``): what was protected and, where only
+    some identities were, what the unprotected ones lost (each judge, mean over runs)."""
+    records = [r.get("retain_projection") for r in rows]
+    if not any(records):
+        return ["SLUG's forget gradient as it is (`model.protect_retained: null`).", ""]
+    protected = [record["protected"][0] for record in records]
     p = protected[0]
     lines = [f"The forget gradient is projected off what the retained identities' prompts feed the text encoder "
-             f"(`protect_retained`, tolerance {p['tolerance']:g}): {len(p['concepts'])} identities protected, "
-             f"{p['prompts']} prompts, {p['tensors']} tensors editable.", ""]
+             f"(the retain projection, `model.protect_retained`, tolerance {p['tolerance']:g}): "
+             f"{len(p['concepts'])} identities protected, {p['inputs']} prompts, {records[0]['editable']} tensors "
+             f"editable.", ""]
     judges = list(rows[0]["generation"]["judges"])
     for j in judges:
         split = {"protected": [], "unprotected": []}

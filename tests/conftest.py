@@ -34,6 +34,20 @@ import yaml  # noqa: E402
 from slug_pl.demo.training import one_thread  # noqa: E402, F401
 
 
+def step_changes(param, step, measure, inputs, scale: float = 0.5) -> list[float]:
+    """How much a large step along ``-step`` (``scale`` × ‖param‖) moves ``measure(x)`` for each of
+    ``inputs``: ``‖after − before‖ / ‖before‖`` each; ``param`` is restored afterwards."""
+    with torch.no_grad():
+        before = [measure(x) for x in inputs]
+        original = param.detach().clone()
+        param.sub_(step * (scale * original.norm() / step.norm()))
+        try:
+            after = [measure(x) for x in inputs]
+        finally:
+            param.copy_(original)
+    return [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+
+
 def save_edited(target, clip, edit, folder) -> Path:
     """``target.save_pretrained(folder)`` with ``edit`` applied to ``clip`` and transplanted; the
     CLIP and the downstream model are restored afterwards."""

@@ -73,6 +73,7 @@ from slug_pl.methods import slug_report
 from slug_pl.ranking import has_candidates
 from slug_pl.record import RunRecord, check_free
 from slug_pl.resources import package_versions
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.skip_list import read_skip_list
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
@@ -85,6 +86,8 @@ class SlugModule(UnlearningModule):
     score the model (with an optional ``edit``) zero-shot."""
 
     method_name = "slug"
+    no_retain_projection = None
+    projected = "the forget gradient of every covered tensor is projected"
 
     def __init__(
         self,
@@ -98,6 +101,7 @@ class SlugModule(UnlearningModule):
         target: DownstreamTarget | None = None,
         forget_averaging: str = "per_sample",
         forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
+        protect_retained: RetainProjection | None = None,
     ):
         """
         Args:
@@ -125,8 +129,14 @@ class SlugModule(UnlearningModule):
                 batches of 16); see docs/reference.md.
             forget_target: the forget target (the config's top-level ``forget_target:``; the
                 search finds the smallest step meeting it, see :class:`SlugSearch`).
+            protect_retained: the retain projection, ``{tolerance, limit}``
+                (:class:`~slug_pl.retain_projection.RetainProjection`): the forget gradient is
+                projected off what the retained inputs feed each tensor (what the target protects;
+                without one, the retain set's pairs, both towers), and only the tensors it covers
+                are candidates. A departure from SLUG's plain gradient, recorded by name; None
+                (the default): off, SLUG's plain gradient.
         """
-        super().__init__(family, edit, target, forget_target)
+        super().__init__(family, edit, target, forget_target, protect_retained)
         forget_loss(forget_averaging)  # checks the name
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
@@ -608,18 +618,15 @@ class SlugSearch(Callback):
             judge = target.search_judge(context, concept) if target is not None else None
             return judge or Evaluator.for_concepts(context, "validation", [concept])
 
-        # a target may keep the edit off what it must keep: the forget gradient projected, and only
-        # the tensors the projection covers as candidates (slug_pl.retain_projection)
+        # model.protect_retained keeps the edit off what must stay: the forget gradient projected, and
+        # only the tensors the projection covers as candidates (slug_pl.retain_projection)
         t_projection = time.perf_counter()
-        projection = target.forget_gradient_projection(context) if target else None
-        sub_timings = {"projection": time.perf_counter() - t_projection} if target else {}
+        projection = pl_module.retain_projection(self.settings.towers)
+        sub_timings = {"projection": time.perf_counter() - t_projection} if projection is not None else {}
         readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
         if projection is not None:
             run_forget = projection.apply(run_forget)
             readable = lambda name, base=readable: base(name) and projection.covers(name)  # noqa: E731
-            rank_zero_info(f"forget gradient projected off what {projection.prompts} protected inputs feed "
-                           f"each tensor; {len(projection.describe()['rank'])} tensors covered (candidates: those "
-                           f"among them the downstream model reads)")
 
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, context.forget_batches(concept),
@@ -651,7 +658,8 @@ class SlugSearch(Callback):
     def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
                 record: RunRecord, extra_pairs: int, sub_timings: dict[str, float]) -> None:
         """The common run record plus SLUG's own artifacts and report sections; ``sub_timings``:
-        the parts of the search timed on their own (``ranking``; ``projection`` with a target)."""
+        the parts of the search timed on their own (``ranking``; ``projection`` with
+        ``model.protect_retained``)."""
         edits = merge_edits([o.edit for o in outcomes])
         slug_report.write_search_csv(record, search.evaluations)
         first = outcomes[0]
@@ -662,8 +670,10 @@ class SlugSearch(Callback):
         datamodule = trainer.datamodule
         departures = run_departures(RunOptions(
             pl_module.family.exclude, pl_module.family.include, pl_module.forget_averaging, datamodule.batch_size,
-            datamodule.retain_batches, pl_module.eval_mode, self.settings))
+            datamodule.retain_batches, pl_module.eval_mode, self.settings, pl_module.protect_retained))
         method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives, departures)
+        if pl_module.protection is not None:
+            method["retain_projection"] = pl_module.protection
         def artifacts(record: RunRecord, summary: dict, edit_metadata: dict) -> None:
             for o in outcomes:  # the ranking of the applied edit set, the chosen layer starred
                 record.ranking(o.scores, ranking_suffix(o.concept, len(outcomes)), o.chosen.layer, overwrite=True)
