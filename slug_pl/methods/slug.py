@@ -151,7 +151,8 @@ class SlugModule(UnlearningModule):
         self.resume_from = resume_from
         self.activation_checkpointing = activation_checkpointing
         self.forget_averaging = forget_averaging
-        #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}
+        #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}, held
+        #: by rank 0 alone (the rank that ranks, searches and writes); empty on the other ranks
         self.gradients: dict[str, dict[str, torch.Tensor]] = {}
         #: after the pass: per set, {"samples", "batches", "loss", "skipped"} (global values)
         self.pass_stats: dict[str, dict[str, float]] = {}
@@ -421,13 +422,16 @@ class SlugModule(UnlearningModule):
                 mean_loss = loss_sum / denominator
             else:  # each rank's grads hold world × its share of every global-batch loss
                 denominator, mean_loss = batches * world, loss_sum / (batches * world)
-            averaged, offset = {}, 0
+            summed, offset = {}, 0  # views into the reduced sums, on the device
             for pname, g in grads.items():
                 n = g.numel()
-                averaged[pname] = (flat[offset : offset + n] / denominator).view_as(g).cpu()
+                summed[pname] = flat[offset : offset + n].view_as(g)
                 offset += n
-            self._check_finite(name, averaged, mean_loss)
-            self.gradients[name] = averaged
+            self._check_finite(name, summed, mean_loss)  # every rank: the same reduced numbers
+            del self._stashed[name]  # the device copy is spent
+            if self.trainer.is_global_zero:  # the one rank that ranks, searches and writes holds
+                # the one host copy (the others would keep 8 bytes per parameter each for nothing)
+                self.gradients[name] = {k: (v / denominator).cpu() for k, v in summed.items()}
             self.pass_stats[name] = {"samples": samples, "batches": batches, "loss": mean_loss,
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
