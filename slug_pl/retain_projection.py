@@ -233,7 +233,9 @@ def input_projection(model: nn.Module, modules: str | Callable[[str], bool], enc
     Linear inputs must be ``(B, T, d)`` (or ``(B, d)`` with ``positions`` None); an embedding's
     index input ``(B, T)`` or ``(1, T)`` (position ids, shared by the batch). Linear inputs are
     kept as their Gram matrix (float64, ``d × d`` per layer), so any number of inputs fits in
-    memory. Only modules that ``encode`` calls are covered.
+    memory; the matrices are summed on the inputs' device and moved to the host once, at the end
+    (ViT-L/14-336: 3.9 GB for all its layers, which used to cross per batch). Only modules that
+    ``encode`` calls are covered.
     """
     check_tolerance(tolerance)
     wanted = (lambda name: name.startswith(modules)) if isinstance(modules, str) else modules
@@ -245,8 +247,11 @@ def input_projection(model: nn.Module, modules: str | Callable[[str], bool], enc
             x = args[0]
             x = (x[positions.to(x.device)] if positions is not None else x.reshape(-1, x.shape[-1]))
             x = x.detach().to(torch.float64)
-            gram = x.T @ x
-            grams[name] = grams[name] + gram.cpu() if name in grams else gram.cpu()
+            gram = x.T @ x  # summed where it is made: one transfer per tensor at the end, not per call
+            if name in grams:
+                grams[name] += gram
+            else:
+                grams[name] = gram
         return hook
 
     def embedding_hook(name):
@@ -271,7 +276,7 @@ def input_projection(model: nn.Module, modules: str | Callable[[str], bool], enc
     finally:
         for handle in handles:
             handle.remove()
-    bases = {name: gram_span(gram, tolerance) for name, gram in grams.items()}
+    bases = {name: gram_span(gram.cpu(), tolerance) for name, gram in grams.items()}
     used = {name: torch.tensor(sorted(r), dtype=torch.long) for name, r in rows.items()}
     return InputProjection(bases, used, prompts, tolerance)
 
