@@ -14,7 +14,7 @@ larger the step the VLM needed was. Finally the step margin: the found step (bef
     python benchmarks/llava_demo.py --identities 3
     # writes benchmarks/results/llava_demo.json and llava_demo.md
     python benchmarks/llava_demo.py --identities 3 --protect off
-    # SLUG's own forget gradient (target protect_retained false): llava_demo_unprotected.json / .md
+    # SLUG's own forget gradient (model.protect_retained null): llava_demo_unprotected.json / .md
     python benchmarks/llava_demo.py --identities 3 --varying shirt background
     # a world where shirt and background change from photo to photo (its own cache,
     # .slug_cache/demo_llava_varying): llava_demo_varying.json / .md
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--root", default=None, help="the LLaVA demo's cache (world, CLIP, LLaVA; default "
                    ".slug_cache/demo_llava, or .slug_cache/demo_llava_varying with --varying)")
     p.add_argument("--protect", choices=["on", "off"], default="on",
-                   help="off: SLUG's own forget gradient (the config's target protect_retained set false)")
+                   help="off: SLUG's own forget gradient (the config's model.protect_retained set null)")
     p.add_argument("--varying", nargs="+", default=None, metavar="ATTRIBUTE",
                    help="a world where these attributes are drawn afresh for every image (data varying)")
     p.add_argument("--config", default=str(REPO / "configs" / "demo_llava.yaml"))
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     overrides, stem, command = [], "llava_demo", COMMAND.format(n=args.identities)
     if args.protect == "off":
-        overrides += ["--model.target.init_args.protect_retained", "false"]
+        overrides += ["--model.protect_retained", "null"]
         stem, command = stem + "_unprotected", command + " --protect off"
     if args.varying:
         overrides += ["--data.init_args.varying", json.dumps(args.varying)]
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                 "clip_before": summary["before"], "clip_after": summary["after"],
                 "examples": vqa["examples"][:2], "seconds": seconds, "timings_s": summary["timings_s"],
                 "target_rule": summary["target"]["rule"], **run_settings(run),
-                "protected": {k: v for k, v in (vqa.get("protected") or {}).items() if k != "rank"} or None,
+                "protected": retain_projection_row(summary["method"].get("retain_projection")),
                 **clip_vs_vlm(run, edit["layer"]),
                 "found_step": summary["method"]["per_concept"][0]["found_step"],
                 "margins": margin_sweep(root, run, concept, args.margins),
@@ -227,13 +227,23 @@ def world_sentence(varying: list[str]) -> str:
             + ".")
 
 
+def retain_projection_row(record: dict | None) -> dict | None:
+    """A run's retain projection (``method.retain_projection``), as its rows keep it: the
+    tolerance, the retain images and the tensors the VLM reads that could be edited; None when off."""
+    if record is None:
+        return None
+    return {"images": record["protected"][0]["inputs"], "tolerance": record["protected"][0]["tolerance"],
+            "tensors": record["editable"]}
+
+
 def settings_sentence(row: dict) -> str:
     """The search and the update direction of a run, in words."""
     judged = "its validation images" + (" and its forget pairs" if row["search_forget_pairs"] else "")
     p = row["protected"]
     direction = ("SLUG's forget gradient projected off the main directions (above "
                  f"{p['tolerance']:g} × the largest singular value) of what {p['images']} retain images feed each "
-                 f"linear layer of the tower (`protect_retained`; {p['tensors']} tensors the VLM reads could be edited)" if p else
+                 f"linear layer of the tower (the retain projection, `model.protect_retained`; {p['tensors']} "
+                 f"tensors the VLM reads could be edited)" if p else
                  "SLUG's own forget gradient")
     return (f"The search runs on the VLM: forget target `{row['target_rule']}` on {judged}; it keeps the most "
             f"`retain_name_accuracy + object_accuracy` on the other identities' and objects' validation images and "

@@ -450,8 +450,8 @@ def markdown(result: dict) -> str:
     lines += [f"Command: `{result['command']}` ({result['time']}). Versions: "
               + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".", "",
               "Wall time in seconds. *End to end*: the `fit` process from start to exit; the phases from its "
-              "`summary.json` (`timings_s`): the gradient pass, the ranking and the target's projection of the "
-              "forget gradient (`protect_retained`; both inside the search), the search, the final before/after "
+              "`summary.json` (`timings_s`): the gradient pass, the ranking and the retain projection of the "
+              "forget gradient (`model.protect_retained`; both inside the search), the search, the final before/after "
               "evaluation and the downstream model's generations or answers; *outside*: the rest of the process "
               "(start-up, loading the models and data, writing the saved models).", "",
               "| run | machine | end to end | target | pass | ranking | projection | search | final evaluation "

@@ -41,26 +41,28 @@ def fit_demo(configs: list[str], root: Path, concept: str, clip: str, pipeline: 
              protect: str | None, out_dir: Path, *options: str) -> tuple[int, Path, float]:
     """One ``slug-pl fit`` of the demo ``configs`` (in ``configs/``, in order) forgetting
     ``concept`` with the demo cache at ``root``: its CLIP, pipeline and classifier judge are the
-    folders ``clip``, ``pipeline`` and ``classifier`` there; ``protect`` is the target's
-    ``protect_retained`` (``off``, ``all`` or a number of concepts; None: the configs' setting),
-    ``options`` any further command-line options. Returns the exit code, the run folder and the wall seconds."""
+    folders ``clip``, ``pipeline`` and ``classifier`` there; ``protect`` is the retain projection,
+    ``model.protect_retained`` (``off``, ``all`` or a number of retained prompts, its ``limit``;
+    None: the configs' setting), ``options`` any further command-line options. Returns the exit
+    code, the run folder and the wall seconds."""
+    projection = [] if protect is None else {"off": ["--model.protect_retained", "null"], "all": []}.get(
+        protect, ["--model.protect_retained.limit", protect])
     t0 = time.perf_counter()
     code = slug_main(["fit", *[a for c in configs for a in ("--config", str(REPO / "configs" / c))],
                       "--data.init_args.root", str(root), "--data.init_args.concepts", json.dumps([concept]),
                       "--model.family.init_args.model_name", str(root / clip),
                       "--model.target.init_args.pipeline", str(root / pipeline),
                       "--model.target.init_args.judges", json.dumps(["clip", str(root / classifier)]),
-                      *(() if protect is None else ("--model.target.init_args.protect_retained",
-                                                    {"off": "false", "all": "true"}.get(protect, protect))),
+                      *projection,
                       "--model.target.init_args.save_edited", "false", "--model.target.init_args.progress", "false",
                       "--trainer.default_root_dir", str(out_dir), "--trainer.enable_progress_bar", "false", *options])
     return code, out_dir / "lightning_logs" / "version_0", time.perf_counter() - t0
 
 
 def fit_sd_demo(root: Path, concept: str, search_on: str, out_dir: Path, protect: str = "off") -> tuple[int, Path, float]:
-    """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the
-    target's ``protect_retained``: ``off``, ``all`` or a number of concepts); returns the exit
-    code, the run folder and the wall seconds."""
+    """One demo run forgetting ``concept`` with the demo cache at ``root`` (``protect``: the retain
+    projection, ``model.protect_retained``: ``off``, ``all`` or a number of retained prompts, its
+    ``limit``); returns the exit code, the run folder and the wall seconds."""
     return fit_demo(["demo_sd.yaml"], root, concept, "hf_clip", "sd_pipeline", "sd_classifier", protect, out_dir,
                     "--model.target.init_args.search_on", search_on)
 
@@ -72,33 +74,28 @@ def crop_rows(grid: Path, rows: int, cell: int = 96, pad: int = 4, font_size: in
     return image.crop((0, 0, image.width, min(image.height, header + rows * (cell + pad) + pad)))
 
 
-def arguments(description: str, stem: str, protect: bool = True) -> argparse.ArgumentParser:
-    """The options a demo benchmark shares: ``--identities``, ``--cache`` and (``protect``)
-    ``--protect`` (results in ``<stem>.md``, ``<stem>_unprotected.md`` or ``<stem>_protect_N.md``)."""
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options a demo benchmark shares: ``--identities`` and ``--cache``."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--identities", type=int, default=3, help="identities (the world's first ones), one run each")
     p.add_argument("--cache", default=".slug_cache/demo", help="the demo cache (world, CLIPs, pipeline)")
-    if protect:
-        p.add_argument("--protect", default="all",
-                       help=f"the target's protect_retained: all (the demo's setting: projected off every retained "
-                            f"prompt; {stem}.md), off (SLUG's forget gradient as it is; {stem}_unprotected.md) or "
-                            f"N (the first N retained identities only, {stem}_protect_N.md: the others show what an "
-                            f"unprotected identity loses)")
     return p
 
 
-def results_stem(p: argparse.ArgumentParser, protect: str, stem: str) -> str:
-    """Where a run with ``--protect protect`` writes its results (see :func:`arguments`)."""
-    if protect not in ("off", "all") and not protect.isdigit():
-        p.error(f"--protect is off, all or a number, got {protect!r}")
-    return {"all": stem, "off": f"{stem}_unprotected"}.get(protect, f"{stem}_protect_{protect}")
-
-
 def main(argv=None) -> int:
-    p = arguments(__doc__, "sd_demo")
+    p = arguments(__doc__)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="step-search modes to run")
+    p.add_argument("--protect", default="all",
+                   help="the retain projection, model.protect_retained: all (the demo's setting: projected off "
+                        "every retained prompt; sd_demo.md), off (SLUG's forget gradient as it is; "
+                        "sd_demo_unprotected.md) or N (its limit: the first N retained prompts only, concept by "
+                        "concept, 4 per identity; sd_demo_protect_N_prompts.md: the others show what an unprotected "
+                        "identity loses; sd_demo_protect_10.md, 10 identities, is --protect 40)")
     args = p.parse_args(argv)
-    stem = results_stem(p, args.protect, "sd_demo")
+    if args.protect not in ("off", "all") and not args.protect.isdigit():
+        p.error(f"--protect is off, all or a number, got {args.protect!r}")
+    stem = {"all": "sd_demo", "off": "sd_demo_unprotected"}.get(args.protect,
+                                                                 f"sd_demo_protect_{args.protect}_prompts")
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for mode in args.modes:
@@ -116,7 +113,8 @@ def main(argv=None) -> int:
                          "layer": edit["layer"], "step": edit["step"], "relative_step": edit["relative_step"],
                          "search": summary["method"]["search"],
                          "clip_side": {"test_before": summary["before"], "test_after": summary["after"]},
-                         "generation": g, "who_pays": who_pays(concept, g, changes)})
+                         "generation": g, "retain_projection": summary["method"].get("retain_projection"),
+                         "who_pays": who_pays(concept, g, changes)})
             print(f"{mode} {concept}: exit {code}, {seconds:.0f}s, layer {edit['layer']}", flush=True)
     build = json.loads((root / "sd_pipeline" / "slug_demo_sd.json").read_text())
     build.pop("cache_key", None)
@@ -300,15 +298,17 @@ def results_lines(rows: list[dict], measured: str = "the search seeds' generatio
 
 
 def protection_lines(rows: list[dict]) -> list[str]:
-    """With ``protect_retained``: what was protected and, where only some identities were, what the
-    unprotected ones lost (each judge, mean over runs)."""
-    protected = [r["generation"].get("protected") for r in rows]
-    if not any(protected):
-        return ["SLUG's forget gradient as it is (`protect_retained: false`).", ""]
+    """With the retain projection (``model.protect_retained``): what was protected and, where only
+    some identities were, what the unprotected ones lost (each judge, mean over runs)."""
+    records = [r.get("retain_projection") for r in rows]
+    if not any(records):
+        return ["SLUG's forget gradient as it is (`model.protect_retained: null`).", ""]
+    protected = [record["protected"][0] for record in records]
     p = protected[0]
     lines = [f"The forget gradient is projected off what the retained identities' prompts feed the text encoder "
-             f"(`protect_retained`, tolerance {p['tolerance']:g}): {len(p['concepts'])} identities protected, "
-             f"{p['prompts']} prompts, {p['tensors']} tensors editable.", ""]
+             f"(the retain projection, `model.protect_retained`, tolerance {p['tolerance']:g}): "
+             f"{len(p['concepts'])} identities protected, {p['inputs']} prompts, {records[0]['editable']} tensors "
+             f"editable.", ""]
     judges = list(rows[0]["generation"]["judges"])
     for j in judges:
         split = {"protected": [], "unprotected": []}

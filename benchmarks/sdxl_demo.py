@@ -43,7 +43,7 @@ PENULTIMATE = -2
 
 
 def main(argv=None) -> int:
-    p = arguments(__doc__, "sdxl_demo", protect=False)
+    p = arguments(__doc__)
     p.add_argument("--encoders", nargs="+", type=int, default=list(ENCODERS), choices=list(ENCODERS),
                    help="the text encoders to edit, one set of runs each")
     args = p.parse_args(argv)

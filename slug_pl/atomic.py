@@ -7,9 +7,10 @@ in one step, so a reader (or a crash) sees either no file or the complete file:
   to its final name, which fails with :class:`FileExistsError` if that name exists (no
   check-then-write race), and the temporary name is removed. On a file system without hard links
   it falls back to an existence check and ``os.replace``.
-- :func:`atomic_folder` does the same for a whole folder (a ``save_pretrained`` model): written
-  under a temporary name beside it and renamed into place, never over an existing folder;
-  :func:`swap_into_place` replaces a stale *cache* folder the same way.
+- :func:`atomic_folder` does the same for a whole folder (a ``save_pretrained`` model, a set of
+  shards): written under a temporary name beside it and renamed into place, never over an existing
+  folder; :func:`rebuilt_folder` (built the same way, then :func:`swap_into_place`) replaces a stale
+  *cache* folder.
 - Temporary names are unpredictable (:func:`temp_folder_beside`, ``tempfile``): a folder shared
   with others cannot hold a link planted in advance at the name a run will write to.
 - ``overwrite=True`` is only for scratch state that is meant to be replaced (the partial sums of
@@ -22,8 +23,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -72,19 +74,63 @@ def _link_new(tmp: Path, path: Path) -> None:
 
 
 @contextmanager
-def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(folder: str | os.PathLike, empty_ok: bool = False) -> Iterator[Path]:
     """Yield a new empty temporary folder beside ``folder``; when the block succeeds, rename it to
     ``folder``. An existing ``folder`` is refused (:class:`FileExistsError`, before any work and
-    again at the rename); on any error the temporary folder is removed."""
+    again at the rename, when something else made it meanwhile); ``empty_ok``: an existing empty
+    folder is taken (replaced by the new one). On any error the temporary folder is removed."""
     folder = Path(folder)
-    if folder.exists():
+    if folder.exists() and not (empty_ok and folder.is_dir() and not any(folder.iterdir())):
         raise FileExistsError(f"refusing to overwrite {folder}: choose a new folder or move it away")
     tmp = temp_folder_beside(folder)
     try:
         yield tmp
-        os.rename(tmp, folder)  # fails if a non-empty ``folder`` appeared meanwhile
+        try:
+            if empty_ok and folder.is_dir():
+                folder.rmdir()  # still empty, or this fails: nothing is overwritten
+            os.rename(tmp, folder)  # fails if a non-empty ``folder`` appeared meanwhile
+        except OSError as err:
+            if folder.exists():
+                raise FileExistsError(f"{folder} appeared while it was being written and is not empty; "
+                                      f"choose a new folder") from err
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Rebuild:
+    """A folder being rebuilt by :func:`rebuilt_folder`."""
+
+    #: where the block writes the new folder's content (beside the folder, private).
+    path: Path
+    #: after the block: True when the new folder was swapped into place, False when ``keep``
+    #: kept a folder that another process built meanwhile (the new one is discarded).
+    swapped: bool = False
+
+
+@contextmanager
+def rebuilt_folder(folder: str | os.PathLike, *, made: bool = True,
+                   keep: Callable[[], bool] | None = None) -> Iterator[Rebuild]:
+    """Build a cache ``folder`` anew beside it and swap it into place (:func:`swap_into_place`:
+    readers see the stale folder or the new one, never a mix).
+
+    Yields a :class:`Rebuild` whose ``path`` is, with ``made``, a new empty private folder (a
+    :func:`temp_folder_beside` one); without it, a name not yet taken inside such a folder, for a
+    writer that refuses an existing folder and creates its own. When the block succeeds the new
+    folder replaces ``folder`` unless ``keep()`` (asked then) says the ``folder`` there now is to
+    be kept (built meanwhile by another process). Whatever happens, nothing temporary is left.
+    """
+    folder = Path(folder)
+    staging = temp_folder_beside(folder)
+    build = Rebuild(staging if made else staging / folder.name)
+    try:
+        yield build
+        if keep is None or not keep():
+            swap_into_place(build.path, folder)
+            build.swapped = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def temp_folder_beside(folder: str | os.PathLike) -> Path:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slug_pl.families.base import AUTHORS_EXCLUDE
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.step_search import SearchSettings
 
 #: The authors' iterations per candidate (their ``MAX_ITERATIONS``).
@@ -34,6 +35,7 @@ class RunOptions:
         retain_batches: ``in_order`` or ``reference`` (``data.retain_batches``).
         eval_mode: whether the gradient pass ran in eval mode (``model.eval_mode``).
         search: the step search's settings.
+        protect_retained: the retain projection (``model.protect_retained``), None when off.
     """
 
     exclude: Sequence[str]
@@ -43,6 +45,7 @@ class RunOptions:
     retain_batches: str
     eval_mode: bool
     search: SearchSettings
+    protect_retained: RetainProjection | None = None
 
 
 def run_departures(run: RunOptions) -> list[dict]:
@@ -74,8 +77,17 @@ def run_departures(run: RunOptions) -> list[dict]:
          "none (null, 1)", s.utility_guard is None and s.step_margin == 1.0),
         ("pass mode", "model.eval_mode", "eval" if run.eval_mode else "train",
          "train (model.train(); the same numbers on models without dropout)", not run.eval_mode),
+        ("retain projection", "model.protect_retained", _projection_value(run.protect_retained),
+         "none: SLUG's plain forget gradient (null)", run.protect_retained is None),
     ]
     return [{"name": n, "option": o, "value": v, "authors": a, "follows_authors": bool(f)} for n, o, v, a, f in rows]
+
+
+def _projection_value(option: RetainProjection | None) -> str:
+    if option is None:
+        return "off (null)"
+    tolerance = "the inputs' recommended" if option.tolerance is None else f"{option.tolerance:g}"
+    return f"the forget gradient projected off the retained inputs (tolerance {tolerance}, limit {option.limit})"
 
 
 def is_reference(departures: Sequence[dict]) -> bool:

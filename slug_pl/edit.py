@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -109,6 +110,51 @@ def stepped(model: nn.Module, name: str, forget_grad: torch.Tensor, step: float)
         yield edit
     finally:
         revert_edit(model, edit)
+
+
+@contextmanager
+def applied(model: nn.Module, edits: Sequence[LayerEdit]) -> Iterator[nn.Module]:
+    """The edits applied (in order) inside the block, reverted on exit."""
+    for e in edits:
+        apply_edit(model, e)
+    try:
+        yield model
+    finally:
+        for e in reversed(edits):
+            revert_edit(model, e)
+
+
+@contextmanager
+def reverted(model: nn.Module, edits: Sequence[LayerEdit]) -> Iterator[nn.Module]:
+    """The model without the (applied) edits inside the block; re-applied (in order) on exit."""
+    for e in reversed(edits):
+        revert_edit(model, e)
+    try:
+        yield model
+    finally:
+        for e in edits:
+            apply_edit(model, e)
+
+
+class GradientEdit(Protocol):
+    """What :func:`restep_edit` changes: an applied edit and the forget gradient it steps along
+    (a :class:`~slug_pl.step_search.Outcome` is one)."""
+
+    edit: LayerEdit
+    forget_grad: torch.Tensor
+
+
+def restep_edit(model: nn.Module, outcomes: Sequence[GradientEdit], index: int, step: float) -> None:
+    """Change the step of ``outcomes[index]``'s edit to ``step`` on a model that carries every
+    outcome's edit, applied in order. Later edits of the same tensor were computed on top of this
+    one, so every edit from ``index`` on is reverted and rebuilt in order (same gradients, the same
+    steps but the new one); each outcome's ``edit`` is replaced."""
+    for o in reversed(outcomes[index:]):
+        revert_edit(model, o.edit)
+    for i, o in enumerate(outcomes[index:], start=index):
+        e = o.edit
+        o.edit = make_edit(model, e.name, o.forget_grad, step if i == index else e.step, **e.info)
+        apply_edit(model, o.edit)
 
 
 def merge_edits(edits: list[LayerEdit]) -> list[LayerEdit]:

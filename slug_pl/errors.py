@@ -160,20 +160,38 @@ def explain_parse_error(message: str, cause: BaseException | None = None, parser
             keys, leaf = [key.group(1)], key.group(2)
     where = ".".join(keys)
     problem = _explain_leaf(leaf, classes, union, parser)
+    if (m := _IMPORT_PATH.match(problem)) is not None and where.rsplit(".", 1)[-1] in MAPPING_OPTIONS:
+        problem = f"expected {MAPPING_OPTIONS[where.rsplit('.', 1)[-1]]}, got {m.group(1)!r}"
     return f"{where}: {problem}" if where else problem
 
 
-#: Keys that moved, and where they are now (an old config names them; say where they went).
-MOVED_KEYS = {"target_metric": "forget_target.metric", "target_value": "forget_target.value"}
+#: Options whose value is a small mapping (a dataclass), and what to write there: a value of
+#: another shape (an old config's ``true``, a bare tolerance) otherwise reads as a bad import path.
+MAPPING_OPTIONS = {"protect_retained": "{tolerance, limit} (e.g. {tolerance: 0.05}; each may be left out) or null (off)"}
+_IMPORT_PATH = re.compile(r"^(?:Expected a dot import path string|Unexpected import path format|"
+                          r"Not a valid subclass of \w+, got): (.*)$")
+
+
+_FORGET_TARGET = "the forget target is set once for every method, in the top-level section forget_target"
+_RETAIN_PROJECTION = ("the retain projection moved to model.protect_retained, an option of the method (null: off; "
+                      "the target says what it protects)")
+
+#: Keys that moved: where they are now and why (an old config names them; say where they went).
+MOVED_KEYS = {"target_metric": ("forget_target.metric", _FORGET_TARGET),
+              "target_value": ("forget_target.value", _FORGET_TARGET),
+              "protect_retained": ("model.init_args.protect_retained", _RETAIN_PROJECTION),
+              "protect_tolerance": ("model.init_args.protect_retained.tolerance", _RETAIN_PROJECTION),
+              "protect_images": ("model.init_args.protect_retained.limit", _RETAIN_PROJECTION)}
 
 
 def _moved(key: str) -> str:
-    """`` — it moved: ...`` when ``key`` (or its last part) is a key that moved, else ""."""
+    """``: <why> (write <new key> there, ...)`` when ``key`` (or its last part) is a key that
+    moved, else ""."""
     name = key.rsplit(".", 1)[-1]
     if name not in MOVED_KEYS:
         return ""
-    return (f": the forget target is set once for every method, in the top-level section forget_target "
-            f"(write {MOVED_KEYS[name]} there, or --{MOVED_KEYS[name]})")
+    where, why = MOVED_KEYS[name]
+    return f": {why} (write {where} there, or --{where})"
 
 
 def _explain_leaf(leaf: str, classes: list[str], union: list[str], parser) -> str:

@@ -11,8 +11,9 @@ matter (``base_model`` when it is a hub id, ``library_name``, the tags ``slug`` 
 - **How forgetting was verified**: on which images (validation, held-out test), whether the
   target held, and which judge measured it (the CLIP's zero-shot classification, and a downstream
   model's own judges when the run had one);
-- **Departures**: where the run departed from the authors' SLUG, and whether the edit was kept
-  off what must stay (``protect_retained``), as the summary records them;
+- **Departures**: where the run departed from the authors' SLUG, and whether the change was kept
+  off what must stay (the retain projection, ``model.protect_retained``), as the summary records
+  them;
 - **Provenance** (base model, revision, the SHA-256 of the base weights, slug_pl version),
   **Use** (loading it with its own library) and **Reverting**.
 
@@ -188,16 +189,17 @@ def _departures(summary: Mapping | None) -> list[str]:
     method = summary.get("method", {})
     rows = [[d.get("name"), d.get("value"), d.get("authors")] for d in method.get("departures", [])
             if isinstance(d, Mapping) and not d.get("follows_authors", True)]
-    protected = [(key, block["protected"]) for key, block in _downstream_blocks(summary) if block.get("protected")]
-    if not rows and not protected:
+    projection = method.get("retain_projection")
+    if not rows and not isinstance(projection, Mapping):
         return []
     lines = ["## Departures from the authors' SLUG", ""]
     if rows:
         lines += [*table(["what", "this run", "the authors' code"], rows), ""]
-    for key, record in protected:
-        detail = "; ".join(f"{k}: {_plain(v)}" for k, v in record.items() if _plain(v) is not None)
-        lines += [f"- `protect_retained` ({key}): the forget gradient was projected off what the retained inputs "
-                  f"feed each tensor ({detail}).", ""]
+    if isinstance(projection, Mapping):
+        inputs = "; ".join(f"{p.get('inputs')} {p.get('kind')} of the {p.get('tower')} tower "
+                           f"(tolerance {_plain(p.get('tolerance'))})" for p in projection.get("protected", []))
+        lines += [f"- `model.protect_retained`, {projection.get('departure')}: {projection.get('how')}, off what "
+                  f"the retained inputs feed each tensor ({inputs}).", ""]
     return lines
 
 

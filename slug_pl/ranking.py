@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,6 +40,19 @@ class LayerScore:
     on_front: bool = False
     front: int = 0  # 1 = the Pareto front, 2 = the front once the first is removed, ...; 0 = unranked
     readable: bool = True  # read by the model that consumes the edit (else never a candidate)
+
+
+def has_candidates(family: ModelFamily, named_parameters: Iterable[tuple[str, torch.Tensor]],
+                   towers: Sequence[str] | None = None, readable: Callable[[str], bool] | None = None) -> bool:
+    """Whether any tensor of ``named_parameters`` ((name, tensor) pairs) can be a candidate layer:
+    rankable under the family's filters (:meth:`~slug_pl.families.base.ModelFamily.is_rankable`),
+    in one of ``towers`` (None: any) and read by the model that consumes the edit (``readable``;
+    None: every tensor). The check a run makes before its gradient pass, so a filter that leaves
+    nothing fails in seconds."""
+    return any(family.is_rankable(name, param)
+               and (towers is None or family.tower_of(name) in towers)
+               and (readable is None or readable(name))
+               for name, param in named_parameters)
 
 
 def layer_scores(

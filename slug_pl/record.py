@@ -37,15 +37,19 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from slug_pl.atomic import atomic_output, refuse_existing, write_text
 from slug_pl.edit import LayerEdit, save_edits
-from slug_pl.evaluation.final import BeforeAfter
 from slug_pl.gradients import save_tensors
 from slug_pl.markdown import pct, table
-from slug_pl.step_search import ForgetTarget, core_metrics
+
+if TYPE_CHECKING:  # annotations only: the record is written from what the search and the evaluation
+    # found, and the step search reports its metrics through this module (no import cycle)
+    from slug_pl.evaluation.final import BeforeAfter
+    from slug_pl.step_search import ForgetTarget
 
 SCHEMA_VERSION = 2
 SUMMARY_FILE = "summary.json"
@@ -67,6 +71,21 @@ GRADIENT_FILES = ("gradients/forget.safetensors", "gradients/retain.safetensors"
 RUN_ARTIFACTS = (SUMMARY_FILE, REPORT_FILE, EDIT_FILE, "similarity.png", SKIPPED_FILE, "ranking*.csv",
                  "pareto_*.png", SEARCH_FILE, SELECTION_FILE, "edited_*", "*_grid.png", "unlearncanvas.csv",
                  *GRADIENT_FILES)
+
+
+#: The headline metrics of a result (fractions), in the order the record and the logs show them;
+#: add a key here to report it in ``summary.json``'s metric blocks.
+CORE = ("forget_top1", "forget_top5", "retain_top1", "utility_top1")
+
+
+def core_metrics(metrics: dict[str, float], keys: Sequence[str] = CORE) -> dict[str, float]:
+    """The headline metrics of a result (those of ``keys`` it has), in a fixed order."""
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``metrics`` as one log line: ``name=0.123, ...`` (three decimals, in the dict's order)."""
+    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
 
 
 def check_free(run_dir: str | Path, reusing_gradients: bool = False) -> None:

@@ -24,7 +24,7 @@ what they keep) and extends each with the next concept's ``beam_width`` best can
 complete sets are scored on the combined model. :meth:`StepSearch.joint_check` then re-checks
 every target on the combined model and searches a larger step for a concept that misses.
 
-A *judge* (:class:`Judge`) measures a model: ``judge.evaluate(model, edited) -> metrics``. The
+A *judge* (:class:`SearchJudge`) measures a model: ``judge.evaluate(model, edited) -> metrics``. The
 CLIP's own zero-shot :class:`~slug_pl.evaluation.evaluator.Evaluator` is one; a downstream
 consumer (a VLM asked for names) can be another. ``edited`` names the one parameter that differs
 from the judge's unedited model (a hint for caching), or None.
@@ -33,16 +33,16 @@ from the judge's unedited model (a hint for caching), or None.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from slug_pl.edit import LayerEdit, apply_edit, make_edit, revert_edit, stepped
+from slug_pl.edit import LayerEdit, applied, make_edit, restep_edit, reverted, stepped
 from slug_pl.ranking import LayerScore, candidates, layer_scores
+from slug_pl.record import core_metrics, format_metrics
 
 #: Metrics whose sum an edit should keep as high as possible (fractions; missing ones count 0).
 DEFAULT_KEPT = ("retain_top1", "utility_top1")
@@ -51,7 +51,7 @@ DEFAULT_KEPT = ("retain_top1", "utility_top1")
 ITERATIONS = ("until_tolerance", "fixed")
 
 
-class Judge(Protocol):
+class SearchJudge(Protocol):
     """Measures a model on validation data: ``{metric name: value}`` (accuracies as fractions)."""
 
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]: ...
@@ -330,7 +330,7 @@ class StepSearch:
                       f"{sorted(measured)}); they count 0 in the choice")
 
     # -- 2. one layer ------------------------------------------------------------------------------
-    def search_layer(self, model: nn.Module, judge: Judge, cand: LayerScore, forget_grad: torch.Tensor,
+    def search_layer(self, model: nn.Module, judge: SearchJudge, cand: LayerScore, forget_grad: torch.Tensor,
                      before: dict[str, float], concept: str = "", best_kept: float | None = None) -> CandidateResult:
         """Doubling then bisection of λ for one candidate layer (model restored after each step).
 
@@ -385,7 +385,7 @@ class StepSearch:
         return [closest], False
 
     # -- 4. the margin -----------------------------------------------------------------------------
-    def with_margin(self, model: nn.Module, judge: Judge, chosen: StepEvaluation, forget_grad: torch.Tensor,
+    def with_margin(self, model: nn.Module, judge: SearchJudge, chosen: StepEvaluation, forget_grad: torch.Tensor,
                     before: dict[str, float]) -> StepEvaluation:
         """The chosen step times ``step_margin``, evaluated and recorded (the margin-free
         evaluation itself when the margin is 1)."""
@@ -414,7 +414,7 @@ class StepSearch:
         self.ranking_s += time.perf_counter() - t0
         return scores
 
-    def search_concept(self, model: nn.Module, family, judge: Judge, concept: str, forget_grad: dict,
+    def search_concept(self, model: nn.Module, family, judge: SearchJudge, concept: str, forget_grad: dict,
                        retain_grad: dict, width: int = 1,
                        readable: Callable[[str], bool] | None = None) -> list[Outcome]:
         """Rank, search every candidate, choose: up to ``width`` outcomes for one concept, best
@@ -455,7 +455,7 @@ class StepSearch:
         return outcomes
 
     # -- several concepts --------------------------------------------------------------------------
-    def search_concepts(self, model: nn.Module, family, judge_for: Callable[[str], Judge], concepts: Sequence[str],
+    def search_concepts(self, model: nn.Module, family, judge_for: Callable[[str], SearchJudge], concepts: Sequence[str],
                         forget_gradient: Callable[[str], dict], retain_grad: dict,
                         readable: Callable[[str], bool] | None = None,
                         run_forget_grad: dict | None = None) -> list[Outcome]:
@@ -514,7 +514,7 @@ class StepSearch:
         (made with every edit of the set applied) keeps."""
         return sum(o.target_met for o in path), kept(path[-1].chosen.metrics, self.settings.kept)
 
-    def joint_check(self, model: nn.Module, outcomes: list[Outcome], judge_for: Callable[[str], Judge]) -> None:
+    def joint_check(self, model: nn.Module, outcomes: list[Outcome], judge_for: Callable[[str], SearchJudge]) -> None:
         """Re-check every concept's target on the combined model (every edit applied, in order).
 
         A concept that misses gets its step searched again with the other edits in place
@@ -554,54 +554,3 @@ class StepSearch:
             o.validation = judge_for(o.concept).evaluate(model)
             o.target_met = self.target.met(o.validation)
             self.log(f"joint check {o.concept!r}: {format_metrics(o.validation)}")
-
-
-# -- edit sets ---------------------------------------------------------------------------------
-
-def restep_edit(model: nn.Module, outcomes: list[Outcome], index: int, step: float) -> None:
-    """Change the step of ``outcomes[index]``'s edit to ``step`` on a model that carries every
-    outcome's edit, applied in order. Later edits of the same tensor were computed on top of this
-    one, so every edit from ``index`` on is reverted and rebuilt in order (same gradients, the same
-    steps but the new one); each outcome's ``edit`` is replaced."""
-    for o in reversed(outcomes[index:]):
-        revert_edit(model, o.edit)
-    for i, o in enumerate(outcomes[index:], start=index):
-        e = o.edit
-        o.edit = make_edit(model, e.name, o.forget_grad, step if i == index else e.step, **e.info)
-        apply_edit(model, o.edit)
-
-
-@contextmanager
-def applied(model: nn.Module, edits: Sequence[LayerEdit]) -> Iterator[nn.Module]:
-    """The edits applied (in order) inside the block, reverted on exit."""
-    for e in edits:
-        apply_edit(model, e)
-    try:
-        yield model
-    finally:
-        for e in reversed(edits):
-            revert_edit(model, e)
-
-
-@contextmanager
-def reverted(model: nn.Module, edits: Sequence[LayerEdit]) -> Iterator[nn.Module]:
-    """The model without the (applied) edits inside the block; re-applied (in order) on exit."""
-    for e in reversed(edits):
-        revert_edit(model, e)
-    try:
-        yield model
-    finally:
-        for e in edits:
-            apply_edit(model, e)
-
-
-CORE = ("forget_top1", "forget_top5", "retain_top1", "utility_top1")
-
-
-def core_metrics(metrics: dict[str, float], keys: Sequence[str] = CORE) -> dict[str, float]:
-    """The headline metrics of a result, in a fixed order."""
-    return {k: metrics[k] for k in keys if k in metrics}
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())

@@ -25,11 +25,27 @@ torch.set_num_threads(1)
 
 import json  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+
+# torch on one thread inside a block (tests import it from here)
+from slug_pl.demo.training import one_thread  # noqa: E402, F401
+
+
+def step_changes(param, step, measure, inputs, scale: float = 0.5) -> list[float]:
+    """How much a large step along ``-step`` (``scale`` × ‖param‖) moves ``measure(x)`` for each of
+    ``inputs``: ``‖after − before‖ / ‖before‖`` each; ``param`` is restored afterwards."""
+    with torch.no_grad():
+        before = [measure(x) for x in inputs]
+        original = param.detach().clone()
+        param.sub_(step * (scale * original.norm() / step.norm()))
+        try:
+            after = [measure(x) for x in inputs]
+        finally:
+            param.copy_(original)
+    return [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
 
 
 def save_edited(target, clip, edit, folder) -> Path:
@@ -143,20 +159,6 @@ def tiny_hf_clip(tmp_path_factory):
     torch.manual_seed(0)
     model = CLIPModel(tiny_clip_config(hidden_size=64, layers=2, heads=2, projection_dim=32))
     return str(save_clip_folder(model, tmp_path_factory.mktemp("hf_clip") / "tiny"))
-
-
-@contextmanager
-def one_thread():
-    """torch on one thread inside the block: on shared cores a second OpenMP thread spinning
-    against other jobs makes training and gradient passes several times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 #: The separating model's world: 20 identities and 10 objects, 20 training pairs per class (600

@@ -245,6 +245,19 @@ class TargetContract:
     def test_reads_is_exactly_what_changes_the_downstream_output(self, target, clip):
         self.assert_reads_is_what_changes_the_output(target, *clip)
 
+    def test_the_model_loads_at_its_first_use_and_not_before(self, make_target, model_folder, clip):
+        """Naming the target, giving it the run's device and asking what it reads leave the model
+        unloaded (the ranks of a run that never use it never hold it); the pair check, its first
+        use in a run, loads it."""
+        family, model = clip
+        target = make_target(model_folder)
+        target.use_run_device("cpu")
+        assert str(model_folder) in target.describe() and target.source() == str(model_folder)
+        assert any(target.reads(n) for n, _ in model.named_parameters())
+        assert not target.adapter.loaded
+        target.check_pair(family, model)
+        assert target.adapter.loaded
+
     # -- the pair ---------------------------------------------------------------------------------
     def test_pair_check_accepts_its_clip_and_refuses_another_naming_a_tensor(self, target, clip):
         family, model = clip

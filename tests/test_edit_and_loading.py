@@ -398,7 +398,8 @@ def test_restep_rebuilds_later_edits_of_the_same_tensor():
     """Two concepts' edits on one tensor, applied in order; raising the first one's step (the
     final re-check of a joint search) leaves θ − λ1'·g1 − λ2·g2, and reverting both restores θ
     bit for bit."""
-    from slug_pl.step_search import Outcome, restep_edit
+    from slug_pl.edit import restep_edit
+    from slug_pl.step_search import Outcome
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

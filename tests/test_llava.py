@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ON_CPU_AND_GPU, changed_files, run_context, save_edited, write_config
+from conftest import ON_CPU_AND_GPU, changed_files, run_context, save_edited, step_changes, write_config
 from slug_pl.cli import main
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet
@@ -24,6 +24,7 @@ from slug_pl.demo.llava import build_llava, demo_tokenizer
 from slug_pl.edit import apply_edit, make_edit, revert_edit
 from slug_pl.evaluation import vqa
 from slug_pl.families.hf_clip import HfClip, ProcessorTransform
+from slug_pl.retain_projection import RetainProjection, build_projection
 from slug_pl.step_search import CandidateResult, ForgetTarget, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets import Llava, TargetMismatchError
 from slug_pl.evaluation.vqa import DEFAULT_QUESTION as QUESTION
@@ -371,10 +372,11 @@ def test_the_choice_maximises_the_configured_kept_metrics():
         SearchSettings(kept=())
 
 
-def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world):
-    """With ``protect_retained`` the forget gradient of a read linear weight is projected off what
-    the retain images feed it: an edit along it leaves those images' states unchanged, and still
-    moves the forgotten person's images, which are never among the protected ones."""
+def test_the_retain_projection_keeps_the_edit_off_the_retain_images(pair, small_world):
+    """What LLaVA protects (``protected_inputs``, for the method's ``model.protect_retained``): the
+    retain images; the forget gradient of a read linear weight projected off what they feed it
+    gives an edit that leaves those images' states unchanged, and still moves the forgotten
+    person's images, which are never among the protected ones."""
     from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
 
     family, clip, folder = pair
@@ -382,36 +384,26 @@ def test_protect_retained_keeps_the_edit_off_the_retain_images(pair, small_world
     corpus = [s for s in iter_raw_samples(expand_urls(small_world["corpus"])) if s.caption]
     forgotten = json.loads(corpus[0].fields["json"])["name"]  # the first retain pair names them
     dm = SlugDataModule(concepts=[forgotten], retain=small_world["corpus"])
-    target = target_of(folder, protect_retained=True, protect_images=2, protect_tolerance=0.0)
-    projection = target.forget_gradient_projection(run_context(dm, family, clip))
-    assert target.judge.protection["images"] == 2 and target.judge.protection["tolerance"] == 0.0
+    target = target_of(folder)
+    sources = target.protected_inputs(run_context(dm, family, clip), 2)
+    assert [(s.tower, s.kind, s.count, s.tolerance) for s in sources] == [("vision", "images", 2, 0.3)]
+    projection, record = build_projection(clip, RetainProjection(0.0, 2), sources, target.reads, "SLUG", "projected")
+    assert record["protected"][0]["inputs"] == 2 and record["protected"][0]["tolerance"] == 0.0
     # recorded: the covered tensors the VLM reads (block 0 of 2: q, k, v, out, fc1, fc2), the candidates
-    assert sorted(target.judge.protection["rank"]) == sorted(n for n in projection.bases if target.reads(n))
-    assert target.judge.protection["tensors"] == 6
+    assert sorted(record["rank"]) == sorted(n for n in projection.bases if target.reads(n))
+    assert record["editable"] == 6
     assert projection.covers(READ_LAYER) and not projection.covers(READ_LAYER.replace("weight", "bias"))
     assert not projection.covers("vision_model.embeddings.position_embedding.weight")
     assert projection.bases[READ_LAYER].shape[1] == 2 * 17  # every patch and the class token of 2 images
     protected = torch.stack([transform(decode_image(s)) for s in corpus if forgotten not in s.caption][:2])
     theirs = torch.stack([transform(decode_image(s)) for s in corpus if forgotten in s.caption][:2])
 
-    def states(pixels):
-        with torch.no_grad():
-            return clip.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[1]
-
     param = clip.get_parameter(READ_LAYER)
     g = torch.randn(param.shape, generator=torch.Generator().manual_seed(0))
     step = projection.apply({READ_LAYER: g})[READ_LAYER]
-    before = states(protected), states(theirs)
-    with torch.no_grad():
-        original = param.detach().clone()
-        param.sub_(step * (0.5 * original.norm() / step.norm()))
-        after = states(protected), states(theirs)
-        param.copy_(original)
-    change = [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+    change = step_changes(param, step, lambda pixels: clip.vision_model(
+        pixel_values=pixels, output_hidden_states=True).hidden_states[1], (protected, theirs))
     assert change[0] < 1e-4 and change[1] > 1e-2
-    assert target_of(folder).forget_gradient_projection(run_context(dm, family, clip)) is None  # off by default
-    with pytest.raises(ValueError, match="protect_tolerance"):
-        target_of(folder, protect_tolerance=1.0)
 
 
 # -- a fit run through the CLI ----------------------------------------------------------------------
@@ -469,6 +461,7 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
 # -- the demo, from a fresh directory ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.heavy  # builds the world, a CLIP and a LLaVA from scratch: minutes on 2 cores
 def test_llava_demo_forgets_a_name(tmp_path, monkeypatch, capsys):
     """``slug-pl fit --config configs/demo_llava.yaml`` on a new clone: the world, the CLIP and the
     LLaVA are built (the LLaVA names held-out identities >= 90 % of the time), and the VLM stops
@@ -485,11 +478,12 @@ def test_llava_demo_forgets_a_name(tmp_path, monkeypatch, capsys):
     before, after = summary["vqa"]["before"], summary["vqa"]["after"]
     assert before["forget_name_accuracy"] >= 0.9 and after["forget_name_accuracy"] <= FORGET_AFTER
     assert before["retain_name_accuracy"] - after["retain_name_accuracy"] <= RETAIN_DROP
-    assert summary["vqa"]["protected"]["images"] > 900  # the retain shard's pairs that do not name the person
+    protected = summary["method"]["retain_projection"]["protected"]  # model.protect_retained: the retain images
+    assert protected[0]["inputs"] > 900  # the retain shard's pairs that do not name the person
     assert before["object_accuracy"] - after["object_accuracy"] <= OBJECT_DROP
     edited = target_of(run / "edited_llava")
-    original = target_of(tmp_path / ".slug_cache/demo_llava/llava").downstream_parameters()
-    assert [k for k, v in edited.downstream_parameters().items() if not torch.equal(v, original[k])] == \
+    original = target_of(tmp_path / ".slug_cache/demo_llava/llava").adapter.downstream_parameters()
+    assert [k for k, v in edited.adapter.downstream_parameters().items() if not torch.equal(v, original[k])] == \
         summary["vqa"]["transplanted"]
     with capsys.disabled():
         print(f"\nLLaVA demo: {summary['method']['edits'][0]['layer']}; VLM forget "

@@ -99,7 +99,7 @@ def test_celeba_errors_name_the_problem(celeba, capsys):
     (celeba / "used" / "keep.txt").write_text("mine")
     assert prepare("celeba", base + ["--out", str(celeba / "used")]) == 2
     assert "not empty" in capsys.readouterr().err and (celeba / "used" / "keep.txt").read_text() == "mine"
-    assert not (celeba / "o1").exists() and not list(celeba.glob(".o1.tmp-*"))
+    assert not (celeba / "o1").exists() and not list(celeba.glob(".o1.*"))
     assert prepare("celeba", base + ["--include", "Grace Hopper", "--others", "4", "--out", str(celeba / "o3")]) == 2
     assert "only 3 other identities have 4 images; ask for fewer others" in capsys.readouterr().err
 

@@ -129,10 +129,21 @@ def two_process_run(tmp_path_factory, separating_model):
     cut to one evaluation (only the gradient files are compared)."""
     work = tmp_path_factory.mktemp("ddp_reference")
     config = separating_config(work, separating_model, search={"top_k": 1, "max_evals": 1},
-                               trainer={"devices": 2, "strategy": "ddp_spawn"},
+                               trainer={"devices": 2, "strategy": "ddp_spawn", "callbacks": [
+                                   {"class_path": "slug_pl.testing.probes.HostGradientProbe",
+                                    "init_args": {"folder": str(work)}}]},
                                data={"batch_size": DDP_FORGET_BATCH, "retain_batch_size": DDP_RETAIN_BATCH})
     main(["fit", "--config", str(config)])
     return work / "lightning_logs" / "version_0"
+
+
+def test_only_rank_zero_keeps_the_averaged_gradients_in_host_memory(two_process_run, reference):
+    """Rank 0 ranks, searches and writes: it holds the one host copy of both averaged gradients
+    (8 bytes per parameter); rank 1 holds none."""
+    held = {r: json.loads((two_process_run.parents[1] / f"host_gradients_rank{r}.json").read_text())["elements"]
+            for r in (0, 1)}
+    parameters = sum(p.numel() for p in reference["model"].parameters() if p.requires_grad)
+    assert held == {0: 2 * parameters, 1: 0}
 
 
 def test_two_process_gradient_files_equal_the_reference(two_process_run, reference):

@@ -51,6 +51,7 @@ from slug_pl.data.labelled import LabelledSet
 from slug_pl.data.pairs import PairBatches, PairSet
 from slug_pl.data.reference_batches import AuthorsBatches, buffered_shuffle, derived_seed
 from slug_pl.departures import RunOptions, is_reference, run_departures
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.families.base import AUTHORS_EXCLUDE
 from slug_pl.families.open_clip import OPEN_CLIP_EXCLUDE, OpenClip, register_model_configs
 from slug_pl.step_search import SearchSettings
@@ -377,14 +378,23 @@ def test_demo_reference_is_the_demo_with_the_reference_preset_on_top(capsys):
 
 
 def test_the_departures_of_the_defaults_and_of_the_preset():
-    """The defaults depart in everything but guard and margin (off by default); the preset in nothing."""
+    """The defaults depart in everything but guard and margin and the retain projection (off by
+    default); the preset in nothing; model.protect_retained is a departure, named with its values."""
     defaults = run_departures(RunOptions(OPEN_CLIP_EXCLUDE, (), "per_sample", 64, "in_order", True, SearchSettings()))
-    assert [d["name"] for d in defaults if d["follows_authors"]] == ["utility guard and step margin"]
+    assert [d["name"] for d in defaults if d["follows_authors"]] == ["utility guard and step margin",
+                                                                      "retain projection"]
+    assert defaults[-1]["option"] == "model.protect_retained" and defaults[-1]["value"] == "off (null)"
     preset = run_departures(RunOptions(AUTHORS_EXCLUDE, (), "per_batch", 16, "reference", False,
                                        SearchSettings(top_k=None, iterations="fixed", max_evals=10)))
     assert is_reference(preset) and not is_reference(defaults)
     nine = SearchSettings(top_k=None, iterations="fixed", max_evals=9)
     assert not is_reference(run_departures(RunOptions(AUTHORS_EXCLUDE, (), "per_batch", 16, "reference", False, nine)))
+    protected = run_departures(RunOptions(AUTHORS_EXCLUDE, (), "per_batch", 16, "reference", False,
+                                          SearchSettings(top_k=None, iterations="fixed", max_evals=10),
+                                          RetainProjection(0.05, 30)))
+    assert [d["name"] for d in protected if not d["follows_authors"]] == ["retain projection"]
+    assert protected[-1]["value"] == "the forget gradient projected off the retained inputs (tolerance 0.05, limit 30)"
+    assert not is_reference(protected)
 
 
 def test_hugging_face_clip_has_the_authors_training_transform(tiny_hf_clip):
@@ -403,14 +413,18 @@ def test_hugging_face_clip_has_the_authors_training_transform(tiny_hf_clip):
 
 
 @pytest.fixture(scope="module")
-def fresh_demo_reference(tmp_path_factory):
-    """``slug-pl fit --config configs/demo_reference.yaml`` in a new process from an empty folder,
-    as on a new clone (the world is built and the demo CLIP trained there)."""
+def fresh_demo_reference(tmp_path_factory, fresh_demo):
+    """``slug-pl fit --config configs/demo_reference.yaml`` in a new process from a folder that holds
+    only the session's fresh demo build (``fresh_demo``: the world and the demo CLIP, built from an
+    empty folder there; the reference preset uses the same ones, and building them again would only
+    repeat minutes of training)."""
     import os
+    import shutil
     import subprocess
     import sys
 
     work = tmp_path_factory.mktemp("fresh_demo_reference")
+    shutil.copytree(fresh_demo["dir"] / ".slug_cache", work / ".slug_cache")
     env = os.environ | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "slug_pl.cli", "fit", "--config",
                            str(REPO / "configs" / "demo_reference.yaml"), "--trainer.enable_progress_bar", "false"],
@@ -418,7 +432,7 @@ def fresh_demo_reference(tmp_path_factory):
     return {"dir": work, "code": done.returncode, "console": done.stdout + done.stderr}
 
 
-@pytest.mark.slow  # minutes: builds the demo world and trains its CLIP in a fresh folder
+@pytest.mark.slow  # a whole run on the fresh demo build
 def test_fresh_demo_reference_ranks_conv1_and_searches_every_front_layer_ten_times(fresh_demo_reference):
     assert fresh_demo_reference["code"] == 0, fresh_demo_reference["console"][-3000:]
     run = fresh_demo_reference["dir"] / "lightning_logs" / "version_0"

@@ -27,7 +27,7 @@ from conftest import write_config
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
-from slug_pl.atomic import atomic_folder, atomic_output, swap_into_place, write_text
+from slug_pl.atomic import atomic_folder, atomic_output, rebuilt_folder, swap_into_place, write_text
 from slug_pl.cli import EXIT_TARGET_NOT_MET, TRAINER_DEFAULTS, main
 from slug_pl.data.datamodule import SlugDataModule
 from slug_pl.data.mining import EmptyForgetSetError, mine_forget_set
@@ -353,6 +353,44 @@ def test_atomic_folder_is_complete_or_absent_and_never_replaces(tmp_path):
     swap_into_place(tmp_path / "new", tmp_path / "model")  # a cache rebuilt: the stale one is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["v2"]
+
+
+def test_atomic_folder_takes_an_empty_folder_only_when_asked_and_names_one_that_appears(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError):
+        with atomic_folder(tmp_path / "out"):
+            pass
+    with atomic_folder(tmp_path / "out", empty_ok=True) as tmp:
+        (tmp / "a").write_text("1")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a"]
+    with pytest.raises(FileExistsError, match="appeared while it was being written"):
+        with atomic_folder(tmp_path / "late") as tmp:
+            (tmp_path / "late").mkdir()
+            (tmp_path / "late" / "theirs").write_text("x")  # another process, meanwhile
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "out"]  # no temp folder left
+
+
+def test_rebuilt_folder_swaps_a_cache_in_or_keeps_one_built_meanwhile(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "stale").write_text("old")
+    with rebuilt_folder(cache) as build:
+        (build.path / "fresh").write_text("new")
+    assert build.swapped and [p.name for p in cache.iterdir()] == ["fresh"]
+    with rebuilt_folder(cache, keep=lambda: True) as build:  # another process built it meanwhile
+        (build.path / "mine").write_text("new")
+    assert not build.swapped and [p.name for p in cache.iterdir()] == ["fresh"]
+    with rebuilt_folder(cache, made=False) as build:  # for a writer that makes its folder itself
+        assert not build.path.exists()
+        build.path.mkdir()
+        (build.path / "made").write_text("new")
+    assert [p.name for p in cache.iterdir()] == ["made"]
+    with pytest.raises(RuntimeError):
+        with rebuilt_folder(cache) as build:
+            raise RuntimeError("killed while building")
+    assert [p.name for p in cache.iterdir()] == ["made"]  # the cache there stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing temporary left
 
 
 def test_existing_artifact_stops_the_run_before_any_work(tmp_path, small_world, tiny_checkpoint, forget_shards,

@@ -283,10 +283,10 @@ def test_combined_judges_remove_only_what_every_judge_misses():
 
 
 def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: dict, target: dict,
-           accelerator: str = "cpu", forget_target: dict | None = None) -> Path:
+           accelerator: str = "cpu", forget_target: dict | None = None, model: dict | None = None) -> Path:
     """Mine ``concept``'s forget set and run ``slug-pl fit`` with the tiny HF CLIP and a Stable
-    Diffusion target (``target``: its init_args) in ``tmp_path`` (the working folder); returns the
-    run folder."""
+    Diffusion target (``target``: its init_args; ``model``: more of SLUG's init_args) in
+    ``tmp_path`` (the working folder); returns the run folder."""
     assert main(["mine", "--shards", world["corpus"], "--name", concept, "--out", "forget"]) == 0
     config = write_config(tmp_path, world, "unused", "forget/forget-000000.tar",
                           search={"towers": ["text"], "save_checkpoint": False, **search},
@@ -295,6 +295,7 @@ def sd_fit(tmp_path: Path, world: dict, clip_folder: str, concept: str, search: 
     raw["model"]["init_args"]["family"] = {"class_path": "slug_pl.families.HfClip",
                                            "init_args": {"model_name": clip_folder}}
     raw["model"]["init_args"]["target"] = {"class_path": "slug_pl.targets.StableDiffusion", "init_args": target}
+    raw["model"]["init_args"].update(model or {})
     raw["trainer"]["accelerator"] = accelerator
     config.write_text(yaml.safe_dump(raw))
     assert main(["fit", "--config", str(config)]) == 0
@@ -352,9 +353,10 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
 
 def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
         tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):
-    """protect_retained: the forget gradient is projected off what the retained prompts feed the
-    text encoder, so the edited pipeline encodes them as before (every position the UNet reads)
-    while the forgotten concept's prompts move; only projectable tensors are candidates."""
+    """model.protect_retained with a Stable Diffusion target: the forget gradient is projected off
+    what the retained prompts (the target's protected inputs) feed the text encoder, so the edited
+    pipeline encodes them as before (every position the UNet reads) while the forgotten concept's
+    prompts move; only projectable tensors are candidates."""
     from diffusers import StableDiffusionPipeline
 
     identities = json.loads(Path(small_world["identities_json"]).read_text())
@@ -363,11 +365,15 @@ def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
     run = sd_fit(tmp_path, small_world, tiny_hf_clip, concept, {"top_k": 3, "max_evals": 2}, {
         "pipeline": pipeline, "retain_concepts": 2, "seeds": [0], "search_seeds": [5], "steps": 2,
         "guidance": 3.0, "batch_size": 8, "forget_threshold": 1.0, "device": "cpu", "save_edited": True,
-        "progress": False, "protect_retained": True, "protect_tolerance": 1e-6}, forget_target={"value": 1.0})
+        "progress": False}, forget_target={"value": 1.0}, model={"protect_retained": {"tolerance": 1e-6}})
     summary = json.loads((run / "summary.json").read_text())
-    protected = summary["generation"]["protected"]
-    assert protected["prompts"] == 2 * 2 and protected["tolerance"] == 1e-6  # 2 retained concepts × 2 templates
+    record = summary["method"]["retain_projection"]
+    assert record["departure"] == "a departure from SLUG's plain gradient" and len(record["protected"]) == 1
+    protected = record["protected"][0]
+    assert (protected["tower"], protected["kind"]) == ("text", "prompts")
+    assert protected["inputs"] == 2 * 2 and protected["tolerance"] == 1e-6  # 2 retained concepts × 2 templates
     assert protected["concepts"] == identities[1:3]
+    assert "protected" not in summary["generation"]  # the method's record, not the target's
     chosen = summary["method"]["edits"][0]["layer"]
     assert chosen.endswith("_proj.weight") or chosen.endswith((".fc1.weight", ".fc2.weight", "embedding.weight"))
     import csv
@@ -385,11 +391,9 @@ def test_fit_protecting_the_retained_prompts_leaves_their_text_states_unchanged(
                                    / prompt_embeddings(original, prompts).norm())  # noqa: E731
     assert change(retained) < 1e-4
     assert change([t.format(concept) for t in ("a photo of {}.", "{} in a picture.")]) > 10 * change(retained)
-    assert "projected off what the 4 retained prompts feed" in (run / "report.md").read_text()
-    with pytest.raises(ValueError, match="protect_retained"):
-        StableDiffusion(pipeline, protect_retained=0)
-    with pytest.raises(ValueError, match="protect_tolerance"):
-        StableDiffusion(pipeline, protect_retained=True, protect_tolerance=1.5)
+    report = (run / "report.md").read_text()
+    assert "## Retain projection: a departure from SLUG's plain gradient" in report
+    assert "| text | 4 prompts | the prompts of 2 retained concepts" in report
 
 
 def test_fit_with_the_step_search_on_generations(tmp_path, monkeypatch, small_world, tiny_hf_clip, pipeline):

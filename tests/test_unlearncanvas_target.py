@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from builders_downstream import TinyClassifier, tiny_sd_pipeline
-from conftest import run_context
+from conftest import run_context, step_changes
 from slug_pl.cli import main
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.edit import apply_edit, make_edit
@@ -204,6 +204,52 @@ def test_search_grid_always_draws_the_unlearned_object(pipeline, classifiers):
         (s, o, 7) for s in STYLES for o in ("Apple", "Bicycle")]
     style_grid = CanvasGrid("style", "Neon", STYLES, ("Apple", "Banana", "Bicycle"))
     assert {p.object for p in target.judge.search_prompts(style_grid)} == {"Apple"}
+
+
+@pytest.mark.parametrize("kind, unlearned, limit, expected", [
+    ("style", "Neon", 4, [("Pencil_Sketch", "Apple"), ("Pencil_Sketch", "Banana"), ("Pencil_Sketch", "Bicycle"),
+                          ("Posterize", "Apple")]),
+    ("object", "Banana", 10, [(s, o) for s in STYLES for o in ("Apple", "Bicycle")]),
+])
+def test_what_it_protects_is_the_grid_s_prompts_of_the_other_styles_or_objects(pipeline, classifiers, tiny_hf_clip,
+                                                                               kind, unlearned, limit, expected):
+    """With the method's ``model.protect_retained``: the grid's prompts of every style (object)
+    but the unlearned one, style by style, the first ``limit``, through the text tower at every
+    position; an edit along a gradient projected off them (tolerance 1e-6) leaves their text
+    states unchanged and moves the unlearned one's."""
+    from slug_pl.context import RunContext
+    from slug_pl.data.canvas_datamodule import CanvasGrid
+    from slug_pl.evaluation.unlearncanvas import caption
+    from slug_pl.retain_projection import RetainProjection, build_projection
+
+    grid = CanvasGrid(kind, unlearned, STYLES, ("Apple", "Banana", "Bicycle"))
+
+    class Data:  # the run's data: what the UnlearnCanvas target needs of it (a CanvasGridSource)
+        def canvas_grid(self):
+            return grid
+
+        def record(self):
+            return {"root": "controlled"}
+
+    family = HfClip(model_name=tiny_hf_clip)
+    clip = family.load().eval()
+    target = target_for(pipeline, classifiers)
+    [source] = target.protected_inputs(RunContext(family, clip, [unlearned], Data()), limit)
+    prompts = [caption(s, o, grid.template) for s, o in expected]
+    assert (source.tower, source.kind, source.count, source.tolerance) == ("text", "prompts", len(expected), 0.05)
+    assert source.concepts == tuple(dict.fromkeys(s if kind == "style" else o for s, o in expected))
+    assert source.positions.all() and source.positions.shape == family.tokenize(prompts).shape
+    projection, record = build_projection(clip, RetainProjection(1e-6, limit), [source], target.reads, "SLUG", "x")
+    assert record["editable"] > 0 and all(target.reads(n) for n in record["rank"])
+    name = "text_model.encoder.layers.1.mlp.fc2.weight"
+    param = clip.get_parameter(name)
+    step = projection.apply({name: torch.randn(param.shape, generator=torch.Generator().manual_seed(0))})[name]
+    others = [caption(s, o, grid.template) for s in STYLES for o in grid.objects
+              if (s if kind == "style" else o) == unlearned]
+
+    change = step_changes(param, step, lambda texts: clip.text_model(input_ids=family.tokenize(texts)).last_hidden_state,
+                          (prompts, others))
+    assert change[0] < 1e-4 and change[1] > 1e-2, change
 
 
 # ------------------------------------------------------------------------------ the target contract

@@ -29,21 +29,18 @@ import csv
 import hashlib
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
-
+from slug_pl.atomic import atomic_folder
 from slug_pl.data.labelled import read_name_list
 from slug_pl.data.layouts import IMAGE_SUFFIXES, IdentityEntry, LayoutError, identity_image, imagenet_wnids, read_identity_map
 from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES
+from slug_pl.data.shard_writer import write_shards
 from slug_pl.errors import did_you_mean
 
-_TAR_MTIME = 0.0
 _WNID = re.compile(r"^n\d{8}$")
 _DEVKIT_VAL = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 
@@ -64,19 +61,12 @@ def _rank(seed: int, key: str) -> str:
 @contextmanager
 def new_output_dir(out: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside ``out`` that becomes ``out`` when the block succeeds; ``out``
-    must not exist or be empty (nothing is overwritten)."""
+    must not exist or be empty (nothing is overwritten: :func:`~slug_pl.atomic.atomic_folder`)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"output folder {out} exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out, empty_ok=True) as tmp:
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_labelled_shards(images: Sequence[LabelledImage], folder: Path, prefix: str,
@@ -90,26 +80,15 @@ def write_labelled_shards(images: Sequence[LabelledImage], folder: Path, prefix:
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
         raise ValueError(f"sample keys must be unique in a set, e.g. {dup} repeat")
-    shards = []
-    for start in range(0, len(images), shard_size):
-        shards.append(folder / f"{prefix}-{len(shards):06d}.tar")
-        with wds.TarWriter(str(shards[-1]), encoder=False, mtime=_TAR_MTIME) as sink:
-            for image in images[start : start + shard_size]:
-                ext = image.path.suffix.lower().lstrip(".")
-                if image.path.stat().st_size > max_bytes:
-                    raise ValueError(f"image {image.path} has {image.path.stat().st_size} bytes, more than "
-                                     f"the {max_bytes} a shard member may hold (max_member_bytes)")
-                sink.write({"__key__": image.key, ext: image.path.read_bytes(), "cls": str(image.label).encode()})
-    return shards
 
+    def sample(image: LabelledImage) -> dict:
+        if image.path.stat().st_size > max_bytes:
+            raise ValueError(f"image {image.path} has {image.path.stat().st_size} bytes, more than "
+                             f"the {max_bytes} a shard member may hold (max_member_bytes)")
+        return {"__key__": image.key, image.path.suffix.lower().lstrip("."): image.path.read_bytes(),
+                "cls": str(image.label).encode()}
 
-def brace_pattern(shards: Sequence[Path]) -> str:
-    """The brace pattern naming ``shards`` (``dir/val-{000000..000003}.tar``), as configs take it."""
-    first, last = shards[0], shards[-1]
-    prefix = first.name.rsplit("-", 1)[0]
-    if len(shards) == 1:
-        return str(first)
-    return str(first.parent / f"{prefix}-{{{first.stem.rsplit('-', 1)[1]}..{last.stem.rsplit('-', 1)[1]}}}.tar")
+    return write_shards(folder, prefix, images, shard_size, sample)
 
 
 # -- CelebA ---------------------------------------------------------------------------------------

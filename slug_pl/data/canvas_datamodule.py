@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from slug_pl.atomic import file_slug, temp_folder_beside
+from slug_pl.atomic import atomic_folder, file_slug
 from slug_pl.data.datamodule import EvalSuite, SlugDataModule
 from slug_pl.data.labelled import LabelledSet
 from slug_pl.data.unlearncanvas import (
@@ -143,17 +141,13 @@ class UnlearnCanvasDataModule(SlugDataModule):
         data = self.canvas.load()
         folder = self._shards_folder(data)
         if not (folder / DONE_FILE).is_file():
-            tmp = temp_folder_beside(folder)
             try:
-                result = data.write_shards(tmp, self.shard_size)
-                (tmp / DONE_FILE).write_text(json.dumps({"counts": result["counts"]}, indent=1) + "\n")
-                try:
-                    os.rename(tmp, folder)
-                except OSError:  # written meanwhile by another process: keep that one
-                    if not (folder / DONE_FILE).is_file():
-                        raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                with atomic_folder(folder, empty_ok=True) as tmp:
+                    result = data.write_shards(tmp, self.shard_size)
+                    (tmp / DONE_FILE).write_text(json.dumps({"counts": result["counts"]}, indent=1) + "\n")
+            except FileExistsError:  # written meanwhile by another process: keep that one
+                if not (folder / DONE_FILE).is_file():
+                    raise
         counts = json.loads((folder / DONE_FILE).read_text())["counts"]
         shards = lambda sub, prefix: sorted(str(p) for p in (folder / sub).glob(f"{prefix}-*.tar"))  # noqa: E731
         return {"folder": str(folder), "counts": counts,

@@ -26,20 +26,18 @@ import argparse
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from tqdm.auto import tqdm
 
+from slug_pl.atomic import atomic_folder
+from slug_pl.data.shard_writer import ShardWriter
 from slug_pl.pipelines import DTYPES, PipelineError, check_pipeline_dir, iter_image_batches, load_pipeline, resolve_dtype
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PREFIX = "generated"
-_TAR_MTIME = 0.0  # fixed member mtime: the same inputs give byte-identical shards
 #: The largest seed a torch generator takes.
 MAX_SEED = 2**63 - 1
 
@@ -95,29 +93,19 @@ def generate_forget_set(
     seeds = range(seed0, seed0 + n)  # distinct and valid by the check above; never a list of n
     pipe = load_pipeline(pipeline_path, device, torch_dtype)
 
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
     metadata = {"prompt": prompt, "steps": int(steps), "guidance": float(guidance), "height": height,
                 "width": width, "dtype": str(torch_dtype).removeprefix("torch."),
                 "pipeline": str(pipeline_path)}
-    shards: list[str] = []
-    counts: list[int] = []
-    writer = None
-    try:
-        batches = (images for start in range(0, n, batch_size)
-                   for images in iter_image_batches(pipe, [prompt] * len(seeds[start:start + batch_size]),
-                                                    seeds[start:start + batch_size], steps, guidance,
-                                                    batch_size, height, width))
-        with tqdm(total=n, desc="generating", unit="img", disable=not progress) as bar:
+    batches = (images for start in range(0, n, batch_size)
+               for images in iter_image_batches(pipe, [prompt] * len(seeds[start:start + batch_size]),
+                                                seeds[start:start + batch_size], steps, guidance,
+                                                batch_size, height, width))
+    with atomic_folder(final_dir, empty_ok=True) as tmp_dir:
+        with ShardWriter(tmp_dir, SHARD_PREFIX, shard_size) as writer, \
+                tqdm(total=n, desc="generating", unit="img", disable=not progress) as bar:
             index = 0
             for images in batches:
                 for image in images:
-                    if writer is None or counts[-1] >= shard_size:
-                        if writer is not None:
-                            writer.close()
-                        shards.append(f"{SHARD_PREFIX}-{len(shards):06d}.tar")
-                        counts.append(0)
-                        writer = wds.TarWriter(str(tmp_dir / shards[-1]), encoder=False, mtime=_TAR_MTIME)
                     seed = seeds[index]
                     png = io.BytesIO()
                     image.save(png, format="PNG")
@@ -127,27 +115,13 @@ def generate_forget_set(
                         "txt": prompt.encode("utf-8"),
                         "json": json.dumps({"seed": seed, **metadata}, ensure_ascii=False).encode("utf-8"),
                     })
-                    counts[-1] += 1
                     index += 1
                     bar.update(1)
-        if writer is not None:
-            writer.close()
-            writer = None
         manifest = {**metadata, "n": n, "seeds": [seeds[0], seeds[-1]],
                     "scheduler": type(pipe.scheduler).__name__, "device": str(device),
-                    "shards": shards, "counts": counts}
+                    "shards": writer.names, "counts": writer.counts}
         (tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
-        try:
-            os.rename(tmp_dir, final_dir)
-        except OSError as err:
-            raise FileExistsError(f"output {out} appeared while generating and is not empty; "
-                                  f"choose a new directory") from err
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out
 
 

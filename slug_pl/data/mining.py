@@ -29,28 +29,24 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import webdataset as wds
-
+from slug_pl.atomic import atomic_folder
 from slug_pl.data.limits import (
     DEFAULT_MAX_CAPTION_CHARS,
     DEFAULT_MAX_MEMBER_BYTES,
     DEFAULT_RULES,
     InputRules,
 )
+from slug_pl.data.shard_writer import ShardWriter
 from slug_pl.data.shards import ShardError, bad_sample_error, expand_urls, iter_raw_samples
 from slug_pl.safety import command_of
 
 MANIFEST_NAME = "manifest.jsonl"
 REPORT_NAME = "mining.json"
-# Fixed member mtime so that the same inputs give byte-identical output shards.
-_TAR_MTIME = 0.0
 
 
 class EmptyForgetSetError(ValueError):
@@ -186,18 +182,14 @@ def mine_forget_set(
     urls = expand_urls(shards, rules, "--shards")
     output_dir = Path(output_dir)
     final_dir = _check_output_dir(output_dir, urls)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
 
     scanned = matched = skipped = 0
     truncated = False
-    shard_names: list[str] = []
     seen_keys: dict[str, str] = {}
     left_out: list[dict] = []
-    writer: wds.TarWriter | None = None
-    in_current = 0
-    try:
-        with open(tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as manifest:
+    with atomic_folder(final_dir, empty_ok=True) as tmp_dir:
+        with open(tmp_dir / MANIFEST_NAME, "w", encoding="utf-8") as manifest, \
+                ShardWriter(tmp_dir, prefix, shard_size) as writer:
             for sample in iter_raw_samples(urls, rules):
                 scanned += 1
                 if sample.problem is not None:
@@ -218,16 +210,7 @@ def mine_forget_set(
                         f"be unique across the input shards"
                     )
                 seen_keys[sample.key] = sample.shard
-                if writer is None or in_current >= shard_size:
-                    if writer is not None:
-                        writer.close()
-                    shard_names.append(f"{prefix}-{len(shard_names):06d}.tar")
-                    writer = wds.TarWriter(
-                        str(tmp_dir / shard_names[-1]), encoder=False, mtime=_TAR_MTIME
-                    )
-                    in_current = 0
-                writer.write({"__key__": sample.key, **sample.fields})
-                in_current += 1
+                output_shard = writer.write({"__key__": sample.key, **sample.fields})
                 matched += 1
                 manifest.write(
                     json.dumps(
@@ -235,7 +218,7 @@ def mine_forget_set(
                             "key": sample.key,
                             "source_shard": sample.shard,
                             "caption": sample.caption,
-                            "output_shard": shard_names[-1],
+                            "output_shard": output_shard,
                         },
                         ensure_ascii=False,
                     )
@@ -244,9 +227,7 @@ def mine_forget_set(
                 if max_count is not None and matched >= max_count:
                     truncated = True  # stop reading: later samples are not scanned
                     break
-            if writer is not None:
-                writer.close()
-                writer = None
+        shard_names = writer.names
 
         if matched == 0 and not allow_empty:
             raise EmptyForgetSetError(
@@ -277,24 +258,6 @@ def mine_forget_set(
         with open(tmp_dir / REPORT_NAME, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=2, ensure_ascii=False)
             fh.write("\n")
-
-        try:
-            os.rename(tmp_dir, final_dir)
-        except OSError as err:
-            if final_dir.exists():
-                raise FileExistsError(
-                    f"output directory {output_dir} appeared while mining and is not empty; "
-                    f"choose a new directory"
-                ) from err
-            raise
-    except BaseException:
-        if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
     return MiningResult(
         output_dir=output_dir,

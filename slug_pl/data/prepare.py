@@ -33,14 +33,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from slug_pl.data.build_labelled import (
-    brace_pattern,
-    celeba_splits,
-    imagenet_val_images,
-    new_output_dir,
-    write_labelled_shards,
-)
+from slug_pl.data.build_labelled import celeba_splits, imagenet_val_images, new_output_dir, write_labelled_shards
 from slug_pl.data.layouts import imagenet_classnames, imagenet_templates
+from slug_pl.data.shard_writer import brace_pattern
 
 #: The files ``prepare celeba`` writes besides the shards.
 CELEBA_CLASSNAMES = "celeba_names.txt"
@@ -134,7 +129,8 @@ def _classifier_record(task: str, classnames: list[str], weights: Path, arch: st
     record = {"library": "timm", "name": arch}
     with torch.device("meta"):
         default = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))
-        built_size = getattr(getattr(default, "patch_embed", None), "img_size", None)
+        patch_embed = getattr(default, "patch_embed", None)  # timm's ViTs have one; its img_size is (H, W)
+        built_size = None if patch_embed is None else getattr(patch_embed, "img_size", None)
         if built_size is not None and tuple(built_size) != (image_size, image_size):
             record["kwargs"] = {"img_size": image_size}
         model = build_classifier(ArchSpec.from_record(record, str(source)), len(classnames))

@@ -67,13 +67,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from PIL import Image
 
-from slug_pl.atomic import atomic_output, write_text
+from slug_pl.atomic import write_text
 from slug_pl.data.labelled import LoadedSet, read_name_list
 from slug_pl.data.layouts import IMAGE_SUFFIXES, LayoutError, _load_images
 from slug_pl.data.limits import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_RULES, InputRules
+from slug_pl.data.shard_writer import SLUG_OWNER, brace_pattern, write_shards
 from slug_pl.safety import resolve_inside
 
 #: The 50 styles of the benchmark's published unlearning experiments (const.py, "50 style version").
@@ -523,7 +523,7 @@ class CanvasData:
                                   f"empty; check the split")
             paths = write_canvas_shards(images, out / part, "train", self.caption,
                                         lambda i: self.label(i, self.kind), shard_size)
-            result[part] = shard_pattern(paths)
+            result[part] = brace_pattern(paths)
             result["counts"][part] = len(images)
         for split in ("validation", "test"):
             images = self._split(split)
@@ -534,7 +534,7 @@ class CanvasData:
                     continue
                 paths = write_canvas_shards(images, out / split, f"{kind}s", self.caption,
                                             lambda i, k=kind: self.label(i, k), shard_size)
-                result[key] = shard_pattern(paths)
+                result[key] = brace_pattern(paths)
                 result["counts"][key] = len(images)
         for name, value in (("styles.json", self.classnames("style")),
                             ("objects.json", self.classnames("object")),
@@ -590,37 +590,18 @@ def write_canvas_shards(images: Sequence[CanvasImage], folder: str | os.PathLike
                         label_of: Callable[[CanvasImage], int] | None = None,
                         shard_size: int = 1000) -> list[Path]:
     """Write ``images`` in order as ``folder/<prefix>-000000.tar ...`` (each file atomic, never
-    overwriting); sample keys are ``<prefix>-<index>``. Tar members have a fixed mtime and owner,
-    so equal inputs give byte-identical shards."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    folder = Path(folder)
-    paths = []
-    for s, start in enumerate(range(0, max(len(images), 1), shard_size)):
-        path = folder / f"{prefix}-{s:06d}.tar"
-        with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="slug", group="slug", mode=0o644)
-            for k, img in enumerate(images[start : start + shard_size], start=start):
-                meta = {"style": img.style, "object": img.object, "number": img.number,
-                        "path": f"{img.style}/{img.object}/{img.path.name}"}
-                record = {"__key__": f"{prefix}-{k:06d}",
-                          _SHARD_KEYS[img.path.suffix.lower()]: _image_bytes(img.path),
-                          "txt": caption_of(img).encode("utf-8"),
-                          "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
-                if label_of is not None:
-                    record["cls"] = str(label_of(img)).encode("utf-8")
-                writer.write(record)
-            writer.close()
-        paths.append(path)
-    return paths
+    overwriting; at least one shard); sample keys are ``<prefix>-<index>``. Tar members have a
+    fixed mtime and owner, so equal inputs give byte-identical shards."""
 
+    def record(numbered: tuple[int, CanvasImage]) -> dict:
+        k, img = numbered
+        meta = {"style": img.style, "object": img.object, "number": img.number,
+                "path": f"{img.style}/{img.object}/{img.path.name}"}
+        out = {"__key__": f"{prefix}-{k:06d}", _SHARD_KEYS[img.path.suffix.lower()]: _image_bytes(img.path),
+               "txt": caption_of(img).encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode("utf-8")}
+        if label_of is not None:
+            out["cls"] = str(label_of(img)).encode("utf-8")
+        return out
 
-def shard_pattern(paths: Sequence[Path]) -> str:
-    """A brace pattern that :func:`slug_pl.data.shards.expand_urls` expands back to ``paths``
-    (consecutive ``<prefix>-NNNNNN.tar`` files of one folder)."""
-    if len(paths) == 1:
-        return str(paths[0])
-    first, last = Path(paths[0]), Path(paths[-1])
-    prefix, lo = first.stem.rsplit("-", 1)
-    hi = last.stem.rsplit("-", 1)[1]
-    return str(first.parent / f"{prefix}-{{{lo}..{hi}}}.tar")
+    return write_shards(folder, prefix, list(enumerate(images)), shard_size, record, owner=SLUG_OWNER,
+                        at_least_one=True, atomic=True)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside
+from slug_pl.atomic import rebuilt_folder
+from slug_pl.demo.training import descend, one_thread
 from slug_pl.demo.world import WorldSpec, object_names, render_object
 
 logger = logging.getLogger(__name__)
@@ -278,18 +278,11 @@ def build_canvas(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec()) -> di
     if root.exists() and (read_canvas(root) is None and any(root.iterdir())):
         raise FileExistsError(f"{root} exists and is not a synthetic canvas (no canvas.json); "
                               f"choose another folder")
-    tmp = temp_folder_beside(root)
     logger.info("synthetic canvas: building %s", root)
-    try:
-        fingerprint = _build_into(tmp, spec)
-        if root.exists():
-            if _matches(root, spec):  # built concurrently by another process
-                shutil.rmtree(tmp)
-                return _result(root, spec, read_canvas(root)["fingerprint"], built=False)
-        swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with rebuilt_folder(root, keep=lambda: _matches(root, spec)) as build:  # keep: built concurrently
+        fingerprint = _build_into(build.path, spec)
+    if not build.swapped:
+        return _result(root, spec, read_canvas(root)["fingerprint"], built=False)
     return _result(root, spec, fingerprint, built=True)
 
 
@@ -348,10 +341,7 @@ def _train_one(images: torch.Tensor, labels: torch.Tensor, num_classes: int, ste
     for _ in range(steps):
         idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
         loss = nn.functional.cross_entropy(model(_augment(x_all[idx], gen)), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        descend(loss, opt, sched)
     return model.eval()
 
 
@@ -382,9 +372,7 @@ def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike
     )
 
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         data = UnlearnCanvasSet(str(root), split_fractions=split_fractions, seed=split_seed).load()
         train = data.labelled("train", "style", _to_tensor)
         object_labels = torch.tensor([data.label(i, "object") for i in data.splits["train"]])
@@ -412,8 +400,6 @@ def train_canvas_classifiers(root: str | os.PathLike, out_dir: str | os.PathLike
         pred_s, pred_o = classify(judge, images)
         acc = {"style": np.mean([p == i.style for p, i in zip(pred_s, test)]),
                "object": np.mean([p == i.object for p, i in zip(pred_o, test)])}
-    finally:
-        torch.set_num_threads(threads)
     result = {kind: {"config": str(configs[kind]), "accuracy": float(acc[kind]), "n_test": len(test)}
               for kind in ("style", "object")}
     result.update(train_images=len(data.splits["train"]), time_s=time.perf_counter() - start)

@@ -31,15 +31,14 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import atomic_folder, swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import atomic_folder, rebuilt_folder, write_text
+from slug_pl.demo.training import clamp_logit_scale, one_thread, train_epochs, warmup_cosine
 from slug_pl.demo.world import WorldSpec, build_world, spec_record
 
 logger = logging.getLogger(__name__)
@@ -271,36 +270,27 @@ def fit_hf_clip(
     model = CLIPModel(config).train()
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
+    schedule = warmup_cosine(optimizer, total, warmup)
     gen = torch.Generator().manual_seed(seed)
+
+    def draw_captions():  # each image's caption this epoch
+        return fixed if single else torch.stack([c[torch.randint(len(c), (), generator=gen)] for c in choices])
+
+    def loss_of(idx, caption_of):
+        image_features = model.get_image_features(pixel_values=images[idx]).pooler_output
+        text_features = model.get_text_features(input_ids=tokens[caption_of[idx]]).pooler_output
+        return contrastive_loss(image_features, text_features, model.logit_scale.exp())
+
+    def report(epoch, loss):
+        _say(f"{label}: epoch {epoch + 1}/{epochs} loss {loss:.3f} ({time.perf_counter() - t1:.0f}s)")
+
     t1 = time.perf_counter()
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        caption_of = fixed if single else torch.stack(
-            [c[torch.randint(len(c), (), generator=gen)] for c in choices])
-        running = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size : (step + 1) * batch_size]
-            image_features = model.get_image_features(pixel_values=images[idx]).pooler_output
-            text_features = model.get_text_features(input_ids=tokens[caption_of[idx]]).pooler_output
-            loss = contrastive_loss(image_features, text_features, model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            running += loss.item()
-        _say(f"{label}: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
-             f"({time.perf_counter() - t1:.0f}s)")
+    final_loss = train_epochs(loss_of, optimizer, schedule, n=n, batch_size=batch_size, epochs=epochs, gen=gen,
+                              draw=draw_captions, after_step=lambda: clamp_logit_scale(model), report=report)
     train_seconds = time.perf_counter() - t1
     save_clip_folder(model.eval(), out_folder)
     return {"train_seconds": round(train_seconds, 2), "steps": total, "n_pairs": n, "n_captions": len(texts),
-            "final_loss": running / steps_per_epoch}
+            "final_loss": final_loss}
 
 
 def train_hf_clip(
@@ -337,9 +327,7 @@ def train_hf_clip(
     spec = json.loads((world_root / "world.json").read_text())["spec"]
     config = tiny_clip_config(hidden_size=hidden_size, layers=layers, heads=heads, projection_dim=projection_dim,
                               image_size=spec["image_size"], patch_size=patch_size, context_length=context_length)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # far faster than 2 on shared cores, and deterministic
-    try:
+    with one_thread():
         t0 = time.perf_counter()
         urls = expand_urls(sorted(str(p) for p in (world_root / "corpus").glob("corpus-*.tar")))
         images, captions, _ = _load_pairs(urls, ProcessorTransform(clip_image_processor(spec["image_size"])))
@@ -348,8 +336,6 @@ def train_hf_clip(
         fitted = fit_hf_clip(images, captions, config, out_folder, epochs=epochs, batch_size=batch_size, lr=lr,
                              weight_decay=weight_decay, warmup_fraction=warmup_fraction, seed=seed)
         metrics = evaluate_hf_clip(world_root, out_folder, split="test")
-    finally:
-        torch.set_num_threads(threads)
     metrics.update(fitted, load_seconds=round(load_seconds, 2))
     _say("demo HF CLIP: held-out zero-shot top-1 identities {identities_top1:.3f} objects {objects_top1:.3f} "
          "(top-5 {identities_top5:.3f} / {objects_top5:.3f}) after {train_seconds:.0f}s".format(**metrics))
@@ -411,15 +397,10 @@ def ensure_hf_clip(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # no
     if metrics is not None:
         _say(f"demo HF CLIP: reusing {folder}")
     else:
-        staging = temp_folder_beside(folder)
-        tmp = staging / folder.name  # new: train_hf_clip saves into a folder it creates
-        try:
-            metrics = train_hf_clip(world["root"], tmp, **kwargs)
-            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with rebuilt_folder(folder, made=False) as build:  # not made: train_hf_clip saves into a folder it creates
+            metrics = train_hf_clip(world["root"], build.path, **kwargs)
+            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(build.path / "model.safetensors")}
+            write_text(build.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"path": str(folder), "metrics": metrics, "fingerprint": metrics["fingerprint"], "world": world}
 
 

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import rebuilt_folder, write_text
 from slug_pl.demo.hf_clip import METRICS_FILE, _cached_metrics, _say, _sha256, ensure_hf_clip
+from slug_pl.demo.training import one_thread, train_epochs, warmup_cosine
 from slug_pl.demo.world import WorldSpec, identity_names, object_names, spec_record
 
 #: A LLaVA-1.5-style conversation: ``USER: <image>\n{question}\nASSISTANT: {answer}</s>``.
@@ -220,9 +219,7 @@ def train_llava(
 
     world_root = Path(world_root)
     spec = WorldSpec(**json.loads((world_root / "world.json").read_text())["spec"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # far faster than 2 on shared cores, and deterministic
-    try:
+    with one_thread():
         t0 = time.perf_counter()
         tokenizer = demo_tokenizer(identity_names(spec), object_names(spec), [QUESTION, OBJECT_QUESTION], vocab_size)
         model, processor = build_llava(clip_folder, tokenizer, hidden_size, layers, heads, intermediate_size,
@@ -241,28 +238,21 @@ def train_llava(
         model.model.vision_tower.requires_grad_(False)
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: (s + 1) / warmup if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-        )
+        schedule = warmup_cosine(optimizer, total, warmup)
         gen = torch.Generator().manual_seed(seed)
+
+        def loss_of(idx, _):
+            idx = idx.tolist()
+            batch = _batch([ids[i] for i in idx], [prompt_lengths[i] for i in idx], tokenizer.pad_token_id)
+            return model(pixel_values=pixels[idx], **batch).loss
+
+        def report(epoch, loss):
+            _say(f"demo LLaVA: epoch {epoch + 1}/{epochs} loss {loss:.4f} ({time.perf_counter() - t1:.0f}s)")
+
         model.train()
         t1 = time.perf_counter()
-        for epoch in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            running = 0.0
-            for step in range(steps_per_epoch):
-                idx = perm[step * batch_size:(step + 1) * batch_size].tolist()
-                batch = _batch([ids[i] for i in idx], [prompt_lengths[i] for i in idx], tokenizer.pad_token_id)
-                loss = model(pixel_values=pixels[idx], **batch).loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                running += loss.item()
-            _say(f"demo LLaVA: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.4f} "
-                 f"({time.perf_counter() - t1:.0f}s)")
+        final_loss = train_epochs(loss_of, optimizer, schedule, n=n, batch_size=batch_size, epochs=epochs, gen=gen,
+                                  report=report)
         train_seconds = time.perf_counter() - t1
         model.eval()
         out_folder = Path(out_folder)
@@ -271,15 +261,13 @@ def train_llava(
         t2 = time.perf_counter()
         metrics = evaluate_llava(world_root, out_folder, split="test")
         eval_seconds = time.perf_counter() - t2
-    finally:
-        torch.set_num_threads(threads)
     metrics.update({
         "train_seconds": round(train_seconds, 2),
         "load_seconds": round(load_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "steps": total,
         "n_images": n,
-        "final_loss": running / steps_per_epoch,
+        "final_loss": final_loss,
         "vocab_size": len(tokenizer),
         "trained_parameters": sum(p.numel() for p in trained),
     })
@@ -326,12 +314,8 @@ def ensure_llava(root: str | os.PathLike, spec: WorldSpec = WorldSpec(),  # noqa
     if metrics is not None:
         _say(f"demo LLaVA: reusing {folder}")
     else:
-        tmp = temp_folder_beside(folder)
-        try:
-            metrics = train_llava(clip["world"]["root"], clip["path"], tmp, **kwargs)
-            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(tmp / "model.safetensors")}
-            write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with rebuilt_folder(folder) as build:
+            metrics = train_llava(clip["world"]["root"], clip["path"], build.path, **kwargs)
+            metrics |= {"cache_key": cache_key, "fingerprint": _sha256(build.path / "model.safetensors")}
+            write_text(build.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return {"path": str(folder), "metrics": metrics, "hf_clip": clip["path"], "world": clip["world"]}

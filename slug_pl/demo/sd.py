@@ -43,10 +43,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -59,8 +57,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from slug_pl.atomic import file_slug, swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import file_slug, rebuilt_folder, write_text
 from slug_pl.demo.datamodule import DemoWorld, refuse_other_model, target_source
+from slug_pl.demo.training import descend, one_thread, warmup_cosine
 from slug_pl.demo.world import WorldSpec, spec_record
 from slug_pl.evaluation.zeroshot import fill_template
 
@@ -253,13 +252,6 @@ def load_world_images(world: dict) -> WorldImages:
 # ================================================================================================
 
 
-def _cosine(optimizer, total: int, warmup: int = 0):
-    """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-
-
 def train_vae(pixels: torch.Tensor, s: SdTraining):
     """Train :func:`demo_vae` to reconstruct ``pixels`` (in [-1, 1]); set its ``scaling_factor``
     to 1 / std of the latent means. Returns the VAE (eval mode) and the final reconstruction
@@ -267,7 +259,7 @@ def train_vae(pixels: torch.Tensor, s: SdTraining):
     torch.manual_seed(s.seed)
     vae = demo_vae(pixels.shape[-1]).train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=s.vae_lr)
-    schedule = _cosine(optimizer, s.vae_steps)
+    schedule = warmup_cosine(optimizer, s.vae_steps)
     gen = torch.Generator().manual_seed(s.seed)
     for _ in range(s.vae_steps):
         x = pixels[torch.randint(len(pixels), (s.vae_batch_size,), generator=gen)]
@@ -275,10 +267,7 @@ def train_vae(pixels: torch.Tensor, s: SdTraining):
         reconstruction = vae.decode(posterior.sample(generator=gen)).sample
         mse = F.mse_loss(reconstruction, x)
         loss = mse + s.vae_kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         means = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
@@ -344,7 +333,7 @@ class UnetTrainer:
     def round(self, steps: int) -> None:
         s, unet = self.s, self.unet.train()
         optimizer = torch.optim.AdamW(unet.parameters(), lr=s.unet_lr, weight_decay=0.01)
-        schedule = _cosine(optimizer, steps, warmup=max(1, steps // 20))
+        schedule = warmup_cosine(optimizer, steps, warmup=max(1, steps // 20))
         running = 0.0
         for _ in range(steps):
             idx = torch.randint(len(self.latents), (s.unet_batch_size,), generator=self.gen)
@@ -360,11 +349,7 @@ class UnetTrainer:
             prediction = unet(self.noise.add_noise(x0, noise, t), t, encoder_hidden_states=states,
                               added_cond_kwargs=added).sample
             loss = F.mse_loss(prediction, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
+            descend(loss, optimizer, schedule, clip=unet.parameters())
             running += loss.item()
         self.steps_done += steps
         self.last_loss = running / steps
@@ -433,7 +418,7 @@ def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: in
     torch.manual_seed(s.seed + 2)
     model = WorldClassifier(num_classes).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.classifier_lr, weight_decay=0.05)
-    schedule = _cosine(optimizer, s.classifier_steps, warmup=max(1, s.classifier_steps // 20))
+    schedule = warmup_cosine(optimizer, s.classifier_steps, warmup=max(1, s.classifier_steps // 20))
     gen = torch.Generator().manual_seed(s.seed + 2)
     for _ in range(s.classifier_steps):
         idx = torch.randint(len(pixels), (s.classifier_batch_size,), generator=gen)
@@ -441,10 +426,7 @@ def train_classifier(pixels: torch.Tensor, labels: torch.Tensor, num_classes: in
         dx, dy = (int(v) for v in torch.randint(5, (2,), generator=gen))
         x = x[:, :, dy:dy + pixels.shape[-2], dx:dx + pixels.shape[-1]]
         loss = F.cross_entropy(model(x), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        descend(loss, optimizer, schedule)
     return model.eval().requires_grad_(False)
 
 
@@ -527,9 +509,7 @@ def build_demo_pipeline(make: PipelineMaker, clip_folders: list[str], world: dic
     """
     from slug_pl.evaluation.generation import save_classifier
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # far faster than 2 on shared cores, and deterministic
-    try:
+    with one_thread():
         t0 = time.perf_counter()
         data = load_world_images(world)
         _say(f"{label}: {len(data.captions)} image-caption pairs loaded ({time.perf_counter() - t0:.0f}s)")
@@ -569,8 +549,6 @@ def build_demo_pipeline(make: PipelineMaker, clip_folders: list[str], world: dic
         _say(f"{label}: classifier judge: {100 * classifier_accuracy:.1f} % on held-out portraits "
              f"({classifier_seconds:.0f}s in a second process, alongside the UNet; "
              f"{time.perf_counter() - t2:.0f}s for both)")
-    finally:
-        torch.set_num_threads(threads)
     return {
         "vae_mse": vae_mse, "vae_seconds": round(t_vae, 1), "scaling_factor": vae.config.scaling_factor,
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
@@ -619,16 +597,12 @@ def ensure_demo_pipeline(folder: Path, classifier: Path, cache_key: dict,
     if metrics is not None:
         _say(f"{label}: reusing {folder}")
         return metrics
-    tmp, tmp_classifier = temp_folder_beside(folder), temp_folder_beside(classifier)
-    try:
-        metrics = build(tmp, tmp_classifier)
+    # the classifier's folder is swapped in first (the inner block ends first), the pipeline's
+    # last: its metrics file marks the build complete
+    with rebuilt_folder(folder) as pipeline, rebuilt_folder(classifier) as judge:
+        metrics = build(pipeline.path, judge.path)
         metrics["cache_key"] = cache_key
-        write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-        swap_into_place(tmp_classifier, classifier)
-        swap_into_place(tmp, folder)  # last: its metrics file marks the build complete
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tmp_classifier, ignore_errors=True)
+        write_text(pipeline.path / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
     return metrics
 
 

@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from slug_pl.atomic import atomic_output, write_text
 from slug_pl.data.shards import decode_image, expand_urls, iter_raw_samples
+from slug_pl.demo.training import clamp_logit_scale, one_thread, train_epochs, warmup_cosine
 from slug_pl.demo.world import WorldSpec, build_world, spec_record
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings, topk_hits
 
@@ -107,31 +107,23 @@ def evaluate_demo_clip(world_root: str | os.PathLike, checkpoint: str | os.PathL
     return out
 
 
-def _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs: int, steps_per_epoch: int,
-                  batch_size: int, shift: int, t1: float) -> float:
+def _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs: int, batch_size: int,
+                  shift: int, t1: float) -> float:
     """The training loop of :func:`train_demo_clip` (AdamW steps on open_clip's ``ClipLoss``);
     returns the last epoch's mean loss."""
-    n = images.shape[0]
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        running = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size : (step + 1) * batch_size]
-            batch = images[idx] if not shift else _random_shift(images[idx], shift, gen)
-            img_f = model.encode_image(batch, normalize=True)
-            txt_f = model.encode_text(tokens[idx], normalize=True)
-            loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            running += loss.item()
+
+    def loss_of(idx, _):
+        batch = images[idx] if not shift else _random_shift(images[idx], shift, gen)
+        img_f = model.encode_image(batch, normalize=True)
+        txt_f = model.encode_text(tokens[idx], normalize=True)
+        return loss_fn(img_f, txt_f, model.logit_scale.exp())
+
+    def report(epoch, loss):
         if (epoch + 1) % 4 == 0 or epoch + 1 in (1, epochs):  # a few lines, not one per epoch
-            _say(f"demo CLIP: epoch {epoch + 1}/{epochs} loss {running / steps_per_epoch:.3f} "
-                 f"({time.perf_counter() - t1:.0f}s)")
-    return running / steps_per_epoch
+            _say(f"demo CLIP: epoch {epoch + 1}/{epochs} loss {loss:.3f} ({time.perf_counter() - t1:.0f}s)")
+
+    return train_epochs(loss_of, optimizer, schedule, n=images.shape[0], batch_size=batch_size, epochs=epochs,
+                        gen=gen, after_step=lambda: clamp_logit_scale(model), report=report)
 
 
 def train_demo_clip(
@@ -200,23 +192,15 @@ def train_demo_clip(
     except (RuntimeError, TypeError):
         optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr,
                                       betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
+    schedule = warmup_cosine(optimizer, total, warmup)
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(seed)
 
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: deterministic, and far faster than two on shared cores
     t1 = time.perf_counter()
-    try:
-        final_loss = _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs,
-                                   steps_per_epoch, batch_size, shift, t1)
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        final_loss = _train_epochs(model, images, tokens, optimizer, schedule, loss_fn, gen, epochs, batch_size,
+                                   shift, t1)
     train_seconds = time.perf_counter() - t1
     model.eval()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -43,12 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside, write_text
+from slug_pl.atomic import rebuilt_folder, write_text
 from slug_pl.data.canvas_datamodule import UnlearnCanvasDataModule
 from slug_pl.data.unlearncanvas import CAPTION_TEMPLATE
 from slug_pl.demo.canvas import CanvasSpec, build_canvas, train_canvas_classifiers
 from slug_pl.demo.sd import SdTraining
 from slug_pl.demo.datamodule import refuse_other_model, target_source
+from slug_pl.demo.training import one_thread
 
 #: Bump when the build changes (what is trained, or how): invalidates cached builds.
 BUILD_VERSION = 3
@@ -223,10 +223,8 @@ def ensure_canvas_demo(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec())
     if metrics is not None and metrics.get("cache_key") == cache_key:
         _say(f"demo canvas: reusing {folder}")
     else:
-        tmp = temp_folder_beside(folder)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # far faster than 2 on shared cores, and deterministic
-        try:
+        with one_thread(), rebuilt_folder(folder) as build:
+            tmp = build.path
             t0 = time.perf_counter()
             clip = train_canvas_clip(canvas["root"], tmp / "clip", spec.image_size)
             sd = train_canvas_pipeline(canvas["root"], tmp / "clip", tmp / "classifiers", tmp / "sd_pipeline")
@@ -236,10 +234,6 @@ def ensure_canvas_demo(root: str | os.PathLike, spec: CanvasSpec = CanvasSpec())
             metrics = {"cache_key": cache_key, "classifiers": classifiers, "clip": clip, "sd": sd,
                        "total_seconds": round(time.perf_counter() - t0, 1)}
             write_text(tmp / METRICS_FILE, json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-            swap_into_place(tmp, folder)
-        finally:
-            torch.set_num_threads(threads)
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"canvas": canvas["root"], "clip": str(folder / "clip"), "pipeline": str(folder / "sd_pipeline"),
             "style_classifier": str(folder / "classifiers" / "style.json"),
             "object_classifier": str(folder / "classifiers" / "object.json"), "metrics": metrics}

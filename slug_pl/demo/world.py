@@ -34,15 +34,14 @@ import io
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from slug_pl.atomic import swap_into_place, temp_folder_beside
+from slug_pl.atomic import rebuilt_folder
+from slug_pl.data.shard_writer import SLUG_OWNER, brace_pattern, shard_name, write_shards
 
 logger = logging.getLogger(__name__)
 
@@ -646,36 +645,18 @@ def _make_sample(spec: WorldSpec, split: str, kind: str, label: int, index: int,
 
 def _write_shards(folder: Path, prefix: str, samples: list[dict], shard_size: int,
                   labelled: bool) -> list[Path]:
+    """The world's ``samples`` (dicts of ``key``, ``png`` bytes, ``txt``, ``json`` and ``label``) as shards in ``folder`` (at
+    least one, empty if need be); held-out sets carry the label (``cls``)."""
+
+    def record(sample: dict) -> dict:
+        out = {"__key__": sample["key"], "png": sample["png"], "txt": sample["txt"].encode("utf-8"),
+               "json": json.dumps(sample["json"], sort_keys=True).encode("utf-8")}
+        if labelled:
+            out["cls"] = str(sample["label"]).encode("utf-8")
+        return out
+
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    n_shards = max(1, -(-len(samples) // shard_size))
-    for s in range(n_shards):
-        path = folder / f"{prefix}-{s:06d}.tar"
-        with open(path, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="slug", group="slug",
-                                   mode=0o644)
-            for sample in samples[s * shard_size : (s + 1) * shard_size]:
-                record = {
-                    "__key__": sample["key"],
-                    "png": sample["png"],
-                    "txt": sample["txt"].encode("utf-8"),
-                    "json": json.dumps(sample["json"], sort_keys=True).encode("utf-8"),
-                }
-                if labelled:
-                    record["cls"] = str(sample["label"]).encode("utf-8")
-                writer.write(record)
-            writer.close()
-        paths.append(path)
-    return paths
-
-
-def _pattern(paths: list[Path]) -> str:
-    """A brace pattern that :func:`slug_pl.data.shards.expand_urls` expands back to ``paths``."""
-    if len(paths) == 1:
-        return str(paths[0])
-    first, last = paths[0], paths[-1]
-    prefix = first.name.rsplit("-", 1)[0]
-    return str(first.parent / f"{prefix}-{{{first.stem.rsplit('-', 1)[1]}..{last.stem.rsplit('-', 1)[1]}}}.tar")
+    return write_shards(folder, prefix, samples, shard_size, record, owner=SLUG_OWNER, at_least_one=True)
 
 
 def _fingerprint(root: Path) -> str:
@@ -692,8 +673,7 @@ def _layout(root: Path, spec: WorldSpec) -> dict:
     """The paths and counts of a world at ``root`` (without touching the disk)."""
 
     def shards(folder: str, prefix: str, n: int) -> list[Path]:
-        return [root / folder / f"{prefix}-{s:06d}.tar"
-                for s in range(max(1, -(-n // spec.shard_size)))]
+        return [root / folder / shard_name(prefix, s) for s in range(max(1, -(-n // spec.shard_size)))]
 
     counts = {
         "corpus_identity": spec.n_identities * spec.identity_corpus,
@@ -707,12 +687,12 @@ def _layout(root: Path, spec: WorldSpec) -> dict:
     corpus = shards("corpus", "corpus", counts["corpus"])
     out = {
         "root": str(root),
-        "corpus": _pattern(corpus),
+        "corpus": brace_pattern(corpus),
         "corpus_shards": [str(p) for p in corpus],
     }
     for split in ("val", "test"):
         for what in ("identities", "objects"):
-            out[f"{split}_{what}"] = _pattern(shards(split, what, counts[f"{split}_{what}"]))
+            out[f"{split}_{what}"] = brace_pattern(shards(split, what, counts[f"{split}_{what}"]))
     out.update({
         "identities_json": str(root / "identities.json"),
         "objects_json": str(root / "objects.json"),
@@ -814,17 +794,9 @@ def build_world(root: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> dict:
         logger.info("demo world: reusing %s", root)
         return {**_layout(root, spec), "fingerprint": read_world(root)["fingerprint"],
                 "built": False}
-    tmp = temp_folder_beside(root)
     logger.info("demo world: building %s", root)
-    try:
-        fingerprint = _build_into(tmp, spec)
-        if root.exists():
-            if _matches(root, spec):  # built concurrently by another process
-                shutil.rmtree(tmp)
-                return {**_layout(root, spec), "fingerprint": read_world(root)["fingerprint"],
-                        "built": False}
-        swap_into_place(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with rebuilt_folder(root, keep=lambda: _matches(root, spec)) as build:  # keep: built concurrently
+        fingerprint = _build_into(build.path, spec)
+    if not build.swapped:
+        return {**_layout(root, spec), "fingerprint": read_world(root)["fingerprint"], "built": False}
     return {**_layout(root, spec), "fingerprint": fingerprint, "built": True}

@@ -14,9 +14,9 @@ from torchvision.transforms.functional import to_pil_image
 
 from slug_pl.context import RunContext
 from slug_pl.data.canvas_datamodule import CanvasGridSource
-from slug_pl.edit import LayerEdit, apply_edit, revert_edit
+from slug_pl.edit import LayerEdit, apply_edit, revert_edit, reverted
 from slug_pl.evaluation.generation import image_grid
-from slug_pl.evaluation.generation_judge import CandidateScore, order_by_generation
+from slug_pl.evaluation.generation_judge import CLIP_TEXT_PREFIX, CandidateScore, order_by_generation
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
 from slug_pl.evaluation.unlearncanvas import (
     CSV_COLUMNS,
@@ -27,13 +27,14 @@ from slug_pl.evaluation.unlearncanvas import (
     CheckpointClassifier,
     GridPrompt,
     ZeroShotClassifier,
+    caption,
     comparison_markdown,
     prompt_grid,
     score_images,
 )
 from slug_pl.markdown import pct, table
+from slug_pl.retain_projection import ProtectedInputs, prompt_inputs
 from slug_pl.resources import peak_mem_mb, peak_memory
-from slug_pl.step_search import reverted
 
 GIB = 2**30
 
@@ -115,6 +116,21 @@ class CanvasJudge(TargetJudge):
                             f"(data.class_path: slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule), "
                             f"got {type(context.data).__name__}")
         return context.data.canvas_grid()
+
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What the retain projection protects: the grid's prompts of every other style (a style
+        unlearned) or object (an object unlearned), style by style then object (the first
+        ``limit``), through the text tower at every position the UNet reads."""
+        grid = self.grid_of(context)
+        kept = [(s, o) for s in grid.styles for o in grid.objects
+                if (s if grid.kind == "style" else o) != grid.target][:limit]
+        if not kept:
+            raise ValueError(f"model.protect_retained is set but the grid has no {grid.kind} besides {grid.target!r} "
+                             f"to protect")
+        others = list(dict.fromkeys(s if grid.kind == "style" else o for s, o in kept))
+        return [prompt_inputs(context, [caption(s, o, grid.template) for s, o in kept], CLIP_TEXT_PREFIX,
+                              f"the grid's prompts of {len(others)} other {grid.kind}s (in-domain and cross-domain "
+                              f"retain prompts), every position the UNet reads", others)]
 
     def report_prompts(self, grid) -> list[GridPrompt]:
         """The report's answer set: every style × object prompt with every seed of ``seeds``."""

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slug_pl.edit import LayerEdit
+from slug_pl.edit import LayerEdit, reverted
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.evaluation.mia import model_membership_inference
 from slug_pl.evaluation.similarity import concept_similarity_matrix
-from slug_pl.step_search import reverted
 
 
 @dataclass

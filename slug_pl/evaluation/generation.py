@@ -5,8 +5,9 @@ The pieces, each usable alone:
 
 - :class:`PromptSet`: which prompts are drawn with which seeds, in one documented order;
 - :func:`clip_scores`: how well images match their prompts under a CLIP;
-- :func:`recognition`: how often a *judge* (a CLIP zero-shot classifier, :class:`ClipZeroShotJudge`,
-  or a trained classifier, :class:`ClassifierJudge`) recognizes the concept a prompt asked for;
+- :func:`recognition`: how often an image judge (:class:`ImageJudge`: a CLIP zero-shot classifier,
+  :class:`ClipZeroShotJudge`, or a trained classifier, :class:`ClassifierJudge`) recognizes the
+  concept a prompt asked for;
 - :func:`score_generation`: judging + CLIP score of drawn images as one result dict;
 - :func:`image_grid`: before | after images side by side, per concept.
 
@@ -153,7 +154,7 @@ def clip_scores(family: ModelFamily, model: nn.Module, images: Sequence[Image.Im
     return 100.0 * cosine.clamp(min=0).cpu()
 
 
-class Judge(Protocol):
+class ImageJudge(Protocol):
     """Something that tells which of ``classnames`` an image shows.
 
     ``name`` identifies the judge in results; ``logits(images, classnames)`` returns scores
@@ -289,7 +290,7 @@ class ClassifierJudge:
         return torch.cat(out)
 
 
-def recognition(judge: Judge, images: Sequence[Image.Image], concept_labels: Sequence[str],
+def recognition(judge: ImageJudge, images: Sequence[Image.Image], concept_labels: Sequence[str],
                 classnames: Sequence[str], forget: Sequence[str]) -> dict[str, Any]:
     """How often ``judge`` recognizes each image as its intended concept (top-1 among ``classnames``).
 
@@ -325,7 +326,7 @@ def recognition(judge: Judge, images: Sequence[Image.Image], concept_labels: Seq
 # -------------------------------------------------------------------------------- evaluation
 
 
-def score_generation(images: Sequence[Image.Image], prompt_set: PromptSet, judge: Judge,
+def score_generation(images: Sequence[Image.Image], prompt_set: PromptSet, judge: ImageJudge,
                      clip_family: ModelFamily, clip_model: nn.Module,
                      seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Judge and CLIP-score the images of ``prompt_set.items(seeds)``, drawn in that order:

@@ -21,10 +21,9 @@ checkpoints. The concept is removed only when *every* judge recognizes it at mos
 held-out seeds before and after the edit and reports how often each judge recognizes the concept,
 the CLIP score, and a before/after image grid (summary block ``"generation"``).
 
-**Keeping the edit off the retained prompts** (``protect_retained``): the forget gradient of every
-text-tower weight is projected off what the retained concepts' prompts feed it at every position
-the UNet reads (:mod:`slug_pl.retain_projection`). A departure from SLUG's plain gradient,
-recorded in the run (``generation.protected``).
+**What the retain projection protects** (the method's ``model.protect_retained``,
+:mod:`slug_pl.retain_projection`): the retained concepts' prompts (the report's retain prompts),
+through the text tower at every position the UNet reads (:meth:`GenerationJudge.protected_inputs`).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import torch
 from torch import nn
 
 from slug_pl.context import RunContext
-from slug_pl.edit import LayerEdit, apply_edit, revert_edit
+from slug_pl.edit import LayerEdit, apply_edit, revert_edit, reverted
 from slug_pl.evaluation.generation import (
     ClassifierJudge,
     ClipZeroShotJudge,
@@ -49,8 +48,7 @@ from slug_pl.evaluation.generation import (
 from slug_pl.evaluation.metrics import ZeroShotAccuracy, concept_summary
 from slug_pl.evaluation.zeroshot import class_embeddings, image_embeddings
 from slug_pl.markdown import pct, table
-from slug_pl.retain_projection import check_tolerance, input_projection
-from slug_pl.step_search import reverted
+from slug_pl.retain_projection import ProtectedInputs, prompt_inputs
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
 
 #: The CLIPModel prefix of the text tower: what a text-to-image pipeline embeds.
@@ -194,8 +192,6 @@ class GenerationJudge(TargetJudge):
         forget_threshold: float = 0.1,
         search_on: str = "clip",
         grid_seeds: int = 4,
-        protect_retained: bool | int = False,
-        protect_tolerance: float = 0.05,
     ):
         """Arguments as the target's of the same names (:class:`~slug_pl.targets.StableDiffusion`)."""
         if not 0.0 <= forget_threshold <= 1.0:
@@ -207,10 +203,6 @@ class GenerationJudge(TargetJudge):
         for name, value in (("search_templates", search_templates), ("grid_seeds", grid_seeds)):
             if isinstance(value, bool) or value < 1:
                 raise ValueError(f"target {name} must be a positive integer, got {value!r}")
-        if not isinstance(protect_retained, bool) and protect_retained < 1:
-            raise ValueError(f"target protect_retained is true, false or a positive number of concepts, "
-                             f"got {protect_retained}")
-        check_tolerance(protect_tolerance, "target protect_tolerance")
         self.adapter = adapter
         self.forget_templates = list(forget_templates) if forget_templates else None
         self.retain_templates = list(retain_templates) if retain_templates else None
@@ -221,8 +213,6 @@ class GenerationJudge(TargetJudge):
         self.forget_threshold = forget_threshold
         self.search_on = search_on
         self.grid_seeds = grid_seeds
-        self.protect_retained, self.protect_tolerance = protect_retained, protect_tolerance
-        self.protection: dict | None = None  # what forget_gradient_projection protected, for the record
         self._judges: dict[str, object] = {}
         #: concept -> every candidate's scores on generations (filled by rank_candidates)
         self.candidate_scores: dict[str, list[CandidateScore]] = {}
@@ -309,27 +299,21 @@ class GenerationJudge(TargetJudge):
         }
 
     # -- the search ----------------------------------------------------------------------------
-    def forget_gradient_projection(self, context: RunContext):
-        """With ``protect_retained``: the projection off what the retained concepts' prompts feed
-        the text tower at every position (the UNet reads every position's state); else None."""
-        if not self.protect_retained:
-            return None
-        family, clip = context.family, context.model
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What the retain projection protects: the retained concepts' prompts (the report's
+        retain prompts, ``retain_concepts`` × ``retain_templates``, concept by concept; the first
+        ``limit``) through the text tower at every position (the UNet reads every position's
+        state)."""
         retained = [s for s in self.prompt_sets(context, list(context.concepts)) if not s.forget]
-        kept = [c for s in retained for c in s.concepts]
-        if not isinstance(self.protect_retained, bool):
-            kept = kept[: self.protect_retained]
-        prompts = [p for s in retained for c in s.concepts if c in kept for p in s.prompts(c)]
+        prompts = [(c, p) for s in retained for c in s.concepts for p in s.prompts(c)][:limit]
         if not prompts:
-            raise ValueError("target protect_retained is set but there is no retained concept to protect: "
-                             "the concept set holds only the forgotten concepts")
-        tokens = family.tokenize(prompts).to(next(clip.parameters()).device)
-        projection = input_projection(clip, CLIP_TEXT_PREFIX, lambda: family.encode_text(clip, tokens),
-                                      torch.ones(tokens.shape, dtype=torch.bool), len(prompts),
-                                      self.protect_tolerance)
-        self.protection = {"concepts": kept, "prompts": len(prompts), "tolerance": self.protect_tolerance,
-                           "tensors": len(projection.describe()["rank"])}
-        return projection
+            raise ValueError("model.protect_retained is set but there is no retained concept to protect: the concept "
+                             "set holds only the forgotten concepts")
+        concepts = list(dict.fromkeys(c for c, _ in prompts))
+        return [prompt_inputs(context, [p for _, p in prompts], CLIP_TEXT_PREFIX,
+                              f"the prompts of {len(concepts)} retained concepts (the retain prompts the generation "
+                              f"section judges: their recognition is kept by construction; concepts outside the "
+                              f"concept set are not protected), every position the UNet reads", concepts)]
 
     def search_judge(self, context: RunContext, concept: str):
         """With ``search_on: generation``, a :class:`GenerationSearchJudge` of ``concept``; else
@@ -424,7 +408,6 @@ class GenerationJudge(TargetJudge):
                          "search_seeds": list(self.search_seeds), "forget_threshold": self.forget_threshold},
             "candidates": {c: [vars(s) | {"removes": s.removes(self.forget_threshold)} for s in scores]
                            for c, scores in self.candidate_scores.items()},
-            "protected": self.protection,
         }
         held_out, forget_images = {}, None
         if self.search_on == "generation":  # the search judged generations: so does the held-out verdict
@@ -476,13 +459,6 @@ class GenerationJudge(TargetJudge):
             + "). Recognition in %: how often a judge names the prompt's concept.", "",
             *table(["metric", "before", "after", "change"], rows), "",
         ]
-        if block.get("protected"):
-            p = block["protected"]
-            lines += [f"The forget gradient was projected off what the {p['prompts']} retained prompts feed the "
-                      f"text encoder (`protect_retained`, tolerance {p['tolerance']:g}; {p['tensors']} tensors "
-                      f"could be edited): the edit leaves their text states unchanged up to that tolerance. "
-                      f"These are the retain prompts judged above, so their recognition is kept by construction; "
-                      f"concepts left out of the concept set are not protected.", ""]
         for concept, scores in block["candidates"].items():
             lines += [f"Candidates for {concept!r} scored on generations (search seeds; the choice is the best "
                       f"retain recognition among those that remove the concept):", "",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from slug_pl.context import RunContext
 from slug_pl.edit import LayerEdit
+from slug_pl.retain_projection import ProtectedInputs
 
 
 @dataclass
@@ -48,11 +49,12 @@ class TargetJudge(ABC):
     """How a target judges the run, through its adapter: what the step search measures, how the
     found edits are ordered, the report. Lives in :mod:`slug_pl.evaluation`."""
 
-    def forget_gradient_projection(self, context: RunContext):
-        """A projection of the forget gradient that keeps the edit off what the downstream model
-        must keep (:class:`slug_pl.retain_projection.InputProjection`: only the tensors it covers
-        are then candidates), or None: the method's forget gradient as it is."""
-        return None
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What the retain projection (the method's ``model.protect_retained``) keeps the edit off
+        on this downstream model: at most ``limit`` inputs (prompts or images) per tower, as
+        :class:`slug_pl.retain_projection.ProtectedInputs`. A judge that does not say refuses."""
+        raise ValueError(f"model.protect_retained: the target judged by {type(self).__name__} does not say what it "
+                         f"protects; set model.protect_retained null")
 
     def search_judge(self, context: RunContext, concept: str):
         """A judge (``evaluate(model, edited) -> metrics``) for the step search of ``concept``,

@@ -27,7 +27,7 @@ from slug_pl.edit import LayerEdit, apply_edit, revert_edit
 from slug_pl.evaluation.evaluator import Evaluator
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
 from slug_pl.markdown import pct, table
-from slug_pl.retain_projection import check_tolerance, input_projection
+from slug_pl.retain_projection import NATURAL_TOLERANCE, ProtectedInputs, in_batches, unnamed_retain_pairs
 
 DEFAULT_QUESTION = "What is the name of the person in this image?"
 DEFAULT_OBJECT_QUESTION = "What object is in this image? Answer with a name."
@@ -268,15 +268,11 @@ class VqaJudge(TargetJudge):
     def __init__(self, adapter: "VlmAdapter", question: str = DEFAULT_QUESTION,
                  object_question: str = DEFAULT_OBJECT_QUESTION, aliases: Mapping[str, Sequence[str]] | None = None,
                  search_on_vlm: bool = True, search_images_per_concept: int | None = None, clip_metrics: bool = True,
-                 test_images_per_concept: int | None = None, examples: int = 2, protect_retained: bool = False,
-                 protect_tolerance: float = 0.3, protect_images: int = 2000, search_forget_pairs: bool = False):
+                 test_images_per_concept: int | None = None, examples: int = 2, search_forget_pairs: bool = False):
         for key, value in (("search_images_per_concept", search_images_per_concept),
                            ("test_images_per_concept", test_images_per_concept)):
             if value is not None and value < 1:
                 raise ValueError(f"target {key} must be >= 1 or null (all images), got {value}")
-        check_tolerance(protect_tolerance, "target protect_tolerance")
-        if protect_images < 1:
-            raise ValueError(f"target protect_images must be >= 1, got {protect_images}")
         self.adapter = adapter
         self.question, self.object_question = question, object_question
         self.aliases = {k: list(v) for k, v in (aliases or {}).items()}
@@ -285,9 +281,6 @@ class VqaJudge(TargetJudge):
         self.clip_metrics = clip_metrics
         self.test_images_per_concept = test_images_per_concept
         self.examples = examples
-        self.protect_retained, self.protect_tolerance, self.protect_images = (protect_retained, protect_tolerance,
-                                                                              protect_images)
-        self.protection: dict | None = None  # what forget_gradient_projection protected, for the record
         self.search_forget_pairs = search_forget_pairs
         self._images: dict = {}  # stage or ("forget", concept) -> the VLM-preprocessed images
 
@@ -331,39 +324,17 @@ class VqaJudge(TargetJudge):
         return self._images[key]
 
     # -- the search and the verdict ------------------------------------------------------------
-    def forget_gradient_projection(self, context: RunContext):
-        """With ``protect_retained``: the projection off the main directions of what the retain
-        set's images (not naming a forgotten concept) feed the encoder's linear layers; else None."""
-        if not self.protect_retained:
-            return None
-        from slug_pl.data.mining import concept_pattern
-        from slug_pl.data.shards import decode_image, iter_raw_samples
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What the retain projection protects: the first ``limit`` retain-set images whose
+        captions name no forgotten concept, every patch, through the vision encoder's linear
+        layers (in batches of the target's ``batch_size``); tolerance
+        :data:`~slug_pl.retain_projection.NATURAL_TOLERANCE`."""
         family, clip = context.family, context.model
-        names = concept_pattern(list(context.concepts))
-        transform, images = family.image_transform(), []
-        rules = context.input_rules
-        for sample in iter_raw_samples(list(context.retain_urls()), rules):
-            if len(images) >= self.protect_images:
-                break
-            if sample.caption is not None and names.search(sample.caption):
-                continue
-            images.append(transform(decode_image(sample, rules)))
-        if not images:
-            raise ValueError("target protect_retained is set but the retain set has no image whose caption leaves "
-                             "the forgotten concepts out: point data.retain at ordinary pairs")
-        pixels, device = torch.stack(images), next(clip.parameters()).device
-
-        def encode():
-            size = self.adapter.batch_size
-            for start in range(0, len(pixels), size):
-                family.encode_image(clip, pixels[start:start + size].to(device))
-
-        projection = input_projection(clip, CLIP_VISION_PREFIX + "encoder.", encode, None, len(images),
-                                      self.protect_tolerance)
-        ranks = {name: rank for name, rank in projection.describe()["rank"].items() if self.adapter.reads(name)}
-        self.protection = {"images": len(images), "tolerance": self.protect_tolerance, "tensors": len(ranks),
-                           "rank": ranks}  # the covered tensors the VLM reads: the candidates
-        return projection
+        images, _ = unnamed_retain_pairs(context, limit, family.image_transform())
+        encode = in_batches(family.encode_image, clip, torch.stack(images), self.adapter.batch_size)
+        return [ProtectedInputs("vision", CLIP_VISION_PREFIX + "encoder.", encode, None, len(images), "images",
+                                "the retain set's images whose captions name no forgotten concept (not the images "
+                                "the VLM is judged on), every patch, into the vision encoder", NATURAL_TOLERANCE)]
 
     def search_judge(self, context: RunContext, concept: str):
         if not self.search_on_vlm:
@@ -449,7 +420,6 @@ class VqaJudge(TargetJudge):
                                    "after": after["per_concept"][name]["accuracy"]}
                             for name, row in before["per_concept"].items()},
             "transplanted": written,
-            "protected": self.protection,
         }
         examples = self._examples(before["answers"], after["answers"], block["per_concept"])
         block["examples"] = examples
@@ -482,12 +452,6 @@ class VqaJudge(TargetJudge):
                  f"({n['forget']} of the forgotten identities, {n['retain']} of others, {n['objects']} of objects). "
                  f"Question: “{block['question']}”; objects: “{block['object_question']}”. An answer counts "
                  f"when it contains the expected name (whole words, case-insensitive, aliases allowed).", ""]
-        if block.get("protected"):
-            p = block["protected"]
-            lines += [f"The forget gradient was projected off the main directions (above {p['tolerance']:g} of the "
-                      f"largest singular value) of what {p['images']} retain images feed the tower's linear layers "
-                      f"(`protect_retained`; {p['tensors']} tensors the VLM reads could be edited). The retain "
-                      f"images are the retain set's, not the images judged here.", ""]
         rows = []
         for key, label in zip(VQA_METRICS, ("forgotten identities", "other identities (mean per identity)",
                                              "objects")):

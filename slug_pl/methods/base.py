@@ -10,6 +10,7 @@ same evaluation code and the same record.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from slug_pl.gradients import non_finite
 from slug_pl.patch import patch_metadata
 from slug_pl.record import RunRecord, build_summary, held_out_verdict, verdict_line
 from slug_pl.resources import PhaseMemory, peak_mem_mb
+from slug_pl.retain_projection import InputProjection, RetainProjection, build_projection, retain_pair_inputs
 from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget
 
@@ -61,6 +63,38 @@ def on_run_device(trainer, module: "UnlearningModule") -> Iterator[torch.device]
             torch.cuda.empty_cache()
 
 
+def agreed_on_rank_zero(trainer, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 alone and raise its error, if any, on every rank.
+
+    A collective call under DDP: every rank must make it (one ``broadcast`` of rank 0's error, or
+    of None). Rank 0 raises the error itself, with its traceback; the other ranks raise a copy
+    (the same type and message; a :class:`RuntimeError` naming both when the error cannot be
+    pickled)."""
+    error = None
+    if trainer.is_global_zero:
+        try:
+            check()
+        except Exception as err:  # every rank must reach the broadcast below
+            error = err
+    if trainer.world_size > 1:
+        shared = trainer.strategy.broadcast(_picklable(error), src=0)
+        if error is None and shared is not None:
+            raise shared
+    if error is not None:
+        raise error
+
+
+def _picklable(error: Exception | None) -> Exception | None:
+    """``error``, or when it does not pickle, a :class:`RuntimeError` with its type and message."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 class UnlearningModule(LightningModule):
     """Shared base of every method: ``self.clip`` is the family's model (an ``edit`` patch
     applied after loading), ``validate`` / ``test`` score it zero-shot on the data module's sets,
@@ -68,9 +102,15 @@ class UnlearningModule(LightningModule):
 
     #: The method's short name in configs, records and comparisons.
     method_name = "base"
+    #: Why the method cannot keep its change off the retained inputs (``model.protect_retained``
+    #: is then refused), or None when it can.
+    no_retain_projection: str | None = "it does not say how its change would be projected"
+    #: With ``model.protect_retained``: what the method projects, in words (for the record).
+    projected = ""
 
     def __init__(self, family: ModelFamily, edit: str | None = None, target: DownstreamTarget | None = None,
-                 forget_target: ForgetTarget = ForgetTarget()):  # noqa: B008 (frozen)
+                 forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
+                 protect_retained: RetainProjection | None = None):
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
@@ -80,8 +120,19 @@ class UnlearningModule(LightningModule):
             forget_target: the forget target on validation, ``metric <= value``: the config's
                 top-level ``forget_target:`` section, linked here for every method (SLUG's search
                 and every baseline's selection judge by it).
+            protect_retained: the retain projection (:mod:`slug_pl.retain_projection`): keep the
+                change off what the retained inputs feed each tensor — what the downstream target
+                protects, or without one the retain set's pairs. A departure from the method's
+                plain gradient, recorded by name; None (the default): off. Refused, with the
+                reason, by a method that cannot apply it (:attr:`no_retain_projection`).
         """
         super().__init__()
+        if protect_retained is not None and self.no_retain_projection is not None:
+            raise ValueError(f"model.protect_retained: {self.method_name} cannot keep its change off the retained "
+                             f"inputs: {self.no_retain_projection}; set it null")
+        self.protect_retained = protect_retained
+        #: what the retain projection protected (``method.retain_projection`` of the summary), once built
+        self.protection: dict | None = None
         self.family = family
         self.forget_target = forget_target
         self.edit = edit
@@ -121,17 +172,44 @@ class UnlearningModule(LightningModule):
         """Hook for a method to adapt the freshly loaded model (e.g. activation checkpointing)."""
 
     def check_target(self) -> None:
-        """Load the downstream target (on the run's device unless its config names one) and refuse
-        a CLIP that is not the one it embeds (before any work); a no-op without a target."""
-        if self.target is not None:
-            self.target.use_run_device(self.trainer.strategy.root_device)
-            self.target.load()
-            self.target.check_pair(self.family, self.clip)
+        """Before any work, refuse a CLIP that is not the one the downstream target embeds; a no-op
+        without a target.
+
+        Every rank learns the run's device (the target runs there unless its config names one),
+        but only rank 0, where the judges that use the downstream model run, checks the pair, and
+        so loads the model: the other ranks never hold it (LLaVA-1.5-7B in bfloat16: 14 GB on each
+        rank's device, read through its host memory). Every adapter loads at first use, so a part
+        that needs the model on another rank loads it there. Under DDP every rank raises rank 0's error
+        (:func:`agreed_on_rank_zero`), so that none waits for the others at the pass's first
+        collective call."""
+        if self.target is None:
+            return
+        self.target.use_run_device(self.trainer.strategy.root_device)
+        agreed_on_rank_zero(self.trainer, lambda: self.target.check_pair(self.family, self.clip))
 
     def readable(self, name: str) -> bool:
         """Whether the model that consumes the edit reads CLIP parameter ``name`` (every
         parameter without a downstream target)."""
         return self.target is None or self.target.reads(name)
+
+    def retain_projection(self, towers: Sequence[str] = ("vision", "text")) -> InputProjection | None:
+        """With ``model.protect_retained``: the retain projection, built now on the model as it is,
+        off what the downstream target protects
+        (:meth:`~slug_pl.targets.base.DownstreamTarget.protected_inputs`) or, without a target, the
+        retain set's pairs of ``towers`` (:func:`~slug_pl.retain_projection.retain_pair_inputs`);
+        its record in :attr:`protection`. None when off: the method's plain gradient."""
+        option = self.protect_retained
+        if option is None:
+            return None
+        context = self.context
+        sources = (self.target.protected_inputs(context, option.limit) if self.target is not None
+                   else retain_pair_inputs(context, option.limit, towers))
+        projection, self.protection = build_projection(self.clip, option, sources, self.readable,
+                                                       self.method_name.upper(), self.projected)
+        rank_zero_info(f"retain projection (model.protect_retained): {self.projected}, off what "
+                       f"{projection.prompts} protected inputs feed it; {self.protection['editable']} covered tensors "
+                       f"may change")
+        return projection
 
     def setup(self, stage: str) -> None:
         # trainer.log_dir is a collective call under DDP: resolve it here, on every rank, so that

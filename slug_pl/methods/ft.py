@@ -16,6 +16,8 @@ class FtModule(TrainedModule):
     """Fine-tuning on the retain set (see the module docstring and :class:`TrainedModule`)."""
 
     method_name = "ft"
+    no_retain_projection = ("it learns from the retain pairs alone, so its gradient lies in the span of their "
+                            "inputs, and projected off that span nothing would change")
 
     def pass_sets(self) -> list[str]:
         return ["retain"]

@@ -17,6 +17,7 @@ import torch
 
 from slug_pl.families.base import ModelFamily
 from slug_pl.methods.trained import TrainedModule
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.targets.base import DownstreamTarget
 from slug_pl.step_search import ForgetTarget
 
@@ -30,14 +31,19 @@ class GaftModule(TrainedModule):
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
                  forget_weight: float = 1.0, retain_weight: float = 1.0, stop_when_met: bool = True,
                  forget_target: ForgetTarget = ForgetTarget(), similarity_concepts: int = 8,  # noqa: B008
-                 edit: str | None = None, target: DownstreamTarget | None = None):
+                 edit: str | None = None, target: DownstreamTarget | None = None,
+                 protect_retained: RetainProjection | None = None):
         """
         Args:
             forget_weight / retain_weight: factors on the forget and the retain loss (> 0).
+            protect_retained: the retain projection (see
+                :class:`~slug_pl.methods.trained.TrainedModule`). The fine-tuning steps learn from
+                retain pairs, whose inputs lie largely in the protected span: with it, they change
+                little, and the projection does most of their work of keeping the others.
             (other arguments: see :class:`~slug_pl.methods.trained.TrainedModule`)
         """
         super().__init__(family, lr, weight_decay, betas, eps, warmup_steps, stop_when_met, forget_target,
-                         similarity_concepts, edit, target)
+                         similarity_concepts, edit, target, protect_retained)
         if forget_weight <= 0 or retain_weight <= 0:
             raise ValueError(f"model.forget_weight and model.retain_weight must be > 0, got {forget_weight} "
                              f"and {retain_weight}")

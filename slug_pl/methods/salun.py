@@ -33,6 +33,7 @@ from slug_pl.gradients import (
     weights_fingerprint,
 )
 from slug_pl.methods.gaft import GaftModule
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.targets.base import DownstreamTarget
 from slug_pl.step_search import ForgetTarget
 
@@ -57,6 +58,8 @@ class SalunModule(GaftModule):
     """GAFT confined to a saliency mask of the forget gradient (see the module docstring)."""
 
     method_name = "salun"
+    no_retain_projection = ("it confines every step to a saliency mask of single weights, and a projected change "
+                            "moves whole rows, so both cannot hold (GAFT takes model.protect_retained)")
 
     def __init__(self, family: ModelFamily, lr: float = 1e-7, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
@@ -64,7 +67,7 @@ class SalunModule(GaftModule):
                  gradients_from: str | None = None, stop_when_met: bool = True,
                  forget_target: ForgetTarget = ForgetTarget(), similarity_concepts: int = 8,  # noqa: B008
                  edit: str | None = None,
-                 target: DownstreamTarget | None = None):
+                 target: DownstreamTarget | None = None, protect_retained: RetainProjection | None = None):
         """
         Args:
             mask_fraction: share of each tensor's weights that may change (the largest |g_f|).
@@ -74,7 +77,7 @@ class SalunModule(GaftModule):
             (other arguments: see :class:`~slug_pl.methods.gaft.GaftModule`)
         """
         super().__init__(family, lr, weight_decay, betas, eps, warmup_steps, forget_weight, retain_weight,
-                         stop_when_met, forget_target, similarity_concepts, edit, target)
+                         stop_when_met, forget_target, similarity_concepts, edit, target, protect_retained)
         if not 0 < mask_fraction <= 1:
             raise ValueError(f"model.mask_fraction must lie in (0, 1], got {mask_fraction}")
         self.mask_fraction = mask_fraction

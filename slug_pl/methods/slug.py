@@ -70,8 +70,10 @@ from slug_pl.gradients import (
 )
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods import slug_report
+from slug_pl.ranking import has_candidates
 from slug_pl.record import RunRecord, check_free
 from slug_pl.resources import package_versions
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.skip_list import read_skip_list
 from slug_pl.step_search import DEFAULT_KEPT, ForgetTarget, Outcome, SearchSettings, StepEvaluation, StepSearch
 from slug_pl.targets.base import DownstreamTarget
@@ -84,6 +86,8 @@ class SlugModule(UnlearningModule):
     score the model (with an optional ``edit``) zero-shot."""
 
     method_name = "slug"
+    no_retain_projection = None
+    projected = "the forget gradient of every covered tensor is projected"
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class SlugModule(UnlearningModule):
         target: DownstreamTarget | None = None,
         forget_averaging: str = "per_sample",
         forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
+        protect_retained: RetainProjection | None = None,
     ):
         """
         Args:
@@ -124,8 +129,14 @@ class SlugModule(UnlearningModule):
                 batches of 16); see docs/reference.md.
             forget_target: the forget target (the config's top-level ``forget_target:``; the
                 search finds the smallest step meeting it, see :class:`SlugSearch`).
+            protect_retained: the retain projection, ``{tolerance, limit}``
+                (:class:`~slug_pl.retain_projection.RetainProjection`): the forget gradient is
+                projected off what the retained inputs feed each tensor (what the target protects;
+                without one, the retain set's pairs, both towers), and only the tensors it covers
+                are candidates. A departure from SLUG's plain gradient, recorded by name; None
+                (the default): off, SLUG's plain gradient.
         """
-        super().__init__(family, edit, target, forget_target)
+        super().__init__(family, edit, target, forget_target, protect_retained)
         forget_loss(forget_averaging)  # checks the name
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
             raise ValueError(f"model.checkpoint_every must be a positive number of batches or null, "
@@ -140,7 +151,8 @@ class SlugModule(UnlearningModule):
         self.resume_from = resume_from
         self.activation_checkpointing = activation_checkpointing
         self.forget_averaging = forget_averaging
-        #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}
+        #: after the pass: "forget"/"retain" -> {parameter name: averaged gradient (CPU, fp32)}, held
+        #: by rank 0 alone (the rank that ranks, searches and writes); empty on the other ranks
         self.gradients: dict[str, dict[str, torch.Tensor]] = {}
         #: after the pass: per set, {"samples", "batches", "loss", "skipped"} (global values)
         self.pass_stats: dict[str, dict[str, float]] = {}
@@ -180,7 +192,7 @@ class SlugModule(UnlearningModule):
             self._find_resume_state()
 
     def _check_rankable(self) -> None:
-        if not any(self.family.is_rankable(n, p) and self.readable(n) for n, p in self.clip.named_parameters()):
+        if not has_candidates(self.family, self.clip.named_parameters(), readable=self.readable):
             read = f" and read by the target {self.target.describe()}" if self.target is not None else ""
             raise ValueError(
                 f"no candidate layers: no tensor of {self.family.describe().get('model_name')} is "
@@ -410,13 +422,16 @@ class SlugModule(UnlearningModule):
                 mean_loss = loss_sum / denominator
             else:  # each rank's grads hold world × its share of every global-batch loss
                 denominator, mean_loss = batches * world, loss_sum / (batches * world)
-            averaged, offset = {}, 0
+            summed, offset = {}, 0  # views into the reduced sums, on the device
             for pname, g in grads.items():
                 n = g.numel()
-                averaged[pname] = (flat[offset : offset + n] / denominator).view_as(g).cpu()
+                summed[pname] = flat[offset : offset + n].view_as(g)
                 offset += n
-            self._check_finite(name, averaged, mean_loss)
-            self.gradients[name] = averaged
+            self._check_finite(name, summed, mean_loss)  # every rank: the same reduced numbers
+            del self._stashed[name]  # the device copy is spent
+            if self.trainer.is_global_zero:  # the one rank that ranks, searches and writes holds
+                # the one host copy (the others would keep 8 bytes per parameter each for nothing)
+                self.gradients[name] = {k: (v / denominator).cpu() for k, v in summed.items()}
             self.pass_stats[name] = {"samples": samples, "batches": batches, "loss": mean_loss,
                                      "skipped": len(self.skipped[name])}
         self.clip.zero_grad(set_to_none=True)
@@ -578,9 +593,7 @@ class SlugSearch(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: SlugModule) -> None:
         self._t_fit = time.perf_counter()
-        family = pl_module.family
-        if not any(family.is_rankable(n, p) and family.tower_of(n) in self.settings.towers
-                   for n, p in pl_module.clip.named_parameters()):
+        if not has_candidates(pl_module.family, pl_module.clip.named_parameters(), towers=self.settings.towers):
             raise ValueError(
                 f"no candidate layers: no rankable tensor in towers {list(self.settings.towers)} after the "
                 f"model.family.init_args exclude/include filters; widen them or search.towers"
@@ -609,18 +622,15 @@ class SlugSearch(Callback):
             judge = target.search_judge(context, concept) if target is not None else None
             return judge or Evaluator.for_concepts(context, "validation", [concept])
 
-        # a target may keep the edit off what it must keep: the forget gradient projected, and only
-        # the tensors the projection covers as candidates (slug_pl.retain_projection)
+        # model.protect_retained keeps the edit off what must stay: the forget gradient projected, and
+        # only the tensors the projection covers as candidates (slug_pl.retain_projection)
         t_projection = time.perf_counter()
-        projection = target.forget_gradient_projection(context) if target else None
-        sub_timings = {"projection": time.perf_counter() - t_projection} if target else {}
+        projection = pl_module.retain_projection(self.settings.towers)
+        sub_timings = {"projection": time.perf_counter() - t_projection} if projection is not None else {}
         readable, run_forget = pl_module.readable, pl_module.gradients["forget"]
         if projection is not None:
             run_forget = projection.apply(run_forget)
             readable = lambda name, base=readable: base(name) and projection.covers(name)  # noqa: E731
-            rank_zero_info(f"forget gradient projected off what {projection.prompts} protected inputs feed "
-                           f"each tensor; {len(projection.describe()['rank'])} tensors covered (candidates: those "
-                           f"among them the downstream model reads)")
 
         def concept_gradient(concept: str) -> dict:
             grads, count = forget_gradient(family, model, context.forget_batches(concept),
@@ -652,7 +662,8 @@ class SlugSearch(Callback):
     def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
                 record: RunRecord, extra_pairs: int, sub_timings: dict[str, float]) -> None:
         """The common run record plus SLUG's own artifacts and report sections; ``sub_timings``:
-        the parts of the search timed on their own (``ranking``; ``projection`` with a target)."""
+        the parts of the search timed on their own (``ranking``; ``projection`` with
+        ``model.protect_retained``)."""
         edits = merge_edits([o.edit for o in outcomes])
         slug_report.write_search_csv(record, search.evaluations)
         first = outcomes[0]
@@ -663,8 +674,10 @@ class SlugSearch(Callback):
         datamodule = trainer.datamodule
         departures = run_departures(RunOptions(
             pl_module.family.exclude, pl_module.family.include, pl_module.forget_averaging, datamodule.batch_size,
-            datamodule.retain_batches, pl_module.eval_mode, self.settings))
+            datamodule.retain_batches, pl_module.eval_mode, self.settings, pl_module.protect_retained))
         method = slug_report.method_block(self.settings, outcomes, edits, search.alternatives, departures)
+        if pl_module.protection is not None:
+            method["retain_projection"] = pl_module.protection
         def artifacts(record: RunRecord, summary: dict, edit_metadata: dict) -> None:
             for o in outcomes:  # the ranking of the applied edit set, the chosen layer starred
                 record.ranking(o.scores, ranking_suffix(o.concept, len(outcomes)), o.chosen.layer, overwrite=True)

@@ -14,8 +14,9 @@ from dataclasses import asdict
 from slug_pl.departures import is_reference
 from slug_pl.edit import LayerEdit
 from slug_pl.markdown import pct, table
-from slug_pl.record import RunRecord
-from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation, core_metrics
+from slug_pl.record import RunRecord, core_metrics
+from slug_pl.retain_projection import report_lines
+from slug_pl.step_search import Outcome, SearchSettings, StepEvaluation
 
 #: What to change when forgetting does not hold on held-out images (measured on the demo world).
 REMEDY = ("To make it hold, raise `search.step_margin`: on the demo world a margin of 1.25 closed every held-out "
@@ -72,14 +73,19 @@ def _distinct(outcomes: Sequence[Outcome]) -> list[Outcome]:
 def sections(method: dict, outcomes: Sequence[Outcome], module, settings: SearchSettings) -> list[str]:
     """SLUG's sections of ``report.md``: the edit, several concepts, candidates, the pass."""
     margin = settings.step_margin
+    projection = method.get("retain_projection")
+    gradient = "P(g_f,l)" if projection else "g_f,l"
     lines = ["## The edit", "",
-             "θ_l ← θ_l − λ·g_f,l for the layer below (λ as applied" +
-             (f", i.e. the smallest step meeting the target × step margin {margin:g}" if margin != 1 else "") + ").", ""]
+             f"θ_l ← θ_l − λ·{gradient} for the layer below (λ as applied" +
+             (f", i.e. the smallest step meeting the target × step margin {margin:g}" if margin != 1 else "") + ")"
+             + ("; P: the retain projection, below." if projection else "."), ""]
     rows = [[f"`{e['layer']}`", e["tower"], f"{e['step']:.6g}", f"{e['relative_step']:.4f}", ", ".join(e["concepts"])]
             for e in method["edits"]]
     lines += table(["layer", "tower", "step λ", "‖λ·g_f‖ / ‖θ‖", "concepts"], rows) + [""]
     lines += ["Validation with the edit: " + ", ".join(f"{k} {pct(v)} %" for k, v in
                                                         core_metrics(_validation(outcomes)).items()) + ".", ""]
+    if projection:
+        lines += report_lines(projection)
     if method["reference_preset"]:
         lines += ["This choice is slug_pl's own (the smallest step meeting the target, then the most kept): the "
                   "authors' code searches every candidate and leaves the choice to the reader of its logs. Their "

@@ -25,6 +25,7 @@ from slug_pl.families.base import ModelFamily
 from slug_pl.methods.base import on_run_device
 from slug_pl.methods.trained import BaselineModule
 from slug_pl.markdown import table
+from slug_pl.retain_projection import RetainProjection
 from slug_pl.targets.base import DownstreamTarget
 from slug_pl.step_search import ForgetTarget
 
@@ -55,10 +56,13 @@ class SsdModule(BaselineModule):
     """Selective synaptic dampening: an importance pass (``fit``), then a λ sweep (see the module docstring)."""
 
     method_name = "ssd"
+    no_retain_projection = ("it scales single weights by their importance ratio and takes no gradient step, and a "
+                            "projected change would no longer be a dampening")
 
     def __init__(self, family: ModelFamily, alpha: float = 10.0, lambdas: list[float] | None = None,
                  stop_when_met: bool = True, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008
-                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
+                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None,
+                 protect_retained: RetainProjection | None = None):
         """
         Args:
             alpha: selection weighting α: a weight is dampened where I_f > α · I_r.
@@ -67,7 +71,7 @@ class SsdModule(BaselineModule):
             stop_when_met: stop the sweep at the first λ whose model meets the target.
             (other arguments: see :class:`~slug_pl.methods.trained.BaselineModule`)
         """
-        super().__init__(family, forget_target, similarity_concepts, edit, target)
+        super().__init__(family, forget_target, similarity_concepts, edit, target, protect_retained)
         lambdas = [float(x) for x in (torch.linspace(0.1, 5.0, 10).tolist() if lambdas is None else lambdas)]
         if alpha <= 0:
             raise ValueError(f"model.alpha must be > 0, got {alpha}")

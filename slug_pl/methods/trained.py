@@ -13,7 +13,9 @@ global batch, the optimizer and schedule, per-epoch validation and the run recor
   at the first epoch that meets the target. A subclass says which sets it streams and what each
   batch's loss is (:meth:`TrainedModule.loss`).
 
-What is trained: every parameter of the two towers (that a downstream target reads). Shared
+What is trained: every parameter of the two towers (that a downstream target reads; with
+``model.protect_retained``, GA and GAFT change only the tensors the retain projection covers, and
+their change stays off what the retained inputs feed them: :class:`TrainedModule`). Shared
 tensors outside both towers (the logit scale) stay fixed: the forget objective does not reach
 them, and fixing them keeps every step's gradient on the same parameters, so plain DDP works.
 
@@ -37,8 +39,9 @@ from slug_pl.gradients import contrastive_loss, forget_similarity_sum
 from slug_pl.methods.base import UnlearningModule, on_run_device
 from slug_pl.methods.selection import RULE, Checkpoint, checkpoint, preferred
 from slug_pl.markdown import pct, table
-from slug_pl.record import SELECTION_FILE, RunRecord, check_free
-from slug_pl.step_search import ForgetTarget, core_metrics, format_metrics
+from slug_pl.record import SELECTION_FILE, RunRecord, check_free, core_metrics, format_metrics
+from slug_pl.retain_projection import InputProjection, RetainProjection, report_lines
+from slug_pl.step_search import ForgetTarget
 from slug_pl.targets.base import DownstreamTarget
 
 FORGET_METRICS = ("forget_top1", "forget_top5")
@@ -52,7 +55,8 @@ class BaselineModule(UnlearningModule):
     method_name = "baseline"
 
     def __init__(self, family: ModelFamily, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008 (frozen)
-                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
+                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None,
+                 protect_retained: RetainProjection | None = None):
         """
         Args:
             family: the model adapter (e.g. ``slug_pl.families.OpenClip``).
@@ -62,8 +66,11 @@ class BaselineModule(UnlearningModule):
             edit: an ``edit.safetensors`` patch applied to the model after loading (validate/test).
             target: a downstream model that embeds one tower of this CLIP: only tensors it reads
                 change (see :mod:`slug_pl.targets`).
+            protect_retained: the retain projection (:mod:`slug_pl.retain_projection`): GA and
+                GAFT keep their change off what the retained inputs feed each tensor (see
+                :class:`TrainedModule`); the other baselines refuse it, saying why. None: off.
         """
-        super().__init__(family, edit, target, forget_target)
+        super().__init__(family, edit, target, forget_target, protect_retained)
         if forget_target.metric not in FORGET_METRICS:
             raise ValueError(f"forget_target.metric must be one of {list(FORGET_METRICS)} for a baseline (they are "
                              f"judged on the CLIP's zero-shot metrics), got {forget_target.metric!r}")
@@ -172,15 +179,20 @@ class BaselineModule(UnlearningModule):
     def method_block(self) -> dict:
         """The ``method`` block of ``summary.json``; subclasses add their settings."""
         s = self.selected
-        return {"name": self.method_name,
-                "selection": {"rule": RULE, "selected": s.label, "index": s.index, "info": s.info,
-                              "target_met": s.target_met},
-                "candidates": [{"index": c.index, "label": c.label, "target_met": c.target_met,
-                                "validation": core_metrics(c.metrics), **c.info} for c in self.checkpoints]}
+        block = {"name": self.method_name,
+                 "selection": {"rule": RULE, "selected": s.label, "index": s.index, "info": s.info,
+                               "target_met": s.target_met},
+                 "candidates": [{"index": c.index, "label": c.label, "target_met": c.target_met,
+                                 "validation": core_metrics(c.metrics), **c.info} for c in self.checkpoints]}
+        if self.protection is not None:
+            block["retain_projection"] = self.protection
+        return block
 
     def sections(self, method: dict) -> list[str]:
-        """The method's sections of ``report.md``: its settings, then every candidate."""
-        return self.settings_section(method) + self.candidates_section()
+        """The method's sections of ``report.md``: its settings, the retain projection when used,
+        then every candidate."""
+        projection = report_lines(method["retain_projection"]) if "retain_projection" in method else []
+        return self.settings_section(method) + projection + self.candidates_section()
 
     def settings_section(self, method: dict) -> list[str]:
         return []
@@ -226,12 +238,27 @@ class TrainedModule(BaselineModule):
 
     The number of epochs is the trainer's (``trainer.max_epochs``); training stops after the first
     epoch whose model meets the target (``stop_when_met``), since the rule would report it anyway.
+
+    With ``model.protect_retained`` (the retain projection, :mod:`slug_pl.retain_projection`; built
+    once at the start, off the original weights' inputs): every step's gradient of a covered
+    tensor is projected before the optimizer step (AdamW's moments see only what may change), and
+    after the step each covered tensor's change since the start is projected again,
+    ``W ← W₀ + P(W − W₀)``, since AdamW's per-weight scaling and its weight decay leave the
+    projected span; every tensor the projection does not cover is put back to ``W₀``. So no
+    covered tensor's change moves what the protected inputs feed it, and no other tensor
+    changes: the protected inputs' states stay as they were at every layer (up to the dropped
+    singular directions).
     """
+
+    no_retain_projection = None
+    projected = ("every step's gradient of a covered tensor, and its change since the start, are projected "
+                 "(every other tensor is held at its original value)")
 
     def __init__(self, family: ModelFamily, lr: float = 1e-7, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 0,
                  stop_when_met: bool = True, forget_target: ForgetTarget = ForgetTarget(),  # noqa: B008
-                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None):
+                 similarity_concepts: int = 8, edit: str | None = None, target: DownstreamTarget | None = None,
+                 protect_retained: RetainProjection | None = None):
         """
         Args:
             lr / weight_decay / betas / eps: AdamW (decoupled weight decay on matrices, none on
@@ -240,7 +267,7 @@ class TrainedModule(BaselineModule):
             stop_when_met: stop after the first epoch whose model meets the target.
             (other arguments: see :class:`BaselineModule`)
         """
-        super().__init__(family, forget_target, similarity_concepts, edit, target)
+        super().__init__(family, forget_target, similarity_concepts, edit, target, protect_retained)
         checks = [(lr > 0, f"model.lr must be > 0, got {lr}"),
                   (weight_decay >= 0, f"model.weight_decay must be >= 0, got {weight_decay}"),
                   (all(0 <= b < 1 for b in betas), f"model.betas must lie in [0, 1), got {list(betas)}"),
@@ -252,6 +279,11 @@ class TrainedModule(BaselineModule):
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
         self.warmup_steps = warmup_steps
         self.stop_when_met = stop_when_met
+        #: with model.protect_retained: the projection on the run's device, the tensors that may
+        #: change and their values at the start (each step's change is held off the protected span)
+        self._held: InputProjection | None = None
+        self._held_params: dict[str, nn.Parameter] = {}
+        self._start: dict[str, torch.Tensor] = {}
 
     # -- what a subclass defines ---------------------------------------------------------------
     def loss(self, name: str, u: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -269,6 +301,17 @@ class TrainedModule(BaselineModule):
             raise ValueError(f"{self.method_name} trains for trainer.max_epochs epochs; set it to a positive number "
                              f"(e.g. 10), got {max_epochs}")
         super().on_fit_start()
+        if self.protect_retained is not None:
+            self._hold_off_retained()
+
+    def _hold_off_retained(self) -> None:
+        """Build the retain projection (rank 0, every rank then holds the same) and keep, on the
+        run's device, the values every changeable tensor starts from."""
+        projection = self.retain_projection() if self.trainer.is_global_zero else None
+        projection, self.protection = self.trainer.strategy.broadcast((projection, self.protection), src=0)
+        self._held = projection.to(self.device)
+        self._held_params = self.changeable_parameters()
+        self._start = {n: p.detach().clone() for n, p in self._held_params.items()}
 
     def configure_optimizers(self):
         params = [(n, p) for n, p in self.clip.named_parameters() if self.changeable(n)]
@@ -287,6 +330,32 @@ class TrainedModule(BaselineModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- training ------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """With the retain projection: each covered tensor's gradient projected, every other one
+        zeroed (no moment builds up where nothing may change)."""
+        if self._held is None:
+            return
+        for name, p in self._held_params.items():
+            if p.grad is None:
+                continue
+            if self._held.covers(name):
+                p.grad.copy_(self._held.apply({name: p.grad})[name])
+            else:
+                p.grad.zero_()
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._held is not None:
+            self._hold_change()
+
+    @torch.no_grad()
+    def _hold_change(self) -> None:
+        """``W ← W₀ + P(W − W₀)`` for every covered tensor, ``W ← W₀`` for every other one."""
+        change = {n: p.detach() - self._start[n] for n, p in self._held_params.items() if self._held.covers(n)}
+        projected = self._held.apply(change)
+        for name, p in self._held_params.items():
+            p.copy_(self._start[name] + projected[name] if name in projected else self._start[name])
+
     def on_train_epoch_start(self) -> None:
         self._t_epoch = time.perf_counter()
 

@@ -23,9 +23,13 @@ calls; it builds its adapter and its judge from its arguments::
 
 What the run does with a target (see :class:`slug_pl.methods.slug.SlugSearch`):
 
-1. before the pass: ``use_run_device``, ``load``, then ``check_pair`` (refuses a CLIP whose
-   embedded tower differs from the downstream model's, naming the first tensor that differs);
-2. ranking: only tensors for which ``reads`` is true can be candidates;
+1. before the pass: ``use_run_device`` on every rank, then ``check_pair`` on rank 0 (refuses a
+   CLIP whose embedded tower differs from the downstream model's, naming the first tensor that
+   differs; every rank raises it). The adapter loads the model at its first use (here, rank 0's
+   pair check): ranks that never use it never load it;
+2. ranking: only tensors for which ``reads`` is true can be candidates; with the method's
+   ``model.protect_retained``, the method projects the forget gradient off ``protected_inputs``
+   (what this downstream model must keep, :mod:`slug_pl.retain_projection`);
 3. step search: on ``search_judge`` (the target's own judge, e.g. a VLM's name accuracy) or,
    when it returns None, on the CLIP's zero-shot metrics;
 4. final choice among the candidates that met the target: ``rank_candidates`` (e.g. by
@@ -47,6 +51,7 @@ from torch import nn
 from slug_pl.context import RunContext
 from slug_pl.edit import EditMismatchError, LayerEdit
 from slug_pl.evaluation.target_judge import TargetJudge, TargetReport
+from slug_pl.retain_projection import ProtectedInputs
 from slug_pl.targets.saved_copy import TensorChange, same_weights
 
 __all__ = ["DownstreamAdapter", "DownstreamTarget", "TargetJudge", "TargetMismatchError", "TargetReport"]
@@ -106,7 +111,14 @@ class DownstreamAdapter(ABC):
 
     @abstractmethod
     def load(self) -> None:
-        """Load the downstream model (idempotent) on :meth:`resolved_device`."""
+        """Load the downstream model (idempotent) on :meth:`resolved_device`. Every method that
+        needs the model calls it first, so nothing has to load it ahead of its first use."""
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool:
+        """Whether the downstream model is loaded. Naming, configuring and asking what it reads
+        (:meth:`source`, :meth:`describe`, :meth:`use_run_device`, :meth:`reads`) never load it."""
 
     @abstractmethod
     def downstream_name(self, clip_name: str) -> str | None:
@@ -295,8 +307,11 @@ class DownstreamTarget:
         return self.adapter.save_pretrained(folder)
 
     # -- the verdict (the judge's) ----------------------------------------------------------------
-    def forget_gradient_projection(self, context: RunContext):
-        return self.judge.forget_gradient_projection(context)
+    def protected_inputs(self, context: RunContext, limit: int) -> list[ProtectedInputs]:
+        """What this downstream model must keep when the method's ``model.protect_retained`` is set:
+        at most ``limit`` inputs per tower (the judge's, which knows what it measures); the method
+        projects its change off what they feed each tensor (:mod:`slug_pl.retain_projection`)."""
+        return self.judge.protected_inputs(context, limit)
 
     def search_judge(self, context: RunContext, concept: str):
         return self.judge.search_judge(context, concept)

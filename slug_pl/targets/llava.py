@@ -19,9 +19,9 @@ target is ``forget_name_accuracy`` (e.g. ``<= 0``) and its choice keeps the most
 ``retain_name_accuracy + object_accuracy`` (``search.kept``). Measured on the demo's small LLaVA
 (``benchmarks/results/llava_demo_unprotected.md``): at the step where the CLIP stops matching the
 identity, the VLM still named it up to 73 % of the time, and the steps applied were 1.2–1.9×
-larger. ``search_forget_pairs`` adds the forget set's images of the person to the judge, and
-``protect_retained`` projects the forget gradient off the main directions of the retain images'
-inputs (:mod:`slug_pl.retain_projection`). The CLIP's
+larger. ``search_forget_pairs`` adds the forget set's images of the person to the judge, and the method's
+``model.protect_retained`` projects the forget gradient off the main directions of the retain
+images' inputs (:mod:`slug_pl.retain_projection`). The CLIP's
 own zero-shot metrics are recorded next to the VLM's (``clip_metrics``), with
 ``forget_name_or_top1`` (:data:`~slug_pl.evaluation.vqa.FORGET_BOTH`), a target for both at once: the VLM's answers on a
 few validation images alone can be silenced by a step that leaves the identity in the tower.
@@ -124,6 +124,10 @@ class LlavaAdapter(DownstreamAdapter):
         if self.dtype == "auto":
             return device, torch.bfloat16 if device.type == "cuda" else torch.float32
         return device, getattr(torch, self.dtype)
+
+    @property
+    def loaded(self) -> bool:
+        return self.vlm is not None
 
     def load(self) -> None:
         if self.vlm is not None:
@@ -286,7 +290,14 @@ class LlavaAdapter(DownstreamAdapter):
 
 class Llava(DownstreamTarget):
     """A LLaVA whose vision tower is the CLIP's, judged by its answers: the :class:`LlavaAdapter`
-    with a :class:`~slug_pl.evaluation.vqa.VqaJudge`."""
+    with a :class:`~slug_pl.evaluation.vqa.VqaJudge`.
+
+    What it protects when the method keeps the edit off what must stay (``model.protect_retained``,
+    :mod:`slug_pl.retain_projection`): the retain set's images whose captions name no forgotten
+    concept, every patch, through the vision encoder; recommended tolerance 0.3 (images are not
+    discrete like prompts: a small tolerance protects nearly every direction, so the step that
+    forgets grows until it breaks fresh images; 0.3 protects the few directions most images share,
+    colours and layout, and leaves identity-specific ones)."""
 
     def __init__(
         self,
@@ -308,9 +319,6 @@ class Llava(DownstreamTarget):
         cache_dir: str | None = None,
         progress: bool = True,
         cpu_threads: int | None = None,
-        protect_retained: bool = False,
-        protect_tolerance: float = 0.3,
-        protect_images: int = 2000,
         search_forget_pairs: bool = False,
     ):
         """
@@ -348,20 +356,6 @@ class Llava(DownstreamTarget):
                 and the judge's CLIP metrics; restored afterwards); None leaves torch's setting. On
                 shared cores 1 is several times faster than 2 (measured: 200 answers of the demo
                 LLaVA in 1.5 s with 1 thread, 7.3 s with 2).
-            protect_retained: keep the edit off the main directions of what the retain set's
-                images feed the tower: the forget gradient of each linear weight of the encoder is
-                projected off the span of those inputs (every patch of up to ``protect_images``
-                retain images whose captions do not name a forgotten concept), keeping only the
-                directions above ``protect_tolerance`` × the largest singular value
-                (:mod:`slug_pl.retain_projection`). Only those linear weights are then candidates.
-                Not SLUG's gradient as it is: one tensor and one searched step still, along the
-                projected direction; ``summary.json``'s ``vqa.protected`` records it.
-            protect_tolerance: the fraction of the largest singular value above which an input
-                direction is protected. Images are not discrete like prompts: a small tolerance
-                protects nearly every direction, so the step that forgets grows until it breaks
-                fresh images; 0.3 protects the few directions shared by most images (colours,
-                layout) and leaves identity-specific ones.
-            protect_images: how many retain images are encoded for the projection.
             search_forget_pairs: the search's judge also asks about the forget set's own images of
                 the concept: the person must go unnamed on those too. Fifteen validation images
                 leave a step that silences them but not every fresh image; the forget pairs
@@ -370,6 +364,5 @@ class Llava(DownstreamTarget):
         adapter = LlavaAdapter(model, max_new_tokens, batch_size, device, dtype, revision, cache_dir, progress,
                                cpu_threads)
         judge = VqaJudge(adapter, question, object_question, aliases, search_on_vlm, search_images_per_concept,
-                         clip_metrics, test_images_per_concept, examples, protect_retained, protect_tolerance,
-                         protect_images, search_forget_pairs)
+                         clip_metrics, test_images_per_concept, examples, search_forget_pairs)
         super().__init__(adapter, judge, save_edited)

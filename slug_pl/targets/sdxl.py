@@ -133,7 +133,8 @@ class StableDiffusionXL(DownstreamTarget):
     """An SDXL pipeline judged by its generations, edited through ``text_encoder`` 1 or 2: the
     :class:`StableDiffusionXLAdapter` with the Stable Diffusion judge
     (:class:`~slug_pl.evaluation.generation_judge.GenerationJudge`; its options are
-    :class:`~slug_pl.targets.StableDiffusion`'s)."""
+    :class:`~slug_pl.targets.StableDiffusion`'s; it protects what Stable Diffusion does, through
+    the paired CLIP's text tower)."""
 
     def __init__(
         self,
@@ -160,8 +161,6 @@ class StableDiffusionXL(DownstreamTarget):
         dtype: str | None = None,
         save_edited: bool = False,
         progress: bool = True,
-        protect_retained: bool | int = False,
-        protect_tolerance: float = 0.05,
     ):
         """
         Args:
@@ -175,7 +174,7 @@ class StableDiffusionXL(DownstreamTarget):
                                            width, device, dtype, progress)
         judge = GenerationJudge(adapter, forget_templates, retain_templates, retain_concepts, seeds, search_seeds,
                                 search_templates, search_retain_concepts, judges, forget_threshold, search_on,
-                                grid_seeds, protect_retained, protect_tolerance)
+                                grid_seeds)
         super().__init__(adapter, judge, save_edited)
 
     @property

@@ -174,6 +174,10 @@ class StableDiffusionAdapter(DownstreamAdapter):
         return (folder / "model_index.json").is_file() and pipeline_class_name(folder) == cls.pipeline_class
 
     # -- the pipeline ----------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
     def load(self) -> None:
         if self.pipe is not None:
             return
@@ -293,7 +297,12 @@ class StableDiffusionAdapter(DownstreamAdapter):
 
 class StableDiffusion(DownstreamTarget):
     """A Stable Diffusion 1.x/2.x pipeline judged by its generations: the
-    :class:`StableDiffusionAdapter` with a :class:`~slug_pl.evaluation.generation_judge.GenerationJudge`."""
+    :class:`StableDiffusionAdapter` with a :class:`~slug_pl.evaluation.generation_judge.GenerationJudge`.
+
+    What it protects when the method keeps the edit off what must stay (``model.protect_retained``,
+    :mod:`slug_pl.retain_projection`): the retained concepts' prompts (the report's retain prompts,
+    ``retain_concepts`` × ``retain_templates``), through the text tower at every position the UNet
+    reads; recommended tolerance 0.05."""
 
     def __init__(
         self,
@@ -319,8 +328,6 @@ class StableDiffusion(DownstreamTarget):
         dtype: str | None = None,
         save_edited: bool = False,
         progress: bool = True,
-        protect_retained: bool | int = False,
-        protect_tolerance: float = 0.05,
     ):
         """
         Args:
@@ -364,21 +371,10 @@ class StableDiffusion(DownstreamTarget):
             save_edited: also write the edited pipeline into the run folder
                 (``edited_stable_diffusion/``, a ``save_pretrained`` folder; the size of the model).
             progress: show a progress bar over generated images.
-            protect_retained: keep the edit off the retained concepts' prompts (the report's retain
-                prompts: ``retain_concepts`` × ``retain_templates``): the forget gradient of every
-                text-encoder weight is projected off the inputs those prompts feed it at every
-                position the UNet reads (:mod:`slug_pl.retain_projection`), so at the found step
-                their text states stay as they were; only linear weights and embedding tables
-                (what can be projected) are then candidates. A change to the method's update
-                direction, recorded in the run (``generation.protected``). A number protects only
-                the first that many retained concepts (the others then show what an unprotected
-                concept loses).
-            protect_tolerance: the projection drops input directions whose singular value is below
-                this fraction of the largest (0: the exact span).
         """
         adapter = StableDiffusionAdapter(pipeline, clip_skip, steps, guidance, batch_size, height, width, device,
                                          dtype, progress)
         judge = GenerationJudge(adapter, forget_templates, retain_templates, retain_concepts, seeds, search_seeds,
                                 search_templates, search_retain_concepts, judges, forget_threshold, search_on,
-                                grid_seeds, protect_retained, protect_tolerance)
+                                grid_seeds)
         super().__init__(adapter, judge, save_edited)

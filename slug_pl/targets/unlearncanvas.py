@@ -60,6 +60,10 @@ class UnlearnCanvas(DownstreamTarget):
 
     The run's data module must be an
     :class:`~slug_pl.data.canvas_datamodule.UnlearnCanvasDataModule` (it names the grid).
+
+    What it protects when the method keeps the edit off what must stay (``model.protect_retained``,
+    :mod:`slug_pl.retain_projection`): the grid's prompts of every other style (or object), through
+    the text tower at every position the UNet reads; recommended tolerance 0.05.
     """
 
     def __init__(
