@@ -13,6 +13,7 @@ bounds hold in each run. The runs use the configs as they are: SLUG's forget gra
 retain projection.
 
     python benchmarks/sdxl_demo.py --identities 1   # sdxl_demo.md
+    python benchmarks/sdxl_demo.py --identities 1 --encoders 1 --protect 0.05   # sdxl_demo_protected.md
 """
 
 from __future__ import annotations
@@ -46,8 +47,14 @@ def main(argv=None) -> int:
     p = arguments(__doc__)
     p.add_argument("--encoders", nargs="+", type=int, default=list(ENCODERS), choices=list(ENCODERS),
                    help="the text encoders to edit, one set of runs each")
+    p.add_argument("--protect", type=float, default=None, metavar="TOLERANCE",
+                   help="the retain projection (model.protect_retained) at this tolerance, off every retained "
+                        "prompt (as the Stable Diffusion demo: 0.05); default: the configs' setting (none). "
+                        "Written to sdxl_demo_protected.*")
     args = p.parse_args(argv)
-    stem = "sdxl_demo"
+    stem = "sdxl_demo" if args.protect is None else "sdxl_demo_protected"
+    projection = [] if args.protect is None else [
+        "--model.protect_retained", json.dumps({"tolerance": args.protect, "limit": 2000})]
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for encoder in args.encoders:
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
         for concept in identity_names(WorldSpec())[: args.identities]:
             with tempfile.TemporaryDirectory() as tmp:
                 code, run, seconds = fit_demo(configs, root, concept, clip, "sdxl_pipeline", "sdxl_classifier",
-                                              None, Path(tmp))
+                                              None, Path(tmp), *projection)
                 summary = json.loads((run / "summary.json").read_text())
                 if grid is None:
                     grid = crop_rows(run / "generation_grid.png", GRID_ROWS)
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
             rows.append({"encoder": encoder, "concept": concept, "exit_code": code, "run_seconds": seconds,
                          "layer": edit["layer"], "step": edit["step"], "relative_step": edit["relative_step"],
                          "search": summary["method"]["search"], "generation": g,
+                         "retain_projection": summary["method"].get("retain_projection"),
                          "who_pays": who_pays(concept, g, changes)})
             print(f"text_encoder {encoder}, {concept}: exit {code}, {seconds:.0f}s, layer {edit['layer']}", flush=True)
     build = json.loads((root / "sdxl_pipeline" / "slug_demo_sd.json").read_text())
