@@ -216,6 +216,20 @@ def summarise(config: dict, set_bytes: int) -> dict:
             "indexed": all(r["indexed"] for r in config["ranks"])}
 
 
+#: Options whose values are folders of the machine that ran the benchmark (recorded as placeholders).
+MACHINE_FOLDERS = {"--work": "<scratch folder>", "--src": "<checkout of the earlier commit>"}
+
+
+def portable_command(args: list[str]) -> str:
+    """The command line as run from the repository root, with the folders of the machine that ran
+    it replaced by placeholders (a result file names no machine's paths)."""
+    shown = list(args)
+    for i, arg in enumerate(shown[:-1]):
+        if arg in MACHINE_FOLDERS:
+            shown[i + 1] = MACHINE_FOLDERS[arg]
+    return " ".join(["python benchmarks/data_path_scaling.py", *shown])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", type=int, default=4)
@@ -281,9 +295,10 @@ def main() -> None:
     import torch
 
     record = {
-        "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+        "command": portable_command(sys.argv[1:]), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPU cores (shared)",
-        "slug_pl_source": src,
+        "slug_pl_source": "another checkout (--src)" if args.src else "this checkout",
         "set": {"shards": args.shards, "samples": args.shards * args.per_shard, "bytes": set_bytes,
                 "batch": args.batch},
         "index_files_bytes": index_bytes,
