@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     stem = "sdxl_demo" if args.protect is None else "sdxl_demo_protected"
     projection = [] if args.protect is None else [
-        "--model.protect_retained", json.dumps({"tolerance": args.protect, "limit": 2000})]
+        "--model.protect_retained", json.dumps({"tolerance": args.protect})]  # the option's own limit
     root = Path(args.cache)  # as given (relative paths keep the record free of machine paths)
     rows, t_start, grid = [], time.perf_counter(), None
     for encoder in args.encoders:
