@@ -31,7 +31,7 @@ class RunData(Protocol):
 
     def has_stage(self, stage: str) -> bool: ...
 
-    def loaded_sets(self, stage: str) -> dict[str, LoadedSet]: ...
+    def loaded_sets(self, stage: str, part: tuple[int, int] = (0, 1)) -> dict[str, LoadedSet]: ...
 
     def eval_suite(self, stage: str): ...
 
@@ -78,10 +78,11 @@ class RunContext:
         them, else ``validation``."""
         return "test" if self.has_stage("test") else "validation"
 
-    def eval_sets(self, stage: str) -> dict[str, LoadedSet]:
+    def eval_sets(self, stage: str, part: tuple[int, int] = (0, 1)) -> dict[str, LoadedSet]:
         """The decoded sets of ``stage`` (``concepts``, and ``utility`` when configured),
-        preprocessed by the family's image transform."""
-        return self.data.loaded_sets(stage)
+        preprocessed by the family's image transform; with ``part`` ``(r, W)`` only samples
+        ``r::W`` of each (one rank's part of a shared evaluation)."""
+        return self.data.loaded_sets(stage, part)
 
     def eval_suite(self, stage: str):
         """The specs of ``stage``'s sets (:class:`~slug_pl.data.datamodule.EvalSuite`, or None):

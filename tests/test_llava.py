@@ -432,7 +432,8 @@ def test_fit_with_the_llava_target(tmp_path, monkeypatch, small_world, tiny_hf_c
     # the search (on the VLM), the evaluation and the VLM (no device configured) ran where the pass ran
     where = "cuda:0" if device == "cuda" else "cpu"
     assert summary["devices"] | {"precision": None} == {"pass": where, "after_pass": where, "evaluation": where,
-                                                        "downstream": where, "precision": None}
+                                                        "downstream": where, "precision": None,
+                                                        "search_ranks": 1}
     block = summary["vqa"]
     assert block["question"] == QUESTION
     for when in ("before", "after"):

@@ -77,7 +77,8 @@ def test_the_search_and_the_final_evaluation_run_on_the_root_device(tmp_path, sm
     assert at["evaluation"] == root, f"the final evaluation started after placement {at['evaluation']!r} ({log})"
     assert log[-1] == HOST, "the module goes back to the host after the search, freeing the accelerator"
     summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "summary.json").read_text())
-    assert summary["devices"] == {"pass": root, "after_pass": root, "evaluation": root, "precision": "32-true"}
+    assert summary["devices"] == {"pass": root, "after_pass": root, "evaluation": root, "precision": "32-true",
+                                  "search_ranks": 1}
 
 
 def test_a_baseline_selects_and_evaluates_on_the_root_device(tmp_path, small_world, tiny_checkpoint, forget_shard,

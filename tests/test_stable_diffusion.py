@@ -319,7 +319,8 @@ def test_fit_with_the_target_judges_generations_and_saves_the_edited_pipeline(
     # the search, the evaluation and the pipeline (no device configured) ran where the pass ran
     where = "cuda:0" if device == "cuda" else "cpu"
     assert summary["devices"] | {"precision": None} == {"pass": where, "after_pass": where, "evaluation": where,
-                                                        "downstream": where, "precision": None}
+                                                        "downstream": where, "precision": None,
+                                                        "search_ranks": 1}
     generation = summary["generation"]
     assert generation["prompts"] == 3 * 2 and generation["seeds"] == [0, 1]  # 3 concepts × 2 templates
     for side in ("before", "after"):

@@ -164,7 +164,7 @@ def test_a_concepts_judge_leaves_the_runs_other_forgotten_concepts_out_of_retain
     class TwoConceptRun:  # what for_concepts reads of a run's data
         eval_batch_size = 2
 
-        def loaded_sets(self, stage):
+        def loaded_sets(self, stage, part=(0, 1)):
             images, labels = images_and_labels()
             images = images.clone()
             images[1] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)  # Bo's image on Ada's axis: Bo 0, Cy 1

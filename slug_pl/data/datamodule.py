@@ -249,7 +249,7 @@ class SlugDataModule(LightningDataModule):
         self._exclusions: dict[tuple[str, str, int], tuple[int, ...]] = {}
         self._pair_sets: dict[str, PairSet] = {}
         self._pair_set_keys: dict[str, str] = {}  # what data.forget / data.retain were when cached
-        self._loaded: dict[str, dict[str, LoadedSet]] = {}
+        self._loaded: dict[tuple[str, tuple[int, int]], dict[str, LoadedSet]] = {}
         #: the model family whose transform and tokenizer the data uses (given by :meth:`attach`)
         self.family = None
         #: what ``fit`` streams: the pair sets in order and the global batch it starts at
@@ -499,18 +499,19 @@ class SlugDataModule(LightningDataModule):
         """The specs of ``stage``'s labelled sets (None when the config has none)."""
         return self.suites.get(stage)
 
-    def loaded_sets(self, stage: str) -> dict[str, LoadedSet]:
-        """The decoded sets of ``stage`` ("validation" or "test"): ``concepts`` and ``utility``."""
-        if stage not in self._loaded:
+    def loaded_sets(self, stage: str, part: tuple[int, int] = (0, 1)) -> dict[str, LoadedSet]:
+        """The decoded sets of ``stage`` ("validation" or "test"): ``concepts`` and ``utility``;
+        with ``part`` ``(r, W)`` only samples ``r::W`` of each (kept like the whole sets)."""
+        if (stage, part) not in self._loaded:
             suite = self.suites.get(stage)
             if suite is None:
                 raise ValueError(f"data.{stage} is not set: give its concept (and utility) sets")
             transform = self._family().image_transform()
-            sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts", self.input_rules)}
+            sets = {"concepts": suite.concepts.load(transform, f"{stage}.concepts", self.input_rules, part)}
             if suite.utility is not None:
-                sets["utility"] = suite.utility.load(transform, f"{stage}.utility", self.input_rules)
-            self._loaded[stage] = sets
-        return self._loaded[stage]
+                sets["utility"] = suite.utility.load(transform, f"{stage}.utility", self.input_rules, part)
+            self._loaded[(stage, part)] = sets
+        return self._loaded[(stage, part)]
 
     def forget_ids(self, stage: str) -> list[int]:
         classnames = self.loaded_sets(stage)["concepts"].classnames

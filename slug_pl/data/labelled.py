@@ -73,38 +73,47 @@ class LabelledSet:
         expand_urls(self.shards, rules, f"{name}: shards")
         return read_name_list(self.classnames, f"{name} class-name")
 
-    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES,
+             part: tuple[int, int] = (0, 1)) -> LoadedSet:
         """Decode and preprocess the shards under ``rules`` (see :func:`load_labelled_set`)."""
-        return load_labelled_set(self, transform, name, rules)
+        return load_labelled_set(self, transform, name, rules, part)
 
 
 @dataclass
 class LoadedSet:
-    """A labelled set decoded into memory: ``images (N, 3, H, W)``, ``labels (N,)`` long."""
+    """A labelled set decoded into memory: ``images (N, 3, H, W)``, ``labels (N,)`` long.
+
+    ``part`` ``(r, W)``: the set holds only samples ``r, r + W, ...`` of the whole (one rank's
+    part of a shared evaluation, :mod:`slug_pl.evaluation.group`); ``(0, 1)``: the whole set.
+    """
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
     classnames: list[str]
     templates: list[str]
+    part: tuple[int, int] = (0, 1)
 
     def subset(self, mask: torch.Tensor, name: str) -> LoadedSet:
         return LoadedSet(name, self.images[mask], self.labels[mask], self.classnames, self.templates)
 
 
 def load_labelled_set(spec: LabelledSet, transform: Callable, name: str,
-                      rules: InputRules = DEFAULT_RULES) -> LoadedSet:
-    """Decode and preprocess every sample of ``spec`` under ``rules``; labels are checked against
-    the class list."""
+                      rules: InputRules = DEFAULT_RULES, part: tuple[int, int] = (0, 1)) -> LoadedSet:
+    """Decode and preprocess every sample of ``spec`` under ``rules``, or with ``part`` ``(r, W)``
+    only the samples ``r::W`` of the set (every label is still checked against the class list)."""
+    rank, world = part
     classnames = read_name_list(spec.classnames, f"{name} class-name")
     templates = read_name_list(spec.templates, f"{name} template")
     urls = expand_urls(spec.shards, rules, f"{name}: shards")
     keep = _stratified_indices(urls, len(classnames), spec.max_samples, spec.subset_seed, rules) \
         if spec.max_samples is not None else None
     images, labels = [], []
+    position = -1  # the sample's number in the set
     for index, sample in enumerate(iter_raw_samples(urls, rules)):
         if keep is not None and index not in keep:
             continue
+        position += 1
         if sample.label is None:
             raise ShardError(
                 f"sample {sample.key!r} in {sample.shard} has no class label ('cls'), needed by "
@@ -115,11 +124,15 @@ def load_labelled_set(spec: LabelledSet, transform: Callable, name: str,
                 f"sample {sample.key!r} in {sample.shard} has label {sample.label}, outside the "
                 f"{len(classnames)} class names of set {name!r}"
             )
+        if position % world != rank:
+            continue
         images.append(transform(decode_image(sample, rules)))
         labels.append(sample.label)
-    if not images:
+    if position < 0:
         raise ShardError(f"labelled set {name!r} has no samples ({spec.shards})")
-    return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates)
+    if not images:  # a set smaller than the ranks sharing it: this rank's part is empty
+        return LoadedSet(name, torch.empty(0), torch.empty(0, dtype=torch.long), classnames, templates, part)
+    return LoadedSet(name, torch.stack(images), torch.tensor(labels), classnames, templates, part)
 
 
 def _stratified_indices(urls: Sequence[str], num_classes: int, count: int, seed: int,

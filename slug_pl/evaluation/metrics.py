@@ -41,6 +41,18 @@ class ZeroShotAccuracy(Metric):
             hits = getattr(self, f"hits{k}")
             hits.index_add_(0, labels, topk_hits(logits, labels, k).long())
 
+    @property
+    def counts(self) -> torch.Tensor:
+        """The states as one long tensor ``(len(TOPK) + 1, C)``: hits at each k, then images per
+        class (what ranks that score parts of one set sum, in one call)."""
+        return torch.stack([getattr(self, f"hits{k}") for k in TOPK] + [self.count])
+
+    @counts.setter
+    def counts(self, value: torch.Tensor) -> None:
+        for row, k in zip(value, TOPK):
+            setattr(self, f"hits{k}", row.clone())
+        self.count = value[len(TOPK)].clone()
+
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.count.double()
         out = {"count": self.count}

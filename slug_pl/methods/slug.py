@@ -51,8 +51,10 @@ from slug_pl import resume
 from slug_pl.atomic import file_slug
 from slug_pl.data.datamodule import portable_path
 from slug_pl.departures import RunOptions, run_departures
+from slug_pl.distributed_search import coordinating, serve
 from slug_pl.edit import apply_edit, merge_edits
 from slug_pl.evaluation.evaluator import Evaluator
+from slug_pl.evaluation.group import EvalGroup
 from slug_pl.families.base import ModelFamily
 from slug_pl.gradients import (
     RETAIN_LOSS,
@@ -542,6 +544,7 @@ class SlugSearch(Callback):
         kept: list[str] = DEFAULT_KEPT,
         stop_dominated: bool = False,
         iterations: str = "until_tolerance",
+        share_evaluations: bool = True,
     ):
         """
         Args:
@@ -575,6 +578,9 @@ class SlugSearch(Callback):
             stop_dominated: give up a candidate once a step that misses the target keeps no more
                 than the best edit already found (larger steps keep less still); fewer
                 evaluations where each is expensive (generations, a VLM's answers).
+            share_evaluations: under DDP, every rank takes its part of each evaluation
+                (:mod:`slug_pl.distributed_search`; the same metrics as one process); False:
+                rank 0 evaluates alone.
         """
         # the forget target is the run's (its forget_target: section, the method's): set in setup
         self.settings = SearchSettings(ForgetTarget(), top_k, fronts, tuple(towers),
@@ -582,6 +588,7 @@ class SlugSearch(Callback):
                                        beam_width, concept_gradients, tuple(kept), stop_dominated, iterations)
         self.similarity_concepts = similarity_concepts
         self.save_checkpoint = save_checkpoint
+        self.share_evaluations = share_evaluations
         self.summary: dict | None = None
 
     def setup(self, trainer: Trainer, pl_module: SlugModule, stage: str) -> None:
@@ -599,16 +606,40 @@ class SlugSearch(Callback):
                 f"model.family.init_args exclude/include filters; widen them or search.towers"
             )
 
+    def evaluation_group(self, trainer: Trainer, pl_module: SlugModule) -> EvalGroup:
+        """The ranks that share the search's evaluations (:mod:`slug_pl.distributed_search`):
+        every rank of the run, unless ``share_evaluations`` is off or a downstream target judges
+        the search (its model is on rank 0 alone), then rank 0 alone."""
+        if not self.share_evaluations or trainer.world_size == 1 or pl_module.target is not None:
+            return EvalGroup()
+        return EvalGroup.of_default_process_group()
+
     def on_fit_end(self, trainer: Trainer, pl_module: SlugModule) -> None:
         # on_fit_end (not on_train_end) also runs when the pass is skipped (model.gradients_from)
-        if not trainer.is_global_zero:  # rank 0 searches alone; no collective calls below
+        group = self.evaluation_group(trainer, pl_module)
+        if not trainer.is_global_zero:  # rank 0 searches; the others take their part of each evaluation
+            if not group.alone:
+                with on_run_device(trainer, pl_module):
+                    context = pl_module.context
+                    serve(context.model, lambda concept: Evaluator.for_concepts(context, "validation", [concept], group))
             return
         with on_run_device(trainer, pl_module):
-            self._search(trainer, pl_module)
+            self._search(trainer, pl_module, group)
 
-    def _search(self, trainer: Trainer, pl_module: SlugModule) -> None:
+    def _search(self, trainer: Trainer, pl_module: SlugModule, group: EvalGroup) -> None:
+        context = pl_module.context
+        with coordinating(context.model, group) as coordinator:  # the other ranks stop serving on exit
+            found = self._find_edits(trainer, pl_module, group, coordinator)
+        self._finish(trainer, pl_module, *found)
+
+    def _find_edits(self, trainer: Trainer, pl_module: SlugModule, group: EvalGroup, coordinator):
+        """Rank, search, choose and apply one edit per concept (``coordinator``: the other ranks'
+        orders, or None alone); returns what :meth:`_finish` records."""
         t0 = time.perf_counter()
         pl_module.phase_memory.start(pl_module.device)
+        pl_module.devices["search_ranks"] = group.world
+        if not group.alone:
+            rank_zero_info(f"the search's evaluations are shared by {group.world} ranks")
         context = pl_module.context
         model, family, concepts = context.model, context.family, list(context.concepts)
         record = RunRecord(pl_module.run_dir, trainer.logger)
@@ -620,7 +651,10 @@ class SlugSearch(Callback):
 
         def judge_for(concept: str):
             judge = target.search_judge(context, concept) if target is not None else None
-            return judge or Evaluator.for_concepts(context, "validation", [concept])
+            if judge is not None:
+                return judge
+            judge = Evaluator.for_concepts(context, "validation", [concept], group)
+            return coordinator.judge(concept, judge) if coordinator is not None else judge
 
         # model.protect_retained keeps the edit off what must stay: the forget gradient projected, and
         # only the tensors the projection covers as candidates (slug_pl.retain_projection)
@@ -657,7 +691,7 @@ class SlugSearch(Callback):
         pl_module.timings["search"] = time.perf_counter() - t0
         pl_module.phase_memory.end("search", pl_module.device)
         sub_timings["ranking"] = search.ranking_s
-        self._finish(trainer, pl_module, search, outcomes, record, extra_pairs["count"], sub_timings)
+        return search, outcomes, record, extra_pairs["count"], sub_timings
 
     def _finish(self, trainer: Trainer, pl_module: SlugModule, search: StepSearch, outcomes: list[Outcome],
                 record: RunRecord, extra_pairs: int, sub_timings: dict[str, float]) -> None:
