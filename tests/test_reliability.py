@@ -693,19 +693,24 @@ def test_interrupted_pass_resumes_inside_the_retain_set(tmp_path, run_a, small_w
         assert resumed.pass_stats[name] == load_tensors(run_a["run"] / "gradients" / f"{name}.safetensors")[1]["counts"]
 
 
-@pytest.mark.slow  # ~2 min: two 2-process runs
+@pytest.mark.slow  # ~3 min: three 2-process runs
 def test_interrupted_ddp_pass_resumes_on_every_rank(tmp_path, run_a, small_world, tiny_checkpoint, forget_shards):
-    """Two processes: each rank saves its partial state at batch 5 (between two barriers), the pass
-    is interrupted after batch 6, and the resumed 2-process pass matches the 1-process gradients."""
+    """Two processes: at batch 5 the ranks add their sums into rank 0's, which writes the one
+    partial file; the pass is interrupted after batch 6, and the resumed 2-process pass equals an
+    uninterrupted 2-process pass with the same checkpoints bit for bit, and the 1-process
+    gradients to float rounding."""
     common = dict(forget=forget_shards, retain=small_world["corpus_shards"][2], batch_size=1, retain_batch_size=8,
                   trainer_kwargs={"devices": 2, "strategy": "ddp_spawn"})
     with pytest.raises(Exception, match="stopped after 6 batches"):
         _pass_only(tmp_path / "a", tiny_checkpoint, module_kwargs={"checkpoint_every": 5},
                    callbacks=[InterruptAfter(6)], **common)
     partial = tmp_path / "a" / "gradients" / "partial"
-    assert sorted(p.name for p in partial.iterdir()) == ["rank0-batch000000005.pt", "rank1-batch000000005.pt"]
+    assert sorted(p.name for p in partial.iterdir()) == ["rank0-batch000000005.pt"]  # one file, not one per rank
     _pass_only(tmp_path / "b", tiny_checkpoint, module_kwargs={"resume_from": str(partial)}, **common)
+    _pass_only(tmp_path / "c", tiny_checkpoint, module_kwargs={"checkpoint_every": 5}, **common)
     for name in ("forget", "retain"):
+        _tensors_equal(tmp_path / "b" / "gradients" / f"{name}.safetensors",
+                       tmp_path / "c" / "gradients" / f"{name}.safetensors")
         got, meta = load_tensors(tmp_path / "b" / "gradients" / f"{name}.safetensors")
         ref, ref_meta = load_tensors(run_a["run"] / "gradients" / f"{name}.safetensors")
         assert meta["resumed"]["batch"] == 5
@@ -722,17 +727,17 @@ def test_resume_refuses_another_setup(tmp_path, tiny_checkpoint, forget_shards):
     folder = tmp_path / "old" / "gradients" / "partial"
     state = resume.PartialState(position=2, stashed={}, grads={}, sums={},
                                 compat={"global_batch_size": {"forget": 2, "retain": 8}})
-    resume.save_partial(folder, 0, state)
-    with pytest.raises(ResumeError, match=r"no position .* saved by all 2 rank"):
-        resume.find_partial(tmp_path / "old", 0, 2)
-    position, path = resume.find_partial(tmp_path / "old", 0, 1)
+    resume.save_partial(folder, state)
+    position, path = resume.find_partial(tmp_path / "old")
     assert position == 2 and path.name == "rank0-batch000000002.pt"
+    with pytest.raises(ResumeError, match=r"holds the state of 1 rank\(s\), not 2"):  # one process saved it
+        resume.load_partial(path, world_size=2)
     with pytest.raises(ResumeError, match=r"rank0-batch000000002\.pt.*global_batch_size"):
         resume.check_compatible(resume.load_partial(path).compat,
                                 {"global_batch_size": {"forget": 4, "retain": 8}}, path)
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ResumeError, match=r"no partial gradient-pass state in .*nothing"):
-        resume.find_partial(tmp_path / "nothing", 0, 1)
+        resume.find_partial(tmp_path / "nothing")
 
 
 def test_start_batch_skips_without_decoding(tmp_path, family, monkeypatch):

@@ -268,48 +268,90 @@ class SlugModule(UnlearningModule):
         state (this rank's file found now; loaded and checked in :meth:`on_fit_start`)."""
         if not self.resume_from:
             return 0
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        self.resume_position, self._resume_file = resume.find_partial(self.resume_from, rank, world)
+        self.resume_position, self._resume_file = resume.find_partial(self.resume_from)
         return self.resume_position
 
     def _find_resume_state(self) -> None:
         path = self._resume_file
-        state = resume.load_partial(path)
+        state = resume.load_partial(path, self.trainer.world_size)
         resume.check_compatible(state.compat, self._compat(), path)
         self._resume_state = state
         rank_zero_info(f"resuming the gradient pass at batch {self.resume_position} from {path.parent}")
 
     def _restore(self, state: resume.PartialState) -> None:
-        device = self.device
+        """Rank 0 takes the saved sums (every rank's, added at the checkpoint); another rank
+        starts from zero sums, with the same global batch counts and its own RNG state."""
+        device, rank = self.device, self.trainer.global_rank
         params = dict(self.clip.named_parameters())
-        self._stashed = {s: {n: g.to(device) for n, g in grads.items()} for s, grads in state.stashed.items()}
-        for name, grad in state.grads.items():
-            params[name].grad = grad.to(device)
-        self._sums = {s: dict(v) for s, v in state.sums.items()}
-        self._skipped_local = list(state.skipped)
-        resume.restore_rng(state.rng)
+        self._stashed = {s: {n: (g if rank == 0 else torch.zeros_like(g)).to(device) for n, g in grads.items()}
+                         for s, grads in state.stashed.items()}
+        if rank == 0:
+            for name, grad in state.grads.items():
+                params[name].grad = grad.to(device)
+            self._sums = {s: dict(v) for s, v in state.sums.items()}
+            self._skipped_local = list(state.skipped)
+        else:
+            self._sums = {s: {"loss": torch.zeros((), dtype=torch.float64), "samples": 0, "batches": v["batches"]}
+                          for s, v in state.sums.items()}
+            self._skipped_local = []
+        resume.restore_rng(state.rng_of(rank))
         self._position, self._elapsed_before = state.position, state.elapsed_s
 
     def _save_partial(self) -> None:
-        """Save this rank's partial state; under DDP, all ranks write the same position before
-        any rank drops its previous one."""
-        world, rank = self.trainer.world_size, self.trainer.global_rank
+        """Save the pass's partial state: under DDP every rank's sums are first added into rank
+        0's (:meth:`_sums_into_rank_zero`), then rank 0 writes the one file and drops the previous."""
+        world = self.trainer.world_size
+        rngs = [resume.rng_state()]
+        if world > 1:
+            self._sums_into_rank_zero()
+            rngs = [None] * world
+            dist.all_gather_object(rngs, resume.rng_state())
+        if not self.trainer.is_global_zero:
+            return
         state = resume.PartialState(
             position=self._position,
             stashed={s: {n: g.detach().cpu() for n, g in grads.items()} for s, grads in self._stashed.items()},
             grads={n: p.grad.detach().cpu() for n, p in self.clip.named_parameters() if p.grad is not None},
             sums={s: dict(v) for s, v in self._sums.items()},
             skipped=list(self._skipped_local),
-            rng=resume.rng_state(),
+            rng=rngs[0],
+            other_rng=rngs[1:],
             compat=self._compat(),
             elapsed_s=self._elapsed(),
         )
-        if world > 1:
-            self.trainer.strategy.barrier("slug_partial_before")
-        resume.save_partial(self.partial_dir, rank, state)
-        if world > 1:
-            self.trainer.strategy.barrier("slug_partial_after")
-        resume.drop_older(self.partial_dir, rank, self._position)
+        resume.save_partial(self.partial_dir, state)
+        resume.drop_older(self.partial_dir, self._position)
+
+    @torch.no_grad()
+    def _sums_into_rank_zero(self) -> None:
+        """Under DDP, at a checkpoint: every rank's gradient sums (finished sets and the set in
+        progress, one all-reduce), loss sums, sample counts and skipped samples added into rank
+        0's; the other ranks go on from zero. The pass's arithmetic is then the same whether it
+        is interrupted there or not."""
+        rank = self.trainer.global_rank
+        params = [(n, p) for n, p in self.clip.named_parameters() if p.requires_grad]
+        pieces = [g for grads in self._stashed.values() for g in grads.values()]
+        pieces += [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
+        flat = self.trainer.strategy.reduce(torch.cat([t.flatten().float() for t in pieces]), reduce_op="sum")
+        offset = 0
+        for grads in self._stashed.values():
+            for n, g in grads.items():
+                g.copy_(flat[offset : offset + g.numel()].view_as(g) if rank == 0 else torch.zeros_like(g))
+                offset += g.numel()
+        for _, p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if rank == 0 else None
+            offset += p.numel()
+        parts = [None] * self.trainer.world_size
+        local = ({s: (float(v["loss"]), v["samples"]) for s, v in self._sums.items()}, list(self._skipped_local))
+        dist.all_gather_object(parts, local)
+        for s, stats in self._sums.items():
+            if rank == 0:
+                stats["loss"] = sum((torch.tensor(sums[s][0], dtype=torch.float64) for sums, _ in parts),
+                                    torch.zeros((), dtype=torch.float64))
+                stats["samples"] = sum(sums[s][1] for sums, _ in parts)
+            else:
+                stats["loss"], stats["samples"] = torch.zeros((), dtype=torch.float64), 0
+        self._skipped_local = [r for _, skipped in parts for r in skipped] if rank == 0 else []
 
     def _elapsed(self) -> float:
         return self._elapsed_before + time.perf_counter() - self._t_start
