@@ -176,3 +176,9 @@ def test_a_concepts_judge_leaves_the_runs_other_forgotten_concepts_out_of_retain
     metrics = Evaluator.for_concepts(context, "validation", ["Ada"]).evaluate(model)
     assert metrics["forget_top1"] == 1.0
     assert metrics["retain_top1"] == 1.0  # Cy alone; counting Bo (0) as retained would give 0.5
+    # the final evaluation reads every concept's metrics from one evaluation of the run's judge
+    every = Evaluator.for_concepts(context, "validation", ["Ada", "Bo"])
+    results = every.results(model)
+    assert every.summary(results, ["Ada"], ["Bo"]) == metrics
+    assert every.summary(results, ["Bo"], ["Ada"]) == Evaluator.for_concepts(context, "validation", ["Bo"]).evaluate(model)
+    assert every.summary(results) == every.evaluate(model) != metrics  # both forgotten: Cy alone retained

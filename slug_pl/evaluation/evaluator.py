@@ -180,6 +180,12 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, edited: str | None = None) -> dict[str, float]:
         """Accuracies (fractions) ``forget_top1/5``, ``retain_top1/5``, ``utility_top1/5``."""
+        return self.summary(self.results(model, edited))
+
+    @torch.no_grad()
+    def results(self, model: nn.Module, edited: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """Per set, the :class:`ZeroShotAccuracy` result of every rank's images (hits and images
+        per class, on the CPU): what :meth:`summary` reads, for this judge's concepts or others'."""
         was_training = model.training
         model.eval()
         if edited is None:  # the model as it is becomes the reference: nothing cached is valid
@@ -203,12 +209,22 @@ class Evaluator:
                     f"non-finite logits on set {self.sets[name].name!r}"
                     + (f" with {edited} edited" if edited else "") + ": the model is broken"
                 )
-        out: dict[str, float] = {}
-        offset = 0
+        out, offset = {}, 0
         for name, metric in metrics.items():
             size = metric.counts.numel()
             metric.counts = totals[offset : offset + size].view_as(metric.counts)
             offset += size
-            result = {k: v.cpu() for k, v in metric.compute().items()}
-            out |= concept_summary(result, self.forget_ids, self.exclude_ids) if name == "concepts" else utility_summary(result)
+            out[name] = {k: v.cpu() for k, v in metric.compute().items()}
+        return out
+
+    def summary(self, results: dict[str, dict[str, torch.Tensor]], concepts: Sequence[str] | None = None,
+                others: Sequence[str] = ()) -> dict[str, float]:
+        """Forget / retain / utility accuracies from :meth:`results`: of this judge's concepts, or
+        of ``concepts`` with ``others`` left out of retain (one evaluation judges every concept)."""
+        classnames = self.sets["concepts"].classnames
+        forget = self.forget_ids if concepts is None else [classnames.index(c) for c in concepts]
+        exclude = self.exclude_ids if concepts is None else [classnames.index(c) for c in others if c in classnames]
+        out = concept_summary(results["concepts"], forget, exclude)
+        if "utility" in results:
+            out |= utility_summary(results["utility"])
         return out

@@ -57,8 +57,9 @@ def evaluate_before_after(context, edits: Sequence[LayerEdit], similarity_concep
     every = Evaluator.for_concepts(context, stage, concepts)
     with reverted(model, edits):
         before = every.evaluate(model)
-    after = every.evaluate(model)
-    per_concept = {c: Evaluator.for_concepts(context, stage, [c]).evaluate(model) for c in concepts}
+    results = every.results(model)  # one evaluation: every concept's metrics read from its counts
+    after = every.summary(results)
+    per_concept = {c: every.summary(results, [c], [o for o in concepts if o != c]) for c in concepts}
     data = every.sets["concepts"]
     forget_images = int(sum((data.labels == i).sum().item() for i in every.forget_ids))
 
