@@ -91,8 +91,7 @@ class Evaluator:
         """The judge of ``concepts`` on the run's ``stage`` ("validation" or "test") sets
         (``context``: a :class:`~slug_pl.context.RunContext`): forget metrics over ``concepts``,
         retain over the concepts the run does not forget; shared by ``group``'s ranks."""
-        # rank 0 holds the whole sets (the final evaluation reads them); another rank decodes its part
-        sets = context.eval_sets(stage, part=(group.rank, group.world) if group.rank else (0, 1))
+        sets = context.eval_sets(stage, part=(group.rank, group.world))  # each rank decodes its part
         others = [c for c in context.concepts if c not in concepts]
         return cls(context.family, sets["concepts"], concepts, sets.get("utility"), context.eval_batch_size,
                    exclude_from_retain=others, group=group)
