@@ -18,9 +18,11 @@ features).
 Under DDP the ranks of an :class:`~slug_pl.evaluation.group.EvalGroup` share each evaluation:
 every rank encodes its part of the images and of the prompts (rows ``rank::world``), the prompt
 features are gathered so that every rank holds every class embedding, each rank scores its own
-images, and the hit counts are summed (one all-reduce per evaluation). Every rank gets the same metrics,
-those of one process: the counts are integers, and each image's and prompt's features depend only
-on that image or prompt. Each rank's caches hold its part only. Every rank of the group must call
+images, and the hit counts are summed (one all-reduce per evaluation). Every rank gets the same
+metrics, and they are those of one process: the counts are integers, and each image's and prompt's
+features depend only on that image or prompt (bit for bit on the CPU; a GPU's kernels, chosen by
+batch size, may round the last bits differently, which can flip an image on a tie). Each rank's
+caches hold its part only. Every rank of the group must call
 :meth:`Evaluator.evaluate` with the same model and ``edited``, in the same order.
 """
 
