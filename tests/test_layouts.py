@@ -339,3 +339,30 @@ def test_yaml_union_rejects_unknown_layout():
                       ImageFolderSet)
     with pytest.raises(jsonargparse.ArgumentError, match="rot"):
         parser.parse_args(["--suite", '{"rot": "/a"}'])
+
+
+# -- one rank's part (a shared evaluation, slug_pl.distributed_search) -------------------------------
+
+
+@pytest.mark.parametrize("layout", ["folders", "identities", "shards"])
+def test_every_layout_decodes_one_ranks_part(tmp_path, family, layout):
+    """``load(..., part=(r, W))`` of each layout holds samples ``r::W`` of the whole set and
+    nothing else; parts of a set smaller than the ranks may be empty."""
+    t = family.image_transform()
+    if layout == "folders":
+        spec = ImageFolderSet(root=str(_imagenet_folder(tmp_path / "val")))
+    elif layout == "identities":
+        images, mapping = _celeba(tmp_path)
+        spec = IdentitySet(images=str(images), identities=str(_write_map(tmp_path / "ids.csv", mapping)))
+    else:
+        colors = [(30 * i, 100, 200 - 20 * i) for i in range(5)]
+        spec = LabelledSet(str(_shard(tmp_path / "s.tar", colors, [0, 1, 0, 1, 1])), ["a", "b"])
+    whole = spec.load(t, "set")
+    for world in (2, 3, 9):
+        parts = [spec.load(t, "set", part=(r, world)) for r in range(world)]
+        for r, part in enumerate(parts):
+            assert part.part == (r, world) and part.classnames == whole.classnames
+            assert torch.equal(part.labels, whole.labels[r::world])
+            if len(part.labels):
+                assert torch.equal(part.images, whole.images[r::world])
+        assert sum(len(p.labels) for p in parts) == len(whole.labels)

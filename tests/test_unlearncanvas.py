@@ -120,6 +120,10 @@ def test_labelled_sets_carry_style_and_object_labels(tmp_path):
     layout = CanvasLabelledSet(UnlearnCanvasSet(str(root), split_fractions=(0.5, 0.25, 0.25)),
                                kind="object", split="test").load(to_tensor, "objects")
     assert torch.equal(layout.labels, objects.labels) and torch.equal(layout.images, objects.images)
+    second = CanvasLabelledSet(UnlearnCanvasSet(str(root), split_fractions=(0.5, 0.25, 0.25)),
+                               kind="object", split="test").load(to_tensor, "objects", part=(1, 4))
+    assert second.part == (1, 4)  # rank 1's part of a search shared by 4 ranks
+    assert torch.equal(second.labels, objects.labels[1::4]) and torch.equal(second.images, objects.images[1::4])
     # folder order Abstract(0), Seed_Images(1), Van_Gogh(2); make_tree coloured them 0, 2, 1
     tree_index = {"Abstract": 0, "Van_Gogh": 1, "Seed_Images": 2}
     for img, pixels, s_label, o_label in zip(data.splits["test"], styles.images, styles.labels,

@@ -97,6 +97,15 @@ class LoadedSet:
     def subset(self, mask: torch.Tensor, name: str) -> LoadedSet:
         return LoadedSet(name, self.images[mask], self.labels[mask], self.classnames, self.templates)
 
+    def take_part(self, part: tuple[int, int]) -> LoadedSet:
+        """Samples ``r::W`` of this whole set, as the set's part ``(r, W)`` (copies: the whole
+        set can then be freed)."""
+        if self.part != (0, 1):
+            raise ValueError(f"set {self.name!r} is already part {self.part} of its samples")
+        rank, world = part
+        return LoadedSet(self.name, self.images[rank::world].clone(), self.labels[rank::world].clone(),
+                         self.classnames, self.templates, part)
+
 
 def load_labelled_set(spec: LabelledSet, transform: Callable, name: str,
                       rules: InputRules = DEFAULT_RULES, part: tuple[int, int] = (0, 1)) -> LoadedSet:

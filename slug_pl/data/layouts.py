@@ -1,6 +1,6 @@
 """Evaluation-set layouts: where the labelled images of a validation or test set live on disk.
 
-Three layouts, each a YAML-friendly dataclass spec with ``load(transform, name) -> LoadedSet``:
+Three layouts, each a YAML-friendly dataclass spec with ``load(transform, name, rules, part) -> LoadedSet``:
 
 - :class:`~slug_pl.data.labelled.LabelledSet`: webdataset shards with ``cls`` labels (see
   :mod:`slug_pl.data.labelled`);
@@ -147,6 +147,16 @@ def _load_images(paths: Sequence[Path], transform: Callable, rules: InputRules =
         return torch.stack(list(pool.map(lambda p: _decode(p, transform, rules), paths, chunksize=32)))
 
 
+def _part_of_set(name: str, paths: Sequence[Path], labels: Sequence[int], transform: Callable, rules: InputRules,
+                 classnames: list[str], templates: list[str], part: tuple[int, int]) -> LoadedSet:
+    """The set of ``paths`` (in order) with ``labels``, decoding only its samples ``r::W`` for
+    ``part`` ``(r, W)`` (an empty part holds no image)."""
+    rank, world = part
+    paths, labels = list(paths)[rank::world], list(labels)[rank::world]
+    images = _load_images(paths, transform, rules) if paths else torch.empty(0)
+    return LoadedSet(name, images, torch.tensor(labels, dtype=torch.long), classnames, templates, part)
+
+
 # -- ImageNet-style / generic class folders -----------------------------------------------------
 
 
@@ -261,7 +271,9 @@ class ImageFolderSet:
         root, folders = self._class_folders(name)
         return self._class_names(root, [d.name for d in folders])[0]
 
-    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES,
+             part: tuple[int, int] = (0, 1)) -> LoadedSet:
+        """Decode the set, or with ``part`` ``(r, W)`` only its samples ``r::W``."""
         root, folders = self._class_folders(name)
         files = [_files_under(d, root) for d in folders]
         empty = [d.name for d, f in zip(folders, files) if not f]
@@ -289,8 +301,7 @@ class ImageFolderSet:
                 f"set {name!r}: no images left from {root} after subset_fraction="
                 f"{self.subset_fraction} / max_samples={self.max_samples}"
             )
-        return LoadedSet(name, _load_images(paths, transform, rules), torch.tensor(labels), classnames,
-                         templates)
+        return _part_of_set(name, paths, labels, transform, rules, classnames, templates, part)
 
 
 def _read_json(path: str, what: str):
@@ -457,7 +468,9 @@ class IdentitySet:
         """The class list in label order, read without decoding an image (checks folder and file)."""
         return self._classes(name)[3]
 
-    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES,
+             part: tuple[int, int] = (0, 1)) -> LoadedSet:
+        """Decode the set, or with ``part`` ``(r, W)`` only its samples ``r::W``."""
         folder, mapping_path, entries, classnames = self._classes(name)
         index = {c: i for i, c in enumerate(classnames)}
         templates = _templates(self.templates, DEFAULT_TEMPLATES, f"{name} template")
@@ -507,9 +520,8 @@ class IdentitySet:
                 f"{_where(mapping_path, e.line, e.filename)} lists image {e.filename!r}, which is "
                 f"missing: {path}{more}"
             )
-        images = _load_images(paths, transform, rules)
-        labels = torch.tensor([index[e.identity] for e in selected])
-        return LoadedSet(name, images, labels, classnames, templates)
+        labels = [index[e.identity] for e in selected]
+        return _part_of_set(name, paths, labels, transform, rules, classnames, templates, part)
 
 
 # -- one entry point ------------------------------------------------------------------------------

@@ -559,8 +559,11 @@ class CanvasLabelledSet:
     kind: str = "style"
     split: str = "validation"
 
-    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES) -> LoadedSet:
-        return self.canvas.load().labelled(self.split, self.kind, transform, name, rules)
+    def load(self, transform: Callable, name: str, rules: InputRules = DEFAULT_RULES,
+             part: tuple[int, int] = (0, 1)) -> LoadedSet:
+        """The set, or with ``part`` ``(r, W)`` its samples ``r::W`` (decoded whole, then taken)."""
+        whole = self.canvas.load().labelled(self.split, self.kind, transform, name, rules)
+        return whole if part == (0, 1) else whole.take_part(part)
 
 
 # ================================================================================================
