@@ -332,15 +332,14 @@ class SlugModule(UnlearningModule):
         params = [(n, p) for n, p in self.clip.named_parameters() if p.requires_grad]
         pieces = [g for grads in self._stashed.values() for g in grads.values()]
         pieces += [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
-        flat = self.trainer.strategy.reduce(torch.cat([t.flatten().float() for t in pieces]), reduce_op="sum")
-        offset = 0
+        totals = iter(summed_over_ranks(self.trainer.strategy, pieces))
         for grads in self._stashed.values():
-            for n, g in grads.items():
-                g.copy_(flat[offset : offset + g.numel()].view_as(g) if rank == 0 else torch.zeros_like(g))
-                offset += g.numel()
+            for g in grads.values():
+                total = next(totals)
+                g.copy_(total if rank == 0 else torch.zeros_like(g))
         for _, p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if rank == 0 else None
-            offset += p.numel()
+            total = next(totals)
+            p.grad = total.clone() if rank == 0 else None
         parts = [None] * self.trainer.world_size
         local = ({s: (float(v["loss"]), v["samples"]) for s, v in self._sums.items()}, list(self._skipped_local))
         dist.all_gather_object(parts, local)
@@ -451,13 +450,11 @@ class SlugModule(UnlearningModule):
             stats = self._sums[name]
             # the counts ride along in float32 (kept, so that the reduction's layout and sums stay
             # as they were); the exact integers come from _gather_records
-            flat = torch.cat([g.flatten().float() for g in grads.values()] + [
+            *totals, stat_totals = summed_over_ranks(self.trainer.strategy, list(grads.values()) + [
                 torch.tensor([stats["loss"].item(), stats["samples"], stats["batches"]],
                              device=next(iter(grads.values())).device, dtype=torch.float32)
-            ])
-            if world > 1:  # one all-reduce per set for the whole pass
-                flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
-            loss_sum = float(flat[-3].double())
+            ])  # one all-reduce per set for the whole pass
+            loss_sum = float(stat_totals[0].double())
             samples, batches = counts[name]["samples"], counts[name]["batches"]
             self.skipped[name] = [r for r in skipped if r["set"] == name]
             self._check_not_all_skipped(name, samples if name == "forget" else batches)
@@ -466,11 +463,7 @@ class SlugModule(UnlearningModule):
                 mean_loss = loss_sum / denominator
             else:  # each rank's grads hold world × its share of every global-batch loss
                 denominator, mean_loss = batches * world, loss_sum / (batches * world)
-            summed, offset = {}, 0  # views into the reduced sums, on the device
-            for pname, g in grads.items():
-                n = g.numel()
-                summed[pname] = flat[offset : offset + n].view_as(g)
-                offset += n
+            summed = dict(zip(grads, totals))  # views into the reduced sums, on the device
             self._check_finite(name, summed, mean_loss)  # every rank: the same reduced numbers
             del self._stashed[name]  # the device copy is spent
             if self.trainer.is_global_zero:  # the one rank that ranks, searches and writes holds
@@ -558,6 +551,20 @@ class SlugModule(UnlearningModule):
             "samples": {s: self.skipped[s] for s in SETS},
         })
 
+
+
+def summed_over_ranks(strategy, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` summed over the ranks in one all-reduce of their float32 values flattened
+    together; returns views of the result, each with its tensor's shape (one process: the values,
+    as float32)."""
+    flat = torch.cat([t.flatten().float() for t in tensors])
+    if getattr(strategy, "world_size", 1) > 1:
+        flat = strategy.reduce(flat, reduce_op="sum")
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return views
 
 
 class SlugSearch(Callback):
@@ -663,10 +670,16 @@ class SlugSearch(Callback):
             if not group.alone:
                 with on_run_device(trainer, pl_module):
                     context = pl_module.context
-                    serve(context.model, lambda concept: Evaluator.for_concepts(context, "validation", [concept], group))
+                    serve(context.model, lambda concept: self.clip_judge(context, concept, group))
             return
         with on_run_device(trainer, pl_module):
             self._search(trainer, pl_module, group)
+
+    @staticmethod
+    def clip_judge(context, concept: str, group: EvalGroup) -> Evaluator:
+        """The CLIP's zero-shot judge of one concept on validation: rank 0's search and every rank
+        serving it build it here, so that their parts of each evaluation are of the same judge."""
+        return Evaluator.for_concepts(context, "validation", [concept], group)
 
     def _search(self, trainer: Trainer, pl_module: SlugModule, group: EvalGroup) -> None:
         context = pl_module.context
@@ -695,7 +708,7 @@ class SlugSearch(Callback):
             judge = target.search_judge(context, concept) if target is not None else None
             if judge is not None:
                 return judge
-            judge = Evaluator.for_concepts(context, "validation", [concept], group)
+            judge = self.clip_judge(context, concept, group)
             return coordinator.judge(concept, judge) if coordinator is not None else judge
 
         # model.protect_retained keeps the edit off what must stay: the forget gradient projected, and
